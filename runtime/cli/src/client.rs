@@ -1,0 +1,153 @@
+//! A small HTTP client for the wasp API.
+
+use anyhow::{Context, Result, bail};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::{Method, StatusCode};
+use hyper_util::client::legacy::Client as HyperClient;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use percent_encoding::{NON_ALPHANUMERIC, utf8_percent_encode};
+use serde_json::Value;
+use wasp_core::EndpointSpec;
+
+/// Talks to one server.
+pub struct Client {
+    base: String,
+    http: HyperClient<HttpConnector, Full<Bytes>>,
+}
+
+/// `/api/v1/endpoints/{name}{suffix}` with the name percent-encoded.
+pub fn endpoint_path(name: &str, suffix: &str) -> String {
+    format!(
+        "/api/v1/endpoints/{}{suffix}",
+        utf8_percent_encode(name, NON_ALPHANUMERIC)
+    )
+}
+
+impl Client {
+    pub fn new(base: &str) -> Result<Self> {
+        let base = base.trim_end_matches('/').to_owned();
+        if !base.starts_with("http://") {
+            bail!("--server must be an http:// URL, not `{base}`");
+        }
+        Ok(Self {
+            base,
+            http: HyperClient::builder(TokioExecutor::new()).build_http(),
+        })
+    }
+
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        content_type: Option<&str>,
+        body: Vec<u8>,
+    ) -> Result<(StatusCode, Bytes)> {
+        let url = format!("{}{path}", self.base);
+        let mut request = hyper::Request::builder().method(method).uri(&url);
+        if let Some(ct) = content_type {
+            request = request.header("content-type", ct);
+        }
+        let request = request
+            .body(Full::new(Bytes::from(body)))
+            .with_context(|| format!("bad URL {url}"))?;
+        let response = self
+            .http
+            .request(request)
+            .await
+            .with_context(|| format!("cannot reach {url} (is `wasp serve` running?)"))?;
+        let status = response.status();
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .context("cannot read response")?
+            .to_bytes();
+        Ok((status, body))
+    }
+
+    async fn json(
+        &self,
+        method: Method,
+        path: &str,
+        ct: Option<&str>,
+        body: Vec<u8>,
+    ) -> Result<Value> {
+        let (status, bytes) = self.send(method, path, ct, body).await?;
+        if status == StatusCode::NO_CONTENT {
+            return Ok(Value::Null);
+        }
+        let value: Value = serde_json::from_slice(&bytes)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+        if !status.is_success() {
+            let error = &value["error"];
+            match error["field"].as_str() {
+                Some(field) => bail!(
+                    "{status}: {} (field `{field}`)",
+                    error["message"].as_str().unwrap_or("")
+                ),
+                None => bail!(
+                    "{status}: {}",
+                    error["message"]
+                        .as_str()
+                        .map_or_else(|| value.to_string(), str::to_owned)
+                ),
+            }
+        }
+        Ok(value)
+    }
+
+    pub async fn get(&self, path: &str) -> Result<Value> {
+        self.json(Method::GET, path, None, Vec::new()).await
+    }
+
+    pub async fn post(&self, path: &str) -> Result<Value> {
+        self.json(Method::POST, path, None, Vec::new()).await
+    }
+
+    pub async fn delete(&self, path: &str) -> Result<Value> {
+        self.json(Method::DELETE, path, None, Vec::new()).await
+    }
+
+    /// Uploads a component; returns `sha256:<hex>`.
+    pub async fn upload(&self, bytes: Vec<u8>) -> Result<String> {
+        let value = self
+            .json(
+                Method::PUT,
+                "/api/v1/components",
+                Some("application/wasm"),
+                bytes,
+            )
+            .await?;
+        value["digest"]
+            .as_str()
+            .map(str::to_owned)
+            .context("the server's upload answer has no digest")
+    }
+
+    pub async fn put_spec(&self, spec: &EndpointSpec) -> Result<Value> {
+        let body = serde_json::to_vec(spec)?;
+        self.json(
+            Method::PUT,
+            &endpoint_path(&spec.name, ""),
+            Some("application/json"),
+            body,
+        )
+        .await
+    }
+
+    pub async fn invoke(
+        &self,
+        name: &str,
+        path: &str,
+        body: Vec<u8>,
+    ) -> Result<(StatusCode, Bytes)> {
+        let path = format!(
+            "/endpoints/{}/invoke{path}",
+            utf8_percent_encode(name, NON_ALPHANUMERIC)
+        );
+        self.send(Method::POST, &path, Some("application/json"), body)
+            .await
+    }
+}

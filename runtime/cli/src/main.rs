@@ -1,0 +1,374 @@
+//! `wasp`: runs the server (`wasp serve`) and speaks to its API (everything else).
+
+mod client;
+mod scaffold;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use wasp_core::{ComponentRef, EndpointSpec};
+use wasp_gateway::{Server, ServerConfig};
+
+use crate::client::Client;
+
+/// WebAssembly-extensible serverless inference runtime.
+#[derive(Parser)]
+#[command(name = "wasp", version, about)]
+struct Cli {
+    /// Server to talk to (every command but `serve` and `processor`).
+    #[arg(
+        long,
+        global = true,
+        env = "WASP_SERVER",
+        default_value = "http://127.0.0.1:8080"
+    )]
+    server: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Runs the server.
+    Serve {
+        /// Address to listen on.
+        #[arg(long, env = "WASP_LISTEN", default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+        /// Data directory: endpoint store, components, compiled cache.
+        #[arg(long, env = "WASP_DATA_DIR", default_value = "data")]
+        data_dir: PathBuf,
+        /// Endpoint specs to deploy (or update) at start, in addition to stored ones.
+        #[arg(long = "deploy", value_name = "SPEC")]
+        deploy: Vec<PathBuf>,
+        /// Allocate instances on demand instead of from the pooling allocator.
+        #[arg(long)]
+        no_pooling: bool,
+        /// Most processor instances alive at once, all endpoints together.
+        #[arg(long, default_value_t = 1000)]
+        max_instances: u32,
+    },
+    /// Deploys (creates or replaces) the endpoint a TOML spec describes, uploading the
+    /// components it names by path.
+    Deploy {
+        /// The spec file.
+        spec: PathBuf,
+    },
+    /// Lists endpoints.
+    Ls,
+    /// Shows an endpoint's status, versions and instances.
+    Status {
+        /// Endpoint name.
+        name: String,
+    },
+    /// Removes an endpoint.
+    Rm {
+        /// Endpoint name.
+        name: String,
+    },
+    /// Stops an endpoint: no instances, requests refused, spec and URL kept.
+    Stop {
+        /// Endpoint name.
+        name: String,
+    },
+    /// Starts a stopped endpoint.
+    Start {
+        /// Endpoint name.
+        name: String,
+    },
+    /// Prints an endpoint's processor logs.
+    Logs {
+        /// Endpoint name.
+        name: String,
+        /// Most records to print.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+    /// Sends a request to an endpoint and prints the response body.
+    Invoke {
+        /// Endpoint name.
+        name: String,
+        /// Request body (JSON, say).
+        #[arg(long, short, conflicts_with = "file")]
+        data: Option<String>,
+        /// Read the request body from a file (`-` for standard input).
+        #[arg(long, short)]
+        file: Option<PathBuf>,
+        /// Path below the invoke route.
+        #[arg(long, default_value = "")]
+        path: String,
+    },
+    /// Processor development.
+    Processor {
+        #[command(subcommand)]
+        command: ProcessorCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ProcessorCommand {
+    /// Creates a new processor crate that builds for wasm32-wasip2.
+    New {
+        /// Crate name (and directory, unless --dir is given).
+        name: String,
+        /// Directory to create.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Path of the wasp-sdk crate to depend on (default: the SDK beside this build).
+        #[arg(long)]
+        sdk_path: Option<PathBuf>,
+    },
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("WASP_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    if let Command::Processor {
+        command:
+            ProcessorCommand::New {
+                name,
+                dir,
+                sdk_path,
+            },
+    } = &cli.command
+    {
+        let dir = dir.clone().unwrap_or_else(|| PathBuf::from(name));
+        let created = scaffold::new_processor(name, &dir, sdk_path.as_deref())?;
+        println!("created processor `{name}` in {}", created.display());
+        println!(
+            "build it with: cd {} && cargo build --release",
+            created.display()
+        );
+        return Ok(());
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(run(cli))
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    let client = Client::new(&cli.server)?;
+    match cli.command {
+        Command::Serve {
+            listen,
+            data_dir,
+            deploy,
+            no_pooling,
+            max_instances,
+        } => serve(listen, data_dir, deploy, !no_pooling, max_instances).await,
+        Command::Deploy { spec } => {
+            let (spec, components) = load_spec(&spec)?;
+            let spec = upload_components(spec, components, |bytes| {
+                let client = &client;
+                async move { client.upload(bytes).await }
+            })
+            .await?;
+            let body = client.put_spec(&spec).await?;
+            print_json(&body);
+            Ok(())
+        }
+        Command::Ls => {
+            let body = client.get("/api/v1/endpoints").await?;
+            let list = body["endpoints"].as_array().cloned().unwrap_or_default();
+            println!("{:<32} {:<11} URL", "NAME", "STATUS");
+            for e in list {
+                println!(
+                    "{:<32} {:<11} {}",
+                    e["name"].as_str().unwrap_or(""),
+                    e["status"].as_str().unwrap_or(""),
+                    e["url"].as_str().unwrap_or("")
+                );
+            }
+            Ok(())
+        }
+        Command::Status { name } => {
+            print_json(&client.get(&client::endpoint_path(&name, "")).await?);
+            Ok(())
+        }
+        Command::Rm { name } => {
+            client.delete(&client::endpoint_path(&name, "")).await?;
+            println!("removed `{name}`");
+            Ok(())
+        }
+        Command::Stop { name } => {
+            print_json(&client.post(&client::endpoint_path(&name, "/stop")).await?);
+            Ok(())
+        }
+        Command::Start { name } => {
+            print_json(&client.post(&client::endpoint_path(&name, "/start")).await?);
+            Ok(())
+        }
+        Command::Logs { name, limit } => {
+            let path = client::endpoint_path(&name, &format!("/logs?limit={limit}"));
+            let body = client.get(&path).await?;
+            for r in body["logs"].as_array().cloned().unwrap_or_default() {
+                println!(
+                    "{} {:<5} [{}] {}",
+                    r["at_ms"],
+                    r["level"].as_str().unwrap_or(""),
+                    r["version"].as_str().unwrap_or(""),
+                    r["message"].as_str().unwrap_or("")
+                );
+            }
+            Ok(())
+        }
+        Command::Invoke {
+            name,
+            data,
+            file,
+            path,
+        } => {
+            let body = match (data, file) {
+                (Some(data), _) => data.into_bytes(),
+                (None, Some(file)) if file == Path::new("-") => {
+                    use std::io::Read;
+                    let mut buf = Vec::new();
+                    std::io::stdin().read_to_end(&mut buf)?;
+                    buf
+                }
+                (None, Some(file)) => std::fs::read(&file)
+                    .with_context(|| format!("cannot read {}", file.display()))?,
+                (None, None) => Vec::new(),
+            };
+            let (status, bytes) = client.invoke(&name, &path, body).await?;
+            std::io::Write::write_all(&mut std::io::stdout(), &bytes)?;
+            println!();
+            if !status.is_success() {
+                bail!("endpoint answered {status}");
+            }
+            Ok(())
+        }
+        Command::Processor { .. } => Ok(()),
+    }
+}
+
+async fn serve(
+    listen: SocketAddr,
+    data_dir: PathBuf,
+    deploy: Vec<PathBuf>,
+    pooling: bool,
+    max_instances: u32,
+) -> Result<()> {
+    let config = ServerConfig {
+        listen,
+        data_dir,
+        runtime: wasp_wasm_config(pooling, max_instances),
+    };
+    let server = Server::start(config).await?;
+    for path in deploy {
+        let (spec, components) = load_spec(&path)?;
+        let gateway = server.gateway().clone();
+        let spec = upload_components(spec, components, |bytes| {
+            let gateway = gateway.clone();
+            async move {
+                Ok(format!(
+                    "sha256:{}",
+                    gateway.upload_component(bytes.into()).await?
+                ))
+            }
+        })
+        .await?;
+        let name = spec.name.clone();
+        gateway
+            .deploy(spec, true)
+            .await
+            .with_context(|| format!("cannot deploy {}", path.display()))?;
+        tracing::info!(endpoint = %name, url = %format!("http://{}/endpoints/{name}/invoke", server.local_addr()), "deployed");
+    }
+    println!("wasp listening on http://{}", server.local_addr());
+    shutdown_signal().await;
+    tracing::info!("shutting down");
+    server.shutdown().await;
+    Ok(())
+}
+
+fn wasp_wasm_config(pooling: bool, max_total_instances: u32) -> wasp_gateway::RuntimeConfig {
+    wasp_gateway::RuntimeConfig {
+        pooling,
+        max_total_instances,
+        ..Default::default()
+    }
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// Component bytes to upload, by version index.
+type Components = Vec<(usize, Vec<u8>)>;
+
+/// Reads a TOML spec and the bytes of every component it names by path (relative to the
+/// spec's directory).
+fn load_spec(path: &Path) -> Result<(EndpointSpec, Components)> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let spec = EndpointSpec::from_toml(&text).with_context(|| format!("in {}", path.display()))?;
+    let base = path.parent().unwrap_or(Path::new("."));
+    let mut components = Vec::new();
+    for (i, v) in spec.versions.iter().enumerate() {
+        if let Some(ComponentRef::Path(p)) = v.processor.as_ref().map(|p| &p.component) {
+            let file = base.join(p);
+            let bytes = std::fs::read(&file).with_context(|| {
+                format!(
+                    "versions[{i}].processor.component: cannot read {} (build the processors first: ./x build)",
+                    file.display()
+                )
+            })?;
+            components.push((i, bytes));
+        }
+    }
+    Ok((spec, components))
+}
+
+/// Uploads each component and rewrites the spec to name it by digest.
+async fn upload_components<F, Fut>(
+    mut spec: EndpointSpec,
+    components: Components,
+    upload: F,
+) -> Result<EndpointSpec>
+where
+    F: Fn(Vec<u8>) -> Fut,
+    Fut: std::future::Future<Output = Result<String>>,
+{
+    for (i, bytes) in components {
+        let digest = upload(bytes).await?;
+        if let Some(p) = spec.versions.get_mut(i).and_then(|v| v.processor.as_mut()) {
+            p.component = ComponentRef::parse(&digest);
+        }
+    }
+    Ok(spec)
+}
+
+fn print_json(value: &serde_json::Value) {
+    match serde_json::to_string_pretty(value) {
+        Ok(text) => println!("{text}"),
+        Err(_) => println!("{value}"),
+    }
+}

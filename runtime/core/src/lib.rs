@@ -1,0 +1,13 @@
+//! Shared vocabulary of the wasp runtime: endpoint specs, their validation, and names.
+//!
+//! This crate sits at the bottom of the stack. It knows neither wasmtime nor any model
+//! backend, so the gateway, the processor runtime and the backends can all depend on it
+//! without pulling each other in.
+#![deny(missing_docs)]
+
+pub mod spec;
+
+pub use spec::{
+    BackendSpec, CandleBackend, ComponentRef, ContainerBackend, EndpointSpec, Limits, Mount,
+    ProcessorSpec, ScalingSpec, SpecError, VersionSpec,
+};

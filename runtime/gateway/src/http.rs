@@ -1,0 +1,578 @@
+//! HTTP routes: data plane, control API, health and metrics.
+//!
+//! Routing is a match on path segments: the route table is small and fixed, and the data
+//! route is the hot path, so a router crate would add a dependency without removing code.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE, HeaderName, HeaderValue, RETRY_AFTER};
+use hyper::{Method, StatusCode};
+use percent_encoding::{AsciiSet, CONTROLS, percent_decode_str, utf8_percent_encode};
+use serde_json::{Value, json};
+use wasp_core::EndpointSpec;
+use wasp_wasm::{CallError, Request};
+
+use crate::Error;
+use crate::metrics::{FailureLabels, InstanceLabels, RequestLabels, VersionLabels};
+use crate::registry::{Deployment, Gateway};
+
+/// Response type of every route.
+pub(crate) type Response = hyper::Response<Full<Bytes>>;
+
+/// Largest control-API body (a spec), in bytes.
+const MAX_SPEC_BYTES: u64 = 1024 * 1024;
+/// Largest component upload, in bytes.
+const MAX_COMPONENT_BYTES: u64 = 256 * 1024 * 1024;
+
+/// Characters escaped in an endpoint name inside a URL path.
+const PATH_SEGMENT: &AsciiSet = &CONTROLS
+    .add(b' ')
+    .add(b'"')
+    .add(b'#')
+    .add(b'%')
+    .add(b'/')
+    .add(b'?')
+    .add(b'<')
+    .add(b'>')
+    .add(b'`')
+    .add(b'{')
+    .add(b'}');
+
+/// An error answered as `{"error": {"code", "message", "field"}}`.
+struct ApiError {
+    status: u16,
+    code: &'static str,
+    message: String,
+    field: Option<String>,
+    retry_after: bool,
+}
+
+impl ApiError {
+    fn new(status: u16, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+            field: None,
+            retry_after: false,
+        }
+    }
+
+    fn into_response(self) -> Response {
+        let mut error = json!({ "code": self.code, "message": self.message });
+        if let Some(field) = self.field {
+            error["field"] = Value::String(field);
+        }
+        let mut response = json_response(self.status, &json!({ "error": error }));
+        if self.retry_after {
+            response
+                .headers_mut()
+                .insert(RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        response
+    }
+}
+
+impl From<Error> for ApiError {
+    fn from(e: Error) -> Self {
+        Self {
+            status: e.status(),
+            code: e.code(),
+            field: e.field().map(str::to_owned),
+            message: e.to_string(),
+            retry_after: false,
+        }
+    }
+}
+
+impl From<CallError> for ApiError {
+    fn from(e: CallError) -> Self {
+        let field = match &e {
+            CallError::Guest(g) => g.field.clone(),
+            _ => None,
+        };
+        Self {
+            status: e.status(),
+            code: e.code(),
+            retry_after: matches!(e, CallError::Busy { .. } | CallError::QueueTimeout { .. }),
+            message: e.to_string(),
+            field,
+        }
+    }
+}
+
+fn json_response(status: u16, body: &Value) -> Response {
+    let mut response = hyper::Response::new(Full::new(Bytes::from(body.to_string())));
+    *response.status_mut() =
+        StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+}
+
+fn text_response(status: u16, content_type: &'static str, body: impl Into<Bytes>) -> Response {
+    let mut response = hyper::Response::new(Full::new(body.into()));
+    *response.status_mut() =
+        StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    response
+}
+
+/// Entry point of every request.
+pub(crate) async fn handle(
+    gateway: Arc<Gateway>,
+    request: hyper::Request<Incoming>,
+) -> Result<Response, Infallible> {
+    Ok(route(gateway, request)
+        .await
+        .unwrap_or_else(ApiError::into_response))
+}
+
+async fn route(
+    gateway: Arc<Gateway>,
+    request: hyper::Request<Incoming>,
+) -> Result<Response, ApiError> {
+    let path = request.uri().path().to_owned();
+    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let method = request.method().clone();
+    match (segments.as_slice(), &method) {
+        (["healthz"], &Method::GET) => Ok(text_response(200, "text/plain", "ok\n")),
+        (["metrics"], &Method::GET) => Ok(metrics(&gateway)),
+        (["endpoints", name, "invoke", ..], _) => {
+            let name = decode(name)?;
+            invoke(gateway, request, name).await
+        }
+        (["api", "v1", "components"], &Method::PUT | &Method::POST) => {
+            let body = read_body(request.into_body(), MAX_COMPONENT_BYTES, "component").await?;
+            if body.is_empty() {
+                return Err(ApiError::new(
+                    400,
+                    "empty_body",
+                    "the body must be a wasm component",
+                ));
+            }
+            let size = body.len();
+            let digest = gateway.upload_component(body).await?;
+            Ok(json_response(
+                201,
+                &json!({ "digest": format!("sha256:{digest}"), "size": size }),
+            ))
+        }
+        (["api", "v1", "endpoints"], &Method::GET) => {
+            let list: Vec<Value> = gateway.endpoints().iter().map(|d| summary(d)).collect();
+            Ok(json_response(200, &json!({ "endpoints": list })))
+        }
+        (["api", "v1", "endpoints"], &Method::POST) => {
+            let spec = read_spec(request).await?;
+            let deployment = gateway.deploy(spec, false).await?;
+            Ok(json_response(201, &detail(&deployment)))
+        }
+        (["api", "v1", "endpoints", name], _) => {
+            let name = decode(name)?;
+            match method {
+                Method::GET => {
+                    let d = gateway.endpoint(&name).ok_or(Error::NotFound(name))?;
+                    Ok(json_response(200, &detail(&d)))
+                }
+                Method::PUT => {
+                    let spec = read_spec(request).await?;
+                    if spec.name != name {
+                        return Err(Error::Invalid {
+                            field: "name".into(),
+                            message: format!(
+                                "the spec names `{}` but the URL names `{name}`",
+                                spec.name
+                            ),
+                        }
+                        .into());
+                    }
+                    let existed = gateway.endpoint(&name).is_some();
+                    let deployment = gateway.deploy(spec, true).await?;
+                    Ok(json_response(
+                        if existed { 200 } else { 201 },
+                        &detail(&deployment),
+                    ))
+                }
+                Method::DELETE => {
+                    gateway.remove(&name).await?;
+                    Ok(text_response(204, "text/plain", Bytes::new()))
+                }
+                _ => Err(method_not_allowed(&method, &path)),
+            }
+        }
+        (["api", "v1", "endpoints", name, action @ ("stop" | "start")], &Method::POST) => {
+            let name = decode(name)?;
+            let deployment = gateway.set_stopped(&name, *action == "stop").await?;
+            Ok(json_response(200, &detail(&deployment)))
+        }
+        (["api", "v1", "endpoints", name, "logs"], &Method::GET) => {
+            let name = decode(name)?;
+            let d = gateway.endpoint(&name).ok_or(Error::NotFound(name))?;
+            let limit = query_param(request.uri().query(), "limit")
+                .map(|v| {
+                    v.parse::<usize>().map_err(|_| ApiError {
+                        field: Some("limit".into()),
+                        ..ApiError::new(400, "invalid_query", format!("`{v}` is not a count"))
+                    })
+                })
+                .transpose()?
+                .unwrap_or(100);
+            let records: Vec<Value> = d
+                .logs
+                .tail(limit)
+                .into_iter()
+                .map(|r| json!({ "at_ms": r.at_ms, "level": r.level, "version": r.version, "message": r.message }))
+                .collect();
+            Ok(json_response(200, &json!({ "logs": records })))
+        }
+        (["healthz" | "metrics"], _)
+        | (["api", "v1", "components" | "endpoints"], _)
+        | (["api", "v1", "endpoints", _, "stop" | "start" | "logs"], _) => {
+            Err(method_not_allowed(&method, &path))
+        }
+        _ => Err(ApiError::new(
+            404,
+            "route_not_found",
+            format!("no route for {method} {path}"),
+        )),
+    }
+}
+
+fn method_not_allowed(method: &Method, path: &str) -> ApiError {
+    ApiError::new(
+        405,
+        "method_not_allowed",
+        format!("{method} is not allowed on {path}"),
+    )
+}
+
+fn decode(segment: &str) -> Result<String, ApiError> {
+    percent_decode_str(segment)
+        .decode_utf8()
+        .map(|s| s.into_owned())
+        .map_err(|_| {
+            ApiError::new(
+                400,
+                "invalid_path",
+                "the endpoint name in the path is not UTF-8",
+            )
+        })
+}
+
+fn query_param<'a>(query: Option<&'a str>, key: &str) -> Option<&'a str> {
+    query?
+        .split('&')
+        .filter_map(|pair| pair.split_once('='))
+        .find(|(k, _)| *k == key)
+        .map(|(_, v)| v)
+}
+
+/// Reads a body of at most `limit` bytes; 413 naming `what` when larger.
+async fn read_body(body: Incoming, limit: u64, what: &str) -> Result<Bytes, ApiError> {
+    let too_large = || {
+        ApiError::new(
+            413,
+            "body_too_large",
+            format!("request body exceeds the limit of {limit} bytes ({what})"),
+        )
+    };
+    match Limited::new(body, limit as usize).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
+        Err(e) => Err(ApiError::new(
+            400,
+            "bad_body",
+            format!("cannot read request body: {e}"),
+        )),
+    }
+}
+
+fn declared_length(request: &hyper::Request<Incoming>) -> Option<u64> {
+    request
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+}
+
+/// Reads a spec as JSON (`application/json`, or a body starting with `{`) or TOML.
+async fn read_spec(request: hyper::Request<Incoming>) -> Result<EndpointSpec, ApiError> {
+    let json = request
+        .headers()
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|ct| ct.starts_with("application/json"));
+    let body = read_body(request.into_body(), MAX_SPEC_BYTES, "spec").await?;
+    let is_json =
+        json.unwrap_or_else(|| body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{'));
+    let spec = if is_json {
+        EndpointSpec::from_json(&body)
+    } else {
+        let text = std::str::from_utf8(&body)
+            .map_err(|_| ApiError::new(400, "invalid_spec", "the spec is not UTF-8"))?;
+        EndpointSpec::from_toml(text)
+    };
+    spec.map_err(|e| Error::Spec(e).into())
+}
+
+fn invoke_url(name: &str) -> String {
+    format!(
+        "/endpoints/{}/invoke",
+        utf8_percent_encode(name, PATH_SEGMENT)
+    )
+}
+
+fn summary(d: &Deployment) -> Value {
+    json!({
+        "name": d.spec.name,
+        "status": d.status(),
+        "url": invoke_url(&d.spec.name),
+        "versions": d.versions.iter().map(|v| json!({ "name": v.name, "weight": v.weight })).collect::<Vec<_>>(),
+    })
+}
+
+fn detail(d: &Deployment) -> Value {
+    let versions: Vec<Value> = d
+        .versions
+        .iter()
+        .map(|v| {
+            let s = v.processor.stats();
+            json!({
+                "name": v.name,
+                "weight": v.weight,
+                "status": d.version_status(v),
+                "backend": "none",
+                "component": format!("sha256:{}", v.digest),
+                "compiled_from_cache": v.from_cache,
+                "instances": { "idle": s.idle, "busy": s.busy, "queued": s.queued, "max": s.max, "created": s.created, "lost": s.lost },
+            })
+        })
+        .collect();
+    let mut out = json!({
+        "name": d.spec.name,
+        "description": d.spec.description,
+        "status": d.status(),
+        "stopped": d.stopped,
+        "url": invoke_url(&d.spec.name),
+        "versions": versions,
+        "spec": d.spec,
+    });
+    if let Some(error) = &d.error {
+        out["error"] = Value::String(error.clone());
+    }
+    out
+}
+
+fn metrics(gateway: &Gateway) -> Response {
+    let m = &gateway.metrics;
+    m.instances.clear();
+    m.queued.clear();
+    for d in gateway.endpoints() {
+        for v in &d.versions {
+            let s = v.processor.stats();
+            let labels = |state: &str| InstanceLabels {
+                endpoint: d.spec.name.clone(),
+                version: v.name.clone(),
+                state: state.into(),
+            };
+            m.instances
+                .get_or_create(&labels("idle"))
+                .set(s.idle as i64);
+            m.instances
+                .get_or_create(&labels("busy"))
+                .set(s.busy as i64);
+            m.queued
+                .get_or_create(&VersionLabels {
+                    endpoint: d.spec.name.clone(),
+                    version: v.name.clone(),
+                })
+                .set(s.queued as i64);
+        }
+    }
+    text_response(
+        200,
+        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        m.encode(),
+    )
+}
+
+/// Headers a processor never sees: the gateway's own credentials.
+const HIDDEN_HEADERS: [&str; 2] = ["authorization", "x-wasp-api-key"];
+
+async fn invoke(
+    gateway: Arc<Gateway>,
+    request: hyper::Request<Incoming>,
+    name: String,
+) -> Result<Response, ApiError> {
+    let started = Instant::now();
+    let deployment = gateway
+        .endpoint(&name)
+        .ok_or(Error::NotFound(name.clone()))?;
+    if let Some(error) = &deployment.error {
+        return Err(ApiError::new(
+            503,
+            "endpoint_failed",
+            format!("endpoint `{name}` failed to load: {error}"),
+        ));
+    }
+    if deployment.stopped {
+        return Err(ApiError {
+            retry_after: false,
+            ..ApiError::new(
+                503,
+                "endpoint_stopped",
+                format!(
+                    "endpoint `{name}` is stopped; POST /api/v1/endpoints/{{name}}/start resumes it"
+                ),
+            )
+        });
+    }
+    let roll = rand::random::<u32>() % 100;
+    let version = deployment
+        .pick(roll)
+        .ok_or_else(|| {
+            ApiError::new(
+                503,
+                "no_version",
+                format!("endpoint `{name}` has no version with traffic"),
+            )
+        })?
+        .clone();
+    let limit = version.limits.max_body_bytes;
+    if declared_length(&request).is_some_and(|n| n > limit) {
+        return Err(body_limit(limit));
+    }
+
+    // Everything after `/endpoints/{name}/invoke`, with the query string.
+    let prefix_len = request
+        .uri()
+        .path()
+        .match_indices("/invoke")
+        .next()
+        .map_or(0, |(i, _)| i + "/invoke".len());
+    let rest = &request.uri().path()[prefix_len..];
+    let mut path = if rest.is_empty() {
+        "/".to_owned()
+    } else {
+        rest.to_owned()
+    };
+    if let Some(q) = request.uri().query() {
+        path.push('?');
+        path.push_str(q);
+    }
+    let method = request.method().to_string();
+    let headers: Vec<(String, String)> = request
+        .headers()
+        .iter()
+        .filter(|(k, _)| !HIDDEN_HEADERS.contains(&k.as_str()))
+        .filter_map(|(k, v)| Some((k.as_str().to_owned(), v.to_str().ok()?.to_owned())))
+        .collect();
+    let body = read_body(request.into_body(), limit, "limits.max_body_bytes")
+        .await
+        .map_err(|e| {
+            if e.status == 413 {
+                body_limit(limit)
+            } else {
+                e
+            }
+        })?;
+
+    let result = version
+        .processor
+        .handle(Request {
+            method,
+            path,
+            headers,
+            body: body.to_vec(),
+        })
+        .await;
+    let response = match result {
+        Ok(response) => into_hyper(response, &version.name),
+        Err(e) => {
+            gateway
+                .metrics
+                .failures
+                .get_or_create(&FailureLabels {
+                    endpoint: name.clone(),
+                    version: version.name.clone(),
+                    kind: e.code().into(),
+                })
+                .inc();
+            let mut response = ApiError::from(e).into_response();
+            if let Ok(v) = HeaderValue::from_str(&version.name) {
+                response.headers_mut().insert("x-wasp-version", v);
+            }
+            response
+        }
+    };
+    let m = &gateway.metrics;
+    m.requests
+        .get_or_create(&RequestLabels {
+            endpoint: name.clone(),
+            version: version.name.clone(),
+            code: response.status().as_u16(),
+        })
+        .inc();
+    m.latency
+        .get_or_create(&VersionLabels {
+            endpoint: name,
+            version: version.name.clone(),
+        })
+        .observe(started.elapsed().as_secs_f64());
+    Ok(response)
+}
+
+fn body_limit(limit: u64) -> ApiError {
+    ApiError {
+        field: Some("limits.max_body_bytes".into()),
+        ..ApiError::new(
+            413,
+            "body_too_large",
+            format!("request body exceeds this version's limit of {limit} bytes"),
+        )
+    }
+}
+
+/// Turns a processor's response into an HTTP response, refusing what HTTP cannot carry.
+fn into_hyper(response: wasp_wasm::Response, version: &str) -> Response {
+    let Ok(status) = StatusCode::from_u16(response.status) else {
+        return ApiError::new(
+            502,
+            "invalid_processor_response",
+            format!(
+                "processor returned status {}, which is not an HTTP status",
+                response.status
+            ),
+        )
+        .into_response();
+    };
+    let mut out = hyper::Response::new(Full::new(Bytes::from(response.body)));
+    *out.status_mut() = status;
+    let headers = out.headers_mut();
+    for (name, value) in response.headers {
+        let (Ok(name), Ok(value)) = (
+            HeaderName::try_from(name.as_str()),
+            HeaderValue::try_from(value.as_str()),
+        ) else {
+            return ApiError::new(
+                502,
+                "invalid_processor_response",
+                format!("processor returned an invalid header `{name}`"),
+            )
+            .into_response();
+        };
+        headers.append(name, value);
+    }
+    if let Ok(v) = HeaderValue::from_str(version) {
+        headers.insert("x-wasp-version", v);
+    }
+    out
+}

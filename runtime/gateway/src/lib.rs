@@ -1,0 +1,126 @@
+//! The wasp server: the HTTP gateway (data routes, control API, health, metrics), the
+//! endpoint registry, and the embedded store that lets endpoints survive a restart.
+//!
+//! It sits above `wasp-core` (specs) and `wasp-wasm` (processors) and below the `wasp`
+//! binary, which only parses flags and calls [`Server::start`].
+#![deny(missing_docs)]
+
+mod http;
+pub mod metrics;
+mod registry;
+mod server;
+pub mod store;
+
+pub use registry::{DeployedVersion, Deployment, Gateway};
+pub use server::{Server, ServerConfig};
+pub use wasp_wasm::RuntimeConfig;
+
+use wasp_core::SpecError;
+use wasp_wasm::CallError;
+
+/// Errors of the gateway's operations; each maps to an HTTP status in the API.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The spec did not parse or validate.
+    #[error(transparent)]
+    Spec(#[from] SpecError),
+    /// A value is not acceptable to this server (a backend it lacks, a name mismatch).
+    #[error("`{field}`: {message}")]
+    Invalid {
+        /// The field at fault.
+        field: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// No endpoint of that name.
+    #[error("no endpoint named `{0}`")]
+    NotFound(String),
+    /// An endpoint of that name exists already.
+    #[error("endpoint `{0}` exists already; PUT /api/v1/endpoints/{{name}} replaces it")]
+    Conflict(String),
+    /// No uploaded component has that digest.
+    #[error("no component with digest sha256:{0}; upload it with PUT /api/v1/components")]
+    UnknownComponent(String),
+    /// The component is not valid or does not fit the contract.
+    #[error("version `{version}`: {source}")]
+    Component {
+        /// The version whose component failed.
+        version: String,
+        /// Why.
+        #[source]
+        source: wasp_wasm::Error,
+    },
+    /// The processor could not start its warm instances.
+    #[error("version `{version}`: {source}")]
+    Warm {
+        /// The version whose processor failed.
+        version: String,
+        /// Why.
+        #[source]
+        source: CallError,
+    },
+    /// The embedded store failed.
+    #[error("store: {0}")]
+    Store(String),
+    /// A file in the data directory could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: std::path::PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The wasm runtime could not start.
+    #[error(transparent)]
+    Runtime(wasp_wasm::Error),
+    /// The listen address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl Error {
+    /// The HTTP status this error is answered with.
+    pub fn status(&self) -> u16 {
+        match self {
+            Self::Spec(SpecError::Parse(_)) => 400,
+            Self::Spec(SpecError::Invalid { .. })
+            | Self::Invalid { .. }
+            | Self::UnknownComponent(_)
+            | Self::Component { .. }
+            | Self::Warm { .. } => 422,
+            Self::NotFound(_) => 404,
+            Self::Conflict(_) => 409,
+            Self::Store(_) | Self::Io { .. } | Self::Runtime(_) | Self::Bind { .. } => 500,
+        }
+    }
+
+    /// The field at fault, when there is one.
+    pub fn field(&self) -> Option<&str> {
+        match self {
+            Self::Spec(e) => e.field(),
+            Self::Invalid { field, .. } => Some(field),
+            _ => None,
+        }
+    }
+
+    /// A short machine-readable code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::Spec(SpecError::Parse(_)) => "invalid_spec",
+            Self::Spec(SpecError::Invalid { .. }) | Self::Invalid { .. } => "invalid_field",
+            Self::NotFound(_) => "endpoint_not_found",
+            Self::Conflict(_) => "endpoint_exists",
+            Self::UnknownComponent(_) => "unknown_component",
+            Self::Component { .. } => "invalid_component",
+            Self::Warm { .. } => "processor_failed",
+            Self::Store(_) | Self::Io { .. } | Self::Runtime(_) | Self::Bind { .. } => "internal",
+        }
+    }
+}

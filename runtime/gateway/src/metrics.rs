@@ -1,0 +1,151 @@
+//! Prometheus metrics of the gateway and the processor pools.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+/// Labels of a request count.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// Endpoint name.
+    pub endpoint: String,
+    /// Version name (empty when no version was picked).
+    pub version: String,
+    /// HTTP status code.
+    pub code: u16,
+}
+
+/// Labels naming a version.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VersionLabels {
+    /// Endpoint name.
+    pub endpoint: String,
+    /// Version name.
+    pub version: String,
+}
+
+/// Labels of a processor failure.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FailureLabels {
+    /// Endpoint name.
+    pub endpoint: String,
+    /// Version name.
+    pub version: String,
+    /// What failed (`processor_timeout`, `processor_trap`...).
+    pub kind: String,
+}
+
+/// Labels of an instance gauge.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct InstanceLabels {
+    /// Endpoint name.
+    pub endpoint: String,
+    /// Version name.
+    pub version: String,
+    /// `idle` or `busy`.
+    pub state: String,
+}
+
+/// Every metric the server exports.
+pub struct Metrics {
+    registry: Registry,
+    /// Requests answered on data routes.
+    pub requests: Family<RequestLabels, Counter>,
+    /// Latency of data-route requests, by version.
+    pub latency: Family<VersionLabels, Histogram>,
+    /// Failed processor calls.
+    pub failures: Family<FailureLabels, Counter>,
+    /// Processor instances, refreshed at each scrape.
+    pub instances: Family<InstanceLabels, Gauge>,
+    /// Requests waiting for a processor instance, refreshed at each scrape.
+    pub queued: Family<VersionLabels, Gauge>,
+    /// Components compiled from Wasm.
+    pub compiles: Counter,
+    /// Components loaded from the compiled cache.
+    pub cache_hits: Counter,
+}
+
+fn latency_histogram() -> Histogram {
+    // 50 µs to ~100 s.
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+        0.000_05, 2.0, 21,
+    ))
+}
+
+impl Metrics {
+    /// Registers every metric.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("wasp");
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "requests",
+            "Requests answered on data routes",
+            requests.clone(),
+        );
+        let latency = Family::<VersionLabels, Histogram>::new_with_constructor(
+            latency_histogram as fn() -> Histogram,
+        );
+        registry.register(
+            "request_duration_seconds",
+            "Latency of data-route requests",
+            latency.clone(),
+        );
+        let failures = Family::<FailureLabels, Counter>::default();
+        registry.register(
+            "processor_failures",
+            "Failed processor calls",
+            failures.clone(),
+        );
+        let instances = Family::<InstanceLabels, Gauge>::default();
+        registry.register(
+            "processor_instances",
+            "Processor instances",
+            instances.clone(),
+        );
+        let queued = Family::<VersionLabels, Gauge>::default();
+        registry.register(
+            "queue_depth",
+            "Requests waiting for a processor instance",
+            queued.clone(),
+        );
+        let compiles = Counter::default();
+        registry.register(
+            "component_compiles",
+            "Components compiled from Wasm",
+            compiles.clone(),
+        );
+        let cache_hits = Counter::default();
+        registry.register(
+            "component_cache_hits",
+            "Components loaded from the compiled cache",
+            cache_hits.clone(),
+        );
+        Self {
+            registry,
+            requests,
+            latency: latency.clone(),
+            failures,
+            instances,
+            queued,
+            compiles,
+            cache_hits,
+        }
+    }
+
+    /// The metrics in the Prometheus text format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,436 @@
+//! The endpoint registry: deployed endpoints, their versions and processors, and the
+//! operations of the control API (deploy, stop, start, remove).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::{Arc, RwLock, Weak};
+use std::time::Duration;
+
+use wasp_core::{BackendSpec, ComponentRef, EndpointSpec, Limits};
+use wasp_wasm::{
+    BoxFuture, ErrorCode, GuestError, LogBuffer, ModelInput, ModelOutput, ModelRouter, Processor,
+    ProcessorSettings, Role, Runtime, RuntimeConfig,
+};
+
+use crate::Error;
+use crate::metrics::Metrics;
+use crate::store::{Store, StoredEndpoint};
+
+/// Log records kept per endpoint.
+const LOG_CAPACITY: usize = 1000;
+
+/// A deployed version.
+pub struct DeployedVersion {
+    /// Version name.
+    pub name: String,
+    /// Share of traffic, in percent.
+    pub weight: u32,
+    /// Its processor.
+    pub processor: Processor,
+    /// Whether its component came from the compiled cache.
+    pub from_cache: bool,
+    /// Warm instances to keep.
+    pub min_workers: u32,
+    /// Its limits.
+    pub limits: Limits,
+    /// Content digest of its component.
+    pub digest: String,
+}
+
+/// A deployed endpoint.
+pub struct Deployment {
+    /// Its spec (components as digests).
+    pub spec: EndpointSpec,
+    /// Whether the user stopped it.
+    pub stopped: bool,
+    /// Its versions, in spec order.
+    pub versions: Vec<Arc<DeployedVersion>>,
+    /// Log records of its processors.
+    pub logs: Arc<LogBuffer>,
+    /// Why it could not be loaded at start-up, if it could not.
+    pub error: Option<String>,
+}
+
+impl Deployment {
+    /// Picks a version for one request; `roll` is uniform in `0..100`.
+    pub fn pick(&self, roll: u32) -> Option<&Arc<DeployedVersion>> {
+        let mut acc = 0;
+        for v in &self.versions {
+            acc += v.weight;
+            if roll < acc {
+                return Some(v);
+            }
+        }
+        self.versions.iter().rev().find(|v| v.weight > 0)
+    }
+
+    /// `ready`, `concerning`, `notReady` or `stopped`, as for one version.
+    pub fn version_status(&self, v: &DeployedVersion) -> &'static str {
+        if self.stopped {
+            return "stopped";
+        }
+        let stats = v.processor.stats();
+        let live = (stats.idle + stats.busy) as u32;
+        if live >= v.min_workers {
+            "ready"
+        } else if live > 0 {
+            "concerning"
+        } else {
+            "notReady"
+        }
+    }
+
+    /// The endpoint's status: `stopped`, `ready` (every version ready), `concerning`
+    /// (some) or `notReady` (none).
+    pub fn status(&self) -> &'static str {
+        if self.stopped {
+            return "stopped";
+        }
+        if self.error.is_some() || self.versions.is_empty() {
+            return "notReady";
+        }
+        let ready = self
+            .versions
+            .iter()
+            .filter(|v| self.version_status(v) == "ready")
+            .count();
+        if ready == self.versions.len() {
+            "ready"
+        } else if ready > 0
+            || self
+                .versions
+                .iter()
+                .any(|v| self.version_status(v) == "concerning")
+        {
+            "concerning"
+        } else {
+            "notReady"
+        }
+    }
+}
+
+/// The server's state: runtime, store, registry and metrics.
+pub struct Gateway {
+    pub(crate) runtime: Runtime,
+    pub(crate) store: Store,
+    pub(crate) metrics: Metrics,
+    endpoints: RwLock<BTreeMap<String, Arc<Deployment>>>,
+    /// Serialises control operations so two deploys of one name cannot interleave.
+    control: tokio::sync::Mutex<()>,
+    models: Arc<dyn ModelRouter>,
+}
+
+/// Model calls from processors, answered from the registry. No model backend is
+/// registered in this build, so every call names a missing model or a `none` endpoint.
+struct RegistryModels(Weak<Gateway>);
+
+impl ModelRouter for RegistryModels {
+    fn infer(
+        &self,
+        _caller: Arc<str>,
+        model: String,
+        _input: ModelInput,
+    ) -> BoxFuture<'static, Result<Vec<ModelOutput>, GuestError>> {
+        let gateway = self.0.upgrade();
+        Box::pin(async move {
+            let found = gateway.and_then(|g| g.endpoint(&model));
+            Err(match found {
+                None => GuestError::new(ErrorCode::NotFound, format!("model not found: `{model}`")),
+                Some(_) => GuestError::new(
+                    ErrorCode::Unprocessable,
+                    format!("endpoint `{model}` has no model backend (backend `none`)"),
+                ),
+            })
+        })
+    }
+}
+
+impl Gateway {
+    /// Opens the data directory, starts the wasm runtime and loads every stored endpoint.
+    pub async fn open(data_dir: &Path, runtime: RuntimeConfig) -> Result<Arc<Self>, Error> {
+        let store = Store::open(data_dir)?;
+        let runtime = Runtime::new(RuntimeConfig {
+            cache_dir: Some(data_dir.join("cache")),
+            ..runtime
+        })
+        .map_err(Error::Runtime)?;
+        let gateway = Arc::new_cyclic(|weak| Self {
+            runtime,
+            store,
+            metrics: Metrics::new(),
+            endpoints: RwLock::new(BTreeMap::new()),
+            control: tokio::sync::Mutex::new(()),
+            models: Arc::new(RegistryModels(weak.clone())),
+        });
+        for stored in gateway.store.endpoints()? {
+            let name = stored.spec.name.clone();
+            match gateway.build(stored.spec.clone(), stored.stopped).await {
+                Ok(deployment) => {
+                    gateway.insert(deployment);
+                }
+                Err(e) => {
+                    tracing::error!(endpoint = %name, "cannot load stored endpoint: {e}");
+                    gateway.insert(Deployment {
+                        spec: stored.spec,
+                        stopped: stored.stopped,
+                        versions: Vec::new(),
+                        logs: Arc::new(LogBuffer::new(LOG_CAPACITY)),
+                        error: Some(e.to_string()),
+                    });
+                }
+            }
+        }
+        Ok(gateway)
+    }
+
+    /// The deployed endpoint called `name`.
+    pub fn endpoint(&self, name: &str) -> Option<Arc<Deployment>> {
+        self.read().get(name).cloned()
+    }
+
+    /// Every deployed endpoint, by name.
+    pub fn endpoints(&self) -> Vec<Arc<Deployment>> {
+        self.read().values().cloned().collect()
+    }
+
+    /// Stores component bytes; returns the hex SHA-256 to reference them by.
+    pub async fn upload_component(self: &Arc<Self>, bytes: bytes::Bytes) -> Result<String, Error> {
+        let this = self.clone();
+        blocking(move || this.store.put_component(&bytes)).await
+    }
+
+    /// Deploys `spec`: builds every version's processor, warms its instances, writes the
+    /// spec to the store, then swaps it in. `replace` allows an existing endpoint of the
+    /// same name to be replaced; requests in flight on it finish on the old version.
+    pub async fn deploy(
+        self: &Arc<Self>,
+        spec: EndpointSpec,
+        replace: bool,
+    ) -> Result<Arc<Deployment>, Error> {
+        spec.validate()?;
+        let _control = self.control.lock().await;
+        let existing = self.endpoint(&spec.name);
+        if existing.is_some() && !replace {
+            return Err(Error::Conflict(spec.name));
+        }
+        let stopped = existing.is_some_and(|d| d.stopped);
+        let deployment = self.build(spec, stopped).await?;
+        self.persist(&deployment).await?;
+        Ok(self.insert(deployment))
+    }
+
+    /// Removes an endpoint; in-flight requests finish.
+    pub async fn remove(self: &Arc<Self>, name: &str) -> Result<(), Error> {
+        let _control = self.control.lock().await;
+        if self.endpoint(name).is_none() {
+            return Err(Error::NotFound(name.to_owned()));
+        }
+        let this = self.clone();
+        let key = name.to_owned();
+        blocking(move || this.store.delete_endpoint(&key)).await?;
+        self.write().remove(name);
+        Ok(())
+    }
+
+    /// Stops (`stopped = true`: instances released, requests refused, spec and URL kept)
+    /// or starts an endpoint.
+    pub async fn set_stopped(
+        self: &Arc<Self>,
+        name: &str,
+        stopped: bool,
+    ) -> Result<Arc<Deployment>, Error> {
+        let _control = self.control.lock().await;
+        let current = self
+            .endpoint(name)
+            .ok_or_else(|| Error::NotFound(name.to_owned()))?;
+        let deployment = Deployment {
+            spec: current.spec.clone(),
+            stopped,
+            versions: current.versions.clone(),
+            logs: current.logs.clone(),
+            error: current.error.clone(),
+        };
+        self.persist(&deployment).await?;
+        let deployment = self.insert(deployment);
+        for v in &deployment.versions {
+            if stopped {
+                v.processor.trim(0, Duration::ZERO);
+            } else {
+                v.processor
+                    .warm(v.min_workers)
+                    .await
+                    .map_err(|source| Error::Warm {
+                        version: v.name.clone(),
+                        source,
+                    })?;
+            }
+        }
+        Ok(deployment)
+    }
+
+    /// Periodic upkeep: drops instances idle for a minute beyond each version's warm
+    /// count, and re-creates warm instances lost to failures.
+    pub async fn housekeep(&self) {
+        for deployment in self.endpoints() {
+            if deployment.stopped {
+                continue;
+            }
+            for v in &deployment.versions {
+                v.processor
+                    .trim(v.min_workers as usize, Duration::from_secs(60));
+                if let Err(e) = v.processor.warm(v.min_workers).await {
+                    tracing::warn!(endpoint = %deployment.spec.name, version = %v.name, "cannot re-warm: {e}");
+                }
+            }
+        }
+    }
+
+    async fn persist(self: &Arc<Self>, deployment: &Deployment) -> Result<(), Error> {
+        let record = StoredEndpoint {
+            spec: deployment.spec.clone(),
+            stopped: deployment.stopped,
+        };
+        let this = self.clone();
+        blocking(move || this.store.put_endpoint(&record)).await
+    }
+
+    fn insert(&self, deployment: Deployment) -> Arc<Deployment> {
+        let deployment = Arc::new(deployment);
+        self.write()
+            .insert(deployment.spec.name.clone(), deployment.clone());
+        deployment
+    }
+
+    async fn build(
+        self: &Arc<Self>,
+        spec: EndpointSpec,
+        stopped: bool,
+    ) -> Result<Deployment, Error> {
+        let logs = Arc::new(LogBuffer::new(LOG_CAPACITY));
+        let mut versions = Vec::with_capacity(spec.versions.len());
+        for (i, v) in spec.versions.iter().enumerate() {
+            let at = |field: &str| format!("versions[{i}].{field}");
+            if !matches!(v.backend, BackendSpec::None) {
+                return Err(Error::Invalid {
+                    field: at("backend.kind"),
+                    message: format!(
+                        "backend `{}` is not available: this build registers no model backends",
+                        v.backend.kind()
+                    ),
+                });
+            }
+            let processor = v.processor.as_ref().ok_or_else(|| Error::Invalid {
+                field: at("processor"),
+                message: "required".into(),
+            })?;
+            let digest = match &processor.component {
+                ComponentRef::Digest(hex) => hex.clone(),
+                ComponentRef::Path(path) => {
+                    return Err(Error::Invalid {
+                        field: at("processor.component"),
+                        message: format!(
+                            "`{}` is a path; upload the component (PUT /api/v1/components, or \
+                             `wasp deploy`, which does it) and name it by `sha256:` digest",
+                            path.display()
+                        ),
+                    });
+                }
+            };
+            let bytes = self.store.component(&digest).map_err(|e| match e {
+                Error::UnknownComponent(_) => Error::Invalid {
+                    field: at("processor.component"),
+                    message: e.to_string(),
+                },
+                other => other,
+            })?;
+            // Compiling is CPU-bound for up to seconds: keep it off the async workers.
+            let (this, key) = (self.clone(), digest.clone());
+            let loaded =
+                tokio::task::spawn_blocking(move || this.runtime.load_component(&key, &bytes))
+                    .await
+                    .map_err(|e| Error::Store(format!("compile task failed: {e}")))?
+                    .map_err(|source| Error::Component {
+                        version: v.name.clone(),
+                        source,
+                    })?;
+            if loaded.from_cache {
+                self.metrics.cache_hits.inc();
+            } else {
+                self.metrics.compiles.inc();
+            }
+            for (j, mount) in processor.mounts.iter().enumerate() {
+                if !mount.host.is_dir() {
+                    return Err(Error::Invalid {
+                        field: at(&format!("processor.mounts[{j}].host")),
+                        message: format!("{} is not a directory", mount.host.display()),
+                    });
+                }
+            }
+            let settings = ProcessorSettings {
+                endpoint: spec.name.clone(),
+                version: v.name.clone(),
+                env: processor.env.clone(),
+                mounts: processor.mounts.clone(),
+                allow_hosts: processor.allow_hosts.clone(),
+                limits: v.limits.clone(),
+                logs: logs.clone(),
+                models: self.models.clone(),
+            };
+            let built = self
+                .runtime
+                .processor(&loaded, Role::Service, settings)
+                .map_err(|source| Error::Component {
+                    version: v.name.clone(),
+                    source,
+                })?;
+            if !stopped {
+                built
+                    .warm(v.scaling.min_workers)
+                    .await
+                    .map_err(|source| Error::Warm {
+                        version: v.name.clone(),
+                        source,
+                    })?;
+            }
+            versions.push(Arc::new(DeployedVersion {
+                name: v.name.clone(),
+                weight: spec.weight(i),
+                processor: built,
+                from_cache: loaded.from_cache,
+                min_workers: v.scaling.min_workers,
+                limits: v.limits.clone(),
+                digest,
+            }));
+        }
+        Ok(Deployment {
+            spec,
+            stopped,
+            versions,
+            logs,
+            error: None,
+        })
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, Arc<Deployment>>> {
+        // A poisoned lock means a panic elsewhere; the map itself is still consistent.
+        self.endpoints.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<String, Arc<Deployment>>> {
+        self.endpoints.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Closes the store so another server may open the data directory.
+    pub fn close(&self) {
+        self.store.close();
+    }
+}
+
+/// Runs blocking store work off the async workers.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, Error> + Send + 'static,
+) -> Result<T, Error> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::Store(format!("store task failed: {e}")))?
+}

@@ -1,0 +1,145 @@
+//! The listening server: accept loop, graceful shutdown, periodic upkeep.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use wasp_wasm::RuntimeConfig;
+
+use crate::{Error, Gateway};
+
+/// How long shutdown waits for in-flight requests.
+const DRAIN: Duration = Duration::from_secs(30);
+/// How often idle instances are trimmed and warm ones replenished.
+const HOUSEKEEPING: Duration = Duration::from_secs(10);
+
+/// What `wasp serve` is started with.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Address to listen on (`127.0.0.1:0` picks a free port).
+    pub listen: SocketAddr,
+    /// The data directory: store, components, compiled cache.
+    pub data_dir: PathBuf,
+    /// Engine settings (its cache directory is set from `data_dir`).
+    pub runtime: RuntimeConfig,
+}
+
+/// A running server.
+pub struct Server {
+    addr: SocketAddr,
+    gateway: Arc<Gateway>,
+    stop: watch::Sender<bool>,
+    accept: JoinHandle<()>,
+    upkeep: JoinHandle<()>,
+}
+
+impl Server {
+    /// Opens the data directory (loading every stored endpoint), binds, and serves.
+    pub async fn start(config: ServerConfig) -> Result<Self, Error> {
+        std::fs::create_dir_all(&config.data_dir).map_err(|source| Error::Io {
+            path: config.data_dir.clone(),
+            source,
+        })?;
+        let gateway = Gateway::open(&config.data_dir, config.runtime).await?;
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| Error::Bind {
+                addr: config.listen,
+                source,
+            })?;
+        let addr = listener.local_addr().map_err(|source| Error::Bind {
+            addr: config.listen,
+            source,
+        })?;
+        let (stop, stopped) = watch::channel(false);
+        let accept = tokio::spawn(accept_loop(listener, gateway.clone(), stopped));
+        let keeper = gateway.clone();
+        let upkeep = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(HOUSEKEEPING);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                keeper.housekeep().await;
+            }
+        });
+        tracing::info!(%addr, data_dir = %config.data_dir.display(), "wasp is serving");
+        Ok(Self {
+            addr,
+            gateway,
+            stop,
+            accept,
+            upkeep,
+        })
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The registry behind the server (for in-process deploys).
+    pub fn gateway(&self) -> &Arc<Gateway> {
+        &self.gateway
+    }
+
+    /// Stops accepting, lets in-flight requests finish (up to 30 s), and closes the store.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        let _ = self.accept.await;
+        self.upkeep.abort();
+        let _ = self.upkeep.await;
+        self.gateway.close();
+        tracing::info!("wasp stopped");
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    gateway: Arc<Gateway>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let graceful = GracefulShutdown::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let stream = match accepted {
+                    Ok((stream, _)) => stream,
+                    Err(e) => {
+                        // Out of file descriptors, say: back off instead of spinning.
+                        tracing::warn!("accept failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                let gateway = gateway.clone();
+                let service = service_fn(move |request| crate::http::handle(gateway.clone(), request));
+                let connection = http1::Builder::new()
+                    .keep_alive(true)
+                    .serve_connection(TokioIo::new(stream), service);
+                let connection = graceful.watch(connection);
+                tokio::spawn(async move {
+                    if let Err(e) = connection.await {
+                        tracing::debug!("connection ended: {e}");
+                    }
+                });
+            }
+            _ = stop.changed() => break,
+        }
+    }
+    drop(listener);
+    if tokio::time::timeout(DRAIN, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("some requests were still running after {DRAIN:?}");
+    }
+}

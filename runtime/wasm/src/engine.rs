@@ -1,0 +1,194 @@
+//! The wasm engine: configuration, the epoch ticker, and compiled-component caching.
+
+use std::collections::hash_map::DefaultHasher;
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use wasmtime::component::{Component, Linker};
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
+
+use crate::host::HostState;
+use crate::{Error, Result, chain};
+
+/// How often the engine's epoch advances: the granularity of call deadlines, and how often
+/// a long-running guest yields to the async executor.
+pub(crate) const EPOCH_TICK: Duration = Duration::from_millis(2);
+
+/// Engine-wide settings.
+#[derive(Debug, Clone)]
+pub struct RuntimeConfig {
+    /// Directory for compiled components (`*.cwasm`); `None` compiles on every load.
+    pub cache_dir: Option<PathBuf>,
+    /// Use the pooling instance allocator (fast instantiation from pre-reserved slots).
+    /// `false` allocates each instance on demand.
+    pub pooling: bool,
+    /// Most component instances alive at once across all versions (pool slots).
+    pub max_total_instances: u32,
+    /// Largest linear memory any version may ask for, in MiB.
+    pub max_memory_mib: u32,
+    /// Wasm stack of one call, in bytes.
+    pub max_wasm_stack: usize,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        Self {
+            cache_dir: None,
+            pooling: true,
+            max_total_instances: 1000,
+            max_memory_mib: 4096,
+            max_wasm_stack: 512 * 1024,
+        }
+    }
+}
+
+/// A compiled component and whether it came from the on-disk cache.
+#[derive(Clone)]
+pub struct LoadedComponent {
+    pub(crate) component: Component,
+    /// `true` when it was deserialised from the cache rather than compiled.
+    pub from_cache: bool,
+}
+
+/// The shared engine and linker; one per process.
+pub struct Runtime {
+    pub(crate) engine: Engine,
+    pub(crate) linker: Arc<Linker<HostState>>,
+    cache_dir: Option<PathBuf>,
+    engine_key: String,
+    ticker_stop: Arc<AtomicBool>,
+}
+
+impl Runtime {
+    /// Configures the engine, links WASI and the wasp host imports, and starts the epoch
+    /// ticker thread.
+    pub fn new(config: RuntimeConfig) -> Result<Self> {
+        let mut wasm = Config::new();
+        wasm.wasm_component_model(true)
+            .epoch_interruption(true)
+            .max_wasm_stack(config.max_wasm_stack);
+        if config.pooling {
+            let n = config.max_total_instances;
+            let mut pool = PoolingAllocationConfig::default();
+            pool.total_component_instances(n)
+                .total_core_instances(n * 4)
+                .total_memories(n * 2)
+                .total_tables(n * 4)
+                .total_stacks(n)
+                .max_memories_per_component(4)
+                .max_tables_per_component(16)
+                .max_core_instances_per_component(32)
+                .max_memory_size(config.max_memory_mib as usize * 1024 * 1024);
+            wasm.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+        }
+        let engine = Engine::new(&wasm).map_err(|e| Error::Engine(chain(&e)))?;
+
+        let mut linker = Linker::<HostState>::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker)
+            .map_err(|e| Error::Engine(chain(&e)))?;
+        crate::bindings::Full::add_to_linker::<_, wasmtime::component::HasSelf<_>>(
+            &mut linker,
+            |state| state,
+        )
+        .map_err(|e| Error::Engine(chain(&e)))?;
+
+        let mut hasher = DefaultHasher::new();
+        engine.precompile_compatibility_hash().hash(&mut hasher);
+        let engine_key = format!("{:016x}", hasher.finish());
+
+        if let Some(dir) = &config.cache_dir {
+            std::fs::create_dir_all(dir).map_err(|source| Error::Cache {
+                path: dir.clone(),
+                source,
+            })?;
+        }
+
+        let ticker_stop = Arc::new(AtomicBool::new(false));
+        let (ticker_engine, stop) = (engine.clone(), ticker_stop.clone());
+        std::thread::Builder::new()
+            .name("wasp-epoch".into())
+            .spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(EPOCH_TICK);
+                    ticker_engine.increment_epoch();
+                }
+            })
+            .map_err(|e| Error::Engine(format!("cannot start the epoch thread: {e}")))?;
+
+        Ok(Self {
+            engine,
+            linker: Arc::new(linker),
+            cache_dir: config.cache_dir,
+            engine_key,
+            ticker_stop,
+        })
+    }
+
+    /// Compiles `wasm` (CPU-heavy: call from a blocking thread), or loads the compiled
+    /// form that an earlier call cached under `key` (the component's content digest).
+    pub fn load_component(&self, key: &str, wasm: &[u8]) -> Result<LoadedComponent> {
+        let cached = self.cache_path(key);
+        if let Some(path) = &cached
+            && path.exists()
+        {
+            // SAFETY: the file was written by `Component::serialize` of an engine with the
+            // same compatibility hash (it is in the file name) into the runtime's own data
+            // directory; wasmtime still checks its header before use.
+            match unsafe { Component::deserialize_file(&self.engine, path) } {
+                Ok(component) => {
+                    return Ok(LoadedComponent {
+                        component,
+                        from_cache: true,
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), "ignoring cached component: {e:#}")
+                }
+            }
+        }
+        let component =
+            Component::new(&self.engine, wasm).map_err(|e| Error::Compile(chain(&e)))?;
+        if let Some(path) = &cached {
+            let bytes = component
+                .serialize()
+                .map_err(|e| Error::Compile(chain(&e)))?;
+            write_atomic(path, &bytes)?;
+        }
+        Ok(LoadedComponent {
+            component,
+            from_cache: false,
+        })
+    }
+
+    fn cache_path(&self, key: &str) -> Option<PathBuf> {
+        let safe = key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        match &self.cache_dir {
+            Some(dir) if safe && !key.is_empty() => {
+                Some(dir.join(format!("{key}-{}.cwasm", self.engine_key)))
+            }
+            _ => None,
+        }
+    }
+}
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        self.ticker_stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Writes a file so that readers see either nothing or all of it.
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let err = |source| Error::Cache {
+        path: path.to_owned(),
+        source,
+    };
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    std::fs::write(&tmp, bytes).map_err(err)?;
+    std::fs::rename(&tmp, path).map_err(err)
+}

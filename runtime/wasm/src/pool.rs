@@ -1,0 +1,614 @@
+//! A version's processor: its `InstancePre`, its pool of warm instances, and guest calls
+//! under deadline, memory and instance caps.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use wasmtime::component::{InstancePre, ResourceTable};
+use wasmtime::{Store, Trap, UpdateDeadline};
+use wasmtime_wasi::sockets::SocketAddrUse;
+use wasmtime_wasi::{FsPerms, WasiCtxBuilder};
+use wasp_core::{Limits, Mount};
+
+use crate::bindings::{handler, lifecycle, transform};
+use crate::engine::LoadedComponent;
+use crate::host::{HostState, Limiter, VersionContext};
+use crate::{
+    Error, GuestError, LogBuffer, ModelOutput, ModelRouter, Prepared, Request, Response, Result,
+    Runtime, chain,
+};
+
+/// Which exports a version needs from its processor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Backend `none`: the processor's `handler` answers requests.
+    Service,
+    /// A model backend: the processor's `transform` pre- and post-processes.
+    Transform,
+}
+
+/// Everything a version's processor is configured with.
+pub struct ProcessorSettings {
+    /// Endpoint name (for logs and model calls).
+    pub endpoint: String,
+    /// Version name.
+    pub version: String,
+    /// Configuration visible through the `config` import and as WASI environment.
+    pub env: BTreeMap<String, String>,
+    /// Read-only directory mounts.
+    pub mounts: Vec<Mount>,
+    /// Socket addresses the guest may reach (`IP:PORT` or `IP:*`); empty means none.
+    pub allow_hosts: Vec<String>,
+    /// Deadline, memory and instance caps.
+    pub limits: Limits,
+    /// Where the guest's log records go.
+    pub logs: Arc<LogBuffer>,
+    /// Where the guest's model calls go.
+    pub models: Arc<dyn ModelRouter>,
+}
+
+/// Why a guest call failed. Each variant fails only its own request.
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    /// The processor returned an error value.
+    #[error("{}", .0.describe())]
+    Guest(GuestError),
+    /// The processor's `init` returned an error, so no instance could serve.
+    #[error("processor failed to initialise: {}", .0.describe())]
+    Init(GuestError),
+    /// The call ran past the version's deadline and was interrupted.
+    #[error("processor exceeded its deadline of {ms} ms")]
+    Timeout {
+        /// The deadline.
+        ms: u64,
+    },
+    /// The guest tried to grow its memory past the version's cap.
+    #[error("processor exceeded its memory limit of {mib} MiB")]
+    OutOfMemory {
+        /// The cap.
+        mib: u32,
+    },
+    /// The guest overflowed its wasm stack.
+    #[error("processor overflowed its stack")]
+    StackOverflow,
+    /// The guest trapped (a panic, `unreachable`, an out-of-bounds access...).
+    #[error("processor trapped: {0}")]
+    Trap(String),
+    /// Every instance is busy and the wait queue is full.
+    #[error("all {instances} processor instances are busy and {queued} requests are queued")]
+    Busy {
+        /// Instances of the version.
+        instances: u32,
+        /// Requests already waiting.
+        queued: u32,
+    },
+    /// No instance became free before the request's deadline.
+    #[error("no processor instance became free within {ms} ms")]
+    QueueTimeout {
+        /// How long the request waited.
+        ms: u64,
+    },
+    /// The processor does not export what this call needs.
+    #[error("processor does not export `{0}`")]
+    NotExported(&'static str),
+    /// A new instance could not be created (the engine's instance slots are exhausted, or a
+    /// mount could not be opened).
+    #[error("cannot create a processor instance: {0}")]
+    Unavailable(String),
+}
+
+impl CallError {
+    /// The HTTP status a client should see.
+    pub fn status(&self) -> u16 {
+        match self {
+            Self::Guest(e) => e.status(),
+            Self::Init(_) | Self::Trap(_) | Self::StackOverflow | Self::OutOfMemory { .. } => 500,
+            Self::NotExported(_) => 501,
+            Self::Timeout { .. } => 504,
+            Self::Busy { .. } => 429,
+            Self::QueueTimeout { .. } | Self::Unavailable(_) => 503,
+        }
+    }
+
+    /// A short machine-readable name of the failure.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::Guest(_) => "processor_error",
+            Self::Init(_) => "processor_init_failed",
+            Self::Timeout { .. } => "processor_timeout",
+            Self::OutOfMemory { .. } => "processor_out_of_memory",
+            Self::StackOverflow => "processor_stack_overflow",
+            Self::Trap(_) => "processor_trap",
+            Self::Busy { .. } => "busy",
+            Self::QueueTimeout { .. } => "queue_timeout",
+            Self::NotExported(_) => "not_exported",
+            Self::Unavailable(_) => "unavailable",
+        }
+    }
+
+    /// Whether the instance that failed is lost (trapped or interrupted).
+    pub fn lost_instance(&self) -> bool {
+        matches!(
+            self,
+            Self::Timeout { .. } | Self::OutOfMemory { .. } | Self::StackOverflow | Self::Trap(_)
+        )
+    }
+}
+
+/// Counters and gauges of a version's instance pool.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PoolStats {
+    /// Instances waiting for a call.
+    pub idle: usize,
+    /// Instances in a call.
+    pub busy: usize,
+    /// Requests waiting for an instance.
+    pub queued: usize,
+    /// Cap on instances.
+    pub max: u32,
+    /// Instances created since deploy.
+    pub created: u64,
+    /// Instances lost to traps, timeouts and memory exhaustion since deploy.
+    pub lost: u64,
+}
+
+/// One live instance with its store and resolved exports.
+struct Slot {
+    store: Store<HostState>,
+    handler: Option<handler::Guest>,
+    transform: Option<transform::Guest>,
+    last_used: Instant,
+}
+
+/// The processor of one endpoint version. Cheap to clone.
+#[derive(Clone)]
+pub struct Processor {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    engine: wasmtime::Engine,
+    pre: InstancePre<HostState>,
+    lifecycle: lifecycle::GuestIndices,
+    handler: Option<handler::GuestIndices>,
+    transform: Option<transform::GuestIndices>,
+    context: Arc<VersionContext>,
+    mounts: Vec<Mount>,
+    allow_hosts: Arc<Vec<(std::net::IpAddr, Option<u16>)>>,
+    limits: Limits,
+    idle: Mutex<Vec<Slot>>,
+    permits: Arc<Semaphore>,
+    queued: AtomicUsize,
+    created: AtomicU64,
+    lost: AtomicU64,
+}
+
+impl Runtime {
+    /// Prepares a version's processor: links the component (once, as an `InstancePre`) and
+    /// checks that it exports what `role` needs.
+    pub fn processor(
+        &self,
+        component: &LoadedComponent,
+        role: Role,
+        settings: ProcessorSettings,
+    ) -> Result<Processor> {
+        let pre = self
+            .linker
+            .instantiate_pre(&component.component)
+            .map_err(|e| Error::Contract(chain(&e)))?;
+        let missing = |name: &str, e: wasmtime::Error| {
+            Error::Contract(format!("it does not export `wasp:processor/{name}`: {e:#}"))
+        };
+        let lifecycle = lifecycle::GuestIndices::new(&pre).map_err(|e| missing("lifecycle", e))?;
+        let handler = handler::GuestIndices::new(&pre).ok();
+        let transform = transform::GuestIndices::new(&pre).ok();
+        match role {
+            Role::Service if handler.is_none() => {
+                return Err(Error::Contract(
+                    "backend `none` needs a processor that exports `wasp:processor/handler`".into(),
+                ));
+            }
+            Role::Transform if transform.is_none() => {
+                return Err(Error::Contract(
+                    "a model backend needs a processor that exports `wasp:processor/transform`"
+                        .into(),
+                ));
+            }
+            _ => {}
+        }
+        let mut allow_hosts = Vec::new();
+        for entry in &settings.allow_hosts {
+            let parsed = wasp_core::spec::parse_allow_host(entry)
+                .ok_or_else(|| Error::Contract(format!("bad allow_hosts entry `{entry}`")))?;
+            allow_hosts.push(parsed);
+        }
+        let mut env: Vec<_> = settings.env.into_iter().collect();
+        env.sort();
+        let context = Arc::new(VersionContext {
+            endpoint: settings.endpoint.into(),
+            version: settings.version,
+            env,
+            logs: settings.logs,
+            models: settings.models,
+        });
+        Ok(Processor {
+            inner: Arc::new(Inner {
+                engine: self.engine.clone(),
+                pre,
+                lifecycle,
+                handler,
+                transform,
+                context,
+                mounts: settings.mounts,
+                allow_hosts: Arc::new(allow_hosts),
+                permits: Arc::new(Semaphore::new(settings.limits.max_instances as usize)),
+                limits: settings.limits,
+                idle: Mutex::new(Vec::new()),
+                queued: AtomicUsize::new(0),
+                created: AtomicU64::new(0),
+                lost: AtomicU64::new(0),
+            }),
+        })
+    }
+}
+
+/// An instance on loan to one call, with the permit that counts it against the cap.
+struct Lease {
+    slot: Slot,
+    _permit: OwnedSemaphorePermit,
+}
+
+/// Decrements the queue gauge when a waiting request stops waiting, however it stops.
+struct Queued<'a>(&'a AtomicUsize);
+
+impl Drop for Queued<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Processor {
+    /// Answers a request with the processor's `handler` (backend `none`).
+    pub async fn handle(&self, request: Request) -> Result<Response, CallError> {
+        let deadline = self.deadline();
+        let mut lease = self.acquire(deadline).await?;
+        let guest = lease
+            .slot
+            .handler
+            .clone()
+            .ok_or(CallError::NotExported("handler"))?;
+        self.arm(&mut lease.slot, deadline);
+        let result = guest.call_handle(&mut lease.slot.store, &request).await;
+        self.finish(lease, result)
+    }
+
+    /// Turns a request into model input and a context (`transform.pre-process`).
+    pub async fn pre_process(&self, request: Request) -> Result<Prepared, CallError> {
+        let deadline = self.deadline();
+        let mut lease = self.acquire(deadline).await?;
+        let guest = lease
+            .slot
+            .transform
+            .clone()
+            .ok_or(CallError::NotExported("transform"))?;
+        self.arm(&mut lease.slot, deadline);
+        let result = guest
+            .call_pre_process(&mut lease.slot.store, &request)
+            .await;
+        self.finish(lease, result)
+    }
+
+    /// Turns one model output chunk into a response chunk (`transform.post-process`).
+    pub async fn post_process(
+        &self,
+        context: &[u8],
+        output: ModelOutput,
+    ) -> Result<Response, CallError> {
+        let deadline = self.deadline();
+        let mut lease = self.acquire(deadline).await?;
+        let guest = lease
+            .slot
+            .transform
+            .clone()
+            .ok_or(CallError::NotExported("transform"))?;
+        self.arm(&mut lease.slot, deadline);
+        let result = guest
+            .call_post_process(&mut lease.slot.store, context, &output)
+            .await;
+        self.finish(lease, result)
+    }
+
+    /// Whether the processor exports `handler`.
+    pub fn is_service(&self) -> bool {
+        self.inner.handler.is_some()
+    }
+
+    /// Whether the processor exports `transform`.
+    pub fn is_transform(&self) -> bool {
+        self.inner.transform.is_some()
+    }
+
+    /// Creates instances (running `init`) until `count` are idle, within the instance cap.
+    pub async fn warm(&self, count: u32) -> Result<(), CallError> {
+        let target = (count.min(self.inner.limits.max_instances)) as usize;
+        while self.idle_len() < target {
+            let permit = match self.inner.permits.clone().try_acquire_owned() {
+                Ok(permit) => permit,
+                Err(_) => break,
+            };
+            let slot = self.instantiate(self.deadline()).await?;
+            self.release(Lease {
+                slot,
+                _permit: permit,
+            });
+        }
+        Ok(())
+    }
+
+    /// Drops idle instances unused for `idle_for`, keeping at least `keep`.
+    pub fn trim(&self, keep: usize, idle_for: Duration) -> usize {
+        let mut idle = self.lock_idle();
+        let before = idle.len();
+        let now = Instant::now();
+        // Oldest first, so that the most recently used instances stay.
+        idle.sort_by_key(|slot| std::cmp::Reverse(slot.last_used));
+        while idle.len() > keep
+            && idle
+                .last()
+                .is_some_and(|slot| now.duration_since(slot.last_used) >= idle_for)
+        {
+            idle.pop();
+        }
+        before - idle.len()
+    }
+
+    /// The pool's gauges and counters.
+    pub fn stats(&self) -> PoolStats {
+        let inner = &self.inner;
+        let max = inner.limits.max_instances;
+        let in_use = max as usize - inner.permits.available_permits();
+        let idle = self.idle_len();
+        PoolStats {
+            idle,
+            busy: in_use.saturating_sub(idle),
+            queued: inner.queued.load(Ordering::Relaxed),
+            max,
+            created: inner.created.load(Ordering::Relaxed),
+            lost: inner.lost.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Instantiates the component once and drops it, without running `init` or any
+    /// export: the bare cost of a new instance (for benchmarks and health checks).
+    pub async fn instantiate_only(&self) -> Result<(), CallError> {
+        let mut store = self.new_store()?;
+        self.inner
+            .pre
+            .instantiate_async(&mut store)
+            .await
+            .map_err(|e| self.classify(&store, e))?;
+        Ok(())
+    }
+
+    /// Answers a request on a brand-new instance that is dropped afterwards (no pool):
+    /// the cost of full per-request isolation.
+    pub async fn handle_fresh(&self, request: Request) -> Result<Response, CallError> {
+        let deadline = self.deadline();
+        let mut slot = self.instantiate(deadline).await?;
+        let guest = slot
+            .handler
+            .clone()
+            .ok_or(CallError::NotExported("handler"))?;
+        self.arm(&mut slot, deadline);
+        match guest.call_handle(&mut slot.store, &request).await {
+            Ok(Ok(response)) => Ok(response),
+            Ok(Err(e)) => Err(CallError::Guest(e)),
+            Err(e) => Err(self.classify(&slot.store, e)),
+        }
+    }
+
+    fn deadline(&self) -> Instant {
+        Instant::now() + Duration::from_millis(self.inner.limits.timeout_ms)
+    }
+
+    fn idle_len(&self) -> usize {
+        self.lock_idle().len()
+    }
+
+    fn lock_idle(&self) -> std::sync::MutexGuard<'_, Vec<Slot>> {
+        // A poisoned lock only means another thread panicked while holding it; the Vec
+        // inside is still a valid list of instances.
+        self.inner.idle.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Waits (bounded by the queue limit and the deadline) for a permit, then takes an
+    /// idle instance or creates one.
+    async fn acquire(&self, deadline: Instant) -> Result<Lease, CallError> {
+        let inner = &self.inner;
+        let permit = match inner.permits.clone().try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => {
+                let queued = inner.queued.fetch_add(1, Ordering::Relaxed);
+                let _queued = Queued(&inner.queued);
+                if queued >= inner.limits.max_queue as usize {
+                    return Err(CallError::Busy {
+                        instances: inner.limits.max_instances,
+                        queued: queued as u32,
+                    });
+                }
+                let started = Instant::now();
+                let wait = inner.permits.clone().acquire_owned();
+                match tokio::time::timeout_at(deadline.into(), wait).await {
+                    Ok(Ok(permit)) => permit,
+                    Ok(Err(_)) => {
+                        return Err(CallError::Unavailable("version is shut down".into()));
+                    }
+                    Err(_) => {
+                        return Err(CallError::QueueTimeout {
+                            ms: started.elapsed().as_millis() as u64,
+                        });
+                    }
+                }
+            }
+        };
+        let idle = self.lock_idle().pop();
+        let slot = match idle {
+            Some(slot) => slot,
+            None => self.instantiate(deadline).await?,
+        };
+        Ok(Lease {
+            slot,
+            _permit: permit,
+        })
+    }
+
+    fn new_store(&self) -> Result<Store<HostState>, CallError> {
+        let inner = &self.inner;
+        let mut wasi = WasiCtxBuilder::new();
+        // The version's own configuration only: never the host's environment.
+        wasi.envs(&inner.context.env);
+        for mount in &inner.mounts {
+            wasi.preopened_dir(&mount.host, &mount.guest, FsPerms::ReadOnly)
+                .map_err(|e| {
+                    CallError::Unavailable(format!(
+                        "cannot mount {} at {}: {e:#}",
+                        mount.host.display(),
+                        mount.guest
+                    ))
+                })?;
+        }
+        if inner.allow_hosts.is_empty() {
+            wasi.allow_tcp(false)
+                .allow_udp(false)
+                .allow_ip_name_lookup(false);
+        } else {
+            let allowed = inner.allow_hosts.clone();
+            wasi.allow_tcp(true)
+                .allow_udp(true)
+                .allow_ip_name_lookup(true)
+                .socket_addr_check(move |addr: SocketAddr, use_| {
+                    // A connect first binds the wildcard address to an ephemeral port;
+                    // that bind exposes nothing, so only the connect target is checked.
+                    let implicit_bind =
+                        matches!(use_, SocketAddrUse::TcpBind | SocketAddrUse::UdpBind)
+                            && addr.ip().is_unspecified()
+                            && addr.port() == 0;
+                    let ok = implicit_bind
+                        || allowed.iter().any(|(ip, port)| {
+                            *ip == addr.ip() && port.is_none_or(|p| p == addr.port())
+                        });
+                    Box::pin(async move { ok })
+                });
+        }
+        let state = HostState {
+            wasi: wasi.build(),
+            table: ResourceTable::new(),
+            limiter: Limiter {
+                memory_bytes: inner.limits.memory_mib as usize * 1024 * 1024,
+                memory_refused: false,
+            },
+            version: inner.context.clone(),
+            deadline: None,
+        };
+        let mut store = Store::new(&inner.engine, state);
+        store.limiter(|state| &mut state.limiter);
+        store.epoch_deadline_callback(|ctx| match ctx.data().deadline {
+            Some(deadline) if Instant::now() >= deadline => Ok(UpdateDeadline::Interrupt),
+            // Still in time: let other tasks run, then check again at the next tick.
+            _ => Ok(UpdateDeadline::Yield(1)),
+        });
+        store.set_epoch_deadline(1);
+        Ok(store)
+    }
+
+    /// Creates an instance, resolves its exports and runs `init`, all under `deadline`.
+    async fn instantiate(&self, deadline: Instant) -> Result<Slot, CallError> {
+        let inner = &self.inner;
+        let mut store = self.new_store()?;
+        store.data_mut().deadline = Some(deadline);
+        let instance = inner
+            .pre
+            .instantiate_async(&mut store)
+            .await
+            .map_err(|e| self.classify(&store, e))?;
+        let load_err = |e: wasmtime::Error| CallError::Trap(chain(&e));
+        let lifecycle = inner
+            .lifecycle
+            .load(&mut store, &instance)
+            .map_err(load_err)?;
+        let handler = match &inner.handler {
+            Some(indices) => Some(indices.load(&mut store, &instance).map_err(load_err)?),
+            None => None,
+        };
+        let transform = match &inner.transform {
+            Some(indices) => Some(indices.load(&mut store, &instance).map_err(load_err)?),
+            None => None,
+        };
+        store.set_epoch_deadline(1);
+        match lifecycle.call_init(&mut store).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(CallError::Init(e)),
+            Err(e) => return Err(self.classify(&store, e)),
+        }
+        store.data_mut().deadline = None;
+        inner.created.fetch_add(1, Ordering::Relaxed);
+        Ok(Slot {
+            store,
+            handler,
+            transform,
+            last_used: Instant::now(),
+        })
+    }
+
+    fn arm(&self, slot: &mut Slot, deadline: Instant) {
+        let state = slot.store.data_mut();
+        state.deadline = Some(deadline);
+        state.limiter.memory_refused = false;
+        slot.store.set_epoch_deadline(1);
+    }
+
+    /// Returns a healthy instance to the pool, or drops one that trapped.
+    fn finish<T>(
+        &self,
+        mut lease: Lease,
+        result: wasmtime::Result<Result<T, GuestError>>,
+    ) -> Result<T, CallError> {
+        match result {
+            Ok(value) => {
+                lease.slot.store.data_mut().deadline = None;
+                self.release(lease);
+                value.map_err(CallError::Guest)
+            }
+            Err(e) => {
+                let error = self.classify(&lease.slot.store, e);
+                self.inner.lost.fetch_add(1, Ordering::Relaxed);
+                let v = &self.inner.context;
+                tracing::warn!(endpoint = %v.endpoint, version = %v.version, "dropping instance: {error}");
+                Err(error)
+            }
+        }
+    }
+
+    fn release(&self, mut lease: Lease) {
+        lease.slot.last_used = Instant::now();
+        self.lock_idle().push(lease.slot);
+    }
+
+    fn classify(&self, store: &Store<HostState>, e: wasmtime::Error) -> CallError {
+        let limits = &self.inner.limits;
+        match e.downcast_ref::<Trap>() {
+            Some(Trap::Interrupt) => CallError::Timeout {
+                ms: limits.timeout_ms,
+            },
+            Some(Trap::StackOverflow) => CallError::StackOverflow,
+            _ if store.data().limiter.memory_refused => CallError::OutOfMemory {
+                mib: limits.memory_mib,
+            },
+            _ => CallError::Trap(chain(&e)),
+        }
+    }
+}

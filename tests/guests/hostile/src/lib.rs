@@ -1,0 +1,82 @@
+//! A test guest that misbehaves on request, so the tests can check that the host contains
+//! it, and that exercises every host import. The request path picks the behaviour.
+#![allow(clippy::panic, unconditional_recursion)]
+
+use wasp_sdk::{Error, ModelInput, Processor, Request, Response};
+
+struct Hostile;
+
+/// Recursion through a function pointer: LLVM cannot turn it into a loop, and the frames
+/// live on the wasm stack (not in linear memory), so it exhausts the engine's stack.
+#[inline(never)]
+fn recurse(depth: u64) -> u64 {
+    let next: fn(u64) -> u64 = std::hint::black_box(recurse);
+    next(depth + 1).wrapping_mul(3).wrapping_add(depth)
+}
+
+impl Processor for Hostile {
+    fn init() -> Result<(), Error> {
+        if wasp_sdk::config::get("FAIL_INIT").is_some() {
+            return Err(Error::internal("init refused by FAIL_INIT"));
+        }
+        Ok(())
+    }
+
+    fn handle(request: Request) -> Result<Response, Error> {
+        let path = request.path.split('?').next().unwrap_or("/").to_owned();
+        match path.as_str() {
+            "/ok" => Ok(Response::text("ok")),
+            "/echo" => Ok(Response::bytes("application/octet-stream", request.body)),
+            "/trap" => panic!("guest panicked on purpose"),
+            "/loop" => {
+                let mut i: u64 = 0;
+                loop {
+                    i = std::hint::black_box(i.wrapping_add(1));
+                }
+            }
+            "/stack" => Ok(Response::text(recurse(0).to_string())),
+            "/alloc" => {
+                let mut hoard: Vec<Vec<u8>> = Vec::new();
+                loop {
+                    let mut block = vec![0u8; 16 * 1024 * 1024];
+                    block[0] = 1;
+                    hoard.push(std::hint::black_box(block));
+                }
+            }
+            "/log" => {
+                wasp_sdk::log::warn(&format!("hostile says {}", request.text()?));
+                Ok(Response::text("logged"))
+            }
+            "/config" => Ok(Response::json(&wasp_sdk::config::all())),
+            "/env" => Ok(Response::json(&std::env::vars().collect::<Vec<_>>())),
+            "/fs" => {
+                let target = request.text()?;
+                match std::fs::read_to_string(target) {
+                    Ok(text) => Ok(Response::text(text)),
+                    Err(e) => Err(Error::not_found(format!("cannot read {target}: {e}"))),
+                }
+            }
+            "/net" => {
+                let target = request.text()?;
+                match std::net::TcpStream::connect(target) {
+                    Ok(_) => Ok(Response::text("connected")),
+                    Err(e) => Err(Error::unprocessable(format!(
+                        "cannot connect to {target}: {e}"
+                    ))),
+                }
+            }
+            "/infer" => {
+                let model = request.text()?;
+                let input = ModelInput {
+                    tensors: Vec::new(),
+                    parameters: None,
+                };
+                let outputs = wasp_sdk::infer(model, &input)?;
+                Ok(Response::text(format!("{} chunks", outputs.len())))
+            }
+            other => Err(Error::not_found(format!("no behaviour `{other}`")).with_field("path")),
+        }
+    }
+}
+
+wasp_sdk::processor!(Hostile);

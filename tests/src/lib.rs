@@ -1,0 +1,211 @@
+//! Shared helpers of wasp's integration tests and benchmarks: the guest components built
+//! by `build.rs`, a real server on `127.0.0.1:0`, and an HTTP client for it.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::header::HeaderMap;
+use hyper_util::client::legacy::Client as HyperClient;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use serde_json::Value;
+use wasp_gateway::{RuntimeConfig, Server, ServerConfig};
+
+/// Paths of the guest components, built once by `build.rs`.
+pub mod guests {
+    include!(concat!(env!("OUT_DIR"), "/guests.rs"));
+}
+
+/// An HTTP response, read whole.
+#[derive(Debug)]
+pub struct Reply {
+    /// Status code.
+    pub status: u16,
+    /// Headers.
+    pub headers: HeaderMap,
+    /// Body.
+    pub body: Bytes,
+}
+
+impl Reply {
+    /// The body as JSON (panics with the body when it is not).
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+    }
+
+    /// The body as text.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    /// A header's value.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+}
+
+/// A keep-alive HTTP client for one server.
+#[derive(Clone)]
+pub struct TestClient {
+    base: String,
+    http: HyperClient<HttpConnector, Full<Bytes>>,
+}
+
+impl TestClient {
+    /// A client for `addr`.
+    pub fn new(addr: SocketAddr) -> Self {
+        Self {
+            base: format!("http://{addr}"),
+            http: HyperClient::builder(TokioExecutor::new()).build_http(),
+        }
+    }
+
+    /// Sends a request.
+    pub async fn request(&self, method: &str, path: &str, body: impl Into<Bytes>) -> Reply {
+        self.request_with(method, path, &[], body).await
+    }
+
+    /// Sends a request with extra headers.
+    pub async fn request_with(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: impl Into<Bytes>,
+    ) -> Reply {
+        let mut builder = hyper::Request::builder()
+            .method(method)
+            .uri(format!("{}{path}", self.base));
+        for (k, v) in headers {
+            builder = builder.header(*k, *v);
+        }
+        let response = self
+            .http
+            .request(builder.body(Full::new(body.into())).unwrap())
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        Reply {
+            status,
+            headers,
+            body,
+        }
+    }
+
+    /// GET.
+    pub async fn get(&self, path: &str) -> Reply {
+        self.request("GET", path, Bytes::new()).await
+    }
+
+    /// POST.
+    pub async fn post(&self, path: &str, body: impl Into<Bytes>) -> Reply {
+        self.request("POST", path, body).await
+    }
+
+    /// Uploads a component file; returns `sha256:<hex>`.
+    pub async fn upload(&self, wasm: &str) -> String {
+        let bytes = std::fs::read(wasm).unwrap();
+        let reply = self.request("PUT", "/api/v1/components", bytes).await;
+        assert_eq!(reply.status, 201, "{}", reply.text());
+        reply.json()["digest"].as_str().unwrap().to_owned()
+    }
+
+    /// Uploads the component at `wasm`, puts `{COMPONENT}` in `spec_toml` in its place,
+    /// and deploys it with PUT.
+    pub async fn deploy(&self, wasm: &str, spec_toml: &str) -> Reply {
+        let digest = self.upload(wasm).await;
+        let spec = spec_toml.replace("{COMPONENT}", &digest);
+        let name = spec
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("name = "))
+            .map(|n| n.trim_matches('"').to_owned())
+            .unwrap();
+        let path = format!(
+            "/api/v1/endpoints/{}",
+            percent_encoding::utf8_percent_encode(&name, percent_encoding::NON_ALPHANUMERIC)
+        );
+        self.request_with("PUT", &path, &[("content-type", "application/toml")], spec)
+            .await
+    }
+
+    /// Deploys and asserts success.
+    pub async fn deploy_ok(&self, wasm: &str, spec_toml: &str) -> Value {
+        let reply = self.deploy(wasm, spec_toml).await;
+        assert!(
+            reply.status == 200 || reply.status == 201,
+            "deploy failed: {} {}",
+            reply.status,
+            reply.text()
+        );
+        reply.json()
+    }
+
+    /// POSTs `body` to an endpoint's invoke route, with `path` below it.
+    pub async fn invoke(&self, name: &str, path: &str, body: impl Into<Bytes>) -> Reply {
+        let name = percent_encoding::utf8_percent_encode(name, percent_encoding::NON_ALPHANUMERIC);
+        self.post(&format!("/endpoints/{name}/invoke{path}"), body)
+            .await
+    }
+}
+
+/// A spec for one version with backend `none` whose component is `{COMPONENT}`, plus
+/// `extra` TOML lines inside the version.
+pub fn spec(name: &str, extra: &str) -> String {
+    format!(
+        "name = \"{name}\"\n[[versions]]\nname = \"v1\"\n{extra}\n[versions.processor]\ncomponent = \"{{COMPONENT}}\"\n"
+    )
+}
+
+/// A real server on `127.0.0.1:0` with its own data directory.
+pub struct TestServer {
+    /// The running server.
+    pub server: Server,
+    /// A client for it.
+    pub client: TestClient,
+    /// Its data directory (removed on drop unless `keep`).
+    pub data_dir: PathBuf,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl TestServer {
+    /// Starts a server on a fresh data directory.
+    pub async fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().to_path_buf();
+        let mut server = Self::start_in(&path).await;
+        server._dir = Some(dir);
+        server
+    }
+
+    /// Starts a server on `data_dir` (which the caller keeps).
+    pub async fn start_in(data_dir: &Path) -> Self {
+        let server = Server::start(ServerConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            data_dir: data_dir.to_path_buf(),
+            runtime: RuntimeConfig {
+                max_total_instances: 200,
+                ..RuntimeConfig::default()
+            },
+        })
+        .await
+        .unwrap();
+        let client = TestClient::new(server.local_addr());
+        Self {
+            server,
+            client,
+            data_dir: data_dir.to_path_buf(),
+            _dir: None,
+        }
+    }
+
+    /// Shuts the server down gracefully.
+    pub async fn stop(self) {
+        self.server.shutdown().await;
+    }
+}
