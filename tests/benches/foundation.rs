@@ -1,1 +1,263 @@
-fn main() {}
+//! The foundation benchmark, printed as figures and ratios from one run:
+//!
+//! 1. instantiation of a trivial processor: pooling allocator vs on-demand allocation;
+//! 2. processor hop latency: a call on a warm pooled instance, and on a fresh instance;
+//! 3. requests/s through the gateway with that processor vs a bare hyper server, both
+//!    driven by the same keep-alive load generator on loopback.
+//!
+//! Run with `./x bench` (or `cargo bench -p wasp-tests --bench foundation`).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use wasp_core::Limits;
+use wasp_tests::guests::HELLO;
+use wasp_tests::{TestServer, spec};
+use wasp_wasm::{
+    BoxFuture, ErrorCode, GuestError, LogBuffer, ModelInput, ModelOutput, ModelRouter, Processor,
+    ProcessorSettings, Request, Role, Runtime, RuntimeConfig,
+};
+
+struct NoModels;
+
+impl ModelRouter for NoModels {
+    fn infer(
+        &self,
+        _: Arc<str>,
+        model: String,
+        _: ModelInput,
+    ) -> BoxFuture<'static, Result<Vec<ModelOutput>, GuestError>> {
+        Box::pin(async move { Err(GuestError::new(ErrorCode::NotFound, format!("no {model}"))) })
+    }
+}
+
+fn processor(pooling: bool) -> Processor {
+    let runtime = Runtime::new(RuntimeConfig {
+        pooling,
+        max_total_instances: 100,
+        ..RuntimeConfig::default()
+    })
+    .unwrap();
+    let wasm = std::fs::read(HELLO).unwrap();
+    let component = runtime.load_component("bench", &wasm).unwrap();
+    runtime
+        .processor(
+            &component,
+            Role::Service,
+            ProcessorSettings {
+                endpoint: "bench".into(),
+                version: "v1".into(),
+                env: Default::default(),
+                mounts: Vec::new(),
+                allow_hosts: Vec::new(),
+                limits: Limits::default(),
+                logs: Arc::new(LogBuffer::new(16)),
+                models: Arc::new(NoModels),
+            },
+        )
+        .unwrap()
+}
+
+fn request() -> Request {
+    Request {
+        method: "POST".into(),
+        path: "/".into(),
+        headers: vec![("content-type".into(), "application/json".into())],
+        body: br#"{"name":"bench"}"#.to_vec(),
+    }
+}
+
+struct Summary {
+    p50: Duration,
+    p99: Duration,
+}
+
+fn summarise(mut samples: Vec<Duration>) -> Summary {
+    samples.sort();
+    let at = |q: f64| samples[((samples.len() - 1) as f64 * q) as usize];
+    Summary {
+        p50: at(0.50),
+        p99: at(0.99),
+    }
+}
+
+async fn time<F, Fut>(iterations: usize, mut f: F) -> Summary
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    for _ in 0..iterations / 10 {
+        f().await;
+    }
+    let mut samples = Vec::with_capacity(iterations);
+    for _ in 0..iterations {
+        let started = Instant::now();
+        f().await;
+        samples.push(started.elapsed());
+    }
+    summarise(samples)
+}
+
+fn us(d: Duration) -> String {
+    format!("{:.1} µs", d.as_secs_f64() * 1e6)
+}
+
+async fn bare_hyper() -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            let _ = stream.set_nodelay(true);
+            tokio::spawn(async move {
+                let service = service_fn(|req: hyper::Request<hyper::body::Incoming>| async move {
+                    let _ = req.into_body().collect().await;
+                    Ok::<_, Infallible>(hyper::Response::new(Full::new(Bytes::from_static(
+                        br#"{"greeting":"hello, bench!"}"#,
+                    ))))
+                });
+                let _ = http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// Requests/s of `connections` keep-alive connections posting to `path` for `duration`.
+async fn load(addr: SocketAddr, path: &'static str, connections: usize, duration: Duration) -> f64 {
+    let done = Arc::new(AtomicBool::new(false));
+    let count = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..connections {
+        let (done, count) = (done.clone(), count.clone());
+        tasks.push(tokio::spawn(async move {
+            let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+            stream.set_nodelay(true).unwrap();
+            let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                .await
+                .unwrap();
+            tokio::spawn(conn);
+            while !done.load(Ordering::Relaxed) {
+                let req = hyper::Request::post(path)
+                    .header("host", "bench")
+                    .header("content-type", "application/json")
+                    .body(Full::new(Bytes::from_static(br#"{"name":"bench"}"#)))
+                    .unwrap();
+                let response = sender.send_request(req).await.unwrap();
+                assert!(response.status().is_success(), "{}", response.status());
+                let _ = response.into_body().collect().await.unwrap();
+                count.fetch_add(1, Ordering::Relaxed);
+            }
+        }));
+    }
+    let started = Instant::now();
+    tokio::time::sleep(duration).await;
+    done.store(true, Ordering::Relaxed);
+    let total = count.load(Ordering::Relaxed);
+    let elapsed = started.elapsed();
+    for t in tasks {
+        let _ = t.await;
+    }
+    total as f64 / elapsed.as_secs_f64()
+}
+
+fn main() {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let n = if quick { 500 } else { 5000 };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        println!(
+            "wasp foundation benchmark ({} cores)",
+            std::thread::available_parallelism().map_or(0, |n| n.get())
+        );
+
+        // 1. Instantiation.
+        let pooled = processor(true);
+        let on_demand = processor(false);
+        let pooled_inst = time(n, || async { pooled.instantiate_only().await.unwrap() }).await;
+        let demand_inst = time(n, || async { on_demand.instantiate_only().await.unwrap() }).await;
+        println!(
+            "instantiate  pooled     p50 {:>10}  p99 {:>10}",
+            us(pooled_inst.p50),
+            us(pooled_inst.p99)
+        );
+        println!(
+            "instantiate  on-demand  p50 {:>10}  p99 {:>10}",
+            us(demand_inst.p50),
+            us(demand_inst.p99)
+        );
+        println!(
+            "instantiate  on-demand / pooled p50 = {:.2}x  (goal: pooled < 10 µs p50)",
+            demand_inst.p50.as_secs_f64() / pooled_inst.p50.as_secs_f64()
+        );
+
+        // 2. Hop latency.
+        pooled.warm(1).await.unwrap();
+        let warm = time(n, || async {
+            pooled.handle(request()).await.unwrap();
+        })
+        .await;
+        let fresh = time(n, || async {
+            pooled.handle_fresh(request()).await.unwrap();
+        })
+        .await;
+        println!(
+            "hop          warm       p50 {:>10}  p99 {:>10}",
+            us(warm.p50),
+            us(warm.p99)
+        );
+        println!(
+            "hop          fresh      p50 {:>10}  p99 {:>10}  (goal: < 25 µs p50)",
+            us(fresh.p50),
+            us(fresh.p99)
+        );
+
+        // 3. Throughput through the gateway vs bare hyper.
+        let server = TestServer::start().await;
+        server
+            .client
+            .deploy_ok(
+                HELLO,
+                &spec(
+                    "bench",
+                    "[versions.scaling]\nmin_workers = 4\nmax_workers = 4",
+                ),
+            )
+            .await;
+        let gateway = server.server.local_addr();
+        let bare = bare_hyper().await;
+        let secs = Duration::from_secs(if quick { 1 } else { 3 });
+        let connections = 32;
+        let mut gw = Vec::new();
+        let mut hy = Vec::new();
+        // Interleaved rounds, so drift on a shared machine hits both alike.
+        for _ in 0..2 {
+            hy.push(load(bare, "/", connections, secs).await);
+            gw.push(load(gateway, "/endpoints/bench/invoke", connections, secs).await);
+        }
+        let best = |v: &[f64]| v.iter().cloned().fold(0.0, f64::max);
+        let (gw, hy) = (best(&gw), best(&hy));
+        println!("throughput   bare hyper           {hy:>10.0} req/s");
+        println!("throughput   gateway + processor  {gw:>10.0} req/s");
+        println!(
+            "throughput   gateway / bare hyper = {:.1}%  (goal: >= 30%)",
+            gw / hy * 100.0
+        );
+        server.stop().await;
+    });
+}

@@ -280,3 +280,43 @@ async fn health_metrics_and_logs() {
     }
     t.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_processor_sees_the_request_and_shapes_the_response() {
+    let t = TestServer::start().await;
+    let c = &t.client;
+    // A name that starts like the route's own `invoke` segment.
+    c.deploy_ok(HOSTILE, &spec("invoker", "")).await;
+    let seen = c
+        .request_with(
+            "PUT",
+            "/endpoints/invoker/invoke/request?x=1&y=2",
+            &[("authorization", "Bearer secret"), ("x-trace", "t1")],
+            "",
+        )
+        .await
+        .json();
+    assert_eq!(seen["method"], "PUT");
+    assert_eq!(seen["path"], "/request?x=1&y=2");
+    let headers: Vec<&str> = seen["headers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h.as_str().unwrap())
+        .collect();
+    assert!(headers.contains(&"x-trace"), "{headers:?}");
+    assert!(
+        !headers.contains(&"authorization"),
+        "credentials must not reach processors"
+    );
+
+    let teapot = c.invoke("invoker", "/status", "").await;
+    assert_eq!(teapot.status, 418);
+    assert_eq!(teapot.header("x-custom"), Some("yes"));
+    assert_eq!(teapot.text(), "teapot");
+
+    let bad = c.invoke("invoker", "/bad-header", "").await;
+    assert_eq!(bad.status, 502);
+    assert_eq!(bad.json()["error"]["code"], "invalid_processor_response");
+    t.stop().await;
+}

@@ -117,3 +117,34 @@ fn every_guest_has_a_test() {
         assert!(used >= 2, "guest {name} has no test in tests/tests/");
     }
 }
+
+/// The example specs parse, validate and deploy (with the test build of their component).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn example_specs_deploy() {
+    use wasp_tests::guests::HELLO;
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+    let t = TestServer::start().await;
+    for (file, wasm, component) in [
+        (
+            "examples/hello/endpoint.toml",
+            HELLO,
+            "../../target/processors/hello.wasm",
+        ),
+        (
+            "examples/pii-redact.toml",
+            PII_REDACT,
+            "../target/processors/pii_redact.wasm",
+        ),
+    ] {
+        let text = std::fs::read_to_string(format!("{root}/{file}")).unwrap();
+        assert!(text.contains(component), "{file} names {component}");
+        let body = t
+            .client
+            .deploy_ok(wasm, &text.replace(component, "{COMPONENT}"))
+            .await;
+        assert_eq!(body["status"], "ready", "{file}");
+    }
+    let hello = t.client.invoke("hello", "", r#"{"name":"wasp"}"#).await;
+    assert_eq!(hello.json()["greeting"], "hello, wasp!");
+    t.stop().await;
+}

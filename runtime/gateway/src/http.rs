@@ -146,9 +146,10 @@ async fn route(
     match (segments.as_slice(), &method) {
         (["healthz"], &Method::GET) => Ok(text_response(200, "text/plain", "ok\n")),
         (["metrics"], &Method::GET) => Ok(metrics(&gateway)),
-        (["endpoints", name, "invoke", ..], _) => {
-            let name = decode(name)?;
-            invoke(gateway, request, name).await
+        (["endpoints", raw, "invoke", ..], _) => {
+            let prefix = "/endpoints/".len() + raw.len() + "/invoke".len();
+            let name = decode(raw)?;
+            invoke(gateway, request, name, prefix).await
         }
         (["api", "v1", "components"], &Method::PUT | &Method::POST) => {
             let body = read_body(request.into_body(), MAX_COMPONENT_BYTES, "component").await?;
@@ -407,10 +408,12 @@ fn metrics(gateway: &Gateway) -> Response {
 /// Headers a processor never sees: the gateway's own credentials.
 const HIDDEN_HEADERS: [&str; 2] = ["authorization", "x-wasp-api-key"];
 
+/// Serves the data route; `prefix` is the length of `/endpoints/{name}/invoke` in the path.
 async fn invoke(
     gateway: Arc<Gateway>,
     request: hyper::Request<Incoming>,
     name: String,
+    prefix: usize,
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
     let deployment = gateway
@@ -452,13 +455,7 @@ async fn invoke(
     }
 
     // Everything after `/endpoints/{name}/invoke`, with the query string.
-    let prefix_len = request
-        .uri()
-        .path()
-        .match_indices("/invoke")
-        .next()
-        .map_or(0, |(i, _)| i + "/invoke".len());
-    let rest = &request.uri().path()[prefix_len..];
+    let rest = request.uri().path().get(prefix..).unwrap_or("");
     let mut path = if rest.is_empty() {
         "/".to_owned()
     } else {

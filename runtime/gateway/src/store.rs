@@ -115,7 +115,7 @@ impl Store {
         let digest = hex(&Sha256::digest(bytes));
         let path = self.component_path(&digest);
         if !path.exists() {
-            let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+            let tmp = path.with_extension(format!("tmp{}", rand::random::<u64>()));
             std::fs::write(&tmp, bytes).map_err(io_err(&tmp))?;
             std::fs::File::open(&tmp)
                 .and_then(|f| f.sync_all())

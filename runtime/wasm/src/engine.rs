@@ -59,7 +59,17 @@ pub struct Runtime {
     pub(crate) linker: Arc<Linker<HostState>>,
     cache_dir: Option<PathBuf>,
     engine_key: String,
-    ticker_stop: Arc<AtomicBool>,
+    pub(crate) ticker: Arc<Ticker>,
+}
+
+/// Stops the epoch thread when the runtime and every processor made from it are gone
+/// (processors hold a clone, so their deadlines keep working after the runtime is dropped).
+pub(crate) struct Ticker(Arc<AtomicBool>);
+
+impl Drop for Ticker {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
 }
 
 impl Runtime {
@@ -123,7 +133,7 @@ impl Runtime {
             linker: Arc::new(linker),
             cache_dir: config.cache_dir,
             engine_key,
-            ticker_stop,
+            ticker: Arc::new(Ticker(ticker_stop)),
         })
     }
 
@@ -176,19 +186,15 @@ impl Runtime {
     }
 }
 
-impl Drop for Runtime {
-    fn drop(&mut self) {
-        self.ticker_stop.store(true, Ordering::Relaxed);
-    }
-}
-
 /// Writes a file so that readers see either nothing or all of it.
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let err = |source| Error::Cache {
         path: path.to_owned(),
         source,
     };
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let unique = NEXT.fetch_add(1, Ordering::Relaxed);
+    let tmp = path.with_extension(format!("tmp{}-{unique}", std::process::id()));
     std::fs::write(&tmp, bytes).map_err(err)?;
     std::fs::rename(&tmp, path).map_err(err)
 }

@@ -172,6 +172,7 @@ pub struct Processor {
 
 struct Inner {
     engine: wasmtime::Engine,
+    _ticker: Arc<crate::engine::Ticker>,
     pre: InstancePre<HostState>,
     lifecycle: lifecycle::GuestIndices,
     handler: Option<handler::GuestIndices>,
@@ -238,6 +239,7 @@ impl Runtime {
         Ok(Processor {
             inner: Arc::new(Inner {
                 engine: self.engine.clone(),
+                _ticker: self.ticker.clone(),
                 pre,
                 lifecycle,
                 handler,

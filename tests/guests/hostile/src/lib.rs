@@ -26,6 +26,15 @@ impl Processor for Hostile {
         let path = request.path.split('?').next().unwrap_or("/").to_owned();
         match path.as_str() {
             "/ok" => Ok(Response::text("ok")),
+            "/request" => Ok(Response::json(&serde_json::json!({
+                "method": request.method,
+                "path": request.path,
+                "headers": request.headers.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>(),
+            }))),
+            "/status" => Ok(Response::text("teapot")
+                .with_status(418)
+                .with_header("x-custom", "yes")),
+            "/bad-header" => Ok(Response::text("x").with_header("bad header", "v")),
             "/echo" => Ok(Response::bytes("application/octet-stream", request.body)),
             "/trap" => panic!("guest panicked on purpose"),
             "/loop" => {
