@@ -5,7 +5,7 @@
 //! [`Processor`], plus helpers for JSON, tensors, logging, configuration and model calls.
 //! Implement the methods you need and export the type:
 //!
-//! ```ignore
+//! ```no_run
 //! use wasp_sdk::{Error, Processor, Request, Response};
 //!
 //! struct Hello;

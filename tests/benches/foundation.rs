@@ -188,6 +188,13 @@ fn main() {
 
         // 1. Instantiation.
         let pooled = processor(true);
+        if std::env::args().any(|a| a == "--profile-instantiate") {
+            // A long loop for a profiler to look at.
+            for _ in 0..200_000 {
+                pooled.instantiate_only().await.unwrap();
+            }
+            return;
+        }
         let on_demand = processor(false);
         let pooled_inst = time(n, || async { pooled.instantiate_only().await.unwrap() }).await;
         let demand_inst = time(n, || async { on_demand.instantiate_only().await.unwrap() }).await;
