@@ -12,6 +12,11 @@ const GUESTS: &[(&str, &str, &str)] = &[
     ("HELLO", "hello", "examples/hello"),
     ("PII_REDACT", "pii-redact", "processors/pii-redact"),
     ("TEXT_CHUNKER", "text-chunker", "processors/text-chunker"),
+    (
+        "TEXT_EMBEDDINGS",
+        "text-embeddings",
+        "processors/text-embeddings",
+    ),
     ("HOSTILE", "hostile", "tests/guests/hostile"),
 ];
 

@@ -162,6 +162,33 @@ pub fn spec(name: &str, extra: &str) -> String {
     )
 }
 
+/// The backends of the real binary.
+pub fn backends() -> wasp_backend::Registry {
+    let mut registry = wasp_backend::Registry::new();
+    registry.register(std::sync::Arc::new(wasp_candle::CandleFactory));
+    registry
+}
+
+/// Where the tests find named models: `WASP_MODELS_DIR`, else `target/models` (where
+/// `./x test` has `scripts/fetch-model` put all-MiniLM-L6-v2).
+pub fn models_dir() -> PathBuf {
+    std::env::var_os("WASP_MODELS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/models"))
+}
+
+/// The all-MiniLM-L6-v2 directory; panics with the command that fetches it when missing.
+pub fn minilm_dir() -> PathBuf {
+    let dir = models_dir().join("all-MiniLM-L6-v2");
+    assert!(
+        dir.join("model.safetensors").exists(),
+        "{} is missing: run `scripts/fetch-model {}` (./x test does)",
+        dir.display(),
+        models_dir().display()
+    );
+    dir
+}
+
 /// A real server on `127.0.0.1:0` with its own data directory.
 pub struct TestServer {
     /// The running server.
@@ -192,6 +219,8 @@ impl TestServer {
                 max_total_instances: 200,
                 ..RuntimeConfig::default()
             },
+            backends: backends(),
+            models_dir: Some(models_dir()),
         })
         .await
         .unwrap();

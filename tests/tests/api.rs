@@ -89,6 +89,26 @@ async fn bad_specs_get_clear_errors() {
     assert_eq!(too_long.status, 422);
     assert_eq!(too_long.json()["error"]["field"], "name");
 
+    // A backend kind this build does not register.
+    let container = post(
+        spec(
+            "x",
+            "backend = { kind = \"container\", image = \"srv:1\", port = 8000 }",
+        )
+        .replace("{COMPONENT}", &digest),
+    )
+    .await;
+    assert_eq!(container.status, 422, "{}", container.text());
+    assert_eq!(
+        container.json()["error"]["field"],
+        "versions[0].backend.kind"
+    );
+    assert!(
+        container.text().contains("available: none, candle"),
+        "{}",
+        container.text()
+    );
+    // A registered backend whose model is missing.
     let candle = post(
         spec(
             "x",
@@ -98,7 +118,7 @@ async fn bad_specs_get_clear_errors() {
     )
     .await;
     assert_eq!(candle.status, 422, "{}", candle.text());
-    assert_eq!(candle.json()["error"]["field"], "versions[0].backend.kind");
+    assert!(candle.text().contains("no model `m`"), "{}", candle.text());
 
     let path = post(spec("x", "").replace("{COMPONENT}", "hello.wasm")).await;
     assert_eq!(path.status, 422);

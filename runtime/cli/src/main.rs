@@ -39,6 +39,9 @@ enum Command {
         /// Data directory: endpoint store, components, compiled cache.
         #[arg(long, env = "WASP_DATA_DIR", default_value = "data")]
         data_dir: PathBuf,
+        /// Where named models are found (default: DATA_DIR/models).
+        #[arg(long, env = "WASP_MODELS_DIR")]
+        models_dir: Option<PathBuf>,
         /// Endpoint specs to deploy (or update) at start, in addition to stored ones.
         #[arg(long = "deploy", value_name = "SPEC")]
         deploy: Vec<PathBuf>,
@@ -172,10 +175,24 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Serve {
             listen,
             data_dir,
+            models_dir,
             deploy,
             no_pooling,
             max_instances,
-        } => serve(listen, data_dir, deploy, !no_pooling, max_instances).await,
+        } => {
+            let config = ServerConfig {
+                listen,
+                data_dir,
+                runtime: wasp_gateway::RuntimeConfig {
+                    pooling: !no_pooling,
+                    max_total_instances: max_instances,
+                    ..Default::default()
+                },
+                backends: backends(),
+                models_dir,
+            };
+            serve(config, deploy).await
+        }
         Command::Deploy { spec } => {
             let (spec, components) = load_spec(&spec)?;
             let spec = upload_components(spec, components, |bytes| {
@@ -262,18 +279,14 @@ async fn run(cli: Cli) -> Result<()> {
     }
 }
 
-async fn serve(
-    listen: SocketAddr,
-    data_dir: PathBuf,
-    deploy: Vec<PathBuf>,
-    pooling: bool,
-    max_instances: u32,
-) -> Result<()> {
-    let config = ServerConfig {
-        listen,
-        data_dir,
-        runtime: wasp_wasm_config(pooling, max_instances),
-    };
+/// The model backends compiled into this binary.
+fn backends() -> wasp_backend::Registry {
+    let mut registry = wasp_backend::Registry::new();
+    registry.register(std::sync::Arc::new(wasp_candle::CandleFactory));
+    registry
+}
+
+async fn serve(config: ServerConfig, deploy: Vec<PathBuf>) -> Result<()> {
     let server = Server::start(config).await?;
     for path in deploy {
         let (spec, components) = load_spec(&path)?;
@@ -300,14 +313,6 @@ async fn serve(
     tracing::info!("shutting down");
     server.shutdown().await;
     Ok(())
-}
-
-fn wasp_wasm_config(pooling: bool, max_total_instances: u32) -> wasp_gateway::RuntimeConfig {
-    wasp_gateway::RuntimeConfig {
-        pooling,
-        max_total_instances,
-        ..Default::default()
-    }
 }
 
 async fn shutdown_signal() {
@@ -342,6 +347,16 @@ fn load_spec(path: &Path) -> Result<(EndpointSpec, Components)> {
         std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     let spec = EndpointSpec::from_toml(&text).with_context(|| format!("in {}", path.display()))?;
     let base = path.parent().unwrap_or(Path::new("."));
+    let mut spec = spec;
+    // Mount paths are relative to the spec, like component paths.
+    for v in &mut spec.versions {
+        for mount in v.processor.iter_mut().flat_map(|p| p.mounts.iter_mut()) {
+            if mount.host.is_relative() {
+                let joined = base.join(&mount.host);
+                mount.host = joined.canonicalize().unwrap_or(joined);
+            }
+        }
+    }
     let mut components = Vec::new();
     for (i, v) in spec.versions.iter().enumerate() {
         if let Some(ComponentRef::Path(p)) = v.processor.as_ref().map(|p| &p.component) {

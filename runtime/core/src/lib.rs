@@ -6,8 +6,10 @@
 #![deny(missing_docs)]
 
 pub mod spec;
+pub mod tensor;
 
 pub use spec::{
-    BackendSpec, CandleBackend, ComponentRef, ContainerBackend, EndpointSpec, Limits, Mount,
-    ProcessorSpec, ScalingSpec, SpecError, VersionSpec,
+    BackendSpec, BatchingSpec, CandleBackend, ComponentRef, ContainerBackend, EndpointSpec, Limits,
+    Mount, ProcessorSpec, ScalingSpec, SpecError, VersionSpec,
 };
+pub use tensor::{DType, ModelInput, ModelOutput, Tensor, TensorError};

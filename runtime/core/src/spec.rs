@@ -83,6 +83,28 @@ pub struct VersionSpec {
     /// Worker scaling.
     #[serde(default)]
     pub scaling: ScalingSpec,
+    /// Dynamic batching in front of the backend.
+    #[serde(default)]
+    pub batching: BatchingSpec,
+}
+
+/// Dynamic batching: concurrent requests merged into one forward pass.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BatchingSpec {
+    /// Most rows (sequences) in one forward pass; 1 turns batching off.
+    pub max_batch: u32,
+    /// Longest a request waits for others to join its batch, in milliseconds.
+    pub max_batch_delay_ms: u64,
+}
+
+impl Default for BatchingSpec {
+    fn default() -> Self {
+        Self {
+            max_batch: 32,
+            max_batch_delay_ms: 2,
+        }
+    }
 }
 
 /// The backend of a version.
@@ -421,6 +443,32 @@ impl VersionSpec {
                 at("limits.max_body_bytes"),
                 "must be positive",
             ));
+        }
+        if !(1..=4096).contains(&self.batching.max_batch) {
+            return Err(SpecError::invalid(
+                at("batching.max_batch"),
+                "must be between 1 and 4096",
+            ));
+        }
+        if self.batching.max_batch_delay_ms > 10_000 {
+            return Err(SpecError::invalid(
+                at("batching.max_batch_delay_ms"),
+                "must be at most 10000",
+            ));
+        }
+        if let BackendSpec::Candle(candle) = &self.backend {
+            if !matches!(candle.task.as_str(), "embeddings") {
+                return Err(SpecError::invalid(
+                    at("backend.task"),
+                    format!("`{}` is not a candle task (embeddings)", candle.task),
+                ));
+            }
+            if self.processor.is_none() {
+                return Err(SpecError::invalid(
+                    at("processor"),
+                    "a candle backend needs a processor that turns requests into tensors",
+                ));
+            }
         }
         let scaling = &self.scaling;
         if scaling.max_workers == 0 {

@@ -14,12 +14,13 @@ use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE, HeaderName, HeaderValue, RETRY
 use hyper::{Method, StatusCode};
 use percent_encoding::{AsciiSet, CONTROLS, percent_decode_str, utf8_percent_encode};
 use serde_json::{Value, json};
+use wasp_backend::BackendError;
 use wasp_core::EndpointSpec;
 use wasp_wasm::{CallError, Request};
 
 use crate::Error;
 use crate::metrics::{FailureLabels, InstanceLabels, RequestLabels, VersionLabels};
-use crate::registry::{Deployment, Gateway};
+use crate::registry::{DeployedVersion, Deployment, Gateway};
 
 /// Response type of every route.
 pub(crate) type Response = hyper::Response<Full<Bytes>>;
@@ -150,6 +151,32 @@ async fn route(
             let prefix = "/endpoints/".len() + raw.len() + "/invoke".len();
             let name = decode(raw)?;
             invoke(gateway, request, name, prefix).await
+        }
+        (["v1", "embeddings"], &Method::POST) => openai(gateway, request, "/v1/embeddings").await,
+        (["v2", "models", raw, "infer"], &Method::POST) => {
+            let name = decode(raw)?;
+            kserve_infer(gateway, request, name).await
+        }
+        (["v2", "models", raw, "ready"], &Method::GET) => {
+            let name = decode(raw)?;
+            let d = gateway.endpoint(&name).ok_or(Error::NotFound(name))?;
+            let ready = d.status() == "ready";
+            Ok(json_response(
+                if ready { 200 } else { 503 },
+                &json!({ "name": d.spec.name, "ready": ready, "status": d.status() }),
+            ))
+        }
+        (["v2", "models", raw], &Method::GET) => {
+            let name = decode(raw)?;
+            let d = gateway.endpoint(&name).ok_or(Error::NotFound(name))?;
+            Ok(json_response(
+                200,
+                &json!({
+                    "name": d.spec.name,
+                    "versions": d.versions.iter().map(|v| v.name.clone()).collect::<Vec<_>>(),
+                    "platform": "wasp",
+                }),
+            ))
         }
         (["api", "v1", "components"], &Method::PUT | &Method::POST) => {
             let body = read_body(request.into_body(), MAX_COMPONENT_BYTES, "component").await?;
@@ -350,7 +377,13 @@ fn detail(d: &Deployment) -> Value {
                 "name": v.name,
                 "weight": v.weight,
                 "status": d.version_status(v),
-                "backend": "none",
+                "backend": v.backend,
+                "workers": v.workers.iter().map(|w| json!({
+                    "model": w.backend().describe(),
+                    "queued": w.queued(),
+                    "batches": w.stats().batches.load(std::sync::atomic::Ordering::Relaxed),
+                    "requests": w.stats().requests.load(std::sync::atomic::Ordering::Relaxed),
+                })).collect::<Vec<_>>(),
                 "component": format!("sha256:{}", v.digest),
                 "compiled_from_cache": v.from_cache,
                 "instances": { "idle": s.idle, "busy": s.busy, "queued": s.queued, "max": s.max, "created": s.created, "lost": s.lost },
@@ -408,17 +441,11 @@ fn metrics(gateway: &Gateway) -> Response {
 /// Headers a processor never sees: the gateway's own credentials.
 const HIDDEN_HEADERS: [&str; 2] = ["authorization", "x-wasp-api-key"];
 
-/// Serves the data route; `prefix` is the length of `/endpoints/{name}/invoke` in the path.
-async fn invoke(
-    gateway: Arc<Gateway>,
-    request: hyper::Request<Incoming>,
-    name: String,
-    prefix: usize,
-) -> Result<Response, ApiError> {
-    let started = Instant::now();
+/// The endpoint called `name`, ready to serve, and the version picked for one request.
+fn resolve(gateway: &Gateway, name: &str) -> Result<Arc<DeployedVersion>, ApiError> {
     let deployment = gateway
-        .endpoint(&name)
-        .ok_or(Error::NotFound(name.clone()))?;
+        .endpoint(name)
+        .ok_or_else(|| Error::NotFound(name.to_owned()))?;
     if let Some(error) = &deployment.error {
         return Err(ApiError::new(
             503,
@@ -427,33 +454,46 @@ async fn invoke(
         ));
     }
     if deployment.stopped {
-        return Err(ApiError {
-            retry_after: false,
-            ..ApiError::new(
-                503,
-                "endpoint_stopped",
-                format!(
-                    "endpoint `{name}` is stopped; POST /api/v1/endpoints/{{name}}/start resumes it"
-                ),
-            )
-        });
+        return Err(ApiError::new(
+            503,
+            "endpoint_stopped",
+            format!(
+                "endpoint `{name}` is stopped; POST /api/v1/endpoints/{{name}}/start resumes it"
+            ),
+        ));
     }
     let roll = rand::random::<u32>() % 100;
-    let version = deployment
-        .pick(roll)
-        .ok_or_else(|| {
-            ApiError::new(
-                503,
-                "no_version",
-                format!("endpoint `{name}` has no version with traffic"),
-            )
-        })?
-        .clone();
+    deployment.pick(roll).cloned().ok_or_else(|| {
+        ApiError::new(
+            503,
+            "no_version",
+            format!("endpoint `{name}` has no version with traffic"),
+        )
+    })
+}
+
+/// Headers a processor may see.
+fn visible_headers(headers: &hyper::HeaderMap) -> Vec<(String, String)> {
+    headers
+        .iter()
+        .filter(|(k, _)| !HIDDEN_HEADERS.contains(&k.as_str()))
+        .filter_map(|(k, v)| Some((k.as_str().to_owned(), v.to_str().ok()?.to_owned())))
+        .collect()
+}
+
+/// Serves the data route; `prefix` is the length of `/endpoints/{name}/invoke` in the path.
+async fn invoke(
+    gateway: Arc<Gateway>,
+    request: hyper::Request<Incoming>,
+    name: String,
+    prefix: usize,
+) -> Result<Response, ApiError> {
+    let started = Instant::now();
+    let version = resolve(&gateway, &name)?;
     let limit = version.limits.max_body_bytes;
     if declared_length(&request).is_some_and(|n| n > limit) {
         return Err(body_limit(limit));
     }
-
     // Everything after `/endpoints/{name}/invoke`, with the query string.
     let rest = request.uri().path().get(prefix..).unwrap_or("");
     let mut path = if rest.is_empty() {
@@ -466,12 +506,7 @@ async fn invoke(
         path.push_str(q);
     }
     let method = request.method().to_string();
-    let headers: Vec<(String, String)> = request
-        .headers()
-        .iter()
-        .filter(|(k, _)| !HIDDEN_HEADERS.contains(&k.as_str()))
-        .filter_map(|(k, v)| Some((k.as_str().to_owned(), v.to_str().ok()?.to_owned())))
-        .collect();
+    let headers = visible_headers(request.headers());
     let body = read_body(request.into_body(), limit, "limits.max_body_bytes")
         .await
         .map_err(|e| {
@@ -481,34 +516,206 @@ async fn invoke(
                 e
             }
         })?;
+    let request = Request {
+        method,
+        path,
+        headers,
+        body: body.to_vec(),
+    };
+    Ok(serve(&gateway, &name, &version, request, started).await)
+}
 
-    let result = version
+/// Largest body of the OpenAI-compatible routes before the endpoint (and its limit) is known.
+const MAX_OPENAI_BYTES: u64 = 64 * 1024 * 1024;
+
+/// `POST /v1/embeddings`: the body's `model` names the endpoint; its processor sees the
+/// request at path `/v1/embeddings`.
+async fn openai(
+    gateway: Arc<Gateway>,
+    request: hyper::Request<Incoming>,
+    path: &str,
+) -> Result<Response, ApiError> {
+    let started = Instant::now();
+    let headers = visible_headers(request.headers());
+    let body = read_body(request.into_body(), MAX_OPENAI_BYTES, "body").await?;
+    #[derive(serde::Deserialize)]
+    struct Model {
+        model: Option<Value>,
+    }
+    let model: Model = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::new(
+            400,
+            "invalid_json",
+            format!("request body is not valid JSON: {e}"),
+        )
+    })?;
+    let name = match model.model {
+        Some(Value::String(name)) => name,
+        _ => {
+            return Err(ApiError {
+                field: Some("model".into()),
+                ..ApiError::new(400, "invalid_request", "`model` must name an endpoint")
+            });
+        }
+    };
+    let version = resolve(&gateway, &name)?;
+    if body.len() as u64 > version.limits.max_body_bytes {
+        return Err(body_limit(version.limits.max_body_bytes));
+    }
+    let request = Request {
+        method: "POST".into(),
+        path: path.to_owned(),
+        headers,
+        body: body.to_vec(),
+    };
+    Ok(serve(&gateway, &name, &version, request, started).await)
+}
+
+/// Why a request failed after it reached a version.
+enum Failure {
+    Processor(CallError),
+    Backend(BackendError),
+}
+
+impl Failure {
+    fn code(&self) -> &'static str {
+        match self {
+            Self::Processor(e) => e.code(),
+            Self::Backend(BackendError::BadInput { .. }) => "bad_model_input",
+            Self::Backend(BackendError::Unavailable(_)) => "backend_unavailable",
+            Self::Backend(_) => "backend_error",
+        }
+    }
+}
+
+impl From<Failure> for ApiError {
+    fn from(f: Failure) -> Self {
+        match f {
+            Failure::Processor(e) => e.into(),
+            Failure::Backend(e) => {
+                let code = Failure::Backend(e.clone()).code();
+                let (status, field) = match &e {
+                    BackendError::BadInput { field, .. } => (400, field.clone()),
+                    BackendError::Unavailable(_) => (503, None),
+                    _ => (500, None),
+                };
+                ApiError {
+                    field,
+                    ..ApiError::new(status, code, e.to_string())
+                }
+            }
+        }
+    }
+}
+
+/// Runs one request through a version: the processor alone (backend `none`), or
+/// pre-process, the backend's batcher, and post-process.
+async fn run(version: &DeployedVersion, request: Request) -> Result<wasp_wasm::Response, Failure> {
+    if version.workers.is_empty() {
+        return version
+            .processor
+            .handle(request)
+            .await
+            .map_err(Failure::Processor);
+    }
+    let prepared = version
         .processor
-        .handle(Request {
-            method,
-            path,
-            headers,
-            body: body.to_vec(),
-        })
-        .await;
-    let response = match result {
+        .pre_process(request)
+        .await
+        .map_err(Failure::Processor)?;
+    let output = version
+        .infer(prepared.input.into())
+        .await
+        .map_err(Failure::Backend)?;
+    version
+        .processor
+        .post_process(&prepared.context, output.into())
+        .await
+        .map_err(Failure::Processor)
+}
+
+/// Runs a request and records its metrics.
+async fn serve(
+    gateway: &Gateway,
+    name: &str,
+    version: &DeployedVersion,
+    request: Request,
+    started: Instant,
+) -> Response {
+    let response = match run(version, request).await {
         Ok(response) => into_hyper(response, &version.name),
-        Err(e) => {
+        Err(failure) => {
             gateway
                 .metrics
                 .failures
                 .get_or_create(&FailureLabels {
-                    endpoint: name.clone(),
+                    endpoint: name.to_owned(),
                     version: version.name.clone(),
-                    kind: e.code().into(),
+                    kind: failure.code().into(),
                 })
                 .inc();
-            let mut response = ApiError::from(e).into_response();
+            let mut response = ApiError::from(failure).into_response();
             if let Ok(v) = HeaderValue::from_str(&version.name) {
                 response.headers_mut().insert("x-wasp-version", v);
             }
             response
         }
+    };
+    let m = &gateway.metrics;
+    m.requests
+        .get_or_create(&RequestLabels {
+            endpoint: name.to_owned(),
+            version: version.name.clone(),
+            code: response.status().as_u16(),
+        })
+        .inc();
+    m.latency
+        .get_or_create(&VersionLabels {
+            endpoint: name.to_owned(),
+            version: version.name.clone(),
+        })
+        .observe(started.elapsed().as_secs_f64());
+    response
+}
+
+/// `POST /v2/models/{name}/infer`: tensors straight to the backend (no processor).
+async fn kserve_infer(
+    gateway: Arc<Gateway>,
+    request: hyper::Request<Incoming>,
+    name: String,
+) -> Result<Response, ApiError> {
+    let started = Instant::now();
+    let version = resolve(&gateway, &name)?;
+    let limit = version.limits.max_body_bytes;
+    let body = read_body(request.into_body(), limit, "limits.max_body_bytes")
+        .await
+        .map_err(|e| {
+            if e.status == 413 {
+                body_limit(limit)
+            } else {
+                e
+            }
+        })?;
+    let parsed = crate::kserve::parse(&body).map_err(|e| ApiError {
+        field: Some(e.field),
+        ..ApiError::new(400, "invalid_request", e.message)
+    })?;
+    if version.workers.is_empty() {
+        return Err(ApiError::new(
+            422,
+            "no_model_backend",
+            format!(
+                "endpoint `{name}` has no model backend (backend `none`); use its invoke route"
+            ),
+        ));
+    }
+    let result = version.infer(parsed.input).await;
+    let response = match result {
+        Ok(output) => json_response(
+            200,
+            &crate::kserve::response(&name, &version.name, parsed.id.as_deref(), &output),
+        ),
+        Err(e) => ApiError::from(Failure::Backend(e)).into_response(),
     };
     let m = &gateway.metrics;
     m.requests

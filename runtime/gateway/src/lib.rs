@@ -6,6 +6,7 @@
 #![deny(missing_docs)]
 
 mod http;
+mod kserve;
 pub mod metrics;
 mod registry;
 mod server;
@@ -13,6 +14,7 @@ pub mod store;
 
 pub use registry::{DeployedVersion, Deployment, Gateway};
 pub use server::{Server, ServerConfig};
+pub use wasp_backend::Registry as BackendRegistry;
 pub use wasp_wasm::RuntimeConfig;
 
 use wasp_core::SpecError;
@@ -59,6 +61,15 @@ pub enum Error {
         #[source]
         source: CallError,
     },
+    /// The model backend could not be loaded.
+    #[error("version `{version}`: {source}")]
+    Backend {
+        /// The version whose backend failed.
+        version: String,
+        /// Why.
+        #[source]
+        source: wasp_backend::BackendError,
+    },
     /// The embedded store failed.
     #[error("store: {0}")]
     Store(String),
@@ -94,7 +105,8 @@ impl Error {
             | Self::Invalid { .. }
             | Self::UnknownComponent(_)
             | Self::Component { .. }
-            | Self::Warm { .. } => 422,
+            | Self::Warm { .. }
+            | Self::Backend { .. } => 422,
             Self::NotFound(_) => 404,
             Self::Conflict(_) => 409,
             Self::Store(_) | Self::Io { .. } | Self::Runtime(_) | Self::Bind { .. } => 500,
@@ -120,6 +132,7 @@ impl Error {
             Self::UnknownComponent(_) => "unknown_component",
             Self::Component { .. } => "invalid_component",
             Self::Warm { .. } => "processor_failed",
+            Self::Backend { .. } => "backend_failed",
             Self::Store(_) | Self::Io { .. } | Self::Runtime(_) | Self::Bind { .. } => "internal",
         }
     }

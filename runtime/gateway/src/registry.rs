@@ -6,6 +6,7 @@ use std::path::Path;
 use std::sync::{Arc, RwLock, Weak};
 use std::time::Duration;
 
+use wasp_backend::{BackendError, Batcher, LoadContext, Registry};
 use wasp_core::{BackendSpec, ComponentRef, EndpointSpec, Limits};
 use wasp_wasm::{
     BoxFuture, ErrorCode, GuestError, LogBuffer, ModelInput, ModelOutput, ModelRouter, Processor,
@@ -35,6 +36,31 @@ pub struct DeployedVersion {
     pub limits: Limits,
     /// Content digest of its component.
     pub digest: String,
+    /// The backend kind (`none`, `candle`...).
+    pub backend: &'static str,
+    /// One batcher per loaded worker; empty for backend `none`.
+    pub workers: Vec<Batcher>,
+}
+
+impl DeployedVersion {
+    /// The worker with the shortest queue, if the version has a model backend.
+    pub fn worker(&self) -> Option<&Batcher> {
+        self.workers.iter().min_by_key(|w| w.queued())
+    }
+
+    /// Runs model input through a worker's batcher.
+    pub async fn infer(
+        &self,
+        input: wasp_core::ModelInput,
+    ) -> Result<wasp_core::ModelOutput, BackendError> {
+        match self.worker() {
+            Some(worker) => worker.infer(input).await,
+            None => Err(BackendError::Unavailable(format!(
+                "version `{}` has no model backend",
+                self.name
+            ))),
+        }
+    }
 }
 
 /// A deployed endpoint.
@@ -69,8 +95,12 @@ impl Deployment {
         if self.stopped {
             return "stopped";
         }
-        let stats = v.processor.stats();
-        let live = (stats.idle + stats.busy) as u32;
+        let live = if v.workers.is_empty() {
+            let stats = v.processor.stats();
+            (stats.idle + stats.busy) as u32
+        } else {
+            v.workers.len() as u32
+        };
         if live >= v.min_workers {
             "ready"
         } else if live > 0 {
@@ -118,10 +148,12 @@ pub struct Gateway {
     /// Serialises control operations so two deploys of one name cannot interleave.
     control: tokio::sync::Mutex<()>,
     models: Arc<dyn ModelRouter>,
+    backends: Registry,
+    load_context: LoadContext,
 }
 
-/// Model calls from processors, answered from the registry. No model backend is
-/// registered in this build, so every call names a missing model or a `none` endpoint.
+/// Model calls from processors (the `inference` import), answered by the backends of the
+/// named endpoint.
 struct RegistryModels(Weak<Gateway>);
 
 impl ModelRouter for RegistryModels {
@@ -129,25 +161,67 @@ impl ModelRouter for RegistryModels {
         &self,
         _caller: Arc<str>,
         model: String,
-        _input: ModelInput,
+        input: ModelInput,
     ) -> BoxFuture<'static, Result<Vec<ModelOutput>, GuestError>> {
         let gateway = self.0.upgrade();
         Box::pin(async move {
-            let found = gateway.and_then(|g| g.endpoint(&model));
-            Err(match found {
-                None => GuestError::new(ErrorCode::NotFound, format!("model not found: `{model}`")),
-                Some(_) => GuestError::new(
-                    ErrorCode::Unprocessable,
-                    format!("endpoint `{model}` has no model backend (backend `none`)"),
-                ),
-            })
+            let Some(deployment) = gateway.and_then(|g| g.endpoint(&model)) else {
+                return Err(GuestError::new(
+                    ErrorCode::NotFound,
+                    format!("model not found: `{model}`"),
+                ));
+            };
+            if deployment.stopped {
+                return Err(GuestError::new(
+                    ErrorCode::Unavailable,
+                    format!("endpoint `{model}` is stopped"),
+                ));
+            }
+            let version = deployment
+                .pick(rand::random::<u32>() % 100)
+                .filter(|v| !v.workers.is_empty())
+                .ok_or_else(|| {
+                    GuestError::new(
+                        ErrorCode::Unprocessable,
+                        format!("endpoint `{model}` has no model backend (backend `none`)"),
+                    )
+                })?;
+            let output = version.infer(input.into()).await.map_err(guest_error)?;
+            Ok(vec![output.into()])
         })
+    }
+}
+
+/// A backend failure as a guest-visible error.
+pub(crate) fn guest_error(e: BackendError) -> GuestError {
+    let code = match &e {
+        BackendError::BadInput { .. } => ErrorCode::BadRequest,
+        BackendError::Unavailable(_) => ErrorCode::Unavailable,
+        BackendError::Load(_) | BackendError::Device(_) | BackendError::Inference(_) => {
+            ErrorCode::Internal
+        }
+    };
+    let field = match &e {
+        BackendError::BadInput { field, .. } => field.clone(),
+        _ => None,
+    };
+    GuestError {
+        code,
+        message: e.to_string(),
+        field,
     }
 }
 
 impl Gateway {
     /// Opens the data directory, starts the wasm runtime and loads every stored endpoint.
-    pub async fn open(data_dir: &Path, runtime: RuntimeConfig) -> Result<Arc<Self>, Error> {
+    /// `backends` are the model backends this build serves; named models are looked up in
+    /// `models_dir`.
+    pub async fn open(
+        data_dir: &Path,
+        runtime: RuntimeConfig,
+        backends: Registry,
+        models_dir: std::path::PathBuf,
+    ) -> Result<Arc<Self>, Error> {
         let store = Store::open(data_dir)?;
         let runtime = Runtime::new(RuntimeConfig {
             cache_dir: Some(data_dir.join("cache")),
@@ -161,6 +235,8 @@ impl Gateway {
             endpoints: RwLock::new(BTreeMap::new()),
             control: tokio::sync::Mutex::new(()),
             models: Arc::new(RegistryModels(weak.clone())),
+            backends,
+            load_context: LoadContext { models_dir },
         });
         for stored in gateway.store.endpoints()? {
             let name = stored.spec.name.clone();
@@ -310,15 +386,24 @@ impl Gateway {
         let mut versions = Vec::with_capacity(spec.versions.len());
         for (i, v) in spec.versions.iter().enumerate() {
             let at = |field: &str| format!("versions[{i}].{field}");
-            if !matches!(v.backend, BackendSpec::None) {
-                return Err(Error::Invalid {
-                    field: at("backend.kind"),
-                    message: format!(
-                        "backend `{}` is not available: this build registers no model backends",
-                        v.backend.kind()
-                    ),
-                });
-            }
+            let factory =
+                match &v.backend {
+                    BackendSpec::None => None,
+                    other => Some(self.backends.get(other.kind()).ok_or_else(|| {
+                        Error::Invalid {
+                            field: at("backend.kind"),
+                            message: format!(
+                                "backend `{}` is not available in this build (available: none{})",
+                                other.kind(),
+                                self.backends
+                                    .kinds()
+                                    .iter()
+                                    .map(|k| format!(", {k}"))
+                                    .collect::<String>()
+                            ),
+                        }
+                    })?),
+                };
             let processor = v.processor.as_ref().ok_or_else(|| Error::Invalid {
                 field: at("processor"),
                 message: "required".into(),
@@ -376,9 +461,14 @@ impl Gateway {
                 logs: logs.clone(),
                 models: self.models.clone(),
             };
+            let role = if factory.is_some() {
+                Role::Transform
+            } else {
+                Role::Service
+            };
             let built = self
                 .runtime
-                .processor(&loaded, Role::Service, settings)
+                .processor(&loaded, role, settings)
                 .map_err(|source| Error::Component {
                     version: v.name.clone(),
                     source,
@@ -392,6 +482,30 @@ impl Gateway {
                         source,
                     })?;
             }
+            let mut workers = Vec::new();
+            if let Some(factory) = factory {
+                // Each worker loads its own copy of the model on a blocking thread.
+                for _ in 0..v.scaling.min_workers.max(1) {
+                    let (factory, spec, context) = (
+                        factory.clone(),
+                        v.backend.clone(),
+                        self.load_context.clone(),
+                    );
+                    let backend =
+                        tokio::task::spawn_blocking(move || factory.load(&spec, &context))
+                            .await
+                            .map_err(|e| Error::Store(format!("model load task failed: {e}")))?
+                            .map_err(|source| Error::Backend {
+                                version: v.name.clone(),
+                                source,
+                            })?;
+                    workers.push(Batcher::spawn(
+                        backend,
+                        v.batching.max_batch as usize,
+                        Duration::from_millis(v.batching.max_batch_delay_ms),
+                    ));
+                }
+            }
             versions.push(Arc::new(DeployedVersion {
                 name: v.name.clone(),
                 weight: spec.weight(i),
@@ -400,6 +514,8 @@ impl Gateway {
                 min_workers: v.scaling.min_workers,
                 limits: v.limits.clone(),
                 digest,
+                backend: v.backend.kind(),
+                workers,
             }));
         }
         Ok(Deployment {

@@ -30,6 +30,10 @@ pub struct ServerConfig {
     pub data_dir: PathBuf,
     /// Engine settings (its cache directory is set from `data_dir`).
     pub runtime: RuntimeConfig,
+    /// The model backends this build serves.
+    pub backends: wasp_backend::Registry,
+    /// Where named models are found; `<data_dir>/models` when `None`.
+    pub models_dir: Option<PathBuf>,
 }
 
 /// A running server.
@@ -48,7 +52,17 @@ impl Server {
             path: config.data_dir.clone(),
             source,
         })?;
-        let gateway = Gateway::open(&config.data_dir, config.runtime).await?;
+        let models_dir = config
+            .models_dir
+            .clone()
+            .unwrap_or_else(|| config.data_dir.join("models"));
+        let gateway = Gateway::open(
+            &config.data_dir,
+            config.runtime,
+            config.backends,
+            models_dir,
+        )
+        .await?;
         let listener = TcpListener::bind(config.listen)
             .await
             .map_err(|source| Error::Bind {

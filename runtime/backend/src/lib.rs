@@ -1,0 +1,124 @@
+//! The backend contract of wasp: what does the model work.
+//!
+//! [`Backend`] runs a batch of [`ModelInput`]s; a [`BackendFactory`] loads one from a
+//! version's spec; the [`Registry`] maps backend kinds (`candle`, ...) to factories; a
+//! [`Batcher`] sits in front of each loaded backend and merges concurrent requests into one
+//! forward pass. This crate knows neither wasmtime nor candle: the binary registers the
+//! concrete backends it was built with.
+#![deny(missing_docs)]
+
+mod batcher;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+pub use batcher::{BatchStats, Batcher};
+use wasp_core::{BackendSpec, ModelInput, ModelOutput};
+
+/// Why a backend could not load or run.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum BackendError {
+    /// The input does not fit the model (missing tensor, wrong type or shape).
+    #[error("{message}")]
+    BadInput {
+        /// What is wrong.
+        message: String,
+        /// The tensor or field at fault, if known.
+        field: Option<String>,
+    },
+    /// The model could not be found or loaded.
+    #[error("cannot load model: {0}")]
+    Load(String),
+    /// The device asked for is not available to this build or machine.
+    #[error("{0}")]
+    Device(String),
+    /// The forward pass failed.
+    #[error("inference failed: {0}")]
+    Inference(String),
+    /// The backend is shutting down or its worker is gone.
+    #[error("backend unavailable: {0}")]
+    Unavailable(String),
+}
+
+impl BackendError {
+    /// A bad-input error naming `field`.
+    pub fn bad_input(message: impl Into<String>, field: impl Into<String>) -> Self {
+        Self::BadInput {
+            message: message.into(),
+            field: Some(field.into()),
+        }
+    }
+}
+
+/// Result of backend operations.
+pub type Result<T, E = BackendError> = std::result::Result<T, E>;
+
+/// A loaded model on its device.
+pub trait Backend: Send + Sync + 'static {
+    /// Runs one batch and returns one output per input, in order. It blocks (CPU or GPU
+    /// work): the batcher calls it on a blocking thread.
+    fn infer_batch(&self, inputs: &[ModelInput]) -> Result<Vec<ModelOutput>>;
+
+    /// Rows (sequences) `input` adds to a batch; `max_batch` counts these.
+    fn rows(&self, input: &ModelInput) -> usize {
+        let _ = input;
+        1
+    }
+
+    /// What is loaded where, for status pages (`all-MiniLM-L6-v2 on cpu`).
+    fn describe(&self) -> String;
+}
+
+/// What a factory may use while loading.
+#[derive(Debug, Clone)]
+pub struct LoadContext {
+    /// Where named models are cached (`<data dir>/models`).
+    pub models_dir: PathBuf,
+}
+
+/// Loads backends of one kind.
+pub trait BackendFactory: Send + Sync + 'static {
+    /// The `backend.kind` this factory serves.
+    fn kind(&self) -> &'static str;
+
+    /// Loads a backend for `spec` (blocking: model files are read and weights placed on
+    /// the device; call it from a blocking thread).
+    fn load(&self, spec: &BackendSpec, context: &LoadContext) -> Result<Arc<dyn Backend>>;
+}
+
+/// The backend kinds this build can serve.
+#[derive(Clone, Default)]
+pub struct Registry {
+    factories: BTreeMap<&'static str, Arc<dyn BackendFactory>>,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry")
+            .field("kinds", &self.kinds())
+            .finish()
+    }
+}
+
+impl Registry {
+    /// An empty registry.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a factory, replacing one of the same kind.
+    pub fn register(&mut self, factory: Arc<dyn BackendFactory>) {
+        self.factories.insert(factory.kind(), factory);
+    }
+
+    /// The factory for `kind`.
+    pub fn get(&self, kind: &str) -> Option<Arc<dyn BackendFactory>> {
+        self.factories.get(kind).cloned()
+    }
+
+    /// Registered kinds, sorted.
+    pub fn kinds(&self) -> Vec<&'static str> {
+        self.factories.keys().copied().collect()
+    }
+}

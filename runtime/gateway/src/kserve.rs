@@ -1,0 +1,245 @@
+//! The KServe v2 (Open Inference Protocol) JSON tensor encoding: request inputs to model
+//! tensors, model tensors to response outputs.
+
+use serde::Deserialize;
+use serde_json::{Value, json};
+use wasp_core::{DType, ModelInput, ModelOutput, Tensor};
+
+/// A request that does not fit the protocol, with the field at fault.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Invalid {
+    /// JSON path of the field (`inputs[0].data`).
+    pub field: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+fn invalid(field: impl Into<String>, message: impl Into<String>) -> Invalid {
+    Invalid {
+        field: field.into(),
+        message: message.into(),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InferRequest {
+    #[serde(default)]
+    id: Option<String>,
+    inputs: Vec<InputTensor>,
+    #[serde(default)]
+    parameters: Option<Value>,
+    #[serde(default)]
+    #[allow(dead_code)]
+    outputs: Option<Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InputTensor {
+    name: String,
+    shape: Vec<u64>,
+    datatype: String,
+    data: Value,
+    #[serde(default)]
+    #[allow(dead_code)]
+    parameters: Option<Value>,
+}
+
+/// A parsed inference request.
+pub struct Request {
+    /// The request id, echoed in the response.
+    pub id: Option<String>,
+    /// The model input.
+    pub input: ModelInput,
+}
+
+/// Parses a v2 inference request body.
+pub fn parse(body: &[u8]) -> Result<Request, Invalid> {
+    let request: InferRequest = serde_json::from_slice(body)
+        .map_err(|e| invalid("body", format!("not a KServe v2 inference request: {e}")))?;
+    if request.inputs.is_empty() {
+        return Err(invalid("inputs", "at least one input is required"));
+    }
+    let mut tensors = Vec::with_capacity(request.inputs.len());
+    for (i, input) in request.inputs.into_iter().enumerate() {
+        let at = |f: &str| format!("inputs[{i}].{f}");
+        let dtype = DType::from_kserve_name(&input.datatype).ok_or_else(|| {
+            let hint = if input.datatype == "BYTES" {
+                "BYTES tensors (text) go through the endpoint's processor: use its invoke route"
+            } else {
+                "use FP32, FP64, INT64, INT32, UINT32, UINT8 or BOOL"
+            };
+            invalid(
+                at("datatype"),
+                format!("`{}` is not supported here: {hint}", input.datatype),
+            )
+        })?;
+        let mut flat = Vec::new();
+        flatten(&input.data, &mut flat);
+        let expected: u64 = input.shape.iter().product();
+        if flat.len() as u64 != expected {
+            return Err(invalid(
+                at("data"),
+                format!(
+                    "{} elements for shape {:?} ({expected} expected)",
+                    flat.len(),
+                    input.shape
+                ),
+            ));
+        }
+        let mut data = Vec::with_capacity(flat.len() * dtype.size());
+        for (j, value) in flat.iter().enumerate() {
+            encode(value, dtype, &mut data).ok_or_else(|| {
+                invalid(
+                    at("data"),
+                    format!("element {j} ({value}) is not a valid {}", input.datatype),
+                )
+            })?;
+        }
+        tensors.push(Tensor {
+            name: input.name,
+            dtype,
+            shape: input.shape,
+            data,
+        });
+    }
+    Ok(Request {
+        id: request.id,
+        input: ModelInput {
+            tensors,
+            parameters: request.parameters.map(|p| p.to_string()),
+        },
+    })
+}
+
+fn flatten<'a>(value: &'a Value, out: &mut Vec<&'a Value>) {
+    match value {
+        Value::Array(items) => items.iter().for_each(|v| flatten(v, out)),
+        other => out.push(other),
+    }
+}
+
+fn encode(value: &Value, dtype: DType, out: &mut Vec<u8>) -> Option<()> {
+    match dtype {
+        DType::F32 => out.extend((value.as_f64()? as f32).to_le_bytes()),
+        DType::F64 => out.extend(value.as_f64()?.to_le_bytes()),
+        DType::I64 => out.extend(value.as_i64()?.to_le_bytes()),
+        DType::I32 => out.extend(i32::try_from(value.as_i64()?).ok()?.to_le_bytes()),
+        DType::U32 => out.extend(u32::try_from(value.as_u64()?).ok()?.to_le_bytes()),
+        DType::U8 => out.push(u8::try_from(value.as_u64()?).ok()?),
+        DType::Bool => out.push(match value {
+            Value::Bool(b) => u8::from(*b),
+            other => match other.as_u64()? {
+                0 => 0,
+                1 => 1,
+                _ => return None,
+            },
+        }),
+        DType::F16 | DType::BF16 => return None,
+    }
+    Some(())
+}
+
+/// The JSON values of a tensor's elements (16-bit floats are not decoded: `None`).
+fn decode(tensor: &Tensor) -> Option<Vec<Value>> {
+    let n = tensor.dtype.size();
+    if tensor.data.len() != tensor.elements() * n {
+        return None;
+    }
+    let chunks = tensor.data.chunks_exact(n);
+    let arr = |c: &[u8]| -> [u8; 8] {
+        let mut b = [0u8; 8];
+        b[..c.len()].copy_from_slice(c);
+        b
+    };
+    Some(match tensor.dtype {
+        DType::F32 => chunks
+            .map(|c| json!(f32::from_le_bytes([c[0], c[1], c[2], c[3]])))
+            .collect(),
+        DType::F64 => chunks.map(|c| json!(f64::from_le_bytes(arr(c)))).collect(),
+        DType::I64 => chunks.map(|c| json!(i64::from_le_bytes(arr(c)))).collect(),
+        DType::I32 => chunks
+            .map(|c| json!(i32::from_le_bytes([c[0], c[1], c[2], c[3]])))
+            .collect(),
+        DType::U32 => chunks
+            .map(|c| json!(u32::from_le_bytes([c[0], c[1], c[2], c[3]])))
+            .collect(),
+        DType::U8 => chunks.map(|c| json!(c[0])).collect(),
+        DType::Bool => chunks.map(|c| json!(c[0] != 0)).collect(),
+        DType::F16 | DType::BF16 => return None,
+    })
+}
+
+/// The v2 response body for a model output.
+pub fn response(model: &str, version: &str, id: Option<&str>, output: &ModelOutput) -> Value {
+    let outputs: Vec<Value> = output
+        .tensors
+        .iter()
+        .map(|t| {
+            json!({
+                "name": t.name,
+                "datatype": t.dtype.kserve_name(),
+                "shape": t.shape,
+                "data": decode(t).unwrap_or_default(),
+            })
+        })
+        .collect();
+    let mut body = json!({ "model_name": model, "model_version": version, "outputs": outputs });
+    if let Some(id) = id {
+        body["id"] = Value::String(id.to_owned());
+    }
+    if let Some(meta) = &output.metadata
+        && let Ok(parameters) = serde_json::from_str::<Value>(meta)
+    {
+        body["parameters"] = parameters;
+    }
+    body
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_nested_and_flat_data() {
+        let body = br#"{"id":"r1","inputs":[
+            {"name":"input_ids","shape":[2,2],"datatype":"INT64","data":[[101,102],[101,102]]},
+            {"name":"mask","shape":[4],"datatype":"BOOL","data":[true,false,1,0]}]}"#;
+        let req = parse(body).unwrap();
+        assert_eq!(req.id.as_deref(), Some("r1"));
+        assert_eq!(req.input.tensors[0].to_i64().unwrap(), [101, 102, 101, 102]);
+        assert_eq!(req.input.tensors[1].data, [1, 0, 1, 0]);
+    }
+
+    #[test]
+    fn names_the_bad_field() {
+        let count =
+            parse(br#"{"inputs":[{"name":"x","shape":[3],"datatype":"FP32","data":[1,2]}]}"#);
+        assert_eq!(count.err().unwrap().field, "inputs[0].data");
+        let dtype =
+            parse(br#"{"inputs":[{"name":"x","shape":[1],"datatype":"BYTES","data":["a"]}]}"#);
+        let err = dtype.err().unwrap();
+        assert_eq!(err.field, "inputs[0].datatype");
+        assert!(err.message.contains("invoke route"));
+        let range =
+            parse(br#"{"inputs":[{"name":"x","shape":[1],"datatype":"UINT8","data":[300]}]}"#);
+        assert_eq!(range.err().unwrap().field, "inputs[0].data");
+        assert_eq!(parse(b"{").err().unwrap().field, "body");
+        assert_eq!(parse(br#"{"inputs":[]}"#).err().unwrap().field, "inputs");
+    }
+
+    #[test]
+    fn encodes_outputs() {
+        let output = ModelOutput {
+            tensors: vec![Tensor::from_f32("y", vec![1, 2], &[0.5, -1.0])],
+            metadata: None,
+            index: 0,
+            last: true,
+        };
+        let body = response("m", "v1", Some("r1"), &output);
+        assert_eq!(body["outputs"][0]["data"], json!([0.5, -1.0]));
+        assert_eq!(body["outputs"][0]["datatype"], "FP32");
+        assert_eq!(body["id"], "r1");
+    }
+}

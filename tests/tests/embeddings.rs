@@ -1,0 +1,318 @@
+//! Embeddings end to end: the candle backend with real all-MiniLM-L6-v2 weights, the
+//! tokenizer processor compiled to wasm, dynamic batching, and the OpenAI and KServe routes.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use serde_json::{Value, json};
+use wasp_tests::guests::{HOSTILE, TEXT_EMBEDDINGS};
+use wasp_tests::{TestServer, minilm_dir, spec};
+
+/// An embeddings endpoint over all-MiniLM-L6-v2 (found by name in the models directory).
+fn minilm_spec(name: &str, extra: &str) -> String {
+    format!(
+        r#"name = "{name}"
+[[versions]]
+name = "v1"
+backend = {{ kind = "candle", model = "all-MiniLM-L6-v2", task = "embeddings", device = "cpu" }}
+{extra}
+[versions.processor]
+component = "{{COMPONENT}}"
+mounts = [{{ host = {host:?}, guest = "/model" }}]
+"#,
+        host = minilm_dir().display().to_string()
+    )
+}
+
+fn reference() -> Value {
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/fixtures/minilm-reference.json"
+    ))
+    .unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+fn cosine(a: &[f64], b: &[f64]) -> f64 {
+    let dot: f64 = a.iter().zip(b).map(|(x, y)| x * y).sum();
+    let na = a.iter().map(|x| x * x).sum::<f64>().sqrt();
+    let nb = b.iter().map(|x| x * x).sum::<f64>().sqrt();
+    dot / (na * nb)
+}
+
+fn floats(v: &Value) -> Vec<f64> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embeddings_match_sentence_transformers() {
+    let t = TestServer::start().await;
+    let c = &t.client;
+    c.deploy_ok(TEXT_EMBEDDINGS, &minilm_spec("minilm", ""))
+        .await;
+    let reference = reference();
+    let sentences = reference["sentences"].clone();
+    let reply = c
+        .post(
+            "/v1/embeddings",
+            json!({ "model": "minilm", "input": sentences }).to_string(),
+        )
+        .await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let body = reply.json();
+    assert_eq!(body["object"], "list");
+    assert_eq!(body["model"], "minilm");
+    let data = body["data"].as_array().unwrap();
+    assert_eq!(data.len(), sentences.as_array().unwrap().len());
+    let mut worst: f64 = 1.0;
+    for (i, item) in data.iter().enumerate() {
+        assert_eq!(item["index"], i);
+        assert_eq!(item["object"], "embedding");
+        let got = floats(&item["embedding"]);
+        assert_eq!(got.len(), 384);
+        let want = floats(&reference["embeddings"][i]);
+        let cos = cosine(&got, &want);
+        worst = worst.min(cos);
+        assert!(
+            cos >= 0.999,
+            "sentence {i} ({}): cosine {cos}",
+            sentences[i]
+        );
+    }
+    eprintln!("worst cosine against sentence-transformers: {worst:.6}");
+    let usage = &body["usage"];
+    assert!(usage["prompt_tokens"].as_u64().unwrap() > 15);
+    assert_eq!(usage["prompt_tokens"], usage["total_tokens"]);
+
+    // A single string, and the base64 encoding of the same vector.
+    let one = c
+        .post(
+            "/v1/embeddings",
+            json!({ "model": "minilm", "input": "hello" }).to_string(),
+        )
+        .await
+        .json();
+    let plain = floats(&one["data"][0]["embedding"]);
+    let hello = reference["sentences"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .position(|s| s == "hello")
+        .unwrap();
+    assert!(cosine(&plain, &floats(&reference["embeddings"][hello])) >= 0.999);
+    assert_eq!(one["usage"]["prompt_tokens"], 3, "[CLS] hello [SEP]");
+    let b64 = c
+        .post(
+            "/v1/embeddings",
+            json!({ "model": "minilm", "input": "hello", "encoding_format": "base64" }).to_string(),
+        )
+        .await
+        .json();
+    let text = b64["data"][0]["embedding"].as_str().unwrap();
+    assert_eq!(text.len(), (384 * 4usize).div_ceil(3) * 4);
+    t.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embeddings_refuse_bad_input_clearly() {
+    let t = TestServer::start().await;
+    let c = &t.client;
+    c.deploy_ok(
+        TEXT_EMBEDDINGS,
+        &minilm_spec("minilm", "").replace(
+            "guest = \"/model\" }]",
+            "guest = \"/model\" }]\nenv = { MAX_TOKENS = \"8\" }",
+        ),
+    )
+    .await;
+    let post = |body: Value| {
+        let c = c.clone();
+        async move { c.post("/v1/embeddings", body.to_string()).await }
+    };
+    let long = post(json!({ "model": "minilm", "input": ["ok", "this sentence is far longer than eight tokens"] })).await;
+    assert_eq!(long.status, 400, "{}", long.text());
+    assert_eq!(long.json()["error"]["field"], "input[1]");
+    assert!(long.text().contains("at most 8"), "{}", long.text());
+
+    let empty = post(json!({ "model": "minilm", "input": [] })).await;
+    assert_eq!(empty.json()["error"]["field"], "input");
+    let number = post(json!({ "model": "minilm", "input": 3 })).await;
+    assert_eq!(number.status, 400);
+    let format = post(json!({ "model": "minilm", "input": "x", "encoding_format": "hex" })).await;
+    assert_eq!(format.json()["error"]["field"], "encoding_format");
+    let no_model = post(json!({ "input": "x" })).await;
+    assert_eq!(no_model.status, 400);
+    assert_eq!(no_model.json()["error"]["field"], "model");
+    let unknown = post(json!({ "model": "nope", "input": "x" })).await;
+    assert_eq!(unknown.status, 404);
+    let garbage = c.post("/v1/embeddings", "{nope").await;
+    assert_eq!(garbage.status, 400);
+
+    // The endpoint is unharmed.
+    assert_eq!(
+        post(json!({ "model": "minilm", "input": "fine" }))
+            .await
+            .status,
+        200
+    );
+    t.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_requests_share_forward_passes() {
+    let t = TestServer::start().await;
+    let c = t.client.clone();
+    c.deploy_ok(
+        TEXT_EMBEDDINGS,
+        &minilm_spec(
+            "batched",
+            "[versions.batching]\nmax_batch = 16\nmax_batch_delay_ms = 50",
+        ),
+    )
+    .await;
+    let tasks: Vec<_> = (0..16)
+        .map(|i| {
+            let c = c.clone();
+            tokio::spawn(async move {
+                let body = json!({ "model": "batched", "input": format!("sentence number {i}") });
+                c.post("/v1/embeddings", body.to_string()).await
+            })
+        })
+        .collect();
+    for task in tasks {
+        let reply = task.await.unwrap();
+        assert_eq!(reply.status, 200, "{}", reply.text());
+    }
+    let status = c.get("/api/v1/endpoints/batched").await.json();
+    let worker = &status["versions"][0]["workers"][0];
+    assert_eq!(worker["requests"], 16);
+    let batches = worker["batches"].as_u64().unwrap();
+    assert!(
+        batches < 16,
+        "16 concurrent requests ran in {batches} forward passes"
+    );
+    assert!(
+        worker["model"]
+            .as_str()
+            .unwrap()
+            .contains("all-MiniLM-L6-v2")
+    );
+    t.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kserve_v2_and_the_inference_import_reach_the_backend() {
+    let t = TestServer::start().await;
+    let c = &t.client;
+    c.deploy_ok(TEXT_EMBEDDINGS, &minilm_spec("minilm", ""))
+        .await;
+    let ready = c.get("/v2/models/minilm/ready").await;
+    assert_eq!(ready.status, 200, "{}", ready.text());
+    assert_eq!(c.get("/v2/models/nope/ready").await.status, 404);
+
+    // [CLS] hello [SEP] as the tokenizer gives it.
+    let infer = c
+        .post(
+            "/v2/models/minilm/infer",
+            json!({ "id": "q1", "inputs": [
+                { "name": "input_ids", "shape": [1, 3], "datatype": "INT64", "data": [101, 7592, 102] },
+                { "name": "attention_mask", "shape": [1, 3], "datatype": "INT64", "data": [1, 1, 1] }
+            ]})
+            .to_string(),
+        )
+        .await;
+    assert_eq!(infer.status, 200, "{}", infer.text());
+    let body = infer.json();
+    assert_eq!(body["id"], "q1");
+    assert_eq!(body["outputs"][0]["name"], "last_hidden_state");
+    assert_eq!(body["outputs"][0]["shape"], json!([1, 3, 384]));
+    assert_eq!(
+        body["outputs"][0]["data"].as_array().unwrap().len(),
+        3 * 384
+    );
+
+    let missing = c
+        .post(
+            "/v2/models/minilm/infer",
+            json!({ "inputs": [{ "name": "ids", "shape": [1], "datatype": "INT64", "data": [1] }] }).to_string(),
+        )
+        .await;
+    assert_eq!(missing.status, 400, "{}", missing.text());
+    assert_eq!(missing.json()["error"]["code"], "bad_model_input");
+
+    // A processor calling the model through the `inference` import reaches the backend,
+    // which names what the (empty) input lacks.
+    c.deploy_ok(HOSTILE, &spec("caller", "")).await;
+    let call = c.invoke("caller", "/infer", "minilm").await;
+    assert_eq!(call.status, 400, "{}", call.text());
+    assert!(call.text().contains("input_ids"), "{}", call.text());
+    t.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn candle_deploys_fail_clearly() {
+    let t = TestServer::start().await;
+    let c = &t.client;
+    let missing = c
+        .deploy(
+            TEXT_EMBEDDINGS,
+            &minilm_spec("m", "")
+                .replace("model = \"all-MiniLM-L6-v2\"", "model = \"no-such-model\""),
+        )
+        .await;
+    assert_eq!(missing.status, 422, "{}", missing.text());
+    assert!(
+        missing.text().contains("no model `no-such-model`"),
+        "{}",
+        missing.text()
+    );
+    let gpu = c
+        .deploy(
+            TEXT_EMBEDDINGS,
+            &minilm_spec("m", "").replace("device = \"cpu\"", "device = \"cuda:0\""),
+        )
+        .await;
+    assert_eq!(gpu.status, 422, "{}", gpu.text());
+    if !wasp_candle::CUDA {
+        assert!(gpu.text().contains("built without CUDA"), "{}", gpu.text());
+    }
+    let task = c
+        .deploy(
+            TEXT_EMBEDDINGS,
+            &minilm_spec("m", "").replace("task = \"embeddings\"", "task = \"chat\""),
+        )
+        .await;
+    assert_eq!(task.json()["error"]["field"], "versions[0].backend.task");
+    t.stop().await;
+}
+
+/// The example spec `./x serve` deploys works as written (component and mount aside).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn example_spec_serves_embeddings() {
+    let t = TestServer::start().await;
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../examples/embeddings.toml"
+    ))
+    .unwrap()
+    .replace("../target/processors/text_embeddings.wasm", "{COMPONENT}")
+    .replace(
+        "../data/models/all-MiniLM-L6-v2",
+        &minilm_dir().display().to_string(),
+    );
+    let body = t.client.deploy_ok(TEXT_EMBEDDINGS, &text).await;
+    assert_eq!(body["status"], "ready");
+    assert_eq!(body["versions"][0]["backend"], "candle");
+    let reply = t
+        .client
+        .post(
+            "/v1/embeddings",
+            json!({ "model": "minilm", "input": ["hello", "world"] }).to_string(),
+        )
+        .await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(reply.json()["data"].as_array().unwrap().len(), 2);
+    t.stop().await;
+}
