@@ -32,7 +32,14 @@ fn main() {
         .unwrap_or_else(|| root.join("target"));
     let guest_target = target.join("guests");
 
-    for dir in ["wit", "sdk/src", "sdk/Cargo.toml", "Cargo.lock"] {
+    for dir in [
+        "wit",
+        "sdk/src",
+        "sdk/Cargo.toml",
+        "Cargo.toml",
+        "Cargo.lock",
+        ".cargo/config.toml",
+    ] {
         println!("cargo:rerun-if-changed={}", root.join(dir).display());
     }
     for (_, _, dir) in GUESTS {

@@ -11,7 +11,6 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -21,7 +20,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use wasp_core::Limits;
 use wasp_tests::guests::HELLO;
-use wasp_tests::{TestServer, spec};
+use wasp_tests::{TestServer, load, spec};
 use wasp_wasm::{
     BoxFuture, ErrorCode, GuestError, LogBuffer, ModelInput, ModelOutput, ModelRouter, Processor,
     ProcessorSettings, Request, Role, Runtime, RuntimeConfig,
@@ -134,44 +133,6 @@ async fn bare_hyper() -> SocketAddr {
     addr
 }
 
-/// Requests/s of `connections` keep-alive connections posting to `path` for `duration`.
-async fn load(addr: SocketAddr, path: &'static str, connections: usize, duration: Duration) -> f64 {
-    let done = Arc::new(AtomicBool::new(false));
-    let count = Arc::new(AtomicU64::new(0));
-    let mut tasks = Vec::new();
-    for _ in 0..connections {
-        let (done, count) = (done.clone(), count.clone());
-        tasks.push(tokio::spawn(async move {
-            let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-            stream.set_nodelay(true).unwrap();
-            let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-                .await
-                .unwrap();
-            tokio::spawn(conn);
-            while !done.load(Ordering::Relaxed) {
-                let req = hyper::Request::post(path)
-                    .header("host", "bench")
-                    .header("content-type", "application/json")
-                    .body(Full::new(Bytes::from_static(br#"{"name":"bench"}"#)))
-                    .unwrap();
-                let response = sender.send_request(req).await.unwrap();
-                assert!(response.status().is_success(), "{}", response.status());
-                let _ = response.into_body().collect().await.unwrap();
-                count.fetch_add(1, Ordering::Relaxed);
-            }
-        }));
-    }
-    let started = Instant::now();
-    tokio::time::sleep(duration).await;
-    done.store(true, Ordering::Relaxed);
-    let total = count.load(Ordering::Relaxed);
-    let elapsed = started.elapsed();
-    for t in tasks {
-        let _ = t.await;
-    }
-    total as f64 / elapsed.as_secs_f64()
-}
-
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     let n = if quick { 500 } else { 5000 };
@@ -254,8 +215,17 @@ fn main() {
         let mut hy = Vec::new();
         // Interleaved rounds, so drift on a shared machine hits both alike.
         for _ in 0..2 {
-            hy.push(load(bare, "/", connections, secs).await);
-            gw.push(load(gateway, "/endpoints/bench/invoke", connections, secs).await);
+            let body = Bytes::from_static(br#"{"name":"bench"}"#);
+            hy.push(
+                load::run(bare, "/", body.clone(), connections, secs)
+                    .await
+                    .rps,
+            );
+            gw.push(
+                load::run(gateway, "/endpoints/bench/invoke", body, connections, secs)
+                    .await
+                    .rps,
+            );
         }
         let best = |v: &[f64]| v.iter().cloned().fold(0.0, f64::max);
         let (gw, hy) = (best(&gw), best(&hy));

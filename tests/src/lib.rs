@@ -14,6 +14,8 @@ use hyper_util::rt::TokioExecutor;
 use serde_json::Value;
 use wasp_gateway::{RuntimeConfig, Server, ServerConfig};
 
+pub mod load;
+
 /// Paths of the guest components, built once by `build.rs`.
 pub mod guests {
     include!(concat!(env!("OUT_DIR"), "/guests.rs"));

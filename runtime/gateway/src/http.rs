@@ -423,12 +423,24 @@ fn metrics(gateway: &Gateway) -> Response {
             m.instances
                 .get_or_create(&labels("busy"))
                 .set(s.busy as i64);
-            m.queued
-                .get_or_create(&VersionLabels {
-                    endpoint: d.spec.name.clone(),
-                    version: v.name.clone(),
-                })
-                .set(s.queued as i64);
+            let version = VersionLabels {
+                endpoint: d.spec.name.clone(),
+                version: v.name.clone(),
+            };
+            m.queued.get_or_create(&version).set(s.queued as i64);
+            if !v.workers.is_empty() {
+                use std::sync::atomic::Ordering::Relaxed;
+                let sum = |f: fn(&wasp_backend::BatchStats) -> u64| {
+                    v.workers.iter().map(|w| f(w.stats())).sum::<u64>()
+                };
+                // The batchers count; the counters catch up to them at each scrape.
+                let batches = m.batches.get_or_create(&version);
+                batches.inc_by(sum(|s| s.batches.load(Relaxed)).saturating_sub(batches.get()));
+                let requests = m.batched_requests.get_or_create(&version);
+                requests.inc_by(sum(|s| s.requests.load(Relaxed)).saturating_sub(requests.get()));
+                let queued: usize = v.workers.iter().map(|w| w.queued()).sum();
+                m.backend_queued.get_or_create(&version).set(queued as i64);
+            }
         }
     }
     text_response(

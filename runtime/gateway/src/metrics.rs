@@ -62,6 +62,12 @@ pub struct Metrics {
     pub instances: Family<InstanceLabels, Gauge>,
     /// Requests waiting for a processor instance, refreshed at each scrape.
     pub queued: Family<VersionLabels, Gauge>,
+    /// Forward passes run by model backends (refreshed at each scrape).
+    pub batches: Family<VersionLabels, Counter>,
+    /// Requests served by model backends (refreshed at each scrape).
+    pub batched_requests: Family<VersionLabels, Counter>,
+    /// Requests waiting for a forward pass (refreshed at each scrape).
+    pub backend_queued: Family<VersionLabels, Gauge>,
     /// Components compiled from Wasm.
     pub compiles: Counter,
     /// Components loaded from the compiled cache.
@@ -111,6 +117,24 @@ impl Metrics {
             "Requests waiting for a processor instance",
             queued.clone(),
         );
+        let batches = Family::<VersionLabels, Counter>::default();
+        registry.register(
+            "backend_batches",
+            "Forward passes run by model backends",
+            batches.clone(),
+        );
+        let batched_requests = Family::<VersionLabels, Counter>::default();
+        registry.register(
+            "backend_requests",
+            "Requests served by model backends",
+            batched_requests.clone(),
+        );
+        let backend_queued = Family::<VersionLabels, Gauge>::default();
+        registry.register(
+            "backend_queue_depth",
+            "Requests waiting for a forward pass",
+            backend_queued.clone(),
+        );
         let compiles = Counter::default();
         registry.register(
             "component_compiles",
@@ -130,6 +154,9 @@ impl Metrics {
             failures,
             instances,
             queued,
+            batches,
+            batched_requests,
+            backend_queued,
             compiles,
             cache_hits,
         }

@@ -1,0 +1,255 @@
+//! The embeddings benchmark, printed as figures and ratios from one run:
+//!
+//! 1. `/v1/embeddings` throughput and p50/p95/p99 at concurrency 1, 8 and 32, with dynamic
+//!    batching on (max_batch 32) and off (max_batch 1);
+//! 2. wasp against a Python sentence-transformers server (`scripts/st-server.py`) on the
+//!    same machine, when `WASP_BENCH_PYTHON` names a Python that has sentence-transformers;
+//! 3. the tokenizer processor's pre-processing (wasm) against the same tokenizer crate
+//!    called natively.
+//!
+//! Run with `./x bench` (or `cargo bench -p wasp-tests --bench embeddings`).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use wasp_core::{Limits, Mount};
+use wasp_tests::guests::TEXT_EMBEDDINGS;
+use wasp_tests::load::{self, Report, quantile};
+use wasp_tests::{TestServer, minilm_dir};
+use wasp_wasm::{
+    BoxFuture, ErrorCode, GuestError, LogBuffer, ModelInput, ModelOutput, ModelRouter,
+    ProcessorSettings, Request, Role, Runtime, RuntimeConfig,
+};
+
+const SENTENCE: &str = "A man is riding a white horse on an enclosed ground.";
+
+fn spec(name: &str, max_batch: u32) -> String {
+    format!(
+        r#"name = "{name}"
+[[versions]]
+name = "v1"
+backend = {{ kind = "candle", model = "all-MiniLM-L6-v2", task = "embeddings", device = "cpu" }}
+[versions.batching]
+max_batch = {max_batch}
+max_batch_delay_ms = 2
+[versions.limits]
+max_queue = 1024
+[versions.processor]
+component = "{{COMPONENT}}"
+mounts = [{{ host = {host:?}, guest = "/model" }}]
+"#,
+        host = minilm_dir().display().to_string()
+    )
+}
+
+fn body(model: &str) -> Bytes {
+    Bytes::from(serde_json::json!({ "model": model, "input": SENTENCE }).to_string())
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.1} ms", d.as_secs_f64() * 1e3)
+}
+
+fn line(label: &str, r: &Report) {
+    println!(
+        "{label:<28} {:>8.1} req/s  p50 {:>9}  p95 {:>9}  p99 {:>9}",
+        r.rps,
+        ms(r.p50),
+        ms(r.p95),
+        ms(r.p99)
+    );
+}
+
+struct NoModels;
+
+impl ModelRouter for NoModels {
+    fn infer(
+        &self,
+        _: Arc<str>,
+        model: String,
+        _: ModelInput,
+    ) -> BoxFuture<'static, Result<Vec<ModelOutput>, GuestError>> {
+        Box::pin(async move { Err(GuestError::new(ErrorCode::NotFound, model)) })
+    }
+}
+
+async fn tokenizer_comparison(iterations: usize) {
+    let texts: Vec<String> = [
+        SENTENCE,
+        "The quick brown fox jumps over the lazy dog.",
+        "Übergrößenträger café naïve résumé — déjà vu.",
+        "wasp runs WebAssembly processors in front of candle models!",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+
+    // wasm: the processor's pre-process (tokenize, pad, build tensors, encode context).
+    let runtime = Runtime::new(RuntimeConfig::default()).unwrap();
+    let component = runtime
+        .load_component("bench-embeddings", &std::fs::read(TEXT_EMBEDDINGS).unwrap())
+        .unwrap();
+    let processor = runtime
+        .processor(
+            &component,
+            Role::Transform,
+            ProcessorSettings {
+                endpoint: "bench".into(),
+                version: "v1".into(),
+                env: Default::default(),
+                mounts: vec![Mount {
+                    host: minilm_dir(),
+                    guest: "/model".into(),
+                }],
+                allow_hosts: Vec::new(),
+                limits: Limits::default(),
+                logs: Arc::new(LogBuffer::new(16)),
+                models: Arc::new(NoModels),
+            },
+        )
+        .unwrap();
+    processor.warm(1).await.unwrap();
+    let request = || Request {
+        method: "POST".into(),
+        path: "/v1/embeddings".into(),
+        headers: Vec::new(),
+        body: serde_json::json!({ "model": "m", "input": texts })
+            .to_string()
+            .into_bytes(),
+    };
+    let mut wasm = Vec::with_capacity(iterations);
+    for i in 0..iterations + iterations / 10 {
+        let started = Instant::now();
+        processor.pre_process(request()).await.unwrap();
+        if i >= iterations / 10 {
+            wasm.push(started.elapsed());
+        }
+    }
+
+    // native: the same tokenizer crate and settings, the same padding into i64 rows.
+    let mut tokenizer =
+        tokenizers::Tokenizer::from_file(minilm_dir().join("tokenizer.json")).unwrap();
+    tokenizer.with_truncation(None).unwrap();
+    tokenizer.with_padding(None);
+    let mut native = Vec::with_capacity(iterations);
+    for i in 0..iterations + iterations / 10 {
+        let started = Instant::now();
+        let body = serde_json::json!({ "model": "m", "input": texts }).to_string();
+        let parsed: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let mut rows = Vec::new();
+        for text in parsed["input"].as_array().unwrap() {
+            let e = tokenizer.encode(text.as_str().unwrap(), true).unwrap();
+            let ids: Vec<i64> = e.get_ids().iter().map(|&x| i64::from(x)).collect();
+            let types: Vec<i64> = e.get_type_ids().iter().map(|&x| i64::from(x)).collect();
+            rows.push((ids, types));
+        }
+        let width = rows.iter().map(|r| r.0.len()).max().unwrap_or(0);
+        let mut flat = Vec::with_capacity(rows.len() * width * 3);
+        for (ids, types) in rows {
+            let pad = width - ids.len();
+            flat.extend(ids.iter().copied().chain(std::iter::repeat_n(0, pad)));
+            flat.extend(std::iter::repeat_n(1i64, ids.len()).chain(std::iter::repeat_n(0, pad)));
+            flat.extend(types.iter().copied().chain(std::iter::repeat_n(0, pad)));
+        }
+        std::hint::black_box(flat);
+        if i >= iterations / 10 {
+            native.push(started.elapsed());
+        }
+    }
+    let (w, n) = (quantile(&mut wasm, 0.5), quantile(&mut native, 0.5));
+    println!(
+        "tokenizer (4 texts)   wasm p50 {:.1} µs   native p50 {:.1} µs   wasm / native = {:.2}x  (goal: <= 1.6x)",
+        w.as_secs_f64() * 1e6,
+        n.as_secs_f64() * 1e6,
+        w.as_secs_f64() / n.as_secs_f64()
+    );
+}
+
+async fn python_baseline(wasp: std::net::SocketAddr, seconds: Duration) {
+    let Some(python) = std::env::var_os("WASP_BENCH_PYTHON") else {
+        println!(
+            "python baseline skipped: set WASP_BENCH_PYTHON to a Python with sentence-transformers"
+        );
+        return;
+    };
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/st-server.py");
+    let mut child = std::process::Command::new(python)
+        .arg(script)
+        .arg(minilm_dir())
+        .arg(port.to_string())
+        .env("HF_HUB_OFFLINE", "1")
+        .spawn()
+        .unwrap();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let client = wasp_tests::TestClient::new(addr);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the Python server did not start");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let _ = client.post("/v1/embeddings", body("st")).await;
+    for c in [1, 8, 32] {
+        let py = load::run(addr, "/v1/embeddings", body("st"), c, seconds).await;
+        let ours = load::run(wasp, "/v1/embeddings", body("batched"), c, seconds).await;
+        line(&format!("python c={c}"), &py);
+        line(&format!("wasp (batched) c={c}"), &ours);
+        println!(
+            "  wasp / python at c={c}: throughput {:.2}x, p50 {:.2}x",
+            ours.rps / py.rps,
+            ours.p50.as_secs_f64() / py.p50.as_secs_f64()
+        );
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+fn main() {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let seconds = Duration::from_secs(if quick { 2 } else { 5 });
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        println!(
+            "wasp embeddings benchmark: all-MiniLM-L6-v2 on CPU ({} cores), one sentence per request",
+            std::thread::available_parallelism().map_or(0, |n| n.get())
+        );
+        if std::env::args().any(|a| a == "--tokenizer-only") {
+            tokenizer_comparison(2000).await;
+            return;
+        }
+        let t = TestServer::start().await;
+        t.client.deploy_ok(TEXT_EMBEDDINGS, &spec("batched", 32)).await;
+        t.client.deploy_ok(TEXT_EMBEDDINGS, &spec("unbatched", 1)).await;
+        let addr = t.server.local_addr();
+        for model in ["batched", "unbatched"] {
+            load::run(addr, "/v1/embeddings", body(model), 4, Duration::from_millis(500)).await;
+        }
+        for c in [1, 8, 32] {
+            let off = load::run(addr, "/v1/embeddings", body("unbatched"), c, seconds).await;
+            let on = load::run(addr, "/v1/embeddings", body("batched"), c, seconds).await;
+            line(&format!("batching off c={c}"), &off);
+            line(&format!("batching on  c={c}"), &on);
+            println!(
+                "  on / off at c={c}: throughput {:.2}x, p95 {:.2}x  (goal at c=32: >= 2.5x at <= 1.1x p95)",
+                on.rps / off.rps,
+                on.p95.as_secs_f64() / off.p95.as_secs_f64()
+            );
+        }
+        python_baseline(addr, seconds).await;
+        tokenizer_comparison(if quick { 200 } else { 2000 }).await;
+        t.stop().await;
+    });
+}

@@ -1,0 +1,89 @@
+//! A closed-loop HTTP load generator for the benchmarks: `connections` keep-alive
+//! connections, each sending the next request as soon as the last one is answered.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+
+/// What one load run measured.
+#[derive(Debug, Clone, Copy)]
+pub struct Report {
+    /// Answered requests per second.
+    pub rps: f64,
+    /// Median latency.
+    pub p50: Duration,
+    /// 95th percentile latency.
+    pub p95: Duration,
+    /// 99th percentile latency.
+    pub p99: Duration,
+}
+
+/// Sorts `samples` and reads the given quantile.
+pub fn quantile(samples: &mut [Duration], q: f64) -> Duration {
+    samples.sort();
+    if samples.is_empty() {
+        return Duration::ZERO;
+    }
+    samples[((samples.len() - 1) as f64 * q).round() as usize]
+}
+
+/// POSTs `body` to `path` on `addr` from `connections` connections for `duration`.
+pub async fn run(
+    addr: SocketAddr,
+    path: &str,
+    body: Bytes,
+    connections: usize,
+    duration: Duration,
+) -> Report {
+    let done = Arc::new(AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for _ in 0..connections {
+        let (done, path, body) = (done.clone(), path.to_owned(), body.clone());
+        tasks.push(tokio::spawn(async move {
+            let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+            stream.set_nodelay(true).unwrap();
+            let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                .await
+                .unwrap();
+            tokio::spawn(conn);
+            let mut latencies = Vec::new();
+            while !done.load(Ordering::Relaxed) {
+                let request = hyper::Request::post(path.as_str())
+                    .header("host", "bench")
+                    .header("content-type", "application/json")
+                    .body(Full::new(body.clone()))
+                    .unwrap();
+                let started = Instant::now();
+                let response = sender.send_request(request).await.unwrap();
+                let status = response.status();
+                let bytes = response.into_body().collect().await.unwrap().to_bytes();
+                assert!(
+                    status.is_success(),
+                    "{status}: {}",
+                    String::from_utf8_lossy(&bytes)
+                );
+                latencies.push(started.elapsed());
+            }
+            latencies
+        }));
+    }
+    let started = Instant::now();
+    tokio::time::sleep(duration).await;
+    done.store(true, Ordering::Relaxed);
+    let mut all = Vec::new();
+    for task in tasks {
+        all.extend(task.await.unwrap());
+    }
+    let elapsed = started.elapsed();
+    Report {
+        rps: all.len() as f64 / elapsed.as_secs_f64(),
+        p50: quantile(&mut all, 0.50),
+        p95: quantile(&mut all, 0.95),
+        p99: quantile(&mut all, 0.99),
+    }
+}
