@@ -17,11 +17,8 @@ use bytes::Bytes;
 use wasp_core::{Limits, Mount};
 use wasp_tests::guests::TEXT_EMBEDDINGS;
 use wasp_tests::load::{self, Report, quantile};
-use wasp_tests::{TestServer, minilm_dir};
-use wasp_wasm::{
-    BoxFuture, ErrorCode, GuestError, LogBuffer, ModelInput, ModelOutput, ModelRouter,
-    ProcessorSettings, Request, Role, Runtime, RuntimeConfig,
-};
+use wasp_tests::{NoModels, TestServer, minilm_dir};
+use wasp_wasm::{LogBuffer, ProcessorSettings, Request, Role, Runtime, RuntimeConfig};
 
 const SENTENCE: &str = "A man is riding a white horse on an enclosed ground.";
 
@@ -60,19 +57,6 @@ fn line(label: &str, r: &Report) {
         ms(r.p95),
         ms(r.p99)
     );
-}
-
-struct NoModels;
-
-impl ModelRouter for NoModels {
-    fn infer(
-        &self,
-        _: Arc<str>,
-        model: String,
-        _: ModelInput,
-    ) -> BoxFuture<'static, Result<Vec<ModelOutput>, GuestError>> {
-        Box::pin(async move { Err(GuestError::new(ErrorCode::NotFound, model)) })
-    }
 }
 
 async fn tokenizer_comparison(iterations: usize) {

@@ -20,24 +20,8 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use wasp_core::Limits;
 use wasp_tests::guests::HELLO;
-use wasp_tests::{TestServer, load, spec};
-use wasp_wasm::{
-    BoxFuture, ErrorCode, GuestError, LogBuffer, ModelInput, ModelOutput, ModelRouter, Processor,
-    ProcessorSettings, Request, Role, Runtime, RuntimeConfig,
-};
-
-struct NoModels;
-
-impl ModelRouter for NoModels {
-    fn infer(
-        &self,
-        _: Arc<str>,
-        model: String,
-        _: ModelInput,
-    ) -> BoxFuture<'static, Result<Vec<ModelOutput>, GuestError>> {
-        Box::pin(async move { Err(GuestError::new(ErrorCode::NotFound, format!("no {model}"))) })
-    }
-}
+use wasp_tests::{NoModels, TestServer, load, spec};
+use wasp_wasm::{LogBuffer, Processor, ProcessorSettings, Request, Role, Runtime, RuntimeConfig};
 
 fn processor(pooling: bool) -> Processor {
     let runtime = Runtime::new(RuntimeConfig {

@@ -164,6 +164,26 @@ pub fn spec(name: &str, extra: &str) -> String {
     )
 }
 
+/// A model router for processors run outside a server (benchmarks): every model is missing.
+pub struct NoModels;
+
+impl wasp_wasm::ModelRouter for NoModels {
+    fn infer(
+        &self,
+        _caller: std::sync::Arc<str>,
+        model: String,
+        _input: wasp_wasm::ModelInput,
+    ) -> wasp_wasm::BoxFuture<'static, Result<Vec<wasp_wasm::ModelOutput>, wasp_wasm::GuestError>>
+    {
+        Box::pin(async move {
+            Err(wasp_wasm::GuestError::new(
+                wasp_wasm::ErrorCode::NotFound,
+                format!("model not found: `{model}`"),
+            ))
+        })
+    }
+}
+
 /// The backends of the real binary.
 pub fn backends() -> wasp_backend::Registry {
     let mut registry = wasp_backend::Registry::new();

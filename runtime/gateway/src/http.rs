@@ -673,21 +673,26 @@ async fn serve(
             response
         }
     };
+    record(gateway, name, &version.name, &response, started);
+    response
+}
+
+/// Counts a data-route response and its latency.
+fn record(gateway: &Gateway, endpoint: &str, version: &str, response: &Response, started: Instant) {
     let m = &gateway.metrics;
     m.requests
         .get_or_create(&RequestLabels {
-            endpoint: name.to_owned(),
-            version: version.name.clone(),
+            endpoint: endpoint.to_owned(),
+            version: version.to_owned(),
             code: response.status().as_u16(),
         })
         .inc();
     m.latency
         .get_or_create(&VersionLabels {
-            endpoint: name.to_owned(),
-            version: version.name.clone(),
+            endpoint: endpoint.to_owned(),
+            version: version.to_owned(),
         })
         .observe(started.elapsed().as_secs_f64());
-    response
 }
 
 /// `POST /v2/models/{name}/infer`: tensors straight to the backend (no processor).
@@ -729,20 +734,7 @@ async fn kserve_infer(
         ),
         Err(e) => ApiError::from(Failure::Backend(e)).into_response(),
     };
-    let m = &gateway.metrics;
-    m.requests
-        .get_or_create(&RequestLabels {
-            endpoint: name.clone(),
-            version: version.name.clone(),
-            code: response.status().as_u16(),
-        })
-        .inc();
-    m.latency
-        .get_or_create(&VersionLabels {
-            endpoint: name,
-            version: version.name.clone(),
-        })
-        .observe(started.elapsed().as_secs_f64());
+    record(&gateway, &name, &version.name, &response, started);
     Ok(response)
 }
 
