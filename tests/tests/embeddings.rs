@@ -157,6 +157,21 @@ async fn embeddings_refuse_bad_input_clearly() {
             .status,
         200
     );
+
+    // With TRUNCATE=true the same input is cut to the limit, keeping its closing [SEP].
+    c.deploy_ok(
+        TEXT_EMBEDDINGS,
+        &minilm_spec("cut", "").replace(
+            "guest = \"/model\" }]",
+            "guest = \"/model\" }]\nenv = { MAX_TOKENS = \"8\", TRUNCATE = \"true\" }",
+        ),
+    )
+    .await;
+    let cut =
+        post(json!({ "model": "cut", "input": "this sentence is far longer than eight tokens" }))
+            .await;
+    assert_eq!(cut.status, 200, "{}", cut.text());
+    assert_eq!(cut.json()["usage"]["prompt_tokens"], 8);
     t.stop().await;
 }
 
