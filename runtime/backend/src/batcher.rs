@@ -40,7 +40,9 @@ pub struct Batcher {
 
 impl Batcher {
     /// Starts the batching task. `max_batch` counts rows; 1 turns batching off. A batch
-    /// closes when it is full or `max_delay` after its first request arrived.
+    /// closes when it is full or `max_delay` after its first request arrived; while
+    /// requests come one at a time (the last batch held one and none queued behind it),
+    /// it closes at once instead of waiting for company that is not coming.
     pub fn spawn(backend: Arc<dyn Backend>, max_batch: usize, max_delay: Duration) -> Self {
         let (tx, rx) = mpsc::channel(QUEUE);
         let stats = Arc::new(BatchStats::default());
@@ -91,6 +93,10 @@ async fn run(
     stats: Arc<BatchStats>,
 ) {
     let mut carried: Option<Job> = None;
+    // Whether requests are arriving concurrently. Under a single stream of requests the
+    // batch window would only add latency, so it is waited out only when the last batch
+    // held several requests or more arrived while it ran.
+    let mut contended = true;
     loop {
         let first = match carried.take() {
             Some(job) => job,
@@ -107,6 +113,7 @@ async fn run(
             let next = match rx.try_recv() {
                 Ok(job) => Some(job),
                 Err(mpsc::error::TryRecvError::Disconnected) => None,
+                Err(mpsc::error::TryRecvError::Empty) if !contended => None,
                 Err(mpsc::error::TryRecvError::Empty) => {
                     // A timeout closes the batch like an empty queue does.
                     tokio::time::timeout_at(closes, rx.recv())
@@ -135,6 +142,7 @@ async fn run(
                     "worker thread failed: {e}"
                 )))
             });
+        contended = count > 1 || carried.is_some() || !rx.is_empty();
         stats.batches.fetch_add(1, Ordering::Relaxed);
         stats.requests.fetch_add(count as u64, Ordering::Relaxed);
         stats.rows.fetch_add(rows as u64, Ordering::Relaxed);
@@ -262,6 +270,25 @@ mod tests {
         fire(b, 8, 3).await;
         // Three rows each: at most two requests (6 rows) fit in a batch of 8.
         assert!(rows.sizes.lock().unwrap().iter().all(|&s| s <= 2));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_single_stream_does_not_wait_out_the_window() {
+        let echo = Arc::new(Echo {
+            sizes: Mutex::default(),
+            pause: Duration::ZERO,
+        });
+        let b = Batcher::spawn(echo, 8, Duration::from_millis(500));
+        let started = std::time::Instant::now();
+        for tag in 0..5 {
+            b.infer(input(1, tag)).await.unwrap();
+        }
+        // The first request may wait the 500 ms window; the other four must not (2.5 s).
+        assert!(
+            started.elapsed() < Duration::from_millis(1500),
+            "{:?}",
+            started.elapsed()
+        );
     }
 
     struct Failing;
