@@ -519,15 +519,7 @@ async fn invoke(
     }
     let method = request.method().to_string();
     let headers = visible_headers(request.headers());
-    let body = read_body(request.into_body(), limit, "limits.max_body_bytes")
-        .await
-        .map_err(|e| {
-            if e.status == 413 {
-                body_limit(limit)
-            } else {
-                e
-            }
-        })?;
+    let body = read_version_body(request.into_body(), limit).await?;
     let request = Request {
         method,
         path,
@@ -704,15 +696,7 @@ async fn kserve_infer(
     let started = Instant::now();
     let version = resolve(&gateway, &name)?;
     let limit = version.limits.max_body_bytes;
-    let body = read_body(request.into_body(), limit, "limits.max_body_bytes")
-        .await
-        .map_err(|e| {
-            if e.status == 413 {
-                body_limit(limit)
-            } else {
-                e
-            }
-        })?;
+    let body = read_version_body(request.into_body(), limit).await?;
     let parsed = crate::kserve::parse(&body).map_err(|e| ApiError {
         field: Some(e.field),
         ..ApiError::new(400, "invalid_request", e.message)
@@ -736,6 +720,19 @@ async fn kserve_infer(
     };
     record(&gateway, &name, &version.name, &response, started);
     Ok(response)
+}
+
+/// Reads a body under a version's `limits.max_body_bytes`, naming that field when over.
+async fn read_version_body(body: Incoming, limit: u64) -> Result<Bytes, ApiError> {
+    read_body(body, limit, "limits.max_body_bytes")
+        .await
+        .map_err(|e| {
+            if e.status == 413 {
+                body_limit(limit)
+            } else {
+                e
+            }
+        })
 }
 
 fn body_limit(limit: u64) -> ApiError {
