@@ -80,7 +80,7 @@ async fn a_looping_guest_does_not_stall_other_endpoints() {
     c.deploy_ok(HELLO, &spec("hello", "")).await;
     c.deploy_ok(
         HOSTILE,
-        &spec("hostile", "[versions.limits]\ntimeout_ms = 4000"),
+        &spec("hostile", "[versions.limits]\ntimeout_ms = 10000"),
     )
     .await;
     let spinner = {
