@@ -135,7 +135,8 @@ impl BackendSpec {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CandleBackend {
-    /// A local directory with config.json, tokenizer.json and weights, or a hub reference.
+    /// A local directory with config.json and weights (model.safetensors or
+    /// pytorch_model.bin), or the name of one in the server's models directory.
     pub model: String,
     /// What the model does: `embeddings` or `generate`.
     pub task: String,

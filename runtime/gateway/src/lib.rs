@@ -1,8 +1,9 @@
 //! The wasp server: the HTTP gateway (data routes, control API, health, metrics), the
 //! endpoint registry, and the embedded store that lets endpoints survive a restart.
 //!
-//! It sits above `wasp-core` (specs) and `wasp-wasm` (processors) and below the `wasp`
-//! binary, which only parses flags and calls [`Server::start`].
+//! It sits above `wasp-core` (specs), `wasp-wasm` (processors) and `wasp-backend` (the
+//! backend trait and batcher) and below the `wasp` binary, which parses flags, registers
+//! the concrete backends it was built with, and calls [`Server::start`].
 #![deny(missing_docs)]
 
 mod http;
