@@ -79,6 +79,19 @@ impl TestClient {
         headers: &[(&str, &str)],
         body: impl Into<Bytes>,
     ) -> Reply {
+        self.try_request_with(method, path, headers, body)
+            .await
+            .unwrap()
+    }
+
+    /// Sends a request; `Err` when the connection fails (the server died, say).
+    pub async fn try_request_with(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: impl Into<Bytes>,
+    ) -> Result<Reply, String> {
         let mut builder = hyper::Request::builder()
             .method(method)
             .uri(format!("{}{path}", self.base));
@@ -89,15 +102,20 @@ impl TestClient {
             .http
             .request(builder.body(Full::new(body.into())).unwrap())
             .await
-            .unwrap();
+            .map_err(|e| e.to_string())?;
         let status = response.status().as_u16();
         let headers = response.headers().clone();
-        let body = response.into_body().collect().await.unwrap().to_bytes();
-        Reply {
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?
+            .to_bytes();
+        Ok(Reply {
             status,
             headers,
             body,
-        }
+        })
     }
 
     /// GET.

@@ -81,21 +81,20 @@ impl Client {
         let value: Value = serde_json::from_slice(&bytes)
             .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
         if !status.is_success() {
-            let error = &value["error"];
-            match error["field"].as_str() {
-                Some(field) => bail!(
-                    "{status}: {} (field `{field}`)",
-                    error["message"].as_str().unwrap_or("")
-                ),
-                None => bail!(
-                    "{status}: {}",
-                    error["message"]
-                        .as_str()
-                        .map_or_else(|| value.to_string(), str::to_owned)
-                ),
-            }
+            return Err(api_error(status, &value));
         }
         Ok(value)
+    }
+
+    /// GETs a binary body; an error status fails with the server's message.
+    pub async fn get_bytes(&self, path: &str) -> Result<Bytes> {
+        let (status, bytes) = self.send(Method::GET, path, None, Vec::new()).await?;
+        if !status.is_success() {
+            let value: Value = serde_json::from_slice(&bytes)
+                .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+            return Err(api_error(status, &value));
+        }
+        Ok(bytes)
     }
 
     pub async fn get(&self, path: &str) -> Result<Value> {
@@ -149,5 +148,23 @@ impl Client {
         );
         self.send(Method::POST, &path, Some("application/json"), body)
             .await
+    }
+}
+
+/// The error a failed API call is reported as: the status, the server's message and the
+/// field at fault.
+fn api_error(status: StatusCode, value: &Value) -> anyhow::Error {
+    let error = &value["error"];
+    match error["field"].as_str() {
+        Some(field) => anyhow::anyhow!(
+            "{status}: {} (field `{field}`)",
+            error["message"].as_str().unwrap_or("")
+        ),
+        None => anyhow::anyhow!(
+            "{status}: {}",
+            error["message"]
+                .as_str()
+                .map_or_else(|| value.to_string(), str::to_owned)
+        ),
     }
 }

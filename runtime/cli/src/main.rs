@@ -102,10 +102,33 @@ enum Command {
         #[arg(long, default_value = "")]
         path: String,
     },
+    /// The data directory's store: check it, back it up.
+    Store {
+        #[command(subcommand)]
+        command: StoreCommand,
+    },
     /// Processor development.
     Processor {
         #[command(subcommand)]
         command: ProcessorCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum StoreCommand {
+    /// Checks a data directory no server is using: the database's integrity (repairing
+    /// what can be repaired), every endpoint record, every component against its digest
+    /// (removing corrupt ones), and leftovers of interrupted writes.
+    Check {
+        /// The data directory.
+        #[arg(long, env = "WASP_DATA_DIR", default_value = "data")]
+        data_dir: PathBuf,
+    },
+    /// Makes a consistent backup of a running server's store and the components its
+    /// endpoints use, as a data directory that `wasp serve --data-dir PATH` serves.
+    Backup {
+        /// A new (or empty) directory.
+        path: PathBuf,
     },
 }
 
@@ -143,6 +166,9 @@ fn real_main() -> Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
+    // A panic is a bug; it goes to the log like any other error, and the code that can
+    // contain one (a storage engine reading a mangled file, say) reports it in its own words.
+    std::panic::set_hook(Box::new(|info| tracing::error!(target: "panic", "{info}")));
     let cli = Cli::parse();
     if let Command::Processor {
         command:
@@ -161,6 +187,12 @@ fn real_main() -> Result<()> {
             created.display()
         );
         return Ok(());
+    }
+    if let Command::Store {
+        command: StoreCommand::Check { data_dir },
+    } = &cli.command
+    {
+        return store_check(data_dir);
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -275,8 +307,95 @@ async fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Command::Processor { .. } => Ok(()),
+        Command::Store {
+            command: StoreCommand::Backup { path },
+        } => store_backup(&client, &path).await,
+        Command::Processor { .. } | Command::Store { .. } => Ok(()),
     }
+}
+
+/// `wasp store check`: offline, on a directory no server holds.
+fn store_check(data_dir: &Path) -> Result<()> {
+    let report = wasp_gateway::store::Store::check(data_dir)?;
+    println!(
+        "store: {}",
+        if report.repaired {
+            "failed its integrity check; repaired"
+        } else {
+            "intact"
+        }
+    );
+    println!("endpoints: {} records, all readable", report.endpoints);
+    println!(
+        "components: {} checked, {} corrupt",
+        report.components,
+        report.corrupt_components.len()
+    );
+    for digest in &report.corrupt_components {
+        println!("  removed corrupt sha256:{digest}: upload it again (`wasp deploy` does)");
+    }
+    if report.swept > 0 {
+        println!("removed {} leftovers of interrupted writes", report.swept);
+    }
+    if !report.corrupt_components.is_empty() {
+        bail!(
+            "{} corrupt components were removed",
+            report.corrupt_components.len()
+        );
+    }
+    Ok(())
+}
+
+/// `wasp store backup PATH`: the server's store snapshot, then every component its
+/// endpoints name, each checked against its digest.
+async fn store_backup(client: &Client, path: &Path) -> Result<()> {
+    use wasp_gateway::store::{DB_FILE, Store};
+    if path.exists()
+        && std::fs::read_dir(path)
+            .with_context(|| format!("cannot read {}", path.display()))?
+            .next()
+            .is_some()
+    {
+        bail!(
+            "{} is not empty; back up into a new directory",
+            path.display()
+        );
+    }
+    std::fs::create_dir_all(path).with_context(|| format!("cannot create {}", path.display()))?;
+    let snapshot = client.get_bytes("/api/v1/store/snapshot").await?;
+    wasp_core::files::write_atomic(&path.join(DB_FILE), &snapshot)
+        .with_context(|| format!("cannot write {}", path.join(DB_FILE).display()))?;
+    let store = Store::open(path)?;
+    let endpoints = store.endpoints()?;
+    let mut digests: Vec<String> = endpoints
+        .iter()
+        .flat_map(|e| &e.spec.versions)
+        .filter_map(|v| match v.processor.as_ref().map(|p| &p.component) {
+            Some(ComponentRef::Digest(hex)) => Some(hex.clone()),
+            _ => None,
+        })
+        .collect();
+    digests.sort();
+    digests.dedup();
+    for digest in &digests {
+        let bytes = client
+            .get_bytes(&format!("/api/v1/components/sha256:{digest}"))
+            .await
+            .with_context(|| format!("cannot download component sha256:{digest}"))?;
+        let stored = store.put_component(&bytes)?;
+        if &stored != digest {
+            bail!("the server sent other bytes for component sha256:{digest}");
+        }
+    }
+    store.close();
+    println!(
+        "backed up {} endpoints and {} components to {}; serve it with `wasp serve --data-dir {}`",
+        endpoints.len(),
+        digests.len(),
+        path.display(),
+        path.display()
+    );
+    Ok(())
 }
 
 /// The model backends compiled into this binary.

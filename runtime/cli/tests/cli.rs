@@ -2,58 +2,12 @@
 //! and drive the server with every CLI command.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::io::{BufRead, BufReader};
+mod common;
+
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::Command;
 
-const WASP: &str = env!("CARGO_BIN_EXE_wasp");
-
-fn wasp(server: &str, args: &[&str]) -> Output {
-    Command::new(WASP)
-        .arg("--server")
-        .arg(server)
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn ok(output: Output) -> String {
-    assert!(
-        output.status.success(),
-        "failed: {}\n{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8(output.stdout).unwrap()
-}
-
-struct Serve(Child);
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn serve(data: &Path) -> (Serve, String) {
-    let mut child = Command::new(WASP)
-        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(data)
-        .env("WASP_LOG", "warn")
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let mut line = String::new();
-    BufReader::new(stdout).read_line(&mut line).unwrap();
-    let url = line
-        .trim()
-        .strip_prefix("wasp listening on ")
-        .unwrap_or_else(|| panic!("unexpected first line: {line}"))
-        .to_owned();
-    (Serve(child), url)
-}
+use common::{Serve, WASP, ok, wasp};
 
 #[test]
 fn scaffold_build_deploy_and_drive_with_the_cli() {
@@ -97,7 +51,8 @@ fn scaffold_build_deploy_and_drive_with_the_cli() {
     std::fs::write(dir.join("endpoint.toml"), spec).unwrap();
 
     let data = work.path().join("data");
-    let (_server, url) = serve(&data);
+    let server = Serve::start(&data);
+    let url = server.url.clone();
     let deployed = ok(wasp(
         &url,
         &["deploy", dir.join("endpoint.toml").to_str().unwrap()],
@@ -153,16 +108,8 @@ fn scaffold_build_deploy_and_drive_with_the_cli() {
 #[test]
 fn serve_shuts_down_cleanly_on_sigterm() {
     let data = tempfile::tempdir().unwrap();
-    let (mut server, url) = serve(data.path());
-    assert!(ok(wasp(&url, &["ls"])).starts_with("NAME"));
-    let pid = server.0.id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
-    let status = server.0.wait().unwrap();
+    let server = Serve::start(data.path());
+    assert!(ok(wasp(&server.url, &["ls"])).starts_with("NAME"));
+    let status = server.terminate();
     assert!(status.success(), "exit status {status}");
 }

@@ -81,6 +81,17 @@ impl ApiError {
 
 impl From<Error> for ApiError {
     fn from(e: Error) -> Self {
+        // The client gets the operation and the cause; the log also gets the file.
+        match &e {
+            Error::StorageFull {
+                path: Some(path), ..
+            }
+            | Error::Io {
+                path: Some(path), ..
+            } => tracing::error!(path = %path.display(), "{e}"),
+            _ if e.status() >= 500 => tracing::error!("{e}"),
+            _ => {}
+        }
         Self {
             status: e.status(),
             code: e.code(),
@@ -194,6 +205,21 @@ async fn route(
                 &json!({ "digest": format!("sha256:{digest}"), "size": size }),
             ))
         }
+        (["api", "v1", "components", digest], &Method::GET) => {
+            let digest = decode(digest)?;
+            let hex = digest.strip_prefix("sha256:").unwrap_or(&digest);
+            let bytes = gateway.download_component(hex).await.map_err(|e| match e {
+                Error::UnknownComponent(_) | Error::CorruptComponent(_) => {
+                    ApiError::new(404, "component_not_found", e.to_string())
+                }
+                other => other.into(),
+            })?;
+            Ok(text_response(200, "application/wasm", bytes))
+        }
+        (["api", "v1", "store", "snapshot"], &Method::GET) => {
+            let bytes = gateway.store_snapshot().await?;
+            Ok(text_response(200, "application/octet-stream", bytes))
+        }
         (["api", "v1", "endpoints"], &Method::GET) => {
             let list: Vec<Value> = gateway.endpoints().iter().map(|d| summary(d)).collect();
             Ok(json_response(200, &json!({ "endpoints": list })))
@@ -263,6 +289,8 @@ async fn route(
         }
         (["healthz" | "metrics"], _)
         | (["api", "v1", "components" | "endpoints"], _)
+        | (["api", "v1", "components", _], _)
+        | (["api", "v1", "store", "snapshot"], _)
         | (["api", "v1", "endpoints", _, "stop" | "start" | "logs"], _) => {
             Err(method_not_allowed(&method, &path))
         }

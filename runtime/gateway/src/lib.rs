@@ -74,15 +74,39 @@ pub enum Error {
     /// The embedded store failed.
     #[error("store: {0}")]
     Store(String),
-    /// A file in the data directory could not be read or written.
-    #[error("{path}: {source}")]
+    /// The store is out of use for now (it is reopened after an I/O error); retrying later
+    /// helps.
+    #[error("{0}")]
+    StoreUnavailable(String),
+    /// The store could not be opened at start; the message says what to do.
+    #[error("{0}")]
+    OpenStore(String),
+    /// The data directory is full: nothing was written, what was there is intact.
+    #[error("{what}: the data directory is full; free space or grow its volume, then retry")]
+    StorageFull {
+        /// The operation that needed the space.
+        what: String,
+        /// The file it was writing, for the server's log (never shown to clients).
+        path: Option<std::path::PathBuf>,
+    },
+    /// A file in the data directory could not be read or written. The message names the
+    /// operation, never the host path.
+    #[error("{what}: {}", wasp_core::files::describe_io(source))]
     Io {
-        /// The file.
-        path: std::path::PathBuf,
+        /// The operation that failed.
+        what: String,
+        /// The file, for the server's log (never shown to clients).
+        path: Option<std::path::PathBuf>,
         /// The I/O error.
         #[source]
         source: std::io::Error,
     },
+    /// A stored component no longer matched its digest; it was removed.
+    #[error(
+        "the stored copy of component sha256:{0} was corrupt (its bytes no longer match their \
+         digest) and has been removed; upload it again with PUT /api/v1/components"
+    )]
+    CorruptComponent(String),
     /// The wasm runtime could not start.
     #[error(transparent)]
     Runtime(wasp_wasm::Error),
@@ -98,6 +122,23 @@ pub enum Error {
 }
 
 impl Error {
+    /// A failed read or write in the data directory: [`Error::StorageFull`] when the disk
+    /// is full, else [`Error::Io`]. `what` names the operation for the client.
+    pub fn io(what: &str, path: Option<std::path::PathBuf>, source: std::io::Error) -> Self {
+        if wasp_core::files::is_storage_full(&source) {
+            Self::StorageFull {
+                what: what.to_owned(),
+                path,
+            }
+        } else {
+            Self::Io {
+                what: what.to_owned(),
+                path,
+                source,
+            }
+        }
+    }
+
     /// The HTTP status this error is answered with.
     pub fn status(&self) -> u16 {
         match self {
@@ -105,12 +146,19 @@ impl Error {
             Self::Spec(SpecError::Invalid { .. })
             | Self::Invalid { .. }
             | Self::UnknownComponent(_)
+            | Self::CorruptComponent(_)
             | Self::Component { .. }
             | Self::Warm { .. }
             | Self::Backend { .. } => 422,
             Self::NotFound(_) => 404,
             Self::Conflict(_) => 409,
-            Self::Store(_) | Self::Io { .. } | Self::Runtime(_) | Self::Bind { .. } => 500,
+            Self::StorageFull { .. } => 507,
+            Self::StoreUnavailable(_) => 503,
+            Self::Store(_)
+            | Self::OpenStore(_)
+            | Self::Io { .. }
+            | Self::Runtime(_)
+            | Self::Bind { .. } => 500,
         }
     }
 
@@ -131,10 +179,16 @@ impl Error {
             Self::NotFound(_) => "endpoint_not_found",
             Self::Conflict(_) => "endpoint_exists",
             Self::UnknownComponent(_) => "unknown_component",
+            Self::CorruptComponent(_) => "corrupt_component",
+            Self::StorageFull { .. } => "insufficient_storage",
+            Self::StoreUnavailable(_) => "store_unavailable",
+            Self::Io { .. } => "storage_error",
             Self::Component { .. } => "invalid_component",
             Self::Warm { .. } => "processor_failed",
             Self::Backend { .. } => "backend_failed",
-            Self::Store(_) | Self::Io { .. } | Self::Runtime(_) | Self::Bind { .. } => "internal",
+            Self::Store(_) | Self::OpenStore(_) | Self::Runtime(_) | Self::Bind { .. } => {
+                "internal"
+            }
         }
     }
 }

@@ -49,6 +49,13 @@ pub struct InstanceLabels {
     pub state: String,
 }
 
+/// Labels of an integrity failure.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FileLabels {
+    /// What kind of file failed its check (`component`, `compiled_component`).
+    pub file: String,
+}
+
 /// Every metric the server exports.
 pub struct Metrics {
     registry: Registry,
@@ -72,6 +79,8 @@ pub struct Metrics {
     pub compiles: Counter,
     /// Components loaded from the compiled cache.
     pub cache_hits: Counter,
+    /// Files in the data directory that failed their check and were discarded.
+    pub integrity_failures: Family<FileLabels, Counter>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -147,6 +156,12 @@ impl Metrics {
             "Components loaded from the compiled cache",
             cache_hits.clone(),
         );
+        let integrity_failures = Family::<FileLabels, Counter>::default();
+        registry.register(
+            "integrity_failures",
+            "Files in the data directory that failed their check and were discarded",
+            integrity_failures.clone(),
+        );
         Self {
             registry,
             requests,
@@ -159,6 +174,7 @@ impl Metrics {
             backend_queued,
             compiles,
             cache_hits,
+            integrity_failures,
         }
     }
 

@@ -275,6 +275,23 @@ impl Gateway {
         blocking(move || this.store.put_component(&bytes)).await
     }
 
+    /// The bytes of an uploaded component, checked against its digest (hex SHA-256).
+    pub async fn download_component(self: &Arc<Self>, digest: &str) -> Result<Vec<u8>, Error> {
+        let (this, key) = (self.clone(), digest.to_owned());
+        let result = blocking(move || this.store.component(&key)).await;
+        if matches!(result, Err(Error::CorruptComponent(_))) {
+            self.integrity_failure("component");
+        }
+        result
+    }
+
+    /// A consistent copy of the store's database (see [`Store::snapshot`]), taken while
+    /// serving.
+    pub async fn store_snapshot(self: &Arc<Self>) -> Result<Vec<u8>, Error> {
+        let this = self.clone();
+        blocking(move || this.store.snapshot()).await
+    }
+
     /// Deploys `spec`: builds every version's processor, warms its instances, writes the
     /// spec to the store, then swaps it in. `replace` allows an existing endpoint of the
     /// same name to be replaced; requests in flight on it finish on the old version.
@@ -421,13 +438,22 @@ impl Gateway {
                     });
                 }
             };
-            let bytes = self.store.component(&digest).map_err(|e| match e {
-                Error::UnknownComponent(_) => Error::Invalid {
-                    field: at("processor.component"),
-                    message: e.to_string(),
-                },
-                other => other,
-            })?;
+            let (this, key) = (self.clone(), digest.clone());
+            let bytes =
+                blocking(move || this.store.component(&key))
+                    .await
+                    .map_err(|e| match e {
+                        Error::UnknownComponent(_) | Error::CorruptComponent(_) => {
+                            if matches!(e, Error::CorruptComponent(_)) {
+                                self.integrity_failure("component");
+                            }
+                            Error::Invalid {
+                                field: at("processor.component"),
+                                message: e.to_string(),
+                            }
+                        }
+                        other => other,
+                    })?;
             // Compiling is CPU-bound for up to seconds: keep it off the async workers.
             let (this, key) = (self.clone(), digest.clone());
             let loaded =
@@ -442,6 +468,9 @@ impl Gateway {
                 self.metrics.cache_hits.inc();
             } else {
                 self.metrics.compiles.inc();
+            }
+            if loaded.discarded_cache.is_some() {
+                self.integrity_failure("compiled_component");
             }
             for (j, mount) in processor.mounts.iter().enumerate() {
                 if !mount.host.is_dir() {
@@ -525,6 +554,13 @@ impl Gateway {
             logs,
             error: None,
         })
+    }
+
+    fn integrity_failure(&self, file: &str) {
+        self.metrics
+            .integrity_failures
+            .get_or_create(&crate::metrics::FileLabels { file: file.into() })
+            .inc();
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, Arc<Deployment>>> {

@@ -48,9 +48,11 @@ pub struct Server {
 impl Server {
     /// Opens the data directory (loading every stored endpoint), binds, and serves.
     pub async fn start(config: ServerConfig) -> Result<Self, Error> {
-        std::fs::create_dir_all(&config.data_dir).map_err(|source| Error::Io {
-            path: config.data_dir.clone(),
-            source,
+        std::fs::create_dir_all(&config.data_dir).map_err(|e| {
+            Error::OpenStore(format!(
+                "cannot create the data directory {}: {e}",
+                config.data_dir.display()
+            ))
         })?;
         let models_dir = config
             .models_dir

@@ -26,7 +26,8 @@ const DECOMMIT_BATCH: usize = 16;
 /// Engine-wide settings.
 #[derive(Debug, Clone)]
 pub struct RuntimeConfig {
-    /// Directory for compiled components (`*.cwasm`); `None` compiles on every load.
+    /// Directory for compiled components (`*.cwasm`); `None` compiles on every load. The
+    /// runtime must be its only writer: it sweeps unfinished writes from it at start.
     pub cache_dir: Option<PathBuf>,
     /// Use the pooling instance allocator (fast instantiation from pre-reserved slots).
     /// `false` allocates each instance on demand.
@@ -57,6 +58,9 @@ pub struct LoadedComponent {
     pub(crate) component: Component,
     /// `true` when it was deserialised from the cache rather than compiled.
     pub from_cache: bool,
+    /// Why a cached file was discarded (it failed its checksum or wasmtime's checks), when
+    /// one was.
+    pub discarded_cache: Option<String>,
 }
 
 /// The shared engine and linker; one per process.
@@ -126,10 +130,16 @@ impl Runtime {
         let engine_key = format!("{:016x}", hasher.finish());
 
         if let Some(dir) = &config.cache_dir {
-            std::fs::create_dir_all(dir).map_err(|source| Error::Cache {
+            let err = |source| Error::Cache {
                 path: dir.clone(),
                 source,
-            })?;
+            };
+            std::fs::create_dir_all(dir).map_err(err)?;
+            // Writes a crash interrupted (the directory's owner is the only writer).
+            let swept = wasp_core::files::sweep_temporaries(dir).map_err(err)?;
+            if swept > 0 {
+                tracing::info!(dir = %dir.display(), swept, "removed unfinished cache writes");
+            }
         }
 
         let ticker_stop = Arc::new(AtomicBool::new(false));
@@ -155,37 +165,68 @@ impl Runtime {
 
     /// Compiles `wasm` (CPU-heavy: call from a blocking thread), or loads the compiled
     /// form that an earlier call cached under `key` (the component's content digest).
+    ///
+    /// A cached file is used only when its checksum matches its bytes: wasmtime checks a
+    /// compiled artefact's header and trusts the rest, so a torn write or bit rot in its
+    /// code would crash the process on the first call. A file that fails the check is
+    /// removed, and the component compiled and cached again. Failing to write the cache
+    /// is not an error: the component is served, compiled again at the next start.
     pub fn load_component(&self, key: &str, wasm: &[u8]) -> Result<LoadedComponent> {
         let cached = self.cache_path(key);
-        if let Some(path) = &cached
-            && path.exists()
-        {
-            // SAFETY: the file was written by `Component::serialize` of an engine with the
-            // same compatibility hash (it is in the file name) into the runtime's own data
-            // directory; wasmtime still checks its header before use.
-            match unsafe { Component::deserialize_file(&self.engine, path) } {
-                Ok(component) => {
-                    return Ok(LoadedComponent {
-                        component,
-                        from_cache: true,
-                    });
+        let mut discarded = None;
+        if let Some(path) = &cached {
+            match read_cached(path) {
+                Ok(Some(verified)) => {
+                    // SAFETY: `verified` is exactly what `Component::serialize` of an
+                    // engine with the same compatibility hash (it is in the file name)
+                    // wrote: its SHA-256 matched the one stored beside it.
+                    match unsafe { Component::deserialize(&self.engine, verified) } {
+                        Ok(component) => {
+                            return Ok(LoadedComponent {
+                                component,
+                                from_cache: true,
+                                discarded_cache: None,
+                            });
+                        }
+                        Err(e) => discarded = Some(format!("{e:#}")),
+                    }
                 }
-                Err(e) => {
-                    tracing::warn!(path = %path.display(), "ignoring cached component: {e:#}")
+                Ok(None) => {}
+                Err(reason) => discarded = Some(reason),
+            }
+            if let Some(reason) = &discarded {
+                tracing::warn!(
+                    path = %path.display(),
+                    "discarding a compiled component that failed its check ({reason}); \
+                     compiling it again"
+                );
+                if let Err(e) = std::fs::remove_file(path)
+                    && e.kind() != std::io::ErrorKind::NotFound
+                {
+                    tracing::warn!(path = %path.display(), "cannot remove it: {e}");
                 }
             }
         }
         let component =
             Component::new(&self.engine, wasm).map_err(|e| Error::Compile(chain(&e)))?;
         if let Some(path) = &cached {
-            let bytes = component
-                .serialize()
-                .map_err(|e| Error::Compile(chain(&e)))?;
-            write_atomic(path, &bytes)?;
+            match component.serialize() {
+                Ok(bytes) => {
+                    if let Err(e) = write_cached(path, &bytes) {
+                        tracing::warn!(
+                            path = %path.display(),
+                            "cannot cache the compiled component (it will be compiled again \
+                             at the next start): {e}"
+                        );
+                    }
+                }
+                Err(e) => tracing::warn!("cannot serialise a compiled component: {e:#}"),
+            }
         }
         Ok(LoadedComponent {
             component,
             from_cache: false,
+            discarded_cache: discarded,
         })
     }
 
@@ -202,15 +243,61 @@ impl Runtime {
     }
 }
 
-/// Writes a file so that readers see either nothing or all of it.
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let err = |source| Error::Cache {
-        path: path.to_owned(),
-        source,
+/// First bytes of a compiled-component file: wasp's own header, version 1.
+const CACHE_MAGIC: &[u8; 8] = b"WASPCW\x00\x01";
+/// The header: magic, then the SHA-256 of the payload (wasmtime's serialised component).
+const CACHE_HEADER: usize = CACHE_MAGIC.len() + 32;
+
+/// Writes a compiled component behind wasp's header, atomically and durably.
+fn write_cached(path: &Path, payload: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let digest = wasp_core::files::sha256(payload);
+    wasp_core::files::write_atomic_with(path, |file| {
+        file.write_all(CACHE_MAGIC)?;
+        file.write_all(&digest)?;
+        file.write_all(payload)
+    })
+}
+
+/// Reads a compiled component and checks it: `Ok(None)` when there is none, `Err` with the
+/// reason when it is not intact, else the payload that matched its checksum.
+fn read_cached(path: &Path) -> std::result::Result<Option<Vec<u8>>, String> {
+    let mut bytes = match std::fs::read(path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("cannot read it: {e}")),
     };
-    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let unique = NEXT.fetch_add(1, Ordering::Relaxed);
-    let tmp = path.with_extension(format!("tmp{}-{unique}", std::process::id()));
-    std::fs::write(&tmp, bytes).map_err(err)?;
-    std::fs::rename(&tmp, path).map_err(err)
+    if bytes.len() < CACHE_HEADER || &bytes[..CACHE_MAGIC.len()] != CACHE_MAGIC {
+        return Err("it has no wasp header (truncated, or not written by wasp)".into());
+    }
+    let payload = &bytes[CACHE_HEADER..];
+    if wasp_core::files::sha256(payload)[..] != bytes[CACHE_MAGIC.len()..CACHE_HEADER] {
+        return Err("its checksum does not match its bytes".into());
+    }
+    bytes.drain(..CACHE_HEADER);
+    Ok(Some(bytes))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn cached_files_are_checked_before_use() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.cwasm");
+        assert_eq!(read_cached(&path), Ok(None));
+        write_cached(&path, b"payload bytes").unwrap();
+        assert_eq!(read_cached(&path).unwrap().unwrap(), b"payload bytes");
+
+        let mut bytes = std::fs::read(&path).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 1;
+        std::fs::write(&path, &bytes).unwrap();
+        assert!(read_cached(&path).unwrap_err().contains("checksum"));
+
+        std::fs::write(&path, &bytes[..20]).unwrap();
+        assert!(read_cached(&path).unwrap_err().contains("header"));
+    }
 }

@@ -1,0 +1,138 @@
+//! The real `wasp` binary as a test fixture: start `wasp serve` on a data directory, wait
+//! for it to listen, stop it gracefully or with `kill -9`, and read what it logged.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+
+/// The binary under test.
+pub const WASP: &str = env!("CARGO_BIN_EXE_wasp");
+
+/// Runs a CLI command against `server`.
+pub fn wasp(server: &str, args: &[&str]) -> Output {
+    Command::new(WASP)
+        .arg("--server")
+        .arg(server)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// Asserts success and returns standard output.
+pub fn ok(output: Output) -> String {
+    assert!(
+        output.status.success(),
+        "failed: {}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap()
+}
+
+/// A running `wasp serve`; killed when dropped.
+pub struct Serve {
+    child: Child,
+    /// `http://127.0.0.1:PORT`.
+    pub url: String,
+    /// Its address.
+    pub addr: std::net::SocketAddr,
+    /// Where its standard error goes.
+    pub log: PathBuf,
+}
+
+/// How a `wasp serve` that did not come up ended.
+#[derive(Debug)]
+pub struct Refused {
+    /// Its exit status.
+    pub status: ExitStatus,
+    /// What it wrote to standard error.
+    pub stderr: String,
+}
+
+impl Serve {
+    /// Starts `wasp serve` on `data` and waits until it listens; panics if it does not.
+    pub fn start(data: &Path) -> Self {
+        Self::try_start(data, &[]).unwrap_or_else(|refused| {
+            panic!(
+                "wasp serve did not start ({}):\n{}",
+                refused.status, refused.stderr
+            )
+        })
+    }
+
+    /// Starts `wasp serve` on `data` with `extra` flags; `Err` with its exit status and
+    /// standard error when it exits instead of listening.
+    pub fn try_start(data: &Path, extra: &[&str]) -> Result<Self, Refused> {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let log = std::env::temp_dir().join(format!("wasp-test-{}-{n}.log", std::process::id()));
+        let mut child = Command::new(WASP)
+            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(data)
+            .args(extra)
+            .env("WASP_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line).unwrap();
+        match line.trim().strip_prefix("wasp listening on ") {
+            Some(url) => {
+                let url = url.to_owned();
+                let addr = url.trim_start_matches("http://").parse().unwrap();
+                Ok(Self {
+                    child,
+                    url,
+                    addr,
+                    log,
+                })
+            }
+            None => {
+                let status = child.wait().unwrap();
+                let stderr = std::fs::read_to_string(&log).unwrap_or_default();
+                let _ = std::fs::remove_file(&log);
+                Err(Refused { status, stderr })
+            }
+        }
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// `kill -9`: no shutdown, no flush, nothing.
+    pub fn kill9(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then waits; returns the exit status.
+    pub fn terminate(mut self) -> ExitStatus {
+        let pid = self.child.id().to_string();
+        assert!(
+            Command::new("kill")
+                .args(["-TERM", &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+        self.child.wait().unwrap()
+    }
+
+    /// What it has written to standard error so far.
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.log);
+    }
+}
