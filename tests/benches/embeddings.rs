@@ -3,7 +3,11 @@
 //! 1. `/v1/embeddings` throughput and p50/p95/p99 at concurrency 1, 8 and 32, with dynamic
 //!    batching on (max_batch 32) and off (max_batch 1);
 //! 2. wasp against a Python sentence-transformers server (`scripts/st-server.py`) on the
-//!    same machine, when `WASP_BENCH_PYTHON` names a Python that has sentence-transformers;
+//!    same machine, when `WASP_BENCH_PYTHON` names a Python that has sentence-transformers.
+//!    The peer runs as its users would run it in production: dynamic batching with wasp's
+//!    own settings (32 rows, 2 ms window, no wait while requests come one at a time),
+//!    TCP_NODELAY, torch on every core. Its in-process `model.encode` at batch 1 and 32 is
+//!    printed as the ceiling of any server around the model;
 //! 3. the tokenizer processor's pre-processing (wasm) against the same tokenizer crate
 //!    called natively.
 //!
@@ -164,7 +168,7 @@ async fn python_baseline(wasp: std::net::SocketAddr, seconds: Duration) {
         .unwrap()
         .port();
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/st-server.py");
-    let mut child = std::process::Command::new(python)
+    let mut child = std::process::Command::new(&python)
         .arg(script)
         .arg(minilm_dir())
         .arg(port.to_string())
@@ -182,6 +186,10 @@ async fn python_baseline(wasp: std::net::SocketAddr, seconds: Duration) {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let _ = client.post("/v1/embeddings", body("st")).await;
+    println!(
+        "python peer: scripts/st-server.py, dynamic batching max 32 rows / 2 ms (no wait while \
+         requests come one at a time), TCP_NODELAY, torch threads = cores"
+    );
     for c in [1, 8, 32] {
         let py = load::run(addr, "/v1/embeddings", body("st"), c, seconds).await;
         let ours = load::run(wasp, "/v1/embeddings", body("batched"), c, seconds).await;
@@ -195,6 +203,23 @@ async fn python_baseline(wasp: std::net::SocketAddr, seconds: Duration) {
     }
     let _ = child.kill();
     let _ = child.wait();
+
+    // The ceiling: `model.encode` in-process, no HTTP, no JSON, on the same sentence.
+    let output = std::process::Command::new(&python)
+        .arg(script)
+        .arg(minilm_dir())
+        .args(["--ceiling", "--seconds", &seconds.as_secs().to_string()])
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .unwrap();
+    let ceiling: serde_json::Value = serde_json::from_slice(&output.stdout)
+        .unwrap_or_else(|_| panic!("ceiling: {}", String::from_utf8_lossy(&output.stderr)));
+    println!(
+        "python in-process encode (ceiling, {} torch threads): batch 1 {:.1} sentences/s, batch 32 {:.1} sentences/s",
+        ceiling["threads"],
+        ceiling["batch1"].as_f64().unwrap_or(0.0),
+        ceiling["batch32"].as_f64().unwrap_or(0.0)
+    );
 }
 
 fn main() {
