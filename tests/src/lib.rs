@@ -250,8 +250,21 @@ impl TestServer {
         server
     }
 
+    /// Starts a server on a fresh data directory with these HTTP limits.
+    pub async fn start_with(http: wasp_gateway::HttpLimits) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().to_path_buf();
+        let mut server = Self::start_in_with(&path, http).await;
+        server._dir = Some(dir);
+        server
+    }
+
     /// Starts a server on `data_dir` (which the caller keeps).
     pub async fn start_in(data_dir: &Path) -> Self {
+        Self::start_in_with(data_dir, wasp_gateway::HttpLimits::default()).await
+    }
+
+    async fn start_in_with(data_dir: &Path, http: wasp_gateway::HttpLimits) -> Self {
         let server = Server::start(ServerConfig {
             listen: "127.0.0.1:0".parse().unwrap(),
             data_dir: data_dir.to_path_buf(),
@@ -261,6 +274,7 @@ impl TestServer {
             },
             backends: backends(),
             models_dir: Some(models_dir()),
+            http,
         })
         .await
         .unwrap();

@@ -1,6 +1,7 @@
 //! `wasp`: runs the server (`wasp serve`) and speaks to its API (everything else).
 
 mod client;
+mod output;
 mod scaffold;
 
 use std::net::SocketAddr;
@@ -25,8 +26,28 @@ struct Cli {
         default_value = "http://127.0.0.1:8080"
     )]
     server: String,
+    /// How results are printed: tables for people, or the API's JSON for scripts.
+    #[arg(long, short, global = true, value_enum, default_value = "table")]
+    output: output::Format,
+    /// Log format of `wasp serve`: `text` (ANSI colours only on a terminal) or `json` (one
+    /// object per line, for log shippers).
+    #[arg(
+        long,
+        global = true,
+        env = "WASP_LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+/// Log formats of the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -107,6 +128,11 @@ enum Command {
         #[command(subcommand)]
         command: StoreCommand,
     },
+    /// Prints a shell completion script (`wasp completions bash > /etc/bash_completion.d/wasp`).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
     /// Processor development.
     Processor {
         #[command(subcommand)]
@@ -159,17 +185,25 @@ fn main() -> std::process::ExitCode {
 }
 
 fn real_main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("WASP_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    use std::io::IsTerminal;
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("WASP_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Json => logs.json().init(),
+        LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
+    }
     // A panic is a bug; it goes to the log like any other error, and the code that can
     // contain one (a storage engine reading a mangled file, say) reports it in its own words.
     std::panic::set_hook(Box::new(|info| tracing::error!(target: "panic", "{info}")));
-    let cli = Cli::parse();
+    if let Command::Completions { shell } = &cli.command {
+        use clap::CommandFactory;
+        clap_complete::generate(*shell, &mut Cli::command(), "wasp", &mut std::io::stdout());
+        return Ok(());
+    }
     if let Command::Processor {
         command:
             ProcessorCommand::New {
@@ -203,6 +237,7 @@ fn real_main() -> Result<()> {
 
 async fn run(cli: Cli) -> Result<()> {
     let client = Client::new(&cli.server)?;
+    let print = output::Printer::new(cli.output);
     match cli.command {
         Command::Serve {
             listen,
@@ -222,6 +257,7 @@ async fn run(cli: Cli) -> Result<()> {
                 },
                 backends: backends(),
                 models_dir,
+                http: wasp_gateway::HttpLimits::default(),
             };
             serve(config, deploy).await
         }
@@ -233,25 +269,15 @@ async fn run(cli: Cli) -> Result<()> {
             })
             .await?;
             let body = client.put_spec(&spec).await?;
-            print_json(&body);
+            print.endpoint(&body);
             Ok(())
         }
         Command::Ls => {
-            let body = client.get("/api/v1/endpoints").await?;
-            let list = body["endpoints"].as_array().cloned().unwrap_or_default();
-            println!("{:<32} {:<11} URL", "NAME", "STATUS");
-            for e in list {
-                println!(
-                    "{:<32} {:<11} {}",
-                    e["name"].as_str().unwrap_or(""),
-                    e["status"].as_str().unwrap_or(""),
-                    e["url"].as_str().unwrap_or("")
-                );
-            }
+            print.endpoints(&client.get("/api/v1/endpoints").await?);
             Ok(())
         }
         Command::Status { name } => {
-            print_json(&client.get(&client::endpoint_path(&name, "")).await?);
+            print.endpoint(&client.get(&client::endpoint_path(&name, "")).await?);
             Ok(())
         }
         Command::Rm { name } => {
@@ -260,25 +286,16 @@ async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Stop { name } => {
-            print_json(&client.post(&client::endpoint_path(&name, "/stop")).await?);
+            print.endpoint(&client.post(&client::endpoint_path(&name, "/stop")).await?);
             Ok(())
         }
         Command::Start { name } => {
-            print_json(&client.post(&client::endpoint_path(&name, "/start")).await?);
+            print.endpoint(&client.post(&client::endpoint_path(&name, "/start")).await?);
             Ok(())
         }
         Command::Logs { name, limit } => {
             let path = client::endpoint_path(&name, &format!("/logs?limit={limit}"));
-            let body = client.get(&path).await?;
-            for r in body["logs"].as_array().cloned().unwrap_or_default() {
-                println!(
-                    "{} {:<5} [{}] {}",
-                    r["at_ms"],
-                    r["level"].as_str().unwrap_or(""),
-                    r["version"].as_str().unwrap_or(""),
-                    r["message"].as_str().unwrap_or("")
-                );
-            }
+            print.logs(&client.get(&path).await?);
             Ok(())
         }
         Command::Invoke {
@@ -310,7 +327,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Store {
             command: StoreCommand::Backup { path },
         } => store_backup(&client, &path).await,
-        Command::Processor { .. } | Command::Store { .. } => Ok(()),
+        Command::Processor { .. } | Command::Store { .. } | Command::Completions { .. } => Ok(()),
     }
 }
 
@@ -509,11 +526,4 @@ where
         }
     }
     Ok(spec)
-}
-
-fn print_json(value: &serde_json::Value) {
-    match serde_json::to_string_pretty(value) {
-        Ok(text) => println!("{text}"),
-        Err(_) => println!("{value}"),
-    }
 }

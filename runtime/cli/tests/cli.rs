@@ -55,7 +55,12 @@ fn scaffold_build_deploy_and_drive_with_the_cli() {
     let url = server.url.clone();
     let deployed = ok(wasp(
         &url,
-        &["deploy", dir.join("endpoint.toml").to_str().unwrap()],
+        &[
+            "deploy",
+            "-o",
+            "json",
+            dir.join("endpoint.toml").to_str().unwrap(),
+        ],
     ));
     let deployed: serde_json::Value = serde_json::from_str(&deployed).unwrap();
     assert_eq!(deployed["status"], "ready");
@@ -77,17 +82,43 @@ fn scaffold_build_deploy_and_drive_with_the_cli() {
             .any(|l| l.starts_with("demo") && l.contains("ready")),
         "{list}"
     );
-    let status = ok(wasp(&url, &["status", "demo"]));
+    let status = ok(wasp(&url, &["status", "-o", "json", "demo"]));
     assert!(
         status.contains("\"compiled_from_cache\": false"),
         "{status}"
     );
+    // For people: a summary and a table of versions, no colour codes off a terminal.
+    let status = ok(wasp(&url, &["status", "demo"]));
+    assert!(status.contains("status:   ready"), "{status}");
+    assert!(
+        status
+            .lines()
+            .any(|l| l.starts_with("VERSION") && l.contains("INSTANCES")),
+        "{status}"
+    );
+    assert!(
+        status
+            .lines()
+            .any(|l| l.starts_with("v1") && l.contains("100%")),
+        "{status}"
+    );
+    assert!(!status.contains('\x1b'), "{status}");
     let logs = ok(wasp(&url, &["logs", "demo"]));
     assert!(logs.contains("handling a request"), "{logs}");
 
-    assert!(ok(wasp(&url, &["stop", "demo"])).contains("\"stopped\": true"));
+    assert!(ok(wasp(&url, &["stop", "-o", "json", "demo"])).contains("\"stopped\": true"));
+    let listed = ok(wasp(&url, &["ls"]));
+    assert!(
+        listed
+            .lines()
+            .any(|l| l.starts_with("demo") && l.contains("stopped")),
+        "{listed}"
+    );
     assert!(!wasp(&url, &["invoke", "demo", "-d", "{}"]).status.success());
-    assert!(ok(wasp(&url, &["start", "demo"])).contains("\"status\": \"ready\""));
+    assert!(ok(wasp(&url, &["start", "-o", "json", "demo"])).contains("\"status\": \"ready\""));
+    let logs: serde_json::Value =
+        serde_json::from_str(&ok(wasp(&url, &["logs", "-o", "json", "demo"]))).unwrap();
+    assert!(!logs["logs"].as_array().unwrap().is_empty());
 
     let typo = dir.join("typo.toml");
     std::fs::write(
@@ -112,4 +143,45 @@ fn serve_shuts_down_cleanly_on_sigterm() {
     assert!(ok(wasp(&server.url, &["ls"])).starts_with("NAME"));
     let status = server.terminate();
     assert!(status.success(), "exit status {status}");
+}
+
+#[test]
+fn completions_for_shells() {
+    for shell in ["bash", "zsh", "fish"] {
+        let script = ok(Command::new(WASP)
+            .args(["completions", shell])
+            .output()
+            .unwrap());
+        assert!(
+            script.contains("deploy") && script.contains("status"),
+            "{shell}: {script}"
+        );
+    }
+    let bad = Command::new(WASP)
+        .args(["completions", "cmd"])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+}
+
+#[test]
+fn server_logs_as_text_without_colours_or_as_json() {
+    let data = tempfile::tempdir().unwrap();
+    let info = [("WASP_LOG", "info")];
+    let server = Serve::try_start_with_env(&data.path().join("a"), &[], &info).unwrap();
+    let text = server.stderr();
+    assert!(text.contains("wasp is serving"), "{text}");
+    assert!(!text.contains('\x1b'), "ANSI codes in a log file: {text}");
+    assert_eq!(server.terminate().code(), Some(0));
+
+    let json = ["--log-format", "json"];
+    let server = Serve::try_start_with_env(&data.path().join("b"), &json, &info).unwrap();
+    let text = server.stderr();
+    assert!(text.contains("wasp is serving"), "{text}");
+    for line in text.lines() {
+        let value: serde_json::Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}"));
+        assert!(value["level"].is_string(), "{line}");
+    }
+    assert_eq!(server.terminate().code(), Some(0));
 }

@@ -49,6 +49,7 @@ impl SpecError {
 }
 
 /// A deployable endpoint: a name and one or more versions sharing its traffic.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EndpointSpec {
@@ -62,6 +63,7 @@ pub struct EndpointSpec {
 }
 
 /// One deployable revision of an endpoint.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VersionSpec {
@@ -89,6 +91,7 @@ pub struct VersionSpec {
 }
 
 /// Dynamic batching: concurrent requests merged into one forward pass.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BatchingSpec {
@@ -108,6 +111,7 @@ impl Default for BatchingSpec {
 }
 
 /// The backend of a version.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
 pub enum BackendSpec {
@@ -132,6 +136,7 @@ impl BackendSpec {
 }
 
 /// A native candle model backend.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CandleBackend {
@@ -150,6 +155,7 @@ fn default_device() -> String {
 }
 
 /// An OCI container backend.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ContainerBackend {
@@ -182,11 +188,13 @@ fn default_shell() -> String {
 }
 
 /// The Wasm processor of a version and what it is granted.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ProcessorSpec {
     /// The component: a path (resolved and uploaded by the CLI) or `sha256:<hex>` of an
     /// uploaded component.
+    #[cfg_attr(feature = "openapi", schema(value_type = String, example = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"))]
     pub component: ComponentRef,
     /// Configuration, read by the processor through the `config` import (and visible as
     /// its WASI environment). The host's own environment is never passed.
@@ -202,10 +210,12 @@ pub struct ProcessorSpec {
 }
 
 /// A read-only directory mount.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Mount {
     /// Directory on the host.
+    #[cfg_attr(feature = "openapi", schema(value_type = String))]
     pub host: PathBuf,
     /// Absolute path the processor sees it at.
     pub guest: String,
@@ -253,6 +263,7 @@ impl<'de> Deserialize<'de> for ComponentRef {
 }
 
 /// Per-request limits of a version.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Limits {
@@ -281,6 +292,7 @@ impl Default for Limits {
 }
 
 /// Worker scaling of a version (defaults from the managed services users know).
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ScalingSpec {

@@ -1,7 +1,7 @@
 //! The KServe v2 (Open Inference Protocol) JSON tensor encoding: request inputs to model
 //! tensors, model tensors to response outputs.
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use wasp_core::{DType, ModelInput, ModelOutput, Tensor};
 
@@ -21,29 +21,70 @@ fn invalid(field: impl Into<String>, message: impl Into<String>) -> Invalid {
     }
 }
 
-#[derive(Deserialize)]
+/// A KServe v2 (Open Inference Protocol) inference request.
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct InferRequest {
+pub(crate) struct InferRequest {
+    /// An id, echoed in the response.
     #[serde(default)]
     id: Option<String>,
+    /// The input tensors.
     inputs: Vec<InputTensor>,
+    /// Request parameters (passed on as the model input's metadata).
     #[serde(default)]
-    parameters: Option<Value>,
+    parameters: Option<serde_json::Map<String, Value>>,
+    /// Requested outputs (every output is returned).
     #[serde(default)]
     #[allow(dead_code)]
-    outputs: Option<Value>,
+    outputs: Option<Vec<Value>>,
 }
 
-#[derive(Deserialize)]
+/// One input tensor of a KServe v2 request.
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct InputTensor {
+pub(crate) struct InputTensor {
+    /// Tensor name, as the model names its input.
     name: String,
+    /// Dimensions.
     shape: Vec<u64>,
+    /// `FP32`, `FP64`, `INT64`, `INT32`, `UINT32`, `UINT8` or `BOOL`.
     datatype: String,
+    /// Elements, row-major, flat or nested.
     data: Value,
+    /// Tensor parameters (ignored).
     #[serde(default)]
     #[allow(dead_code)]
-    parameters: Option<Value>,
+    parameters: Option<serde_json::Map<String, Value>>,
+}
+
+/// A KServe v2 inference response.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub(crate) struct InferResponse {
+    /// The endpoint.
+    pub model_name: String,
+    /// The version that answered.
+    pub model_version: String,
+    /// The request's id, when it had one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// The output tensors.
+    pub outputs: Vec<OutputTensor>,
+    /// The model output's metadata, when it has any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub parameters: Option<Value>,
+}
+
+/// One output tensor of a KServe v2 response.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub(crate) struct OutputTensor {
+    /// Tensor name.
+    pub name: String,
+    /// Element type.
+    pub datatype: &'static str,
+    /// Dimensions.
+    pub shape: Vec<u64>,
+    /// Elements, row-major, flat.
+    pub data: Vec<Value>,
 }
 
 /// A parsed inference request.
@@ -108,7 +149,7 @@ pub fn parse(body: &[u8]) -> Result<Request, Invalid> {
         id: request.id,
         input: ModelInput {
             tensors,
-            parameters: request.parameters.map(|p| p.to_string()),
+            parameters: request.parameters.map(|p| Value::Object(p).to_string()),
         },
     })
 }
@@ -172,29 +213,31 @@ fn decode(tensor: &Tensor) -> Option<Vec<Value>> {
 }
 
 /// The v2 response body for a model output.
-pub fn response(model: &str, version: &str, id: Option<&str>, output: &ModelOutput) -> Value {
-    let outputs: Vec<Value> = output
-        .tensors
-        .iter()
-        .map(|t| {
-            json!({
-                "name": t.name,
-                "datatype": t.dtype.kserve_name(),
-                "shape": t.shape,
-                "data": decode(t).unwrap_or_default(),
+pub(crate) fn response(
+    model: &str,
+    version: &str,
+    id: Option<&str>,
+    output: &ModelOutput,
+) -> InferResponse {
+    InferResponse {
+        model_name: model.to_owned(),
+        model_version: version.to_owned(),
+        id: id.map(str::to_owned),
+        outputs: output
+            .tensors
+            .iter()
+            .map(|t| OutputTensor {
+                name: t.name.clone(),
+                datatype: t.dtype.kserve_name(),
+                shape: t.shape.clone(),
+                data: decode(t).unwrap_or_default(),
             })
-        })
-        .collect();
-    let mut body = json!({ "model_name": model, "model_version": version, "outputs": outputs });
-    if let Some(id) = id {
-        body["id"] = Value::String(id.to_owned());
+            .collect(),
+        parameters: output
+            .metadata
+            .as_ref()
+            .and_then(|meta| serde_json::from_str::<Value>(meta).ok()),
     }
-    if let Some(meta) = &output.metadata
-        && let Ok(parameters) = serde_json::from_str::<Value>(meta)
-    {
-        body["parameters"] = parameters;
-    }
-    body
 }
 
 #[cfg(test)]
@@ -237,7 +280,7 @@ mod tests {
             index: 0,
             last: true,
         };
-        let body = response("m", "v1", Some("r1"), &output);
+        let body = serde_json::to_value(response("m", "v1", Some("r1"), &output)).unwrap();
         assert_eq!(body["outputs"][0]["data"], json!([0.5, -1.0]));
         assert_eq!(body["outputs"][0]["datatype"], "FP32");
         assert_eq!(body["id"], "r1");

@@ -6,7 +6,7 @@
 //! the concrete backends it was built with, and calls [`Server::start`].
 #![deny(missing_docs)]
 
-mod http;
+pub mod api;
 mod kserve;
 pub mod metrics;
 mod registry;
@@ -14,7 +14,7 @@ mod server;
 pub mod store;
 
 pub use registry::{DeployedVersion, Deployment, Gateway};
-pub use server::{Server, ServerConfig};
+pub use server::{HttpLimits, Server, ServerConfig};
 pub use wasp_backend::Registry as BackendRegistry;
 pub use wasp_wasm::RuntimeConfig;
 

@@ -6,11 +6,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::server::conn::http1;
-use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinHandle;
 use wasp_wasm::RuntimeConfig;
 
@@ -34,6 +34,29 @@ pub struct ServerConfig {
     pub backends: wasp_backend::Registry,
     /// Where named models are found; `<data_dir>/models` when `None`.
     pub models_dir: Option<PathBuf>,
+    /// Limits of the HTTP server.
+    pub http: HttpLimits,
+}
+
+/// Limits of the HTTP server, against slow or greedy clients.
+#[derive(Debug, Clone)]
+pub struct HttpLimits {
+    /// Longest any request may take before it is answered 504 (`request_timeout`).
+    pub request_timeout: Duration,
+    /// Longest a client may take to send a request's headers before the connection closes.
+    pub header_read_timeout: Duration,
+    /// Most open connections; further clients wait in the listen backlog.
+    pub max_connections: usize,
+}
+
+impl Default for HttpLimits {
+    fn default() -> Self {
+        Self {
+            request_timeout: Duration::from_secs(300),
+            header_read_timeout: Duration::from_secs(30),
+            max_connections: 10_000,
+        }
+    }
 }
 
 /// A running server.
@@ -76,7 +99,8 @@ impl Server {
             source,
         })?;
         let (stop, stopped) = watch::channel(false);
-        let accept = tokio::spawn(accept_loop(listener, gateway.clone(), stopped));
+        let router = crate::api::router(gateway.clone(), config.http.request_timeout);
+        let accept = tokio::spawn(accept_loop(listener, router, config.http, stopped));
         let keeper = gateway.clone();
         let upkeep = tokio::spawn(async move {
             let mut tick = tokio::time::interval(HOUSEKEEPING);
@@ -119,11 +143,21 @@ impl Server {
 
 async fn accept_loop(
     listener: TcpListener,
-    gateway: Arc<Gateway>,
+    router: axum::Router,
+    limits: HttpLimits,
     mut stop: watch::Receiver<bool>,
 ) {
     let graceful = GracefulShutdown::new();
+    let connections = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     loop {
+        // At the connection limit, stop accepting until one closes.
+        let permit = tokio::select! {
+            permit = connections.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => break,
+            },
+            _ = stop.changed() => break,
+        };
         tokio::select! {
             accepted = listener.accept() => {
                 let stream = match accepted {
@@ -136,9 +170,10 @@ async fn accept_loop(
                     }
                 };
                 let _ = stream.set_nodelay(true);
-                let gateway = gateway.clone();
-                let service = service_fn(move |request| crate::http::handle(gateway.clone(), request));
+                let service = TowerToHyperService::new(router.clone());
                 let connection = http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(limits.header_read_timeout)
                     .keep_alive(true)
                     .serve_connection(TokioIo::new(stream), service);
                 let connection = graceful.watch(connection);
@@ -146,6 +181,7 @@ async fn accept_loop(
                     if let Err(e) = connection.await {
                         tracing::debug!("connection ended: {e}");
                     }
+                    drop(permit);
                 });
             }
             _ = stop.changed() => break,

@@ -64,6 +64,15 @@ impl Serve {
     /// Starts `wasp serve` on `data` with `extra` flags; `Err` with its exit status and
     /// standard error when it exits instead of listening.
     pub fn try_start(data: &Path, extra: &[&str]) -> Result<Self, Refused> {
+        Self::try_start_with_env(data, extra, &[("WASP_LOG", "warn")])
+    }
+
+    /// Like [`Serve::try_start`], with environment variables for the server.
+    pub fn try_start_with_env(
+        data: &Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Self, Refused> {
         static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let log = std::env::temp_dir().join(format!("wasp-test-{}-{n}.log", std::process::id()));
@@ -71,7 +80,7 @@ impl Serve {
             .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
             .arg(data)
             .args(extra)
-            .env("WASP_LOG", "warn")
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()

@@ -1,0 +1,527 @@
+//! The control plane, `/api/v1`: endpoints and their versions, components, logs, the store.
+//!
+//! Operations that change state run in a task of their own, so a client that hangs up or a
+//! request timeout never leaves a deploy half done.
+
+use std::sync::atomic::Ordering;
+
+use axum::extract::{Query, State};
+use axum::http::StatusCode;
+use axum::http::header::{CONTENT_TYPE, HeaderMap, HeaderValue};
+use axum::response::{IntoResponse, Response};
+use percent_encoding::{AsciiSet, CONTROLS, utf8_percent_encode};
+use serde::{Deserialize, Serialize};
+use wasp_core::EndpointSpec;
+
+use super::error::json;
+use super::{ApiError, AppState, ErrorBody, Name, Payload};
+use crate::Error;
+use crate::registry::Deployment;
+
+/// Largest control-API body (a spec), in bytes.
+const MAX_SPEC_BYTES: u64 = 1024 * 1024;
+/// Largest component upload, in bytes.
+const MAX_COMPONENT_BYTES: u64 = 256 * 1024 * 1024;
+
+/// Characters escaped in an endpoint name inside a URL path.
+const PATH_SEGMENT: &AsciiSet = &CONTROLS
+    .add(b' ')
+    .add(b'"')
+    .add(b'#')
+    .add(b'%')
+    .add(b'/')
+    .add(b'?')
+    .add(b'<')
+    .add(b'>')
+    .add(b'`')
+    .add(b'{')
+    .add(b'}');
+
+/// The endpoints, by name.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct EndpointList {
+    /// One summary per endpoint.
+    pub endpoints: Vec<EndpointSummary>,
+}
+
+/// An endpoint in a listing.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct EndpointSummary {
+    /// Its name.
+    pub name: String,
+    /// `ready`, `concerning`, `notReady` or `stopped`.
+    pub status: &'static str,
+    /// Its invoke route.
+    pub url: String,
+    /// Its versions and their weights.
+    pub versions: Vec<VersionWeight>,
+}
+
+/// A version's share of traffic.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct VersionWeight {
+    /// Version name.
+    pub name: String,
+    /// Share of traffic, in percent.
+    pub weight: u32,
+}
+
+/// An endpoint in detail.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct EndpointDetail {
+    /// Its name.
+    pub name: String,
+    /// Its description.
+    pub description: Option<String>,
+    /// `ready`, `concerning`, `notReady` or `stopped`.
+    pub status: &'static str,
+    /// Whether the user stopped it.
+    pub stopped: bool,
+    /// Its invoke route.
+    pub url: String,
+    /// Its versions, live.
+    pub versions: Vec<VersionDetail>,
+    /// The spec it was deployed with (components as digests).
+    pub spec: EndpointSpec,
+    /// Why it could not be loaded, when it could not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// A deployed version, live.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct VersionDetail {
+    /// Version name.
+    pub name: String,
+    /// Share of traffic, in percent.
+    pub weight: u32,
+    /// `ready`, `concerning`, `notReady` or `stopped`.
+    pub status: &'static str,
+    /// The backend kind (`none`, `candle`, `container`).
+    pub backend: &'static str,
+    /// Its model workers (empty for backend `none`).
+    pub workers: Vec<WorkerDetail>,
+    /// Its component, `sha256:<hex>`.
+    pub component: String,
+    /// Whether the component was loaded from the compiled cache.
+    pub compiled_from_cache: bool,
+    /// Its processor instances.
+    pub instances: InstanceCounts,
+}
+
+/// A model worker.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct WorkerDetail {
+    /// What it runs (model and device).
+    pub model: String,
+    /// Requests waiting for a forward pass.
+    pub queued: usize,
+    /// Forward passes run.
+    pub batches: u64,
+    /// Requests served.
+    pub requests: u64,
+}
+
+/// Processor instances of a version.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct InstanceCounts {
+    /// Ready and idle.
+    pub idle: usize,
+    /// Serving a call.
+    pub busy: usize,
+    /// Requests waiting for an instance.
+    pub queued: usize,
+    /// Most alive at once.
+    pub max: u32,
+    /// Made since the version was deployed.
+    pub created: u64,
+    /// Dropped after a failure.
+    pub lost: u64,
+}
+
+/// An uploaded component.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ComponentDigest {
+    /// `sha256:<hex>` of its bytes: how specs name it.
+    pub digest: String,
+    /// Its size in bytes.
+    pub size: usize,
+}
+
+/// Processor log records, oldest first.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct LogList {
+    /// The records.
+    pub logs: Vec<LogEntry>,
+}
+
+/// One log record of a processor.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct LogEntry {
+    /// When, in milliseconds since the Unix epoch.
+    pub at_ms: u64,
+    /// `trace`, `debug`, `info`, `warn` or `error`.
+    pub level: String,
+    /// The version whose processor logged it.
+    pub version: String,
+    /// The message.
+    pub message: String,
+}
+
+/// How many log records to return.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct LogQuery {
+    /// Most records, the newest (default 100).
+    pub limit: Option<usize>,
+}
+
+/// The invoke route of an endpoint.
+pub(crate) fn invoke_url(name: &str) -> String {
+    format!(
+        "/endpoints/{}/invoke",
+        utf8_percent_encode(name, PATH_SEGMENT)
+    )
+}
+
+fn summary(d: &Deployment) -> EndpointSummary {
+    EndpointSummary {
+        name: d.spec.name.clone(),
+        status: d.status(),
+        url: invoke_url(&d.spec.name),
+        versions: d
+            .versions
+            .iter()
+            .map(|v| VersionWeight {
+                name: v.name.clone(),
+                weight: v.weight,
+            })
+            .collect(),
+    }
+}
+
+fn detail(d: &Deployment) -> EndpointDetail {
+    let versions = d
+        .versions
+        .iter()
+        .map(|v| {
+            let s = v.processor.stats();
+            VersionDetail {
+                name: v.name.clone(),
+                weight: v.weight,
+                status: d.version_status(v),
+                backend: v.backend,
+                workers: v
+                    .workers
+                    .iter()
+                    .map(|w| WorkerDetail {
+                        model: w.backend().describe(),
+                        queued: w.queued(),
+                        batches: w.stats().batches.load(Ordering::Relaxed),
+                        requests: w.stats().requests.load(Ordering::Relaxed),
+                    })
+                    .collect(),
+                component: format!("sha256:{}", v.digest),
+                compiled_from_cache: v.from_cache,
+                instances: InstanceCounts {
+                    idle: s.idle,
+                    busy: s.busy,
+                    queued: s.queued,
+                    max: s.max,
+                    created: s.created,
+                    lost: s.lost,
+                },
+            }
+        })
+        .collect();
+    EndpointDetail {
+        name: d.spec.name.clone(),
+        description: d.spec.description.clone(),
+        status: d.status(),
+        stopped: d.stopped,
+        url: invoke_url(&d.spec.name),
+        versions,
+        spec: d.spec.clone(),
+        error: d.error.clone(),
+    }
+}
+
+/// Reads a spec as JSON (`application/json`, or a body starting with `{`) or TOML.
+fn parse_spec(headers: &HeaderMap, body: &[u8]) -> Result<EndpointSpec, ApiError> {
+    let json = headers
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|ct| ct.starts_with("application/json"));
+    let is_json =
+        json.unwrap_or_else(|| body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{'));
+    let spec = if is_json {
+        EndpointSpec::from_json(body)
+    } else {
+        let text = std::str::from_utf8(body)
+            .map_err(|_| ApiError::new(400, "invalid_spec", "the spec is not UTF-8"))?;
+        EndpointSpec::from_toml(text)
+    };
+    spec.map_err(|e| Error::Spec(e).into())
+}
+
+/// Runs a state-changing operation to its end even if the request is dropped.
+async fn to_completion<T: Send + 'static>(
+    operation: impl Future<Output = Result<T, Error>> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::spawn(operation)
+        .await
+        .map_err(|e| ApiError::new(500, "internal", format!("the operation failed: {e}")))?
+        .map_err(ApiError::from)
+}
+
+/// Lists endpoints with their status and URL.
+#[utoipa::path(get, path = "/api/v1/endpoints", tag = "control",
+    responses((status = 200, description = "Every endpoint", body = EndpointList)))]
+pub(crate) async fn list(State(gateway): State<AppState>) -> Response {
+    let endpoints = gateway.endpoints().iter().map(|d| summary(d)).collect();
+    json(StatusCode::OK, &EndpointList { endpoints })
+}
+
+/// Creates an endpoint from a spec (TOML, or JSON with `content-type: application/json`).
+#[utoipa::path(post, path = "/api/v1/endpoints", tag = "control",
+    request_body(content(
+        (EndpointSpec = "application/json"),
+        (String = "application/toml", example = "name = \"hello\"\n[[versions]]\nname = \"v1\"\nprocessor = { component = \"sha256:...\" }\n"),
+    )),
+    responses(
+        (status = 201, description = "Deployed", body = EndpointDetail),
+        (status = 400, description = "The spec does not parse", body = ErrorBody),
+        (status = 409, description = "An endpoint of that name exists", body = ErrorBody),
+        (status = 413, description = "The spec is over 1 MiB", body = ErrorBody),
+        (status = 422, description = "A field is not acceptable (the error names it)", body = ErrorBody),
+        (status = 503, description = "The store is reopening after an I/O error", body = ErrorBody),
+        (status = 507, description = "The data directory is full", body = ErrorBody),
+    ))]
+pub(crate) async fn create(
+    State(gateway): State<AppState>,
+    headers: HeaderMap,
+    Payload(body): Payload<MAX_SPEC_BYTES>,
+) -> Result<Response, ApiError> {
+    let spec = parse_spec(&headers, &body)?;
+    let deployment = to_completion(async move { gateway.deploy(spec, false).await }).await?;
+    Ok(json(StatusCode::CREATED, &detail(&deployment)))
+}
+
+/// Shows an endpoint: status, versions, workers, instances and spec.
+#[utoipa::path(get, path = "/api/v1/endpoints/{name}", tag = "control",
+    params(("name" = String, Path, description = "Endpoint name")),
+    responses(
+        (status = 200, description = "The endpoint", body = EndpointDetail),
+        (status = 404, description = "No such endpoint", body = ErrorBody),
+    ))]
+pub(crate) async fn get(
+    State(gateway): State<AppState>,
+    Name(name): Name,
+) -> Result<Response, ApiError> {
+    let d = gateway.endpoint(&name).ok_or(Error::NotFound(name))?;
+    Ok(json(StatusCode::OK, &detail(&d)))
+}
+
+/// Creates or replaces an endpoint; requests in flight finish on the old versions.
+#[utoipa::path(put, path = "/api/v1/endpoints/{name}", tag = "control",
+    params(("name" = String, Path, description = "Endpoint name; must match the spec's")),
+    request_body(content(
+        (EndpointSpec = "application/json"),
+        (String = "application/toml"),
+    )),
+    responses(
+        (status = 200, description = "Replaced", body = EndpointDetail),
+        (status = 201, description = "Created", body = EndpointDetail),
+        (status = 400, description = "The spec does not parse", body = ErrorBody),
+        (status = 413, description = "The spec is over 1 MiB", body = ErrorBody),
+        (status = 422, description = "A field is not acceptable (the error names it)", body = ErrorBody),
+        (status = 503, description = "The store is reopening after an I/O error", body = ErrorBody),
+        (status = 507, description = "The data directory is full", body = ErrorBody),
+    ))]
+pub(crate) async fn replace(
+    State(gateway): State<AppState>,
+    Name(name): Name,
+    headers: HeaderMap,
+    Payload(body): Payload<MAX_SPEC_BYTES>,
+) -> Result<Response, ApiError> {
+    let spec = parse_spec(&headers, &body)?;
+    if spec.name != name {
+        return Err(Error::Invalid {
+            field: "name".into(),
+            message: format!("the spec names `{}` but the URL names `{name}`", spec.name),
+        }
+        .into());
+    }
+    let existed = gateway.endpoint(&name).is_some();
+    let deployment = to_completion(async move { gateway.deploy(spec, true).await }).await?;
+    let status = if existed {
+        StatusCode::OK
+    } else {
+        StatusCode::CREATED
+    };
+    Ok(json(status, &detail(&deployment)))
+}
+
+/// Removes an endpoint; requests in flight finish.
+#[utoipa::path(delete, path = "/api/v1/endpoints/{name}", tag = "control",
+    params(("name" = String, Path, description = "Endpoint name")),
+    responses(
+        (status = 204, description = "Removed"),
+        (status = 404, description = "No such endpoint", body = ErrorBody),
+        (status = 503, description = "The store is reopening after an I/O error", body = ErrorBody),
+        (status = 507, description = "The data directory is full", body = ErrorBody),
+    ))]
+pub(crate) async fn remove(
+    State(gateway): State<AppState>,
+    Name(name): Name,
+) -> Result<StatusCode, ApiError> {
+    to_completion(async move { gateway.remove(&name).await }).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn set_stopped(gateway: AppState, name: String, stopped: bool) -> Result<Response, ApiError> {
+    let deployment =
+        to_completion(async move { gateway.set_stopped(&name, stopped).await }).await?;
+    Ok(json(StatusCode::OK, &detail(&deployment)))
+}
+
+/// Stops an endpoint: no instances, requests answered 503, spec and URL kept.
+#[utoipa::path(post, path = "/api/v1/endpoints/{name}/stop", tag = "control",
+    params(("name" = String, Path, description = "Endpoint name")),
+    responses(
+        (status = 200, description = "Stopped", body = EndpointDetail),
+        (status = 404, description = "No such endpoint", body = ErrorBody),
+        (status = 503, description = "The store is reopening after an I/O error", body = ErrorBody),
+        (status = 507, description = "The data directory is full", body = ErrorBody),
+    ))]
+pub(crate) async fn stop(
+    State(gateway): State<AppState>,
+    Name(name): Name,
+) -> Result<Response, ApiError> {
+    set_stopped(gateway, name, true).await
+}
+
+/// Starts a stopped endpoint.
+#[utoipa::path(post, path = "/api/v1/endpoints/{name}/start", tag = "control",
+    params(("name" = String, Path, description = "Endpoint name")),
+    responses(
+        (status = 200, description = "Started", body = EndpointDetail),
+        (status = 404, description = "No such endpoint", body = ErrorBody),
+        (status = 422, description = "Its processor could not start", body = ErrorBody),
+        (status = 503, description = "The store is reopening after an I/O error", body = ErrorBody),
+        (status = 507, description = "The data directory is full", body = ErrorBody),
+    ))]
+pub(crate) async fn start(
+    State(gateway): State<AppState>,
+    Name(name): Name,
+) -> Result<Response, ApiError> {
+    set_stopped(gateway, name, false).await
+}
+
+/// The processors' log records.
+#[utoipa::path(get, path = "/api/v1/endpoints/{name}/logs", tag = "control",
+    params(("name" = String, Path, description = "Endpoint name"), LogQuery),
+    responses(
+        (status = 200, description = "The newest records, oldest first", body = LogList),
+        (status = 400, description = "`limit` is not a count", body = ErrorBody),
+        (status = 404, description = "No such endpoint", body = ErrorBody),
+    ))]
+pub(crate) async fn logs(
+    State(gateway): State<AppState>,
+    Name(name): Name,
+    query: Result<Query<LogQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(query) = query.map_err(|e| ApiError::from(e).with_field("limit"))?;
+    let d = gateway.endpoint(&name).ok_or(Error::NotFound(name))?;
+    let logs = d
+        .logs
+        .tail(query.limit.unwrap_or(100))
+        .into_iter()
+        .map(|r| LogEntry {
+            at_ms: r.at_ms,
+            level: r.level.to_owned(),
+            version: r.version,
+            message: r.message,
+        })
+        .collect();
+    Ok(json(StatusCode::OK, &LogList { logs }))
+}
+
+/// Uploads a component (the body is the `.wasm`); specs then name it by digest.
+#[utoipa::path(put, path = "/api/v1/components", tag = "control",
+    request_body(content((Vec<u8> = "application/wasm")), description = "The component's bytes"),
+    responses(
+        (status = 201, description = "Stored", body = ComponentDigest),
+        (status = 400, description = "The body is empty", body = ErrorBody),
+        (status = 413, description = "Over 256 MiB", body = ErrorBody),
+        (status = 507, description = "The data directory is full", body = ErrorBody),
+    ))]
+pub(crate) async fn upload_component(
+    State(gateway): State<AppState>,
+    Payload(body): Payload<MAX_COMPONENT_BYTES>,
+) -> Result<Response, ApiError> {
+    if body.is_empty() {
+        return Err(ApiError::new(
+            400,
+            "empty_body",
+            "the body must be a wasm component",
+        ));
+    }
+    let size = body.len();
+    let digest = to_completion(async move { gateway.upload_component(body).await }).await?;
+    Ok(json(
+        StatusCode::CREATED,
+        &ComponentDigest {
+            digest: format!("sha256:{digest}"),
+            size,
+        },
+    ))
+}
+
+/// Downloads an uploaded component, checked against its digest.
+#[utoipa::path(get, path = "/api/v1/components/{digest}", tag = "control",
+    params(("digest" = String, Path, description = "`sha256:<hex>` or the hex alone")),
+    responses(
+        (status = 200, description = "The component", content_type = "application/wasm", body = Vec<u8>),
+        (status = 404, description = "No such component, or its stored copy was corrupt", body = ErrorBody),
+    ))]
+pub(crate) async fn download_component(
+    State(gateway): State<AppState>,
+    axum::extract::Path(digest): axum::extract::Path<String>,
+) -> Result<Response, ApiError> {
+    let hex = digest.strip_prefix("sha256:").unwrap_or(&digest).to_owned();
+    let bytes = gateway
+        .download_component(&hex)
+        .await
+        .map_err(|e| match e {
+            Error::UnknownComponent(_) | Error::CorruptComponent(_) => {
+                ApiError::new(404, "component_not_found", e.to_string())
+            }
+            other => other.into(),
+        })?;
+    Ok((
+        [(CONTENT_TYPE, HeaderValue::from_static("application/wasm"))],
+        bytes,
+    )
+        .into_response())
+}
+
+/// A consistent copy of the store's database, taken while serving (what `wasp store
+/// backup` downloads).
+#[utoipa::path(get, path = "/api/v1/store/snapshot", tag = "control",
+    responses(
+        (status = 200, description = "A redb database file", content_type = "application/octet-stream", body = Vec<u8>),
+        (status = 503, description = "The store is reopening after an I/O error", body = ErrorBody),
+        (status = 507, description = "The data directory is full", body = ErrorBody),
+    ))]
+pub(crate) async fn snapshot(State(gateway): State<AppState>) -> Result<Response, ApiError> {
+    let bytes = gateway.store_snapshot().await?;
+    Ok((
+        [(
+            CONTENT_TYPE,
+            HeaderValue::from_static("application/octet-stream"),
+        )],
+        bytes,
+    )
+        .into_response())
+}

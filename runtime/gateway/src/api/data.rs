@@ -1,0 +1,481 @@
+//! The data plane: each endpoint's invoke route, OpenAI-compatible embeddings and the KServe
+//! v2 inference protocol. Every request picks a version by weight, runs through its
+//! processor (and model backend), and is counted in the request metrics.
+
+use std::time::Instant;
+
+use axum::body::Body;
+use axum::extract::{Request as HttpRequest, State};
+use axum::http::header::{CONTENT_LENGTH, HeaderName, HeaderValue};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde_json::Value;
+use wasp_backend::BackendError;
+use wasp_wasm::{CallError, Request};
+
+use super::error::json;
+use super::{ApiError, AppState, ErrorBody, Name, Payload, read_body};
+use crate::Error;
+use crate::Gateway;
+use crate::kserve::{InferRequest, InferResponse};
+use crate::metrics::{FailureLabels, RequestLabels, VersionLabels};
+use crate::registry::DeployedVersion;
+
+/// Largest body of the OpenAI-compatible routes before the endpoint (and its limit) is known.
+const MAX_OPENAI_BYTES: u64 = 64 * 1024 * 1024;
+
+/// Headers a processor never sees: the gateway's own credentials.
+const HIDDEN_HEADERS: [&str; 2] = ["authorization", "x-wasp-api-key"];
+
+/// KServe v2 readiness of a model.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct ModelReady {
+    /// The endpoint.
+    pub name: String,
+    /// Whether every version is ready.
+    pub ready: bool,
+    /// `ready`, `concerning`, `notReady` or `stopped`.
+    pub status: &'static str,
+}
+
+/// KServe v2 metadata of a model.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct ModelMetadata {
+    /// The endpoint.
+    pub name: String,
+    /// Its versions.
+    pub versions: Vec<String>,
+    /// Always `wasp`.
+    pub platform: &'static str,
+}
+
+/// An OpenAI embeddings request (the endpoint's processor reads the rest of the body).
+/// Only its description is used: the gateway reads `model` alone, and the processor the
+/// whole body.
+#[derive(Debug, utoipa::ToSchema)]
+#[allow(dead_code)]
+pub struct EmbeddingsRequest {
+    /// The endpoint that serves it.
+    pub model: String,
+    /// One text or a list of texts.
+    #[schema(value_type = Object)]
+    pub input: Value,
+    /// `float` (default) or `base64`.
+    pub encoding_format: Option<String>,
+}
+
+/// The endpoint called `name`, ready to serve, and the version picked for one request.
+fn resolve(gateway: &Gateway, name: &str) -> Result<std::sync::Arc<DeployedVersion>, ApiError> {
+    let deployment = gateway
+        .endpoint(name)
+        .ok_or_else(|| Error::NotFound(name.to_owned()))?;
+    if let Some(error) = &deployment.error {
+        return Err(ApiError::new(
+            503,
+            "endpoint_failed",
+            format!("endpoint `{name}` failed to load: {error}"),
+        ));
+    }
+    if deployment.stopped {
+        return Err(ApiError::new(
+            503,
+            "endpoint_stopped",
+            format!(
+                "endpoint `{name}` is stopped; POST /api/v1/endpoints/{{name}}/start resumes it"
+            ),
+        ));
+    }
+    let roll = rand::random::<u32>() % 100;
+    deployment.pick(roll).cloned().ok_or_else(|| {
+        ApiError::new(
+            503,
+            "no_version",
+            format!("endpoint `{name}` has no version with traffic"),
+        )
+    })
+}
+
+/// Headers a processor may see.
+fn visible_headers(headers: &HeaderMap) -> Vec<(String, String)> {
+    headers
+        .iter()
+        .filter(|(k, _)| !HIDDEN_HEADERS.contains(&k.as_str()))
+        .filter_map(|(k, v)| Some((k.as_str().to_owned(), v.to_str().ok()?.to_owned())))
+        .collect()
+}
+
+/// Sends a request to an endpoint's processor: the method, the path below the invoke route
+/// with its query, the headers (but credentials) and the body all reach it; its response
+/// comes back as it is, with `x-wasp-version` naming the version that answered.
+#[utoipa::path(
+    method(get, post, put, delete, patch),
+    path = "/endpoints/{name}/invoke",
+    tag = "invoke",
+    params(("name" = String, Path, description = "Endpoint name")),
+    request_body(content((Vec<u8> = "*/*")), description = "Whatever the processor reads"),
+    responses(
+        (status = "default", description = "The processor's response, or an error of the gateway", body = ErrorBody),
+        (status = 404, description = "No such endpoint", body = ErrorBody),
+        (status = 413, description = "Over the version's `limits.max_body_bytes`", body = ErrorBody),
+        (status = 429, description = "Instances and queue full; retry after `Retry-After`", body = ErrorBody),
+        (status = 503, description = "Stopped, or failed to load", body = ErrorBody),
+        (status = 504, description = "The processor overran its deadline", body = ErrorBody),
+    ))]
+pub(crate) async fn invoke(
+    State(gateway): State<AppState>,
+    name: Name,
+    request: HttpRequest,
+) -> Result<Response, ApiError> {
+    invoke_inner(gateway, name, request).await
+}
+
+/// The same as the invoke route, with a path below it that the processor sees.
+#[utoipa::path(
+    method(get, post, put, delete, patch),
+    path = "/endpoints/{name}/invoke/{path}",
+    tag = "invoke",
+    params(
+        ("name" = String, Path, description = "Endpoint name"),
+        ("path" = String, Path, description = "The path below the invoke route (may hold `/`)"),
+    ),
+    request_body(content((Vec<u8> = "*/*")), description = "Whatever the processor reads"),
+    responses(
+        (status = "default", description = "The processor's response, or an error of the gateway", body = ErrorBody),
+    ))]
+pub(crate) async fn invoke_path(
+    State(gateway): State<AppState>,
+    name: Name,
+    request: HttpRequest,
+) -> Result<Response, ApiError> {
+    invoke_inner(gateway, name, request).await
+}
+
+async fn invoke_inner(
+    gateway: AppState,
+    Name(name): Name,
+    request: HttpRequest,
+) -> Result<Response, ApiError> {
+    let started = Instant::now();
+    let version = resolve(&gateway, &name)?;
+    let limit = version.limits.max_body_bytes;
+    let declared = request
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(ApiError::version_body_limit(limit));
+    }
+    // Everything after `/endpoints/{name}/invoke`, with the query string.
+    // The raw name holds no `/`, so the route's own part ends at the second one.
+    let full = request.uri().path();
+    let after = full.strip_prefix("/endpoints/").unwrap_or(full);
+    let rest = after
+        .find('/')
+        .and_then(|i| after[i..].strip_prefix("/invoke"))
+        .unwrap_or("");
+    let mut path = if rest.is_empty() {
+        "/".to_owned()
+    } else {
+        rest.to_owned()
+    };
+    if let Some(q) = request.uri().query() {
+        path.push('?');
+        path.push_str(q);
+    }
+    let method = request.method().to_string();
+    let headers = visible_headers(request.headers());
+    let body = read_version_body(request.into_body(), limit).await?;
+    let request = Request {
+        method,
+        path,
+        headers,
+        body: body.to_vec(),
+    };
+    Ok(serve(&gateway, &name, &version, request, started).await)
+}
+
+/// OpenAI-compatible embeddings: `model` names the endpoint, whose processor sees the
+/// request at path `/v1/embeddings`.
+#[utoipa::path(post, path = "/v1/embeddings", tag = "openai",
+    request_body = EmbeddingsRequest,
+    responses(
+        (status = 200, description = "The processor's OpenAI embeddings response", body = Object),
+        (status = 400, description = "Not JSON, or no `model`", body = ErrorBody),
+        (status = 404, description = "No endpoint of that name", body = ErrorBody),
+        (status = 413, description = "Over the version's `limits.max_body_bytes`", body = ErrorBody),
+        (status = 429, description = "Busy; retry after `Retry-After`", body = ErrorBody),
+        (status = 503, description = "Stopped, or failed to load", body = ErrorBody),
+    ))]
+pub(crate) async fn embeddings(
+    State(gateway): State<AppState>,
+    headers: HeaderMap,
+    Payload(body): Payload<MAX_OPENAI_BYTES>,
+) -> Result<Response, ApiError> {
+    let started = Instant::now();
+    let headers = visible_headers(&headers);
+    #[derive(serde::Deserialize)]
+    struct Model {
+        model: Option<Value>,
+    }
+    let model: Model = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::new(
+            400,
+            "invalid_json",
+            format!("request body is not valid JSON: {e}"),
+        )
+    })?;
+    let name = match model.model {
+        Some(Value::String(name)) => name,
+        _ => {
+            return Err(
+                ApiError::new(400, "invalid_request", "`model` must name an endpoint")
+                    .with_field("model"),
+            );
+        }
+    };
+    let version = resolve(&gateway, &name)?;
+    if body.len() as u64 > version.limits.max_body_bytes {
+        return Err(ApiError::version_body_limit(version.limits.max_body_bytes));
+    }
+    let request = Request {
+        method: "POST".into(),
+        path: "/v1/embeddings".to_owned(),
+        headers,
+        body: body.to_vec(),
+    };
+    Ok(serve(&gateway, &name, &version, request, started).await)
+}
+
+/// KServe v2 inference: JSON tensors straight to the model backend (no processor).
+#[utoipa::path(post, path = "/v2/models/{name}/infer", tag = "kserve",
+    params(("name" = String, Path, description = "Endpoint name")),
+    request_body = InferRequest,
+    responses(
+        (status = 200, description = "The output tensors", body = InferResponse),
+        (status = 400, description = "Not a valid request (the error names the field)", body = ErrorBody),
+        (status = 404, description = "No such endpoint", body = ErrorBody),
+        (status = 413, description = "Over the version's `limits.max_body_bytes`", body = ErrorBody),
+        (status = 422, description = "The endpoint has no model backend", body = ErrorBody),
+        (status = 503, description = "Stopped, or failed to load", body = ErrorBody),
+    ))]
+pub(crate) async fn kserve_infer(
+    State(gateway): State<AppState>,
+    Name(name): Name,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let started = Instant::now();
+    let version = resolve(&gateway, &name)?;
+    let body = read_version_body(body, version.limits.max_body_bytes).await?;
+    let parsed = crate::kserve::parse(&body)
+        .map_err(|e| ApiError::new(400, "invalid_request", e.message).with_field(e.field))?;
+    if version.workers.is_empty() {
+        return Err(ApiError::new(
+            422,
+            "no_model_backend",
+            format!(
+                "endpoint `{name}` has no model backend (backend `none`); use its invoke route"
+            ),
+        ));
+    }
+    let response = match version.infer(parsed.input).await {
+        Ok(output) => json(
+            StatusCode::OK,
+            &crate::kserve::response(&name, &version.name, parsed.id.as_deref(), &output),
+        ),
+        Err(e) => ApiError::backend(&e).into_response(),
+    };
+    record(&gateway, &name, &version.name, &response, started);
+    Ok(response)
+}
+
+/// KServe v2 readiness: 200 when every version is ready, else 503.
+#[utoipa::path(get, path = "/v2/models/{name}/ready", tag = "kserve",
+    params(("name" = String, Path, description = "Endpoint name")),
+    responses(
+        (status = 200, description = "Ready", body = ModelReady),
+        (status = 503, description = "Not ready", body = ModelReady),
+        (status = 404, description = "No such endpoint", body = ErrorBody),
+    ))]
+pub(crate) async fn kserve_ready(
+    State(gateway): State<AppState>,
+    Name(name): Name,
+) -> Result<Response, ApiError> {
+    let d = gateway.endpoint(&name).ok_or(Error::NotFound(name))?;
+    let ready = d.status() == "ready";
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    Ok(json(
+        status,
+        &ModelReady {
+            name: d.spec.name.clone(),
+            ready,
+            status: d.status(),
+        },
+    ))
+}
+
+/// KServe v2 model metadata.
+#[utoipa::path(get, path = "/v2/models/{name}", tag = "kserve",
+    params(("name" = String, Path, description = "Endpoint name")),
+    responses(
+        (status = 200, description = "The model", body = ModelMetadata),
+        (status = 404, description = "No such endpoint", body = ErrorBody),
+    ))]
+pub(crate) async fn kserve_metadata(
+    State(gateway): State<AppState>,
+    Name(name): Name,
+) -> Result<Response, ApiError> {
+    let d = gateway.endpoint(&name).ok_or(Error::NotFound(name))?;
+    Ok(json(
+        StatusCode::OK,
+        &ModelMetadata {
+            name: d.spec.name.clone(),
+            versions: d.versions.iter().map(|v| v.name.clone()).collect(),
+            platform: "wasp",
+        },
+    ))
+}
+
+/// Reads a body under a version's `limits.max_body_bytes`, naming that field when over.
+async fn read_version_body(body: Body, limit: u64) -> Result<bytes::Bytes, ApiError> {
+    read_body(body, limit, "limits.max_body_bytes")
+        .await
+        .map_err(|e| {
+            if e.status == 413 {
+                ApiError::version_body_limit(limit)
+            } else {
+                e
+            }
+        })
+}
+
+/// Why a request failed after it reached a version.
+enum Failure {
+    Processor(CallError),
+    Backend(BackendError),
+}
+
+impl Failure {
+    fn into_api(self) -> ApiError {
+        match self {
+            Self::Processor(e) => e.into(),
+            Self::Backend(e) => ApiError::backend(&e),
+        }
+    }
+}
+
+/// Runs one request through a version: the processor alone (backend `none`), or
+/// pre-process, the backend's batcher, and post-process.
+async fn run(version: &DeployedVersion, request: Request) -> Result<wasp_wasm::Response, Failure> {
+    if version.workers.is_empty() {
+        return version
+            .processor
+            .handle(request)
+            .await
+            .map_err(Failure::Processor);
+    }
+    let prepared = version
+        .processor
+        .pre_process(request)
+        .await
+        .map_err(Failure::Processor)?;
+    let output = version
+        .infer(prepared.input.into())
+        .await
+        .map_err(Failure::Backend)?;
+    version
+        .processor
+        .post_process(&prepared.context, output.into())
+        .await
+        .map_err(Failure::Processor)
+}
+
+/// Runs a request and records its metrics.
+async fn serve(
+    gateway: &Gateway,
+    name: &str,
+    version: &DeployedVersion,
+    request: Request,
+    started: Instant,
+) -> Response {
+    let response = match run(version, request).await {
+        Ok(response) => processor_response(response, &version.name),
+        Err(failure) => {
+            let error = failure.into_api();
+            gateway
+                .metrics
+                .failures
+                .get_or_create(&FailureLabels {
+                    endpoint: name.to_owned(),
+                    version: version.name.clone(),
+                    kind: error.code.into(),
+                })
+                .inc();
+            let mut response = error.into_response();
+            if let Ok(v) = HeaderValue::from_str(&version.name) {
+                response.headers_mut().insert("x-wasp-version", v);
+            }
+            response
+        }
+    };
+    record(gateway, name, &version.name, &response, started);
+    response
+}
+
+/// Counts a data-route response and its latency.
+fn record(gateway: &Gateway, endpoint: &str, version: &str, response: &Response, started: Instant) {
+    let m = &gateway.metrics;
+    m.requests
+        .get_or_create(&RequestLabels {
+            endpoint: endpoint.to_owned(),
+            version: version.to_owned(),
+            code: response.status().as_u16(),
+        })
+        .inc();
+    m.latency
+        .get_or_create(&VersionLabels {
+            endpoint: endpoint.to_owned(),
+            version: version.to_owned(),
+        })
+        .observe(started.elapsed().as_secs_f64());
+}
+
+/// Turns a processor's response into an HTTP response, refusing what HTTP cannot carry.
+fn processor_response(response: wasp_wasm::Response, version: &str) -> Response {
+    let Ok(status) = StatusCode::from_u16(response.status) else {
+        return ApiError::new(
+            502,
+            "invalid_processor_response",
+            format!(
+                "processor returned status {}, which is not an HTTP status",
+                response.status
+            ),
+        )
+        .into_response();
+    };
+    let mut out = Response::new(Body::from(response.body));
+    *out.status_mut() = status;
+    let headers = out.headers_mut();
+    for (name, value) in response.headers {
+        let (Ok(name), Ok(value)) = (
+            HeaderName::try_from(name.as_str()),
+            HeaderValue::try_from(value.as_str()),
+        ) else {
+            return ApiError::new(
+                502,
+                "invalid_processor_response",
+                format!("processor returned an invalid header `{name}`"),
+            )
+            .into_response();
+        };
+        headers.append(name, value);
+    }
+    if let Ok(v) = HeaderValue::from_str(version) {
+        headers.insert("x-wasp-version", v);
+    }
+    out
+}

@@ -1,0 +1,84 @@
+//! Operations: liveness, Prometheus metrics, and the OpenAPI description of the API.
+
+use axum::Extension;
+use axum::extract::State;
+use axum::http::HeaderValue;
+use axum::http::header::CONTENT_TYPE;
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+
+use super::AppState;
+use crate::metrics::{InstanceLabels, VersionLabels};
+
+/// The OpenAPI document, rendered once at start.
+#[derive(Clone)]
+pub(crate) struct Document(pub Bytes);
+
+/// Liveness: the server is up.
+#[utoipa::path(get, path = "/healthz", tag = "operations",
+    responses((status = 200, description = "`ok`", content_type = "text/plain", body = String)))]
+pub(crate) async fn healthz() -> Response {
+    text("text/plain", Bytes::from_static(b"ok\n"))
+}
+
+/// The OpenAPI 3.1 description of this API.
+#[utoipa::path(get, path = "/api/v1/openapi.json", tag = "operations",
+    responses((status = 200, description = "The document", body = Object)))]
+pub(crate) async fn openapi(Extension(Document(document)): Extension<Document>) -> Response {
+    text("application/json", document)
+}
+
+fn text(content_type: &'static str, body: Bytes) -> Response {
+    (
+        [(CONTENT_TYPE, HeaderValue::from_static(content_type))],
+        body,
+    )
+        .into_response()
+}
+
+/// Prometheus metrics in the OpenMetrics text format.
+#[utoipa::path(get, path = "/metrics", tag = "operations",
+    responses((status = 200, description = "The metrics", content_type = "application/openmetrics-text", body = String)))]
+pub(crate) async fn metrics(State(gateway): State<AppState>) -> Response {
+    let m = &gateway.metrics;
+    m.instances.clear();
+    m.queued.clear();
+    for d in gateway.endpoints() {
+        for v in &d.versions {
+            let s = v.processor.stats();
+            let labels = |state: &str| InstanceLabels {
+                endpoint: d.spec.name.clone(),
+                version: v.name.clone(),
+                state: state.into(),
+            };
+            m.instances
+                .get_or_create(&labels("idle"))
+                .set(s.idle as i64);
+            m.instances
+                .get_or_create(&labels("busy"))
+                .set(s.busy as i64);
+            let version = VersionLabels {
+                endpoint: d.spec.name.clone(),
+                version: v.name.clone(),
+            };
+            m.queued.get_or_create(&version).set(s.queued as i64);
+            if !v.workers.is_empty() {
+                use std::sync::atomic::Ordering::Relaxed;
+                let sum = |f: fn(&wasp_backend::BatchStats) -> u64| {
+                    v.workers.iter().map(|w| f(w.stats())).sum::<u64>()
+                };
+                // The batchers count; the counters catch up to them at each scrape.
+                let batches = m.batches.get_or_create(&version);
+                batches.inc_by(sum(|s| s.batches.load(Relaxed)).saturating_sub(batches.get()));
+                let requests = m.batched_requests.get_or_create(&version);
+                requests.inc_by(sum(|s| s.requests.load(Relaxed)).saturating_sub(requests.get()));
+                let queued: usize = v.workers.iter().map(|w| w.queued()).sum();
+                m.backend_queued.get_or_create(&version).set(queued as i64);
+            }
+        }
+    }
+    text(
+        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        Bytes::from(m.encode()),
+    )
+}
