@@ -72,6 +72,15 @@ enum Command {
         /// Most processor instances alive at once, all endpoints together.
         #[arg(long, default_value_t = 1000)]
         max_instances: u32,
+        /// Longest any request may take, in seconds, before it is answered 504.
+        #[arg(long, default_value_t = 300)]
+        request_timeout_s: u64,
+        /// Longest a client may take to send a request's headers, in seconds.
+        #[arg(long, default_value_t = 30)]
+        header_read_timeout_s: u64,
+        /// Most open client connections; further clients wait.
+        #[arg(long, default_value_t = 10_000)]
+        max_connections: usize,
     },
     /// Deploys (creates or replaces) the endpoint a TOML spec describes, uploading the
     /// components it names by path.
@@ -246,6 +255,9 @@ async fn run(cli: Cli) -> Result<()> {
             deploy,
             no_pooling,
             max_instances,
+            request_timeout_s,
+            header_read_timeout_s,
+            max_connections,
         } => {
             let config = ServerConfig {
                 listen,
@@ -257,7 +269,11 @@ async fn run(cli: Cli) -> Result<()> {
                 },
                 backends: backends(),
                 models_dir,
-                http: wasp_gateway::HttpLimits::default(),
+                http: wasp_gateway::HttpLimits {
+                    request_timeout: std::time::Duration::from_secs(request_timeout_s),
+                    header_read_timeout: std::time::Duration::from_secs(header_read_timeout_s),
+                    max_connections,
+                },
             };
             serve(config, deploy).await
         }

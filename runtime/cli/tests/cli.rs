@@ -185,3 +185,26 @@ fn server_logs_as_text_without_colours_or_as_json() {
     }
     assert_eq!(server.terminate().code(), Some(0));
 }
+
+#[test]
+fn serve_takes_its_http_limits_from_flags() {
+    use std::io::{Read, Write};
+    let data = tempfile::tempdir().unwrap();
+    let server = Serve::try_start(data.path(), &["--header-read-timeout-s", "1"]).unwrap();
+    let mut stream = std::net::TcpStream::connect(server.addr).unwrap();
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    stream
+        .write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n")
+        .unwrap();
+    let started = std::time::Instant::now();
+    let mut buf = Vec::new();
+    // The server closes the connection after one second, well before the read timeout.
+    let _ = stream.read_to_end(&mut buf);
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(5),
+        "the header read timeout of the flag was not applied"
+    );
+    assert_eq!(server.terminate().code(), Some(0));
+}

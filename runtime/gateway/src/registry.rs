@@ -275,7 +275,8 @@ impl Gateway {
         blocking(move || this.store.put_component(&bytes)).await
     }
 
-    /// The bytes of an uploaded component, checked against its digest (hex SHA-256).
+    /// The bytes of an uploaded component, checked against its digest (hex SHA-256); a
+    /// corrupt copy is removed and counted in `wasp_integrity_failures_total`.
     pub async fn download_component(self: &Arc<Self>, digest: &str) -> Result<Vec<u8>, Error> {
         let (this, key) = (self.clone(), digest.to_owned());
         let result = blocking(move || this.store.component(&key)).await;
@@ -438,22 +439,16 @@ impl Gateway {
                     });
                 }
             };
-            let (this, key) = (self.clone(), digest.clone());
-            let bytes =
-                blocking(move || this.store.component(&key))
-                    .await
-                    .map_err(|e| match e {
-                        Error::UnknownComponent(_) | Error::CorruptComponent(_) => {
-                            if matches!(e, Error::CorruptComponent(_)) {
-                                self.integrity_failure("component");
-                            }
-                            Error::Invalid {
-                                field: at("processor.component"),
-                                message: e.to_string(),
-                            }
-                        }
-                        other => other,
-                    })?;
+            let bytes = self
+                .download_component(&digest)
+                .await
+                .map_err(|e| match e {
+                    Error::UnknownComponent(_) | Error::CorruptComponent(_) => Error::Invalid {
+                        field: at("processor.component"),
+                        message: e.to_string(),
+                    },
+                    other => other,
+                })?;
             // Compiling is CPU-bound for up to seconds: keep it off the async workers.
             let (this, key) = (self.clone(), digest.clone());
             let loaded =

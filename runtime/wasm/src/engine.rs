@@ -177,10 +177,11 @@ impl Runtime {
         if let Some(path) = &cached {
             match read_cached(path) {
                 Ok(Some(verified)) => {
-                    // SAFETY: `verified` is exactly what `Component::serialize` of an
-                    // engine with the same compatibility hash (it is in the file name)
-                    // wrote: its SHA-256 matched the one stored beside it.
-                    match unsafe { Component::deserialize(&self.engine, verified) } {
+                    // SAFETY: the payload behind the header is exactly what
+                    // `Component::serialize` of an engine with the same compatibility hash
+                    // (it is in the file name) wrote: its SHA-256 matched the header's.
+                    match unsafe { Component::deserialize(&self.engine, &verified[CACHE_HEADER..]) }
+                    {
                         Ok(component) => {
                             return Ok(LoadedComponent {
                                 component,
@@ -260,9 +261,10 @@ fn write_cached(path: &Path, payload: &[u8]) -> std::io::Result<()> {
 }
 
 /// Reads a compiled component and checks it: `Ok(None)` when there is none, `Err` with the
-/// reason when it is not intact, else the payload that matched its checksum.
+/// reason when it is not intact, else the whole file, whose payload (from `CACHE_HEADER`
+/// on) matched its checksum.
 fn read_cached(path: &Path) -> std::result::Result<Option<Vec<u8>>, String> {
-    let mut bytes = match std::fs::read(path) {
+    let bytes = match std::fs::read(path) {
         Ok(bytes) => bytes,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(format!("cannot read it: {e}")),
@@ -274,7 +276,6 @@ fn read_cached(path: &Path) -> std::result::Result<Option<Vec<u8>>, String> {
     if wasp_core::files::sha256(payload)[..] != bytes[CACHE_MAGIC.len()..CACHE_HEADER] {
         return Err("its checksum does not match its bytes".into());
     }
-    bytes.drain(..CACHE_HEADER);
     Ok(Some(bytes))
 }
 
@@ -289,7 +290,10 @@ mod tests {
         let path = dir.path().join("c.cwasm");
         assert_eq!(read_cached(&path), Ok(None));
         write_cached(&path, b"payload bytes").unwrap();
-        assert_eq!(read_cached(&path).unwrap().unwrap(), b"payload bytes");
+        assert_eq!(
+            &read_cached(&path).unwrap().unwrap()[CACHE_HEADER..],
+            b"payload bytes"
+        );
 
         let mut bytes = std::fs::read(&path).unwrap();
         let last = bytes.len() - 1;

@@ -483,12 +483,15 @@ pub(crate) async fn upload_component(
     params(("digest" = String, Path, description = "`sha256:<hex>` or the hex alone")),
     responses(
         (status = 200, description = "The component", content_type = "application/wasm", body = Vec<u8>),
+        (status = 400, description = "The digest in the path is not UTF-8", body = ErrorBody),
         (status = 404, description = "No such component, or its stored copy was corrupt", body = ErrorBody),
     ))]
 pub(crate) async fn download_component(
     State(gateway): State<AppState>,
-    axum::extract::Path(digest): axum::extract::Path<String>,
+    digest: Result<axum::extract::Path<String>, axum::extract::rejection::PathRejection>,
 ) -> Result<Response, ApiError> {
+    let axum::extract::Path(digest) =
+        digest.map_err(|e| ApiError::new(400, "invalid_path", e.body_text()))?;
     let hex = digest.strip_prefix("sha256:").unwrap_or(&digest).to_owned();
     let bytes = gateway
         .download_component(&hex)
