@@ -460,31 +460,28 @@ async fn serve(config: ServerConfig, deploy: Vec<PathBuf>) -> Result<()> {
             .with_context(|| format!("cannot deploy {}", path.display()))?;
         tracing::info!(endpoint = %name, url = %format!("http://{}/endpoints/{name}/invoke", server.local_addr()), "deployed");
     }
+    let stop = shutdown_signal();
     println!("wasp listening on http://{}", server.local_addr());
-    shutdown_signal().await;
+    stop.await;
     tracing::info!("shutting down");
     server.shutdown().await;
     Ok(())
 }
 
-async fn shutdown_signal() {
+/// Waits for SIGTERM or Ctrl-C. Built before the server says it listens, so a signal sent
+/// right after that line is handled rather than killing the process.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
-                }
+    let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate());
+    async move {
+        #[cfg(unix)]
+        if let Ok(mut term) = term {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
             }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
+            return;
         }
-    }
-    #[cfg(not(unix))]
-    {
         let _ = tokio::signal::ctrl_c().await;
     }
 }
