@@ -102,13 +102,12 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
 /// The whole API with its layers, ready to serve.
 pub(crate) fn router(gateway: AppState, request_timeout: Duration) -> Router {
     let (router, doc) = routes().split_for_parts();
-    let document = Bytes::from(doc.to_pretty_json().unwrap_or_default());
+    ops::DOCUMENT.get_or_init(|| Bytes::from(doc.to_pretty_json().unwrap_or_default()));
     router
         .fallback(|method: Method, uri: Uri| async move { ApiError::no_route(&method, &uri) })
         .method_not_allowed_fallback(|method: Method, uri: Uri| async move {
             ApiError::method_not_allowed(&method, &uri)
         })
-        .layer(axum::Extension(ops::Document(document)))
         .layer(
             ServiceBuilder::new()
                 .layer(SetRequestIdLayer::x_request_id(NewRequestId))

@@ -1,6 +1,5 @@
 //! Operations: liveness, Prometheus metrics, and the OpenAPI description of the API.
 
-use axum::Extension;
 use axum::extract::State;
 use axum::http::HeaderValue;
 use axum::http::header::CONTENT_TYPE;
@@ -10,9 +9,8 @@ use bytes::Bytes;
 use super::AppState;
 use crate::metrics::{InstanceLabels, VersionLabels};
 
-/// The OpenAPI document, rendered once at start.
-#[derive(Clone)]
-pub(crate) struct Document(pub Bytes);
+/// The OpenAPI document, rendered once, by the first router built.
+pub(crate) static DOCUMENT: std::sync::OnceLock<Bytes> = std::sync::OnceLock::new();
 
 /// Liveness: the server is up.
 #[utoipa::path(get, path = "/healthz", tag = "operations",
@@ -24,8 +22,11 @@ pub(crate) async fn healthz() -> Response {
 /// The OpenAPI 3.1 description of this API.
 #[utoipa::path(get, path = "/api/v1/openapi.json", tag = "operations",
     responses((status = 200, description = "The document", body = Object)))]
-pub(crate) async fn openapi(Extension(Document(document)): Extension<Document>) -> Response {
-    text("application/json", document)
+pub(crate) async fn openapi() -> Response {
+    text(
+        "application/json",
+        DOCUMENT.get().cloned().unwrap_or_default(),
+    )
 }
 
 fn text(content_type: &'static str, body: Bytes) -> Response {
