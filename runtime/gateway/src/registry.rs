@@ -40,6 +40,17 @@ pub struct DeployedVersion {
     pub backend: &'static str,
     /// One batcher per loaded worker; empty for backend `none`.
     pub workers: Vec<Batcher>,
+    /// Its count of `200` answers and its latency histogram, looked up once at deploy
+    /// rather than by label on every request.
+    pub(crate) metrics: VersionMetrics,
+}
+
+/// The metrics a version updates on every request.
+pub(crate) struct VersionMetrics {
+    /// `wasp_requests_total` with code 200.
+    pub ok: prometheus_client::metrics::counter::Counter,
+    /// `wasp_request_duration_seconds` of the version.
+    pub latency: prometheus_client::metrics::histogram::Histogram,
 }
 
 impl DeployedVersion {
@@ -540,6 +551,25 @@ impl Gateway {
                 digest,
                 backend: v.backend.kind(),
                 workers,
+                metrics: VersionMetrics {
+                    ok: self
+                        .metrics
+                        .requests
+                        .get_or_create(&crate::metrics::RequestLabels {
+                            endpoint: spec.name.clone(),
+                            version: v.name.clone(),
+                            code: 200,
+                        })
+                        .clone(),
+                    latency: self
+                        .metrics
+                        .latency
+                        .get_or_create(&crate::metrics::VersionLabels {
+                            endpoint: spec.name.clone(),
+                            version: v.name.clone(),
+                        })
+                        .clone(),
+                },
             }));
         }
         Ok(Deployment {

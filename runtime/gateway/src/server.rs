@@ -1,14 +1,15 @@
 //! The listening server: accept loop, graceful shutdown, periodic upkeep.
 
+use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::server::conn::http1;
+use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
-use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinHandle;
@@ -99,8 +100,8 @@ impl Server {
             source,
         })?;
         let (stop, stopped) = watch::channel(false);
-        let router = crate::api::router(gateway.clone(), config.http.request_timeout);
-        let accept = tokio::spawn(accept_loop(listener, router, config.http, stopped));
+        let app = crate::api::app(gateway.clone(), config.http.request_timeout);
+        let accept = tokio::spawn(accept_loop(listener, app, config.http, stopped));
         let keeper = gateway.clone();
         let upkeep = tokio::spawn(async move {
             let mut tick = tokio::time::interval(HOUSEKEEPING);
@@ -143,7 +144,7 @@ impl Server {
 
 async fn accept_loop(
     listener: TcpListener,
-    router: axum::Router,
+    app: crate::api::App,
     limits: HttpLimits,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -170,7 +171,11 @@ async fn accept_loop(
                     }
                 };
                 let _ = stream.set_nodelay(true);
-                let service = TowerToHyperService::new(router.clone());
+                let app = app.clone();
+                let service = service_fn(move |request| {
+                    let app = app.clone();
+                    async move { Ok::<_, Infallible>(app.serve(request).await) }
+                });
                 let connection = http1::Builder::new()
                     .timer(TokioTimer::new())
                     .header_read_timeout(limits.header_read_timeout)

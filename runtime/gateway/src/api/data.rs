@@ -18,7 +18,7 @@ use super::{ApiError, AppState, ErrorBody, Name, Payload, read_body};
 use crate::Error;
 use crate::Gateway;
 use crate::kserve::{InferRequest, InferResponse};
-use crate::metrics::{FailureLabels, RequestLabels, VersionLabels};
+use crate::metrics::{FailureLabels, RequestLabels};
 use crate::registry::DeployedVersion;
 
 /// Largest body of the OpenAI-compatible routes before the endpoint (and its limit) is known.
@@ -102,6 +102,20 @@ fn visible_headers(headers: &HeaderMap) -> Vec<(String, String)> {
         .filter(|(k, _)| !HIDDEN_HEADERS.contains(&k.as_str()))
         .filter_map(|(k, v)| Some((k.as_str().to_owned(), v.to_str().ok()?.to_owned())))
         .collect()
+}
+
+/// The invoke route.
+pub(crate) const INVOKE: &str = "/endpoints/{name}/invoke";
+/// The invoke route with a path below it.
+pub(crate) const INVOKE_BELOW: &str = "/endpoints/{name}/invoke/{*path}";
+
+/// The raw endpoint name of a path the invoke routes take: `/endpoints/{name}/invoke`, or
+/// below it (`/endpoints/{name}/invoke/{*path}`).
+pub(crate) fn invoke_target(path: &str) -> Option<&str> {
+    let (raw, tail) = path.strip_prefix("/endpoints/")?.split_once('/')?;
+    let below = tail.strip_prefix("invoke")?;
+    let routed = below.is_empty() || below.strip_prefix('/').is_some_and(|p| !p.is_empty());
+    routed.then_some(raw)
 }
 
 /// Sends a request to an endpoint's processor: the method, the path below the invoke route
@@ -285,7 +299,7 @@ pub(crate) async fn kserve_infer(
         ),
         Err(e) => ApiError::backend(&e).into_response(),
     };
-    record(&gateway, &name, &version.name, &response, started);
+    record(&gateway, &name, &version, &response, started);
     Ok(response)
 }
 
@@ -422,25 +436,35 @@ async fn serve(
             response
         }
     };
-    record(gateway, name, &version.name, &response, started);
+    record(gateway, name, version, &response, started);
     response
 }
 
 /// Counts a data-route response and its latency.
-fn record(gateway: &Gateway, endpoint: &str, version: &str, response: &Response, started: Instant) {
-    let m = &gateway.metrics;
-    m.requests
-        .get_or_create(&RequestLabels {
-            endpoint: endpoint.to_owned(),
-            version: version.to_owned(),
-            code: response.status().as_u16(),
-        })
-        .inc();
-    m.latency
-        .get_or_create(&VersionLabels {
-            endpoint: endpoint.to_owned(),
-            version: version.to_owned(),
-        })
+fn record(
+    gateway: &Gateway,
+    endpoint: &str,
+    version: &DeployedVersion,
+    response: &Response,
+    started: Instant,
+) {
+    let code = response.status().as_u16();
+    if code == 200 {
+        version.metrics.ok.inc();
+    } else {
+        gateway
+            .metrics
+            .requests
+            .get_or_create(&RequestLabels {
+                endpoint: endpoint.to_owned(),
+                version: version.name.clone(),
+                code,
+            })
+            .inc();
+    }
+    version
+        .metrics
+        .latency
         .observe(started.elapsed().as_secs_f64());
 }
 
@@ -478,4 +502,70 @@ fn processor_response(response: wasp_wasm::Response, version: &str) -> Response 
         headers.insert("x-wasp-version", v);
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::Router;
+    use axum::extract::RawPathParams;
+    use axum::routing::any;
+    use tower::ServiceExt;
+
+    use super::*;
+
+    /// The hot path in `App::serve` takes exactly the paths the router routes to the
+    /// invoke handlers, with the same raw name.
+    #[tokio::test]
+    async fn invoke_target_takes_what_the_router_would() {
+        async fn name(params: RawPathParams) -> String {
+            let name = params.iter().find(|(k, _)| *k == "name").map(|(_, v)| v);
+            format!("invoke:{}", name.unwrap_or_default())
+        }
+        let router: Router = Router::new()
+            .route(INVOKE, any(name))
+            .route(INVOKE_BELOW, any(name))
+            .route("/endpoints/{name}", any(|| async { "other" }))
+            .fallback(|| async { "none" });
+        let paths = [
+            "/endpoints/a/invoke",
+            "/endpoints/a/invoke/",
+            "/endpoints/a/invoke/x",
+            "/endpoints/a/invoke/x/y/",
+            "/endpoints/a/invoke//",
+            "/endpoints/a%2Fb/invoke",
+            "/endpoints/%C3%A9/invoke/z",
+            "/endpoints/a%2541/invoke",
+            "/endpoints//invoke",
+            "/endpoints/a/invoker",
+            "/endpoints/a/INVOKE",
+            "/endpoints/a/b/invoke",
+            "/endpoints/invoke",
+            "/endpoints/a",
+            "/endpoints/",
+            "/endpoints",
+            "/Endpoints/a/invoke",
+            "/api/v1/endpoints/a/invoke",
+        ];
+        for path in paths {
+            let request = axum::http::Request::get(path).body(Body::empty()).unwrap();
+            let response = router.clone().oneshot(request).await.unwrap();
+            let bytes = axum::body::to_bytes(response.into_body(), 1024)
+                .await
+                .unwrap();
+            let routed = String::from_utf8_lossy(&bytes).into_owned();
+            let fast = invoke_target(path).map(|raw| {
+                format!(
+                    "invoke:{}",
+                    crate::api::decode(raw).map_err(|e| e.message).unwrap()
+                )
+            });
+            match fast {
+                Some(fast) => assert_eq!(routed, fast, "{path}"),
+                None => assert!(
+                    !routed.starts_with("invoke:"),
+                    "{path}: router says {routed}"
+                ),
+            }
+        }
+    }
 }
