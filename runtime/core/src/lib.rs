@@ -11,6 +11,7 @@ pub mod tensor;
 
 pub use spec::{
     BackendSpec, BatchingSpec, CandleBackend, ComponentRef, ContainerBackend, EndpointSpec, Limits,
-    Mount, ProcessorSpec, ScalingSpec, SpecError, VersionSpec,
+    Mount, ProcessorSpec, ScalingSpec, Schedule, SchedulePolicy, SpecError, StepChange, StepPolicy,
+    VersionSpec,
 };
 pub use tensor::{DType, ModelInput, ModelOutput, Tensor, TensorError};

@@ -292,24 +292,59 @@ impl Default for Limits {
 }
 
 /// Worker scaling of a version (defaults from the managed services users know).
+///
+/// Target tracking on in-flight requests per worker is always on; `step` policies can
+/// only make it scale out sooner or scale in later, and `schedule` windows change
+/// `min_workers` and `max_workers` for a time.
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ScalingSpec {
-    /// Workers always running (0 allows scale to zero). For backend `none` these are
-    /// warm processor instances.
+    /// Workers always running (0 allows scale to zero: the first request then waits for a
+    /// worker to start).
     pub min_workers: u32,
     /// Most workers.
     pub max_workers: u32,
-    /// In-flight requests per worker above which the version scales up.
+    /// Target in-flight requests per worker (target tracking).
     pub target_concurrency: u32,
+    /// Processor instances made ready for each worker (for backend `none`, a worker is
+    /// this many warm instances).
+    pub instances_per_worker: u32,
     /// GPUs each worker owns (1–8); absent for CPU workers.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub gpus_per_worker: Option<u32>,
-    /// Seconds between two scale-up actions.
+    /// Seconds over which in-flight requests are averaged for target tracking.
+    pub stable_window_s: u32,
+    /// Seconds of the short window that detects bursts.
+    pub panic_window_s: u32,
+    /// Load over the short window, in percent of what the current workers are meant to
+    /// carry, at which the version scales up at once and stops scaling down until the
+    /// burst has been over for a stable window.
+    pub panic_threshold_percent: u32,
+    /// Most workers added within 60 s, in percent of the workers there were at its start
+    /// (200: two workers become at most six).
+    pub max_scale_up_percent: u32,
+    /// Seconds the load must stay below target before a worker is removed.
+    pub scale_down_delay_s: u32,
+    /// Workers removed in one scale-down.
+    pub scale_down_step: u32,
+    /// Seconds after a scale-up before the next one (bursts over the panic threshold do
+    /// not wait).
     pub scale_up_cooldown_s: u64,
-    /// Seconds between two scale-down actions.
+    /// Seconds after a scale-down before the next one.
     pub scale_down_cooldown_s: u64,
+    /// Whether load may remove workers at all (`false`: only `max_workers` or a schedule
+    /// lowers the count, and the version never scales to zero).
+    pub scale_in: bool,
+    /// Seconds a request may wait for a worker to start when the version has none; beyond
+    /// it the answer is 503 with `Retry-After`.
+    pub cold_start_timeout_s: u32,
+    /// Step policies: bands of in-flight requests per worker and the change each asks for.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub step: Vec<StepPolicy>,
+    /// Scheduled changes of `min_workers` and `max_workers`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub schedule: Vec<SchedulePolicy>,
 }
 
 impl Default for ScalingSpec {
@@ -318,10 +353,198 @@ impl Default for ScalingSpec {
             min_workers: 1,
             max_workers: 1,
             target_concurrency: 100,
+            instances_per_worker: 1,
             gpus_per_worker: None,
+            stable_window_s: 60,
+            panic_window_s: 6,
+            panic_threshold_percent: 200,
+            max_scale_up_percent: 200,
+            scale_down_delay_s: 60,
+            scale_down_step: 1,
             scale_up_cooldown_s: 300,
             scale_down_cooldown_s: 300,
+            scale_in: true,
+            cold_start_timeout_s: 120,
+            step: Vec::new(),
+            schedule: Vec::new(),
         }
+    }
+}
+
+/// A step policy: while the in-flight requests per worker, averaged over the stable
+/// window, lie in `[lower, upper)`, the version asks for `change` workers more or fewer.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StepPolicy {
+    /// Lowest load of the band, inclusive; absent for no lower bound.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lower: Option<f64>,
+    /// Load where the band ends, exclusive; absent for no upper bound.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upper: Option<f64>,
+    /// The change: `+2`, `-1` (workers) or `+50%`, `-25%` (of the current workers, at
+    /// least one).
+    #[cfg_attr(feature = "openapi", schema(value_type = String, example = "+50%"))]
+    pub change: StepChange,
+}
+
+/// How many workers a step policy adds or removes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StepChange {
+    /// This many workers (negative removes).
+    Workers(i32),
+    /// This percentage of the current workers, rounded away from zero (negative removes).
+    Percent(i32),
+}
+
+impl StepChange {
+    /// The signed change in workers when `current` are running.
+    pub fn workers(self, current: u32) -> i64 {
+        match self {
+            Self::Workers(n) => i64::from(n),
+            Self::Percent(p) => {
+                let magnitude = (i64::from(current) * i64::from(p.unsigned_abs()) + 99) / 100;
+                magnitude.max(1) * i64::from(p.signum())
+            }
+        }
+    }
+}
+
+impl fmt::Display for StepChange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Workers(n) => write!(f, "{n:+}"),
+            Self::Percent(p) => write!(f, "{p:+}%"),
+        }
+    }
+}
+
+impl std::str::FromStr for StepChange {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        let bad = || format!("`{text}` is not a change such as `+2`, `-1`, `+50%` or `-25%`");
+        let (sign, rest) = match text.as_bytes().first() {
+            Some(b'+') => (1, &text[1..]),
+            Some(b'-') => (-1, &text[1..]),
+            _ => return Err(bad()),
+        };
+        let (digits, percent) = match rest.strip_suffix('%') {
+            Some(digits) => (digits, true),
+            None => (rest, false),
+        };
+        if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(bad());
+        }
+        let n: i32 = digits.parse().map_err(|_| bad())?;
+        if n == 0 || n > 1000 {
+            return Err(format!("`{text}`: the change must be between 1 and 1000"));
+        }
+        Ok(if percent {
+            Self::Percent(sign * n)
+        } else {
+            Self::Workers(sign * n)
+        })
+    }
+}
+
+impl Serialize for StepChange {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for StepChange {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// A scheduled window: from each time `cron` matches, for `duration_s`, the version's
+/// `min_workers` and `max_workers` are these (a field left out keeps the version's own).
+/// Where windows overlap, the one that began last wins.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SchedulePolicy {
+    /// When each window begins: five fields (minute hour day-of-month month day-of-week),
+    /// such as `0 8 * * MON-FRI`.
+    pub cron: String,
+    /// The time zone `cron` is read in: `UTC` (default) or a name such as `Europe/Berlin`.
+    #[serde(default = "utc")]
+    pub timezone: String,
+    /// How long each window lasts, in seconds.
+    pub duration_s: u64,
+    /// `min_workers` during the window.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_workers: Option<u32>,
+    /// `max_workers` during the window.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_workers: Option<u32>,
+}
+
+fn utc() -> String {
+    "UTC".to_owned()
+}
+
+/// A parsed schedule: when its windows begin, in which time zone, for how long.
+#[derive(Debug, Clone)]
+pub struct Schedule {
+    cron: croner::Cron,
+    zone: jiff::tz::TimeZone,
+    duration: jiff::SignedDuration,
+}
+
+impl Schedule {
+    /// Parses `cron` and `timezone`; the error says what is wrong with which of the two
+    /// (`Err((field, message))`).
+    pub fn parse(policy: &SchedulePolicy) -> Result<Self, (&'static str, String)> {
+        let fields = policy.cron.split_whitespace().count();
+        if fields != 5 {
+            return Err((
+                "cron",
+                format!(
+                    "`{}` has {fields} fields; a schedule has five (minute hour day-of-month \
+                     month day-of-week)",
+                    policy.cron
+                ),
+            ));
+        }
+        let cron: croner::Cron = policy
+            .cron
+            .parse()
+            .map_err(|e| ("cron", format!("`{}`: {e}", policy.cron)))?;
+        let zone = jiff::tz::TimeZone::get(&policy.timezone).map_err(|_| {
+            (
+                "timezone",
+                format!(
+                    "`{}` is not a time zone (use `UTC` or a name such as `Europe/Berlin`)",
+                    policy.timezone
+                ),
+            )
+        })?;
+        let seconds = i64::try_from(policy.duration_s).unwrap_or(i64::MAX);
+        Ok(Self {
+            cron,
+            zone,
+            duration: jiff::SignedDuration::from_secs(seconds),
+        })
+    }
+
+    /// When the window that contains `now` began, if one does.
+    pub fn active_since(&self, now: jiff::Timestamp) -> Option<jiff::Timestamp> {
+        // A window is `[begin, begin + duration)`: the last beginning at or before `now`
+        // counts, when it is less than `duration` ago.
+        let zoned = now.to_zoned(self.zone.clone());
+        let begin = self
+            .cron
+            .find_previous_occurrence(&zoned, true)
+            .ok()?
+            .timestamp();
+        let end = begin.checked_add(self.duration).ok()?;
+        (now < end).then_some(begin)
     }
 }
 
@@ -483,43 +706,178 @@ impl VersionSpec {
                 ));
             }
         }
-        let scaling = &self.scaling;
-        if scaling.max_workers == 0 {
+        self.scaling.validate(at, &self.backend, limits)
+    }
+}
+
+impl ScalingSpec {
+    fn validate(
+        &self,
+        at: &dyn Fn(&str) -> String,
+        backend: &BackendSpec,
+        limits: &Limits,
+    ) -> Result<(), SpecError> {
+        let field = |name: &str| at(&format!("scaling.{name}"));
+        let range =
+            |name: &str, value: u64, low: u64, high: u64| range_at(&field(name), value, low, high);
+        range("max_workers", self.max_workers.into(), 1, 1024)?;
+        if self.min_workers > self.max_workers {
             return Err(SpecError::invalid(
-                at("scaling.max_workers"),
-                "must be at least 1",
-            ));
-        }
-        if scaling.min_workers > scaling.max_workers {
-            return Err(SpecError::invalid(
-                at("scaling.min_workers"),
+                field("min_workers"),
                 format!(
                     "{} is more than max_workers ({})",
-                    scaling.min_workers, scaling.max_workers
+                    self.min_workers, self.max_workers
                 ),
             ));
         }
-        if matches!(self.backend, BackendSpec::None) && scaling.min_workers > limits.max_instances {
-            return Err(SpecError::invalid(
-                at("scaling.min_workers"),
-                "warm instances cannot exceed limits.max_instances",
-            ));
-        }
-        if scaling.target_concurrency == 0 {
-            return Err(SpecError::invalid(
-                at("scaling.target_concurrency"),
-                "must be at least 1",
-            ));
-        }
-        if let Some(gpus) = scaling.gpus_per_worker
-            && !(1..=8).contains(&gpus)
+        range(
+            "target_concurrency",
+            self.target_concurrency.into(),
+            1,
+            1_000_000,
+        )?;
+        range(
+            "instances_per_worker",
+            self.instances_per_worker.into(),
+            1,
+            1024,
+        )?;
+        if matches!(backend, BackendSpec::None)
+            && u64::from(self.min_workers) * u64::from(self.instances_per_worker)
+                > u64::from(limits.max_instances)
         {
             return Err(SpecError::invalid(
-                at("scaling.gpus_per_worker"),
-                "must be between 1 and 8",
+                field("min_workers"),
+                format!(
+                    "{} workers of {} instances each exceed limits.max_instances ({})",
+                    self.min_workers, self.instances_per_worker, limits.max_instances
+                ),
             ));
         }
+        if let Some(gpus) = self.gpus_per_worker {
+            range("gpus_per_worker", gpus.into(), 1, 8)?;
+        }
+        range("stable_window_s", self.stable_window_s.into(), 1, 3600)?;
+        range("panic_window_s", self.panic_window_s.into(), 1, 3600)?;
+        if self.panic_window_s > self.stable_window_s {
+            return Err(SpecError::invalid(
+                field("panic_window_s"),
+                format!(
+                    "{} is longer than stable_window_s ({})",
+                    self.panic_window_s, self.stable_window_s
+                ),
+            ));
+        }
+        range(
+            "panic_threshold_percent",
+            self.panic_threshold_percent.into(),
+            101,
+            10_000,
+        )?;
+        range(
+            "max_scale_up_percent",
+            self.max_scale_up_percent.into(),
+            1,
+            100_000,
+        )?;
+        range(
+            "scale_down_delay_s",
+            self.scale_down_delay_s.into(),
+            0,
+            86_400,
+        )?;
+        range("scale_down_step", self.scale_down_step.into(), 1, 1024)?;
+        range("scale_up_cooldown_s", self.scale_up_cooldown_s, 0, 86_400)?;
+        range(
+            "scale_down_cooldown_s",
+            self.scale_down_cooldown_s,
+            0,
+            86_400,
+        )?;
+        range(
+            "cold_start_timeout_s",
+            self.cold_start_timeout_s.into(),
+            1,
+            3600,
+        )?;
+        for (j, step) in self.step.iter().enumerate() {
+            let at = |name: &str| field(&format!("step[{j}].{name}"));
+            if step.lower.is_none() && step.upper.is_none() {
+                return Err(SpecError::invalid(
+                    at("lower"),
+                    "a step needs `lower`, `upper` or both",
+                ));
+            }
+            for (name, bound) in [("lower", step.lower), ("upper", step.upper)] {
+                if bound.is_some_and(|b| !b.is_finite() || b < 0.0) {
+                    return Err(SpecError::invalid(at(name), "must be a number >= 0"));
+                }
+            }
+            if let (Some(lower), Some(upper)) = (step.lower, step.upper)
+                && lower >= upper
+            {
+                return Err(SpecError::invalid(
+                    at("upper"),
+                    format!("{upper} is not above lower ({lower})"),
+                ));
+            }
+            let (lo, hi) = step.band();
+            for (k, other) in self.step.iter().enumerate().take(j) {
+                let (olo, ohi) = other.band();
+                if lo < ohi && olo < hi {
+                    return Err(SpecError::invalid(
+                        at("lower"),
+                        format!("the band overlaps step[{k}]'s"),
+                    ));
+                }
+            }
+        }
+        for (j, window) in self.schedule.iter().enumerate() {
+            let at = |name: &str| field(&format!("schedule[{j}].{name}"));
+            Schedule::parse(window)
+                .map_err(|(name, message)| SpecError::invalid(at(name), message))?;
+            range_at(&at("duration_s"), window.duration_s, 60, 366 * 86_400)?;
+            if window.min_workers.is_none() && window.max_workers.is_none() {
+                return Err(SpecError::invalid(
+                    at("min_workers"),
+                    "a schedule sets `min_workers`, `max_workers` or both",
+                ));
+            }
+            if let Some(max) = window.max_workers {
+                range_at(&at("max_workers"), max.into(), 1, 1024)?;
+            }
+            if let Some(min) = window.min_workers {
+                range_at(&at("min_workers"), min.into(), 0, 1024)?;
+                if min > window.max_workers.unwrap_or(u32::MAX) {
+                    return Err(SpecError::invalid(
+                        at("min_workers"),
+                        "is more than this schedule's max_workers",
+                    ));
+                }
+            }
+        }
         Ok(())
+    }
+}
+
+impl StepPolicy {
+    /// The band as `[lower, upper)`, open ends as infinities.
+    pub fn band(&self) -> (f64, f64) {
+        (
+            self.lower.unwrap_or(f64::NEG_INFINITY),
+            self.upper.unwrap_or(f64::INFINITY),
+        )
+    }
+}
+
+fn range_at(field: &str, value: u64, low: u64, high: u64) -> Result<(), SpecError> {
+    if (low..=high).contains(&value) {
+        Ok(())
+    } else {
+        Err(SpecError::invalid(
+            field,
+            format!("must be between {low} and {high}"),
+        ))
     }
 }
 
@@ -672,5 +1030,138 @@ mod tests {
         let spec = EndpointSpec::from_toml(MINIMAL).unwrap();
         let json = serde_json::to_vec(&spec).unwrap();
         assert_eq!(EndpointSpec::from_json(&json).unwrap(), spec);
+    }
+
+    fn scaling(extra: &str) -> Result<EndpointSpec, SpecError> {
+        EndpointSpec::from_toml(&format!("{MINIMAL}\n[versions.scaling]\n{extra}"))
+    }
+
+    #[test]
+    fn scaling_defaults_are_the_seeds() {
+        let s = scaling("").unwrap().versions[0].scaling.clone();
+        assert_eq!(
+            (s.min_workers, s.max_workers, s.target_concurrency),
+            (1, 1, 100)
+        );
+        assert_eq!((s.stable_window_s, s.panic_window_s), (60, 6));
+        assert_eq!(
+            (
+                s.max_scale_up_percent,
+                s.scale_down_delay_s,
+                s.scale_down_step
+            ),
+            (200, 60, 1)
+        );
+        assert_eq!((s.scale_up_cooldown_s, s.scale_down_cooldown_s), (300, 300));
+        assert!(s.scale_in);
+    }
+
+    #[test]
+    fn scaling_policies_parse_and_round_trip() {
+        let spec = scaling(
+            "min_workers = 0\nmax_workers = 8\n\
+             [[versions.scaling.step]]\nlower = 150\nupper = 300\nchange = \"+2\"\n\
+             [[versions.scaling.step]]\nlower = 300\nchange = \"+50%\"\n\
+             [[versions.scaling.schedule]]\ncron = \"0 8 * * MON-FRI\"\n\
+             timezone = \"Europe/Berlin\"\nduration_s = 36000\nmin_workers = 4\n",
+        )
+        .unwrap();
+        let s = &spec.versions[0].scaling;
+        assert_eq!(s.step[0].change, StepChange::Workers(2));
+        assert_eq!(s.step[1].change, StepChange::Percent(50));
+        assert_eq!(s.schedule[0].timezone, "Europe/Berlin");
+        let json = serde_json::to_vec(&spec).unwrap();
+        assert_eq!(EndpointSpec::from_json(&json).unwrap(), spec);
+        assert_eq!(StepChange::Percent(-25).workers(3), -1);
+        assert_eq!(StepChange::Percent(50).workers(5), 3);
+        assert_eq!(StepChange::Percent(50).workers(0), 1);
+    }
+
+    #[test]
+    fn bad_scaling_names_the_field() {
+        let cases = [
+            (
+                "min_workers = 3\nmax_workers = 2",
+                "versions[0].scaling.min_workers",
+            ),
+            ("gpus_per_worker = 9", "versions[0].scaling.gpus_per_worker"),
+            ("max_workers = 0", "versions[0].scaling.max_workers"),
+            ("panic_window_s = 90", "versions[0].scaling.panic_window_s"),
+            (
+                "panic_threshold_percent = 100",
+                "versions[0].scaling.panic_threshold_percent",
+            ),
+            (
+                "max_workers = 64\nmin_workers = 40",
+                "versions[0].scaling.min_workers",
+            ),
+            (
+                "[[versions.scaling.step]]\nchange = \"+1\"",
+                "versions[0].scaling.step[0].lower",
+            ),
+            (
+                "[[versions.scaling.step]]\nlower = 5\nupper = 5\nchange = \"+1\"",
+                "versions[0].scaling.step[0].upper",
+            ),
+            (
+                "[[versions.scaling.step]]\nlower = 5\nchange = \"+1\"\n\
+                 [[versions.scaling.step]]\nlower = 1\nupper = 6\nchange = \"+1\"",
+                "versions[0].scaling.step[1].lower",
+            ),
+            (
+                "max_workers = 4\n[[versions.scaling.schedule]]\ncron = \"0 8 * *\"\n\
+                 duration_s = 600\nmin_workers = 2",
+                "versions[0].scaling.schedule[0].cron",
+            ),
+            (
+                "max_workers = 4\n[[versions.scaling.schedule]]\ncron = \"0 8 * * *\"\n\
+                 duration_s = 600\nmin_workers = 2\n\
+                 [[versions.scaling.schedule]]\ncron = \"61 8 * * *\"\n\
+                 duration_s = 600\nmin_workers = 2",
+                "versions[0].scaling.schedule[1].cron",
+            ),
+            (
+                "[[versions.scaling.schedule]]\ncron = \"0 8 * * *\"\n\
+                 timezone = \"Mars/Olympus\"\nduration_s = 600\nmin_workers = 2",
+                "versions[0].scaling.schedule[0].timezone",
+            ),
+            (
+                "[[versions.scaling.schedule]]\ncron = \"0 8 * * *\"\nduration_s = 600",
+                "versions[0].scaling.schedule[0].min_workers",
+            ),
+            (
+                "[[versions.scaling.schedule]]\ncron = \"0 8 * * *\"\nduration_s = 5\n\
+                 min_workers = 1",
+                "versions[0].scaling.schedule[0].duration_s",
+            ),
+        ];
+        for (extra, field) in cases {
+            let err = scaling(extra).unwrap_err();
+            assert_eq!(err.field(), Some(field), "{extra}: {err}");
+        }
+        let err = scaling("[[versions.scaling.step]]\nlower = 1\nchange = \"2\"").unwrap_err();
+        assert!(err.to_string().contains("`2` is not a change"), "{err}");
+    }
+
+    #[test]
+    fn a_schedule_window_is_found_in_its_time_zone() {
+        let policy = SchedulePolicy {
+            cron: "0 8 * * MON-FRI".into(),
+            timezone: "Europe/Berlin".into(),
+            duration_s: 3600,
+            min_workers: Some(2),
+            max_workers: None,
+        };
+        let schedule = Schedule::parse(&policy).unwrap();
+        // Monday 2026-11-23, 08:00 in Berlin is 07:00 UTC.
+        let at = |t: &str| t.parse::<jiff::Timestamp>().unwrap();
+        assert_eq!(schedule.active_since(at("2026-11-23T06:59:59Z")), None);
+        assert_eq!(
+            schedule.active_since(at("2026-11-23T07:30:00Z")),
+            Some(at("2026-11-23T07:00:00Z"))
+        );
+        assert_eq!(schedule.active_since(at("2026-11-23T08:00:00Z")), None);
+        // Saturday: no window.
+        assert_eq!(schedule.active_since(at("2026-11-28T07:30:00Z")), None);
     }
 }

@@ -510,7 +510,7 @@ impl Gateway {
                 })?;
             if !stopped {
                 built
-                    .warm(v.scaling.min_workers)
+                    .warm(v.scaling.min_workers * v.scaling.instances_per_worker)
                     .await
                     .map_err(|source| Error::Warm {
                         version: v.name.clone(),
