@@ -118,6 +118,15 @@ enum Command {
         #[arg(long, default_value_t = 100)]
         limit: usize,
     },
+    /// Prints an endpoint's scaling events: each change of its workers, the policy that
+    /// made it, and why.
+    Events {
+        /// Endpoint name.
+        name: String,
+        /// Most events to print.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
     /// Sends a request to an endpoint and prints the response body.
     Invoke {
         /// Endpoint name.
@@ -312,6 +321,11 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Logs { name, limit } => {
             let path = client::endpoint_path(&name, &format!("/logs?limit={limit}"));
             print.logs(&client.get(&path).await?);
+            Ok(())
+        }
+        Command::Events { name, limit } => {
+            let path = client::endpoint_path(&name, &format!("/events?limit={limit}"));
+            print.events(&client.get(&path).await?);
             Ok(())
         }
         Command::Invoke {

@@ -42,7 +42,7 @@ impl Printer {
     /// A status word, coloured by how healthy it is.
     fn status(&self, status: &str) -> String {
         let code = match status {
-            "ready" => "32",
+            "ready" | "scaledToZero" => "32",
             "concerning" => "33",
             "notReady" => "31",
             _ => "2",
@@ -109,25 +109,44 @@ impl Printer {
                 text(&v["backend"]),
                 format!("{} idle, {} busy / {}", i["idle"], i["busy"], i["max"]),
                 i["queued"].to_string(),
-                workers.len().to_string(),
+                format!(
+                    "{} ready / {} wanted",
+                    workers.iter().filter(|w| w["state"] == "ready").count(),
+                    v["desired_workers"]
+                ),
                 short_digest(&text(&v["component"])),
             ]);
         }
         println!();
         self.table(&rows, 2);
         for v in list(&e["versions"]) {
-            for (n, w) in list(&v["workers"]).iter().enumerate() {
-                println!(
-                    "  {} worker {n}: {} ({} requests in {} batches, {} queued)",
+            for w in list(&v["workers"]) {
+                let mut line = format!(
+                    "  {} worker {}: {} since {}",
                     text(&v["name"]),
-                    text(&w["model"]),
-                    w["requests"],
-                    w["batches"],
-                    w["queued"]
+                    w["id"],
+                    text(&w["state"]),
+                    timestamp(w["since_ms"].as_u64().unwrap_or(0)),
+                );
+                if let Some(model) = w["model"].as_str() {
+                    line.push_str(&format!(
+                        ", {model} ({} requests in {} batches, {} queued)",
+                        w["requests"], w["batches"], w["queued"]
+                    ));
+                }
+                if let Some(reason) = w["reason"].as_str() {
+                    line.push_str(&format!(": {reason}"));
+                }
+                println!("{line}");
+            }
+            if v["status"] == "scaledToZero" {
+                println!(
+                    "  {} is scaled to zero: the next request starts a worker",
+                    text(&v["name"])
                 );
             }
         }
-        if e["status"] != "ready" && e["status"] != "stopped" && e["error"].is_null() {
+        if !matches!(e["status"].as_str(), Some("ready" | "stopped")) && e["error"].is_null() {
             println!(
                 "\nnot every warm instance or worker is up; `wasp logs {}` shows what the \
                  processors said",
@@ -148,6 +167,24 @@ impl Printer {
                 text(&r["level"]),
                 text(&r["version"]),
                 text(&r["message"])
+            );
+        }
+    }
+
+    /// `wasp events NAME`.
+    pub fn events(&self, body: &Value) {
+        if self.json(body) {
+            return;
+        }
+        for e in list(&body["events"]) {
+            println!(
+                "{} [{}] {} -> {} workers ({}): {}",
+                timestamp(e["at_ms"].as_u64().unwrap_or(0)),
+                text(&e["version"]),
+                e["from"],
+                e["to"],
+                text(&e["trigger"]),
+                text(&e["reason"])
             );
         }
     }

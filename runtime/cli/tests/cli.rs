@@ -103,8 +103,47 @@ fn scaffold_build_deploy_and_drive_with_the_cli() {
         "{status}"
     );
     assert!(!status.contains('\x1b'), "{status}");
+    assert!(
+        status
+            .lines()
+            .any(|l| l.starts_with("v1") && l.contains("1 ready / 1 wanted")),
+        "{status}"
+    );
+    assert!(status.contains("v1 worker 1: ready since"), "{status}");
     let logs = ok(wasp(&url, &["logs", "demo"]));
     assert!(logs.contains("handling a request"), "{logs}");
+
+    // The same processor allowed to scale to zero: status and events say so.
+    let idle = dir.join("idle.toml");
+    let idle_spec = std::fs::read_to_string(dir.join("endpoint.toml"))
+        .unwrap()
+        .replacen("name = \"demo\"", "name = \"idle\"", 1)
+        + "\n[versions.scaling]\nmin_workers = 0\nstable_window_s = 1\npanic_window_s = 1\n\
+           scale_down_delay_s = 0\nscale_down_cooldown_s = 0\n";
+    std::fs::write(&idle, idle_spec).unwrap();
+    ok(wasp(&url, &["deploy", idle.to_str().unwrap()]));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    let status = loop {
+        let status = ok(wasp(&url, &["status", "idle"]));
+        if status.contains("scaled to zero") || std::time::Instant::now() > deadline {
+            break status;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    assert!(
+        status.contains("v1 is scaled to zero: the next request starts a worker"),
+        "{status}"
+    );
+    assert!(status.contains("0 ready / 0 wanted"), "{status}");
+    let events = ok(wasp(&url, &["events", "idle"]));
+    assert!(
+        events.contains("[v1] 1 -> 0 workers (target_tracking)"),
+        "{events}"
+    );
+    let events: serde_json::Value =
+        serde_json::from_str(&ok(wasp(&url, &["events", "-o", "json", "idle"]))).unwrap();
+    assert_eq!(events["events"][0]["to"], 0);
+    ok(wasp(&url, &["rm", "idle"]));
 
     assert!(ok(wasp(&url, &["stop", "-o", "json", "demo"])).contains("\"stopped\": true"));
     let listed = ok(wasp(&url, &["ls"]));

@@ -12,6 +12,7 @@ pub mod metrics;
 mod registry;
 mod server;
 pub mod store;
+pub mod workers;
 
 pub use registry::{DeployedVersion, Deployment, Gateway};
 pub use server::{HttpLimits, Server, ServerConfig};

@@ -49,6 +49,17 @@ pub struct InstanceLabels {
     pub state: String,
 }
 
+/// Labels of a worker gauge.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WorkerLabels {
+    /// Endpoint name.
+    pub endpoint: String,
+    /// Version name.
+    pub version: String,
+    /// `starting`, `ready`, `draining` or `failed`.
+    pub state: String,
+}
+
 /// Labels of an integrity failure.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct FileLabels {
@@ -81,6 +92,14 @@ pub struct Metrics {
     pub cache_hits: Counter,
     /// Files in the data directory that failed their check and were discarded.
     pub integrity_failures: Family<FileLabels, Counter>,
+    /// Workers by state, refreshed at each scrape.
+    pub workers: Family<WorkerLabels, Gauge>,
+    /// Workers the autoscaler wants, refreshed at each scrape.
+    pub desired_workers: Family<VersionLabels, Gauge>,
+    /// Requests that woke a version with no ready worker (refreshed at each scrape).
+    pub cold_starts: Family<VersionLabels, Counter>,
+    /// How long those requests waited for a worker.
+    pub cold_start_seconds: Family<VersionLabels, Histogram>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -162,6 +181,28 @@ impl Metrics {
             "Files in the data directory that failed their check and were discarded",
             integrity_failures.clone(),
         );
+        let workers = Family::<WorkerLabels, Gauge>::default();
+        registry.register("workers", "Workers by state", workers.clone());
+        let desired_workers = Family::<VersionLabels, Gauge>::default();
+        registry.register(
+            "desired_workers",
+            "Workers the autoscaler wants",
+            desired_workers.clone(),
+        );
+        let cold_starts = Family::<VersionLabels, Counter>::default();
+        registry.register(
+            "cold_starts",
+            "Requests that woke a version with no ready worker",
+            cold_starts.clone(),
+        );
+        let cold_start_seconds = Family::<VersionLabels, Histogram>::new_with_constructor(
+            latency_histogram as fn() -> Histogram,
+        );
+        registry.register(
+            "cold_start_seconds",
+            "How long a request waited for a worker to start",
+            cold_start_seconds.clone(),
+        );
         Self {
             registry,
             requests,
@@ -175,6 +216,10 @@ impl Metrics {
             compiles,
             cache_hits,
             integrity_failures,
+            workers,
+            desired_workers,
+            cold_starts,
+            cold_start_seconds,
         }
     }
 

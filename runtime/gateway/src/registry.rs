@@ -4,10 +4,10 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::{Arc, RwLock, Weak};
-use std::time::Duration;
 
-use wasp_backend::{BackendError, Batcher, LoadContext, Registry};
+use wasp_backend::{BackendError, LoadContext, Registry};
 use wasp_core::{BackendSpec, ComponentRef, EndpointSpec, Limits};
+use wasp_scaling::{Clock, Policy, SystemClock};
 use wasp_wasm::{
     BoxFuture, ErrorCode, GuestError, LogBuffer, ModelInput, ModelOutput, ModelRouter, Processor,
     ProcessorSettings, Role, Runtime, RuntimeConfig,
@@ -16,6 +16,7 @@ use wasp_wasm::{
 use crate::Error;
 use crate::metrics::Metrics;
 use crate::store::{Store, StoredEndpoint};
+use crate::workers::{EventLog, StartError, WorkerSet, WorkerSetConfig};
 
 /// Log records kept per endpoint.
 const LOG_CAPACITY: usize = 1000;
@@ -30,16 +31,14 @@ pub struct DeployedVersion {
     pub processor: Processor,
     /// Whether its component came from the compiled cache.
     pub from_cache: bool,
-    /// Warm instances to keep.
-    pub min_workers: u32,
     /// Its limits.
     pub limits: Limits,
     /// Content digest of its component.
     pub digest: String,
     /// The backend kind (`none`, `candle`...).
     pub backend: &'static str,
-    /// One batcher per loaded worker; empty for backend `none`.
-    pub workers: Vec<Batcher>,
+    /// Its workers, in-flight meter and autoscaler.
+    pub workers: Arc<WorkerSet>,
     /// Its count of `200` answers and its latency histogram, looked up once at deploy
     /// rather than by label on every request.
     pub(crate) metrics: VersionMetrics,
@@ -54,23 +53,19 @@ pub(crate) struct VersionMetrics {
 }
 
 impl DeployedVersion {
-    /// The worker with the shortest queue, if the version has a model backend.
-    pub fn worker(&self) -> Option<&Batcher> {
-        self.workers.iter().min_by_key(|w| w.queued())
-    }
-
-    /// Runs model input through a worker's batcher.
+    /// Runs model input through a ready worker's batcher, waking the version if it has
+    /// none.
     pub async fn infer(
         &self,
         input: wasp_core::ModelInput,
     ) -> Result<wasp_core::ModelOutput, BackendError> {
-        match self.worker() {
-            Some(worker) => worker.infer(input).await,
-            None => Err(BackendError::Unavailable(format!(
+        if !self.workers.has_model() {
+            return Err(BackendError::Unavailable(format!(
                 "version `{}` has no model backend",
                 self.name
-            ))),
+            )));
         }
+        self.workers.infer(input).await
     }
 }
 
@@ -84,6 +79,8 @@ pub struct Deployment {
     pub versions: Vec<Arc<DeployedVersion>>,
     /// Log records of its processors.
     pub logs: Arc<LogBuffer>,
+    /// Its scaling events (kept across redeploys).
+    pub events: Arc<EventLog>,
     /// Why it could not be loaded at start-up, if it could not.
     pub error: Option<String>,
 }
@@ -101,20 +98,19 @@ impl Deployment {
         self.versions.iter().rev().find(|v| v.weight > 0)
     }
 
-    /// `ready`, `concerning`, `notReady` or `stopped`, as for one version.
+    /// `ready` (as many ready workers as wanted), `concerning` (some), `notReady` (none),
+    /// `scaledToZero` (none wanted: the next request wakes it) or `stopped`.
     pub fn version_status(&self, v: &DeployedVersion) -> &'static str {
         if self.stopped {
             return "stopped";
         }
-        let live = if v.workers.is_empty() {
-            let stats = v.processor.stats();
-            (stats.idle + stats.busy) as u32
-        } else {
-            v.workers.len() as u32
-        };
-        if live >= v.min_workers {
+        let desired = v.workers.desired();
+        let ready = v.workers.counts().ready;
+        if desired == 0 && ready == 0 {
+            "scaledToZero"
+        } else if ready >= desired {
             "ready"
-        } else if live > 0 {
+        } else if ready > 0 {
             "concerning"
         } else {
             "notReady"
@@ -130,10 +126,11 @@ impl Deployment {
         if self.error.is_some() || self.versions.is_empty() {
             return "notReady";
         }
+        // A version scaled to zero serves (it wakes up), so it counts as ready.
         let ready = self
             .versions
             .iter()
-            .filter(|v| self.version_status(v) == "ready")
+            .filter(|v| matches!(self.version_status(v), "ready" | "scaledToZero"))
             .count();
         if ready == self.versions.len() {
             "ready"
@@ -161,6 +158,8 @@ pub struct Gateway {
     models: Arc<dyn ModelRouter>,
     backends: Registry,
     load_context: LoadContext,
+    /// The autoscalers' clock.
+    clock: Arc<dyn Clock>,
 }
 
 /// Model calls from processors (the `inference` import), answered by the backends of the
@@ -190,7 +189,7 @@ impl ModelRouter for RegistryModels {
             }
             let version = deployment
                 .pick(rand::random::<u32>() % 100)
-                .filter(|v| !v.workers.is_empty())
+                .filter(|v| v.workers.has_model())
                 .ok_or_else(|| {
                     GuestError::new(
                         ErrorCode::Unprocessable,
@@ -248,10 +247,14 @@ impl Gateway {
             models: Arc::new(RegistryModels(weak.clone())),
             backends,
             load_context: LoadContext { models_dir },
+            clock: Arc::new(SystemClock::new()),
         });
         for stored in gateway.store.endpoints()? {
             let name = stored.spec.name.clone();
-            match gateway.build(stored.spec.clone(), stored.stopped).await {
+            match gateway
+                .build(stored.spec.clone(), stored.stopped, None)
+                .await
+            {
                 Ok(deployment) => {
                     gateway.insert(deployment);
                 }
@@ -262,6 +265,7 @@ impl Gateway {
                         stopped: stored.stopped,
                         versions: Vec::new(),
                         logs: Arc::new(LogBuffer::new(LOG_CAPACITY)),
+                        events: Arc::new(EventLog::default()),
                         error: Some(e.to_string()),
                     });
                 }
@@ -318,8 +322,9 @@ impl Gateway {
         if existing.is_some() && !replace {
             return Err(Error::Conflict(spec.name));
         }
-        let stopped = existing.is_some_and(|d| d.stopped);
-        let deployment = self.build(spec, stopped).await?;
+        let stopped = existing.as_ref().is_some_and(|d| d.stopped);
+        let events = existing.map(|d| d.events.clone());
+        let deployment = self.build(spec, stopped, events).await?;
         self.persist(&deployment).await?;
         Ok(self.insert(deployment))
     }
@@ -353,39 +358,46 @@ impl Gateway {
             stopped,
             versions: current.versions.clone(),
             logs: current.logs.clone(),
+            events: current.events.clone(),
             error: current.error.clone(),
         };
         self.persist(&deployment).await?;
         let deployment = self.insert(deployment);
         for v in &deployment.versions {
             if stopped {
-                v.processor.trim(0, Duration::ZERO);
+                v.workers.remove_all();
             } else {
-                v.processor
-                    .warm(v.min_workers)
+                let count = v.workers.initial();
+                v.workers
+                    .start_initial(count)
                     .await
-                    .map_err(|source| Error::Warm {
-                        version: v.name.clone(),
-                        source,
-                    })?;
+                    .map_err(|e| start_error(&v.name, e))?;
             }
         }
         Ok(deployment)
     }
 
-    /// Periodic upkeep: drops instances idle for a minute beyond each version's warm
-    /// count, and re-creates warm instances lost to failures.
+    /// Periodic upkeep: drops instances idle for a minute beyond what each version's
+    /// workers need, and re-creates warm instances lost to failures.
     pub async fn housekeep(&self) {
         for deployment in self.endpoints() {
             if deployment.stopped {
                 continue;
             }
             for v in &deployment.versions {
-                v.processor
-                    .trim(v.min_workers as usize, Duration::from_secs(60));
-                if let Err(e) = v.processor.warm(v.min_workers).await {
-                    tracing::warn!(endpoint = %deployment.spec.name, version = %v.name, "cannot re-warm: {e}");
-                }
+                v.workers.housekeep().await;
+            }
+        }
+    }
+
+    /// One autoscaler step for every version of every running endpoint.
+    pub fn autoscale(&self) {
+        for deployment in self.endpoints() {
+            if deployment.stopped || deployment.error.is_some() {
+                continue;
+            }
+            for v in &deployment.versions {
+                v.workers.tick(false);
             }
         }
     }
@@ -410,8 +422,10 @@ impl Gateway {
         self: &Arc<Self>,
         spec: EndpointSpec,
         stopped: bool,
+        events: Option<Arc<EventLog>>,
     ) -> Result<Deployment, Error> {
         let logs = Arc::new(LogBuffer::new(LOG_CAPACITY));
+        let events = events.unwrap_or_default();
         let mut versions = Vec::with_capacity(spec.versions.len());
         for (i, v) in spec.versions.iter().enumerate() {
             let at = |field: &str| format!("versions[{i}].{field}");
@@ -508,45 +522,41 @@ impl Gateway {
                     version: v.name.clone(),
                     source,
                 })?;
-            if !stopped {
-                built
-                    .warm(v.scaling.min_workers * v.scaling.instances_per_worker)
-                    .await
-                    .map_err(|source| Error::Warm {
-                        version: v.name.clone(),
-                        source,
-                    })?;
-            }
-            let mut workers = Vec::new();
-            if let Some(factory) = factory {
-                // Each worker loads its own copy of the model on a blocking thread.
-                for _ in 0..v.scaling.min_workers.max(1) {
-                    let (factory, spec, context) = (
-                        factory.clone(),
+            let policy = Policy::new(&v.scaling).map_err(|e| match e {
+                wasp_core::SpecError::Invalid { field, message } => Error::Invalid {
+                    field: at(&field),
+                    message,
+                },
+                other => Error::Spec(other),
+            })?;
+            let workers = WorkerSet::new(WorkerSetConfig {
+                endpoint: spec.name.clone(),
+                version: v.name.clone(),
+                processor: built.clone(),
+                model: factory.map(|factory| {
+                    (
+                        factory,
                         v.backend.clone(),
+                        v.batching.clone(),
                         self.load_context.clone(),
-                    );
-                    let backend =
-                        tokio::task::spawn_blocking(move || factory.load(&spec, &context))
-                            .await
-                            .map_err(|e| Error::Store(format!("model load task failed: {e}")))?
-                            .map_err(|source| Error::Backend {
-                                version: v.name.clone(),
-                                source,
-                            })?;
-                    workers.push(Batcher::spawn(
-                        backend,
-                        v.batching.max_batch as usize,
-                        Duration::from_millis(v.batching.max_batch_delay_ms),
-                    ));
-                }
+                    )
+                }),
+                policy,
+                clock: self.clock.clone(),
+                events: events.clone(),
+            });
+            if !stopped {
+                let count = workers.initial();
+                workers
+                    .start_initial(count)
+                    .await
+                    .map_err(|e| start_error(&v.name, e))?;
             }
             versions.push(Arc::new(DeployedVersion {
                 name: v.name.clone(),
                 weight: spec.weight(i),
                 processor: built,
                 from_cache: loaded.from_cache,
-                min_workers: v.scaling.min_workers,
                 limits: v.limits.clone(),
                 digest,
                 backend: v.backend.kind(),
@@ -577,6 +587,7 @@ impl Gateway {
             stopped,
             versions,
             logs,
+            events,
             error: None,
         })
     }
@@ -600,6 +611,21 @@ impl Gateway {
     /// Closes the store so another server may open the data directory.
     pub fn close(&self) {
         self.store.close();
+    }
+}
+
+/// A worker that could not start at deploy, as the deploy's error.
+fn start_error(version: &str, e: StartError) -> Error {
+    match e {
+        StartError::Warm(source) => Error::Warm {
+            version: version.to_owned(),
+            source,
+        },
+        StartError::Backend(source) => Error::Backend {
+            version: version.to_owned(),
+            source,
+        },
+        StartError::Task(message) => Error::Store(message),
     }
 }
 

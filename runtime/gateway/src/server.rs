@@ -21,6 +21,8 @@ use crate::{Error, Gateway};
 const DRAIN: Duration = Duration::from_secs(30);
 /// How often idle instances are trimmed and warm ones replenished.
 const HOUSEKEEPING: Duration = Duration::from_secs(10);
+/// How often every version's autoscaler decides.
+const AUTOSCALE: Duration = Duration::from_secs(1);
 
 /// What `wasp serve` is started with.
 #[derive(Debug, Clone)]
@@ -104,11 +106,15 @@ impl Server {
         let accept = tokio::spawn(accept_loop(listener, app, config.http, stopped));
         let keeper = gateway.clone();
         let upkeep = tokio::spawn(async move {
-            let mut tick = tokio::time::interval(HOUSEKEEPING);
-            tick.tick().await;
+            let mut housekeeping = tokio::time::interval(HOUSEKEEPING);
+            let mut autoscale = tokio::time::interval(AUTOSCALE);
+            autoscale.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+            housekeeping.tick().await;
             loop {
-                tick.tick().await;
-                keeper.housekeep().await;
+                tokio::select! {
+                    _ = housekeeping.tick() => keeper.housekeep().await,
+                    _ = autoscale.tick() => keeper.autoscale(),
+                }
             }
         });
         tracing::info!(%addr, data_dir = %config.data_dir.display(), "wasp is serving");

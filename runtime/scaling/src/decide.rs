@@ -272,8 +272,8 @@ pub fn decide(
                 .unwrap_or_default()
         );
     }
-    if to == 0 && load.waiting && max > 0 {
-        to = 1;
+    if current == 0 && load.waiting && max > 0 {
+        to = to.max(1);
         trigger = Trigger::Wake;
         reason = "a request is waiting and no worker runs".to_owned();
     }
@@ -363,6 +363,15 @@ impl Autoscaler {
     /// Its state.
     pub fn state(&self) -> &ScaleState {
         &self.state
+    }
+
+    /// Starts over at `workers` workers (a deploy, a stop, a start), keeping the windows.
+    pub fn reset(&mut self, workers: u32, now: Moment) {
+        self.state = ScaleState {
+            workers,
+            history: VecDeque::from([(now.mono, workers)]),
+            ..ScaleState::default()
+        };
     }
 
     /// Replaces the policy (a new spec for the same version), keeping state and windows.

@@ -17,6 +17,7 @@ use super::error::json;
 use super::{ApiError, AppState, ErrorBody, Name, Payload};
 use crate::Error;
 use crate::registry::Deployment;
+use crate::workers::{ScaleEvent, WorkerState};
 
 /// Largest control-API body (a spec), in bytes.
 const MAX_SPEC_BYTES: u64 = 1024 * 1024;
@@ -95,11 +96,14 @@ pub struct VersionDetail {
     pub name: String,
     /// Share of traffic, in percent.
     pub weight: u32,
-    /// `ready`, `concerning`, `notReady` or `stopped`.
+    /// `ready` (as many ready workers as wanted), `concerning` (some), `notReady` (none),
+    /// `scaledToZero` (none wanted; the next request wakes it) or `stopped`.
     pub status: &'static str,
     /// The backend kind (`none`, `candle`, `container`).
     pub backend: &'static str,
-    /// Its model workers (empty for backend `none`).
+    /// Workers the autoscaler wants now.
+    pub desired_workers: u32,
+    /// Its workers: loaded models, or for backend `none` sets of warm instances.
     pub workers: Vec<WorkerDetail>,
     /// Its component, `sha256:<hex>`.
     pub component: String,
@@ -109,11 +113,23 @@ pub struct VersionDetail {
     pub instances: InstanceCounts,
 }
 
-/// A model worker.
+/// A worker.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct WorkerDetail {
-    /// What it runs (model and device).
-    pub model: String,
+    /// Its number within the version.
+    pub id: u64,
+    /// `starting`, `ready`, `draining` or `failed`.
+    pub state: WorkerState,
+    /// Why it failed, when it did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Since when it is in that state, in milliseconds since the Unix epoch.
+    pub since_ms: u64,
+    /// What it runs (model and device), for model workers once loaded.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    /// Requests it holds.
+    pub in_flight: u64,
     /// Requests waiting for a forward pass.
     pub queued: usize,
     /// Forward passes run.
@@ -211,14 +227,31 @@ fn detail(d: &Deployment) -> EndpointDetail {
                 weight: v.weight,
                 status: d.version_status(v),
                 backend: v.backend,
+                desired_workers: v.workers.desired(),
                 workers: v
                     .workers
+                    .list()
                     .iter()
-                    .map(|w| WorkerDetail {
-                        model: w.backend().describe(),
-                        queued: w.queued(),
-                        batches: w.stats().batches.load(Ordering::Relaxed),
-                        requests: w.stats().requests.load(Ordering::Relaxed),
+                    .map(|w| {
+                        let (state, reason, since) = w.state();
+                        let batcher = w.batcher();
+                        WorkerDetail {
+                            id: w.id,
+                            state,
+                            reason,
+                            since_ms: since
+                                .duration_since(std::time::UNIX_EPOCH)
+                                .map_or(0, |d| d.as_millis() as u64),
+                            model: batcher.as_ref().map(|b| b.backend().describe()),
+                            in_flight: w.in_flight(),
+                            queued: batcher.as_ref().map_or(0, |b| b.queued()),
+                            batches: batcher
+                                .as_ref()
+                                .map_or(0, |b| b.stats().batches.load(Ordering::Relaxed)),
+                            requests: batcher
+                                .as_ref()
+                                .map_or(0, |b| b.stats().requests.load(Ordering::Relaxed)),
+                        }
                     })
                     .collect(),
                 component: format!("sha256:{}", v.digest),
@@ -445,6 +478,33 @@ pub(crate) async fn logs(
         })
         .collect();
     Ok(json(StatusCode::OK, &LogList { logs }))
+}
+
+/// Scaling events of an endpoint's versions, oldest first.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct EventList {
+    /// The events.
+    pub events: Vec<ScaleEvent>,
+}
+
+/// The endpoint's scaling events: every change of a version's workers, with the policy
+/// that made it and why, and workers that failed to start.
+#[utoipa::path(get, path = "/api/v1/endpoints/{name}/events", tag = "control",
+    params(("name" = String, Path, description = "Endpoint name"), LogQuery),
+    responses(
+        (status = 200, description = "The newest events, oldest first", body = EventList),
+        (status = 400, description = "`limit` is not a count", body = ErrorBody),
+        (status = 404, description = "No such endpoint", body = ErrorBody),
+    ))]
+pub(crate) async fn events(
+    State(gateway): State<AppState>,
+    Name(name): Name,
+    query: Result<Query<LogQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(query) = query.map_err(|e| ApiError::from(e).with_field("limit"))?;
+    let d = gateway.endpoint(&name).ok_or(Error::NotFound(name))?;
+    let events = d.events.recent(query.limit.unwrap_or(100));
+    Ok(json(StatusCode::OK, &EventList { events }))
 }
 
 /// Uploads a component (the body is the `.wasm`); specs then name it by digest.

@@ -20,6 +20,7 @@ use crate::Gateway;
 use crate::kserve::{InferRequest, InferResponse};
 use crate::metrics::{FailureLabels, RequestLabels};
 use crate::registry::DeployedVersion;
+use crate::workers::WakeError;
 
 /// Largest body of the OpenAI-compatible routes before the endpoint (and its limit) is known.
 const MAX_OPENAI_BYTES: u64 = 64 * 1024 * 1024;
@@ -283,7 +284,7 @@ pub(crate) async fn kserve_infer(
     let body = read_version_body(body, version.limits.max_body_bytes).await?;
     let parsed = crate::kserve::parse(&body)
         .map_err(|e| ApiError::new(400, "invalid_request", e.message).with_field(e.field))?;
-    if version.workers.is_empty() {
+    if !version.workers.has_model() {
         return Err(ApiError::new(
             422,
             "no_model_backend",
@@ -292,7 +293,10 @@ pub(crate) async fn kserve_infer(
             ),
         ));
     }
-    let response = match version.infer(parsed.input).await {
+    let counted = version.workers.meter.enter();
+    let inferred = version.infer(parsed.input).await;
+    drop(counted);
+    let response = match inferred {
         Ok(output) => json(
             StatusCode::OK,
             &crate::kserve::response(&name, &version.name, parsed.id.as_deref(), &output),
@@ -369,6 +373,7 @@ async fn read_version_body(body: Body, limit: u64) -> Result<bytes::Bytes, ApiEr
 
 /// Why a request failed after it reached a version.
 enum Failure {
+    Wake(WakeError),
     Processor(CallError),
     Backend(BackendError),
 }
@@ -376,6 +381,28 @@ enum Failure {
 impl Failure {
     fn into_api(self) -> ApiError {
         match self {
+            Self::Wake(WakeError::Timeout(t)) => {
+                let mut e = ApiError::new(
+                    503,
+                    "cold_start_timeout",
+                    format!(
+                        "no worker became ready within the cold-start timeout ({}s, \
+                         scaling.cold_start_timeout_s); retry",
+                        t.as_secs()
+                    ),
+                );
+                e.retry_after = true;
+                e
+            }
+            Self::Wake(WakeError::Failed(reason)) => {
+                let mut e = ApiError::new(
+                    503,
+                    "worker_failed",
+                    format!("no worker could start: {reason}"),
+                );
+                e.retry_after = true;
+                e
+            }
             Self::Processor(e) => e.into(),
             Self::Backend(e) => ApiError::backend(&e),
         }
@@ -385,7 +412,9 @@ impl Failure {
 /// Runs one request through a version: the processor alone (backend `none`), or
 /// pre-process, the backend's batcher, and post-process.
 async fn run(version: &DeployedVersion, request: Request) -> Result<wasp_wasm::Response, Failure> {
-    if version.workers.is_empty() {
+    let _counted = version.workers.meter.enter();
+    version.workers.wait_ready().await.map_err(Failure::Wake)?;
+    if !version.workers.has_model() {
         return version
             .processor
             .handle(request)

@@ -70,6 +70,7 @@ fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(control::stop))
         .routes(routes!(control::start))
         .routes(routes!(control::logs))
+        .routes(routes!(control::events))
         .routes(routes!(control::upload_component))
         .routes(routes!(control::download_component))
         .routes(routes!(control::snapshot));

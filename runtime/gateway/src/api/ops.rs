@@ -7,7 +7,7 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 
 use super::AppState;
-use crate::metrics::{InstanceLabels, VersionLabels};
+use crate::metrics::{InstanceLabels, VersionLabels, WorkerLabels};
 
 /// The OpenAPI document, rendered once, by the first router built.
 pub(crate) static DOCUMENT: std::sync::OnceLock<Bytes> = std::sync::OnceLock::new();
@@ -44,6 +44,8 @@ pub(crate) async fn metrics(State(gateway): State<AppState>) -> Response {
     let m = &gateway.metrics;
     m.instances.clear();
     m.queued.clear();
+    m.workers.clear();
+    m.desired_workers.clear();
     for d in gateway.endpoints() {
         for v in &d.versions {
             let s = v.processor.stats();
@@ -63,18 +65,46 @@ pub(crate) async fn metrics(State(gateway): State<AppState>) -> Response {
                 version: v.name.clone(),
             };
             m.queued.get_or_create(&version).set(s.queued as i64);
-            if !v.workers.is_empty() {
-                use std::sync::atomic::Ordering::Relaxed;
-                let sum = |f: fn(&wasp_backend::BatchStats) -> u64| {
-                    v.workers.iter().map(|w| f(w.stats())).sum::<u64>()
-                };
+            let counts = v.workers.counts();
+            for (state, n) in [
+                ("starting", counts.starting),
+                ("ready", counts.ready),
+                ("draining", counts.draining),
+                ("failed", counts.failed),
+            ] {
+                m.workers
+                    .get_or_create(&WorkerLabels {
+                        endpoint: d.spec.name.clone(),
+                        version: v.name.clone(),
+                        state: state.into(),
+                    })
+                    .set(i64::from(n));
+            }
+            m.desired_workers
+                .get_or_create(&version)
+                .set(i64::from(v.workers.desired()));
+            let cold = m.cold_starts.get_or_create(&version);
+            cold.inc_by(
+                v.workers
+                    .cold_starts
+                    .count
+                    .load(std::sync::atomic::Ordering::Relaxed)
+                    .saturating_sub(cold.get()),
+            );
+            let seconds = m.cold_start_seconds.get_or_create(&version);
+            for s in v.workers.cold_starts.take() {
+                seconds.observe(s);
+            }
+            if v.workers.has_model() {
                 // The batchers count; the counters catch up to them at each scrape.
+                let (total_batches, total_requests) = v.workers.batch_totals();
                 let batches = m.batches.get_or_create(&version);
-                batches.inc_by(sum(|s| s.batches.load(Relaxed)).saturating_sub(batches.get()));
+                batches.inc_by(total_batches.saturating_sub(batches.get()));
                 let requests = m.batched_requests.get_or_create(&version);
-                requests.inc_by(sum(|s| s.requests.load(Relaxed)).saturating_sub(requests.get()));
-                let queued: usize = v.workers.iter().map(|w| w.queued()).sum();
-                m.backend_queued.get_or_create(&version).set(queued as i64);
+                requests.inc_by(total_requests.saturating_sub(requests.get()));
+                m.backend_queued
+                    .get_or_create(&version)
+                    .set(v.workers.backend_queued() as i64);
             }
         }
     }

@@ -36,6 +36,13 @@ impl Processor for Hostile {
                 .with_header("x-custom", "yes")),
             "/bad-header" => Ok(Response::text("x").with_header("bad header", "v")),
             "/echo" => Ok(Response::bytes("application/octet-stream", request.body)),
+            "/sleep" => {
+                let ms: u64 = request.text()?.trim().parse().map_err(|_| {
+                    Error::bad_request("the body is the milliseconds to sleep").with_field("body")
+                })?;
+                std::thread::sleep(std::time::Duration::from_millis(ms));
+                Ok(Response::text("slept"))
+            }
             "/trap" => panic!("guest panicked on purpose"),
             "/loop" => {
                 let mut i: u64 = 0;

@@ -1,0 +1,702 @@
+//! Workers: the replicas of a version that the autoscaler adds and removes.
+//!
+//! A worker of a model backend is one loaded copy of the model behind its own batcher; a
+//! worker of backend `none` is `instances_per_worker` warm processor instances. Each has a
+//! lifecycle (`starting` → `ready` → `draining` → gone, or `failed` with a reason), and the
+//! version's processor keeps `instances_per_worker` warm instances for every live worker,
+//! down to none at zero workers.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::watch;
+use wasp_backend::{BackendError, BackendFactory, Batcher, LoadContext};
+use wasp_core::{BackendSpec, BatchingSpec};
+use wasp_scaling::{Autoscaler, Clock, Decision, Meter, Policy, Trigger};
+use wasp_wasm::Processor;
+
+/// How long a draining worker may finish what it holds before it is dropped.
+pub(crate) const DRAIN_GRACE: Duration = Duration::from_secs(30);
+/// Scaling events kept per endpoint.
+const EVENT_CAPACITY: usize = 1000;
+
+/// Where a worker is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum WorkerState {
+    /// Loading its model or creating its instances.
+    Starting,
+    /// Serving.
+    Ready,
+    /// Finishing what it holds; takes no new requests.
+    Draining,
+    /// Could not start; the reason says why.
+    Failed,
+}
+
+/// One worker of a version.
+pub struct Worker {
+    /// Its number within the version.
+    pub id: u64,
+    state: Mutex<(WorkerState, Option<String>, SystemTime)>,
+    batcher: Mutex<Option<Arc<Batcher>>>,
+    in_flight: AtomicU64,
+}
+
+impl Worker {
+    fn new(id: u64) -> Self {
+        Self {
+            id,
+            state: Mutex::new((WorkerState::Starting, None, SystemTime::now())),
+            batcher: Mutex::new(None),
+            in_flight: AtomicU64::new(0),
+        }
+    }
+
+    /// Its state, the reason of a failure, and since when.
+    pub fn state(&self) -> (WorkerState, Option<String>, SystemTime) {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn set(&self, state: WorkerState, reason: Option<String>) {
+        *self.state.lock().unwrap_or_else(|e| e.into_inner()) = (state, reason, SystemTime::now());
+    }
+
+    fn is(&self, state: WorkerState) -> bool {
+        self.state().0 == state
+    }
+
+    /// Its batcher, once a model worker is ready.
+    pub fn batcher(&self) -> Option<Arc<Batcher>> {
+        self.batcher
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Requests it holds now.
+    pub fn in_flight(&self) -> u64 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+}
+
+/// What a worker of this version is made of.
+enum Kind {
+    /// Warm processor instances only (backend `none`).
+    Instances,
+    /// A loaded model behind a batcher.
+    Model(Box<ModelKind>),
+}
+
+/// How a model worker loads its model and batches its requests.
+struct ModelKind {
+    factory: Arc<dyn BackendFactory>,
+    spec: BackendSpec,
+    batching: BatchingSpec,
+    context: LoadContext,
+}
+
+/// Why a worker could not start.
+#[derive(Debug)]
+pub(crate) enum StartError {
+    /// Its processor instances could not be made.
+    Warm(wasp_wasm::CallError),
+    /// Its model could not be loaded.
+    Backend(BackendError),
+    /// The loading task died.
+    Task(String),
+}
+
+impl std::fmt::Display for StartError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Warm(e) => write!(f, "{e}"),
+            Self::Backend(e) => write!(f, "{e}"),
+            Self::Task(e) => f.write_str(e),
+        }
+    }
+}
+
+/// Why a request could not get a worker.
+#[derive(Debug)]
+pub(crate) enum WakeError {
+    /// None became ready within the cold-start timeout.
+    Timeout(Duration),
+    /// The worker that was starting failed.
+    Failed(String),
+}
+
+/// A scaling event, kept per endpoint.
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
+pub struct ScaleEvent {
+    /// When, in milliseconds since the Unix epoch.
+    pub at_ms: u64,
+    /// The version.
+    pub version: String,
+    /// Workers before.
+    pub from: u32,
+    /// Workers after.
+    pub to: u32,
+    /// The policy that decided: `target_tracking`, `panic`, `step[i]`, `bounds`,
+    /// `schedule[i]`, `wake`, or `worker_failed`.
+    pub trigger: String,
+    /// Why, for people.
+    pub reason: String,
+}
+
+/// The scaling events of one endpoint, oldest first.
+#[derive(Default)]
+pub struct EventLog {
+    events: Mutex<VecDeque<ScaleEvent>>,
+}
+
+impl EventLog {
+    fn push(&self, event: ScaleEvent) {
+        tracing::info!(
+            version = %event.version,
+            from = event.from,
+            to = event.to,
+            trigger = %event.trigger,
+            "scaling: {}",
+            event.reason
+        );
+        let mut events = self.events.lock().unwrap_or_else(|e| e.into_inner());
+        if events.len() == EVENT_CAPACITY {
+            events.pop_front();
+        }
+        events.push_back(event);
+    }
+
+    /// The newest `limit` events, oldest first.
+    pub fn recent(&self, limit: usize) -> Vec<ScaleEvent> {
+        let events = self.events.lock().unwrap_or_else(|e| e.into_inner());
+        let skip = events.len().saturating_sub(limit);
+        events.iter().skip(skip).cloned().collect()
+    }
+}
+
+/// Counts of a version's workers by state.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WorkerCounts {
+    /// Starting.
+    pub starting: u32,
+    /// Ready.
+    pub ready: u32,
+    /// Draining.
+    pub draining: u32,
+    /// Failed.
+    pub failed: u32,
+}
+
+/// Cold starts of a version, for the metrics.
+#[derive(Debug, Default)]
+pub struct ColdStarts {
+    /// How many.
+    pub count: AtomicU64,
+    /// Their durations, not yet observed by the metrics.
+    pending: Mutex<Vec<f64>>,
+}
+
+impl ColdStarts {
+    /// Durations (seconds) since the last call.
+    pub fn take(&self) -> Vec<f64> {
+        std::mem::take(&mut *self.pending.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+/// The workers of one version, its in-flight meter and its autoscaler.
+pub struct WorkerSet {
+    endpoint: String,
+    version: String,
+    kind: Kind,
+    processor: Processor,
+    instances_per_worker: u32,
+    cold_start_timeout: Duration,
+    workers: RwLock<Vec<Arc<Worker>>>,
+    ready: watch::Sender<u32>,
+    next_id: AtomicU64,
+    desired: AtomicU32,
+    /// In-flight requests, time-weighted: the autoscaler's signal.
+    pub meter: Meter,
+    scaler: Mutex<Autoscaler>,
+    clock: Arc<dyn Clock>,
+    events: Arc<EventLog>,
+    /// Cold starts.
+    pub cold_starts: ColdStarts,
+    /// Batches and requests of workers already gone, so that the counters never go back.
+    retired: (AtomicU64, AtomicU64),
+}
+
+/// What a version needs to build its workers.
+pub(crate) struct WorkerSetConfig {
+    pub endpoint: String,
+    pub version: String,
+    pub processor: Processor,
+    pub model: Option<(
+        Arc<dyn BackendFactory>,
+        BackendSpec,
+        BatchingSpec,
+        LoadContext,
+    )>,
+    pub policy: Policy,
+    pub clock: Arc<dyn Clock>,
+    pub events: Arc<EventLog>,
+}
+
+impl WorkerSet {
+    pub(crate) fn new(config: WorkerSetConfig) -> Arc<Self> {
+        let spec = config.policy.spec().clone();
+        let kind = match config.model {
+            None => Kind::Instances,
+            Some((factory, spec, batching, context)) => Kind::Model(Box::new(ModelKind {
+                factory,
+                spec,
+                batching,
+                context,
+            })),
+        };
+        let now = config.clock.now();
+        Arc::new(Self {
+            endpoint: config.endpoint,
+            version: config.version,
+            kind,
+            processor: config.processor,
+            instances_per_worker: spec.instances_per_worker,
+            cold_start_timeout: Duration::from_secs(spec.cold_start_timeout_s.into()),
+            workers: RwLock::new(Vec::new()),
+            ready: watch::channel(0).0,
+            next_id: AtomicU64::new(1),
+            desired: AtomicU32::new(0),
+            meter: Meter::new(),
+            scaler: Mutex::new(Autoscaler::new(config.policy, 0, now)),
+            clock: config.clock,
+            events: config.events,
+            cold_starts: ColdStarts::default(),
+            retired: (AtomicU64::new(0), AtomicU64::new(0)),
+        })
+    }
+
+    /// Workers to start at deploy: `min_workers`, and at least one, so that a deploy
+    /// proves the version can start (a version with `min_workers = 0` then scales down).
+    pub(crate) fn initial(&self) -> u32 {
+        self.lock_scaler().policy().spec().min_workers.max(1)
+    }
+
+    /// Whether its workers run a model backend.
+    pub fn has_model(&self) -> bool {
+        matches!(self.kind, Kind::Model(_))
+    }
+
+    /// Workers wanted now.
+    pub fn desired(&self) -> u32 {
+        self.desired.load(Ordering::Relaxed)
+    }
+
+    /// Its workers, oldest first.
+    pub fn list(&self) -> Vec<Arc<Worker>> {
+        self.read().clone()
+    }
+
+    /// Its workers by state.
+    pub fn counts(&self) -> WorkerCounts {
+        let mut counts = WorkerCounts::default();
+        for w in self.read().iter() {
+            match w.state().0 {
+                WorkerState::Starting => counts.starting += 1,
+                WorkerState::Ready => counts.ready += 1,
+                WorkerState::Draining => counts.draining += 1,
+                WorkerState::Failed => counts.failed += 1,
+            }
+        }
+        counts
+    }
+
+    /// Batches and requests served by its model workers, gone ones included.
+    pub fn batch_totals(&self) -> (u64, u64) {
+        let (mut batches, mut requests) = (
+            self.retired.0.load(Ordering::Relaxed),
+            self.retired.1.load(Ordering::Relaxed),
+        );
+        for w in self.read().iter() {
+            if let Some(b) = w.batcher() {
+                batches += b.stats().batches.load(Ordering::Relaxed);
+                requests += b.stats().requests.load(Ordering::Relaxed);
+            }
+        }
+        (batches, requests)
+    }
+
+    /// Requests queued at its model workers.
+    pub fn backend_queued(&self) -> usize {
+        self.read()
+            .iter()
+            .filter_map(|w| w.batcher())
+            .map(|b| b.queued())
+            .sum()
+    }
+
+    /// Starts `count` workers at deploy and waits for them; the first failure is the
+    /// deploy's error.
+    pub(crate) async fn start_initial(self: &Arc<Self>, count: u32) -> Result<(), StartError> {
+        let workers: Vec<_> = (0..count).map(|_| self.add_worker()).collect();
+        let mut failure = None;
+        for worker in &workers {
+            if let Err(e) = self.start(worker.clone()).await {
+                failure.get_or_insert(e);
+            }
+        }
+        if let Some(e) = failure {
+            self.remove_all();
+            return Err(e);
+        }
+        self.desired.store(count, Ordering::Relaxed);
+        self.lock_scaler().reset(count, self.clock.now());
+        Ok(())
+    }
+
+    /// Waits until a worker is ready, waking the version when it has none; the cold start
+    /// is counted and timed.
+    pub(crate) async fn wait_ready(self: &Arc<Self>) -> Result<(), WakeError> {
+        if *self.ready.borrow() > 0 {
+            return Ok(());
+        }
+        let started = Instant::now();
+        let mut ready = self.ready.subscribe();
+        self.wake();
+        let waited = tokio::time::timeout(self.cold_start_timeout, async {
+            loop {
+                if *ready.borrow_and_update() > 0 {
+                    return Ok(());
+                }
+                if let Some(reason) = self.failed_while_none_live() {
+                    return Err(WakeError::Failed(reason));
+                }
+                if ready.changed().await.is_err() {
+                    return Err(WakeError::Failed("the version was removed".into()));
+                }
+            }
+        })
+        .await;
+        match waited {
+            Ok(Ok(())) => {
+                self.cold_starts.count.fetch_add(1, Ordering::Relaxed);
+                self.cold_starts
+                    .pending
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(started.elapsed().as_secs_f64());
+                Ok(())
+            }
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(WakeError::Timeout(self.cold_start_timeout)),
+        }
+    }
+
+    /// The ready model worker with the shortest queue, waking the version if none is.
+    pub(crate) async fn pick(self: &Arc<Self>) -> Result<Arc<Worker>, WakeError> {
+        loop {
+            let best = self
+                .read()
+                .iter()
+                .filter(|w| w.is(WorkerState::Ready))
+                .filter_map(|w| w.batcher().map(|b| (w.clone(), b.queued())))
+                .min_by_key(|(_, queued)| *queued)
+                .map(|(w, _)| w);
+            if let Some(worker) = best {
+                return Ok(worker);
+            }
+            self.wait_ready().await?;
+        }
+    }
+
+    /// Runs model input through a ready worker.
+    pub(crate) async fn infer(
+        self: &Arc<Self>,
+        input: wasp_core::ModelInput,
+    ) -> Result<wasp_core::ModelOutput, BackendError> {
+        let worker = self.pick().await.map_err(|e| match e {
+            WakeError::Timeout(t) => BackendError::Unavailable(format!(
+                "no worker became ready within the cold-start timeout ({}s)",
+                t.as_secs()
+            )),
+            WakeError::Failed(reason) => {
+                BackendError::Unavailable(format!("the worker failed to start: {reason}"))
+            }
+        })?;
+        let batcher = worker
+            .batcher()
+            .ok_or_else(|| BackendError::Unavailable("the worker has no model".into()))?;
+        worker.in_flight.fetch_add(1, Ordering::Relaxed);
+        let result = batcher.infer(input).await;
+        worker.in_flight.fetch_sub(1, Ordering::Relaxed);
+        result
+    }
+
+    /// A request is waiting and no worker is live: decide at once rather than at the next
+    /// tick.
+    fn wake(self: &Arc<Self>) {
+        let live = self
+            .read()
+            .iter()
+            .any(|w| w.is(WorkerState::Starting) || w.is(WorkerState::Ready));
+        if live {
+            return;
+        }
+        let failed = self.read().iter().any(|w| w.is(WorkerState::Failed));
+        if failed && self.desired() > 0 {
+            // The worker there is failed: one more try, for the request that waits.
+            self.events.push(ScaleEvent {
+                at_ms: now_ms(),
+                version: self.version.clone(),
+                from: self.desired(),
+                to: self.desired(),
+                trigger: Trigger::Wake.to_string(),
+                reason: "a request is waiting; replacing the failed worker".into(),
+            });
+            let worker = self.add_worker();
+            let this = self.clone();
+            tokio::spawn(async move {
+                if let Err(e) = this.start(worker).await {
+                    tracing::warn!(endpoint = %this.endpoint, version = %this.version, "worker failed to start: {e}");
+                }
+            });
+            return;
+        }
+        self.tick(true);
+    }
+
+    /// One autoscaler step: reads the meter, decides, and applies the decision.
+    pub(crate) fn tick(self: &Arc<Self>, waiting: bool) {
+        let now = self.clock.now();
+        let decision = {
+            let mut scaler = self.lock_scaler();
+            scaler.tick(self.meter.read(), waiting, now)
+        };
+        self.apply(decision);
+        if self.desired() == 0 {
+            // Nothing is left to feed: no warm instances either.
+            self.processor.trim(0, Duration::ZERO);
+        }
+    }
+
+    fn apply(self: &Arc<Self>, decision: Decision) {
+        self.desired.store(decision.to, Ordering::Relaxed);
+        if decision.to == decision.from {
+            return;
+        }
+        self.events.push(ScaleEvent {
+            at_ms: now_ms(),
+            version: self.version.clone(),
+            from: decision.from,
+            to: decision.to,
+            trigger: decision.trigger.to_string(),
+            reason: decision.reason.clone(),
+        });
+        if decision.to > decision.from {
+            for _ in decision.from..decision.to {
+                let worker = self.add_worker();
+                let this = self.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = this.start(worker).await {
+                        tracing::warn!(endpoint = %this.endpoint, version = %this.version, "worker failed to start: {e}");
+                    }
+                });
+            }
+        } else {
+            self.drain(decision.from - decision.to);
+        }
+    }
+
+    /// Removes `count` workers: those not yet ready first, then the newest ready ones.
+    fn drain(self: &Arc<Self>, count: u32) {
+        let mut chosen = Vec::new();
+        {
+            let workers = self.read();
+            for state in [
+                WorkerState::Failed,
+                WorkerState::Starting,
+                WorkerState::Ready,
+            ] {
+                for w in workers.iter().rev() {
+                    if chosen.len() < count as usize && w.is(state) {
+                        chosen.push(w.clone());
+                    }
+                }
+            }
+        }
+        for worker in chosen {
+            worker.set(WorkerState::Draining, None);
+            self.publish();
+            let this = self.clone();
+            tokio::spawn(async move { this.finish_draining(worker).await });
+        }
+        let keep = self.live_workers() * self.instances_per_worker;
+        self.processor.trim(keep as usize, Duration::ZERO);
+    }
+
+    async fn finish_draining(self: Arc<Self>, worker: Arc<Worker>) {
+        let deadline = Instant::now() + DRAIN_GRACE;
+        while Instant::now() < deadline {
+            let queued = worker.batcher().map_or(0, |b| b.queued());
+            if worker.in_flight() == 0 && queued == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if let Some(b) = worker.batcher() {
+            self.retired
+                .0
+                .fetch_add(b.stats().batches.load(Ordering::Relaxed), Ordering::Relaxed);
+            self.retired.1.fetch_add(
+                b.stats().requests.load(Ordering::Relaxed),
+                Ordering::Relaxed,
+            );
+        }
+        self.write().retain(|w| !Arc::ptr_eq(w, &worker));
+        self.publish();
+    }
+
+    fn add_worker(&self) -> Arc<Worker> {
+        let worker = Arc::new(Worker::new(self.next_id.fetch_add(1, Ordering::Relaxed)));
+        let mut workers = self.write();
+        // A failed worker is replaced by the new one.
+        workers.retain(|w| !w.is(WorkerState::Failed));
+        workers.push(worker.clone());
+        worker
+    }
+
+    /// Brings a worker up: loads its model (on a blocking thread) or creates its
+    /// instances.
+    async fn start(self: &Arc<Self>, worker: Arc<Worker>) -> Result<(), StartError> {
+        let result = match &self.kind {
+            Kind::Instances => {
+                let target = self.live_workers() * self.instances_per_worker;
+                self.processor.warm(target).await.map_err(StartError::Warm)
+            }
+            Kind::Model(model) => {
+                let ModelKind {
+                    factory,
+                    spec,
+                    batching,
+                    context,
+                } = model.as_ref();
+                let (factory, spec, context) = (factory.clone(), spec.clone(), context.clone());
+                let loaded = tokio::task::spawn_blocking(move || factory.load(&spec, &context))
+                    .await
+                    .map_err(|e| StartError::Task(format!("model load task failed: {e}")))
+                    .and_then(|r| r.map_err(StartError::Backend));
+                match loaded {
+                    Ok(backend) => {
+                        *worker.batcher.lock().unwrap_or_else(|e| e.into_inner()) =
+                            Some(Arc::new(Batcher::spawn(
+                                backend,
+                                batching.max_batch as usize,
+                                Duration::from_millis(batching.max_batch_delay_ms),
+                            )));
+                        let target = self.live_workers() * self.instances_per_worker;
+                        self.processor.warm(target).await.map_err(StartError::Warm)
+                    }
+                    Err(e) => Err(e),
+                }
+            }
+        };
+        if worker.is(WorkerState::Draining) {
+            // Scaled down while it started.
+            return result;
+        }
+        match &result {
+            Ok(()) => worker.set(WorkerState::Ready, None),
+            Err(e) => {
+                worker.set(WorkerState::Failed, Some(e.to_string()));
+                self.events.push(ScaleEvent {
+                    at_ms: now_ms(),
+                    version: self.version.clone(),
+                    from: self.desired(),
+                    to: self.desired(),
+                    trigger: "worker_failed".into(),
+                    reason: format!("worker {} failed to start: {e}", worker.id),
+                });
+            }
+        }
+        self.publish();
+        result
+    }
+
+    /// Workers starting or ready.
+    fn live_workers(&self) -> u32 {
+        self.read()
+            .iter()
+            .filter(|w| w.is(WorkerState::Starting) || w.is(WorkerState::Ready))
+            .count() as u32
+    }
+
+    /// The reason of the newest failure, when no worker is starting or ready.
+    fn failed_while_none_live(&self) -> Option<String> {
+        if self.live_workers() > 0 {
+            return None;
+        }
+        self.read().iter().rev().find_map(|w| match w.state() {
+            (WorkerState::Failed, reason, _) => reason,
+            _ => None,
+        })
+    }
+
+    /// Drops every worker and instance (stop, or a failed deploy).
+    pub(crate) fn remove_all(&self) {
+        self.write().clear();
+        self.desired.store(0, Ordering::Relaxed);
+        self.lock_scaler().reset(0, self.clock.now());
+        self.processor.trim(0, Duration::ZERO);
+        self.publish();
+    }
+
+    /// Tells waiting requests how many workers are ready.
+    fn publish(&self) {
+        let ready = self
+            .read()
+            .iter()
+            .filter(|w| w.is(WorkerState::Ready))
+            .count() as u32;
+        self.ready.send_replace(ready);
+    }
+
+    /// Periodic upkeep: instances idle for a minute beyond what the live workers need are
+    /// dropped, and warm instances lost to failures are made again.
+    pub(crate) async fn housekeep(&self) {
+        let keep = self.live_workers() * self.instances_per_worker;
+        self.processor.trim(keep as usize, Duration::from_secs(60));
+        if keep > 0
+            && let Err(e) = self.processor.warm(keep).await
+        {
+            tracing::warn!(endpoint = %self.endpoint, version = %self.version, "cannot re-warm: {e}");
+        }
+    }
+
+    fn lock_scaler(&self) -> std::sync::MutexGuard<'_, Autoscaler> {
+        self.scaler.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Vec<Arc<Worker>>> {
+        self.workers.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Vec<Arc<Worker>>> {
+        self.workers.write().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Drop for WorkerSet {
+    fn drop(&mut self) {
+        // Waiters see the version go.
+        self.ready.send_replace(0);
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}

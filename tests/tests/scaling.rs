@@ -1,0 +1,309 @@
+//! Serverless scaling end to end, on a real server: workers follow the load, down to zero
+//! and back, with processor instances scaled together with them; a candle embeddings
+//! endpoint over the real all-MiniLM-L6-v2 weights does the same.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use wasp_tests::guests::{HELLO, HOSTILE, TEXT_EMBEDDINGS};
+use wasp_tests::{TestClient, TestServer, minilm_dir, spec};
+
+/// Scaling that reacts within seconds, for tests.
+const FAST: &str = "stable_window_s = 1\npanic_window_s = 1\nscale_down_delay_s = 0\n\
+                    scale_up_cooldown_s = 0\nscale_down_cooldown_s = 0";
+
+/// Polls the endpoint's detail until `done` holds for its first version, or panics after
+/// `within`.
+async fn wait_for(
+    c: &TestClient,
+    name: &str,
+    within: Duration,
+    what: &str,
+    done: impl Fn(&Value) -> bool,
+) -> Value {
+    let deadline = Instant::now() + within;
+    loop {
+        let detail = c.get(&format!("/api/v1/endpoints/{name}")).await.json();
+        if done(&detail["versions"][0]) {
+            return detail;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{name}: not {what} within {within:?}: {detail:#}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn scaled_to_zero(v: &Value) -> bool {
+    v["status"] == "scaledToZero"
+        && v["desired_workers"] == 0
+        && v["workers"].as_array().is_some_and(Vec::is_empty)
+        && v["instances"]["idle"] == 0
+        && v["instances"]["busy"] == 0
+}
+
+fn metric(text: &str, name: &str, endpoint: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(name) && l.contains(&format!("endpoint=\"{endpoint}\"")))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_processor_endpoint_scales_to_zero_and_a_request_wakes_it() {
+    let t = TestServer::start().await;
+    let c = &t.client;
+    let scaling = format!("[versions.scaling]\nmin_workers = 0\nmax_workers = 2\n{FAST}");
+    c.deploy_ok(HELLO, &spec("sleepy", &scaling)).await;
+    // The deploy starts one worker to prove the version can run; idle, it goes.
+    wait_for(
+        c,
+        "sleepy",
+        Duration::from_secs(15),
+        "scaled to zero",
+        scaled_to_zero,
+    )
+    .await;
+    let listed = c.get("/api/v1/endpoints").await.json();
+    assert_eq!(listed["endpoints"][0]["status"], "ready", "{listed:#}");
+
+    let reply = c.invoke("sleepy", "", r#"{"name":"zero"}"#).await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert!(reply.text().contains("zero"));
+    let metrics = c.get("/metrics").await.text();
+    assert_eq!(
+        metric(&metrics, "wasp_cold_starts_total", "sleepy"),
+        1.0,
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("wasp_cold_start_seconds_count{endpoint=\"sleepy\",version=\"v1\"} 1")
+    );
+
+    // Idle again: back to zero workers and zero instances.
+    wait_for(
+        c,
+        "sleepy",
+        Duration::from_secs(15),
+        "scaled to zero again",
+        scaled_to_zero,
+    )
+    .await;
+    let events = c.get("/api/v1/endpoints/sleepy/events").await.json();
+    let triggers: Vec<&str> = events["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["trigger"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        triggers,
+        ["target_tracking", "wake", "target_tracking"],
+        "{events:#}"
+    );
+    let wake = &events["events"][1];
+    assert_eq!(
+        (wake["from"].as_u64(), wake["to"].as_u64()),
+        (Some(0), Some(1))
+    );
+    t.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn min_workers_one_never_scales_to_zero() {
+    let t = TestServer::start().await;
+    let c = &t.client;
+    let scaling = format!("[versions.scaling]\nmin_workers = 1\nmax_workers = 2\n{FAST}");
+    c.deploy_ok(HELLO, &spec("awake", &scaling)).await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let detail = c.get("/api/v1/endpoints/awake").await.json();
+    let v = &detail["versions"][0];
+    assert_eq!(v["status"], "ready", "{detail:#}");
+    assert_eq!(v["desired_workers"], 1);
+    assert_eq!(v["workers"][0]["state"], "ready");
+    assert_eq!(v["instances"]["idle"], 1);
+    t.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_load_step_raises_workers_and_every_request_succeeds() {
+    let t = TestServer::start().await;
+    let c = t.client.clone();
+    let scaling = format!(
+        "[versions.limits]\nmax_instances = 64\n[versions.scaling]\nmin_workers = 1\n\
+         max_workers = 4\ntarget_concurrency = 2\ninstances_per_worker = 2\n{FAST}"
+    );
+    c.deploy_ok(HOSTILE, &spec("step", &scaling)).await;
+    // Sixteen clients, each with a 100 ms request in flight at all times, for 4 s.
+    let until = Instant::now() + Duration::from_secs(4);
+    let clients: Vec<_> = (0..16)
+        .map(|_| {
+            let c = c.clone();
+            tokio::spawn(async move {
+                let (mut ok, mut failed) = (0, Vec::new());
+                while Instant::now() < until {
+                    let reply = c.invoke("step", "/sleep", "100").await;
+                    if reply.status == 200 {
+                        ok += 1;
+                    } else {
+                        failed.push(reply.text());
+                    }
+                }
+                (ok, failed)
+            })
+        })
+        .collect();
+    let most = {
+        let mut most = 0;
+        while Instant::now() < until {
+            let detail = c.get("/api/v1/endpoints/step").await.json();
+            let ready = detail["versions"][0]["workers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|w| w["state"] == "ready")
+                .count();
+            most = most.max(ready);
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        most
+    };
+    let mut total = 0;
+    for client in clients {
+        let (ok, failed) = client.await.unwrap();
+        assert!(failed.is_empty(), "failed requests: {failed:?}");
+        total += ok;
+    }
+    assert!(total > 100, "only {total} requests");
+    // 16 in flight need 8 workers at a target of 2 each; +200% a minute caps the step.
+    assert_eq!(most, 3, "the most ready workers during the step");
+    let events = c.get("/api/v1/endpoints/step/events").await.json();
+    let ups: Vec<(u64, u64)> = events["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["to"].as_u64() > e["from"].as_u64())
+        .map(|e| (e["from"].as_u64().unwrap(), e["to"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(ups, [(1, 3)], "{events:#}");
+    // The load gone, workers come off one at a time down to min_workers.
+    let detail = wait_for(
+        &c,
+        "step",
+        Duration::from_secs(20),
+        "back at one worker",
+        |v| v["desired_workers"] == 1 && v["workers"].as_array().is_some_and(|w| w.len() == 1),
+    )
+    .await;
+    assert_eq!(detail["versions"][0]["status"], "ready");
+    t.stop().await;
+}
+
+/// An embeddings endpoint over all-MiniLM-L6-v2 that may scale to zero.
+fn minilm_at_zero(name: &str) -> String {
+    format!(
+        r#"name = "{name}"
+[[versions]]
+name = "v1"
+backend = {{ kind = "candle", model = "all-MiniLM-L6-v2", task = "embeddings", device = "cpu" }}
+[versions.scaling]
+min_workers = 0
+max_workers = 1
+{FAST}
+[versions.processor]
+component = "{{COMPONENT}}"
+mounts = [{{ host = {host:?}, guest = "/model" }}]
+"#,
+        host = minilm_dir().display().to_string()
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_embeddings_endpoint_unloads_its_model_at_zero_and_reloads_it_on_demand() {
+    let t = TestServer::start().await;
+    let c = &t.client;
+    c.deploy_ok(TEXT_EMBEDDINGS, &minilm_at_zero("mini")).await;
+    let body = json!({ "model": "mini", "input": "a sentence to embed" }).to_string();
+    let warm = c.post("/v1/embeddings", body.clone()).await;
+    assert_eq!(warm.status, 200, "{}", warm.text());
+    let expected = warm.json()["data"][0]["embedding"].clone();
+    wait_for(
+        c,
+        "mini",
+        Duration::from_secs(20),
+        "scaled to zero",
+        scaled_to_zero,
+    )
+    .await;
+
+    // The request waits while a worker loads the model, then gets the same vector.
+    let cold = c.post("/v1/embeddings", body).await;
+    assert_eq!(cold.status, 200, "{}", cold.text());
+    assert_eq!(cold.json()["data"][0]["embedding"], expected);
+    let detail = c.get("/api/v1/endpoints/mini").await.json();
+    let worker = &detail["versions"][0]["workers"][0];
+    assert_eq!(worker["state"], "ready", "{detail:#}");
+    assert!(
+        worker["model"]
+            .as_str()
+            .unwrap()
+            .contains("all-MiniLM-L6-v2")
+    );
+    let metrics = c.get("/metrics").await.text();
+    assert_eq!(metric(&metrics, "wasp_cold_starts_total", "mini"), 1.0);
+
+    wait_for(
+        c,
+        "mini",
+        Duration::from_secs(20),
+        "scaled to zero again",
+        scaled_to_zero,
+    )
+    .await;
+    t.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_cannot_start_on_wake_is_a_503_with_the_reason() {
+    let t = TestServer::start().await;
+    let c = &t.client;
+    // The model from a directory of its own, which the test then takes away.
+    let models = tempfile::tempdir().unwrap();
+    let copy = models.path().join("minilm");
+    std::fs::create_dir(&copy).unwrap();
+    for file in ["config.json", "model.safetensors", "tokenizer.json"] {
+        std::fs::copy(minilm_dir().join(file), copy.join(file)).unwrap();
+    }
+    let spec = minilm_at_zero("fragile").replace(
+        "model = \"all-MiniLM-L6-v2\"",
+        &format!("model = {:?}", copy.display().to_string()),
+    );
+    c.deploy_ok(TEXT_EMBEDDINGS, &spec).await;
+    wait_for(
+        c,
+        "fragile",
+        Duration::from_secs(20),
+        "scaled to zero",
+        scaled_to_zero,
+    )
+    .await;
+    std::fs::rename(&copy, models.path().join("gone")).unwrap();
+    let body = json!({ "model": "fragile", "input": "hello" }).to_string();
+    let reply = c.post("/v1/embeddings", body.clone()).await;
+    assert_eq!(reply.status, 503, "{}", reply.text());
+    assert_eq!(reply.json()["error"]["code"], "worker_failed");
+    assert!(reply.text().contains("minilm"), "{}", reply.text());
+    assert_eq!(reply.header("retry-after"), Some("1"));
+    let detail = c.get("/api/v1/endpoints/fragile").await.json();
+    let worker = &detail["versions"][0]["workers"][0];
+    assert_eq!(worker["state"], "failed", "{detail:#}");
+    assert!(worker["reason"].as_str().is_some());
+    // The model back, the next request starts a new worker and is served.
+    std::fs::rename(models.path().join("gone"), &copy).unwrap();
+    let reply = c.post("/v1/embeddings", body).await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    t.stop().await;
+}
