@@ -264,7 +264,25 @@ impl TestServer {
         Self::start_in_with(data_dir, wasp_gateway::HttpLimits::default()).await
     }
 
+    /// Starts a server on a fresh data directory with this GPU inventory.
+    pub async fn start_with_gpus(gpus: wasp_gateway::Inventory) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().to_path_buf();
+        let mut server =
+            Self::start_in_full(&path, wasp_gateway::HttpLimits::default(), gpus).await;
+        server._dir = Some(dir);
+        server
+    }
+
     async fn start_in_with(data_dir: &Path, http: wasp_gateway::HttpLimits) -> Self {
+        Self::start_in_full(data_dir, http, wasp_gateway::Inventory::default()).await
+    }
+
+    async fn start_in_full(
+        data_dir: &Path,
+        http: wasp_gateway::HttpLimits,
+        gpus: wasp_gateway::Inventory,
+    ) -> Self {
         let server = Server::start(ServerConfig {
             listen: "127.0.0.1:0".parse().unwrap(),
             data_dir: data_dir.to_path_buf(),
@@ -275,6 +293,7 @@ impl TestServer {
             backends: backends(),
             models_dir: Some(models_dir()),
             http,
+            gpus: std::sync::Arc::new(gpus),
         })
         .await
         .unwrap();

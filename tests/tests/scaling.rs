@@ -307,3 +307,104 @@ async fn a_worker_that_cannot_start_on_wake_is_a_503_with_the_reason() {
     assert_eq!(reply.status, 200, "{}", reply.text());
     t.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gpus_are_never_shared_and_an_over_ask_waits_with_its_reason() {
+    let t = TestServer::start_with_gpus(wasp_gateway::Inventory::parse("fake:8").unwrap()).await;
+    let c = &t.client;
+    for (name, gpus) in [("two", 2), ("four", 4), ("more", 4)] {
+        let scaling = format!("[versions.scaling]\ngpus_per_worker = {gpus}");
+        c.deploy_ok(HELLO, &spec(name, &scaling)).await;
+    }
+    let worker = |detail: &Value| detail["versions"][0]["workers"][0].clone();
+    let gpus = |w: &Value| -> Vec<u64> {
+        w["gpus"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|g| g.as_u64().unwrap())
+            .collect()
+    };
+    let two = worker(&c.get("/api/v1/endpoints/two").await.json());
+    let four = worker(&c.get("/api/v1/endpoints/four").await.json());
+    let more = worker(&c.get("/api/v1/endpoints/more").await.json());
+    assert_eq!(
+        (two["state"].as_str(), gpus(&two)),
+        (Some("ready"), vec![0, 1])
+    );
+    assert_eq!(
+        (four["state"].as_str(), gpus(&four)),
+        (Some("ready"), vec![2, 3, 4, 5])
+    );
+    assert_eq!(more["state"], "pending", "{more:#}");
+    assert!(gpus(&more).is_empty());
+    assert_eq!(more["reason"], "needs 4 GPUs; 2 of 8 are free");
+    let metrics = c.get("/metrics").await.text();
+    assert!(metrics.contains("wasp_workers{endpoint=\"more\",version=\"v1\",state=\"pending\"} 1"));
+
+    // GPUs freed by a removed endpoint go to the worker that waits for them.
+    assert_eq!(
+        c.request("DELETE", "/api/v1/endpoints/two", "")
+            .await
+            .status,
+        204
+    );
+    let detail = wait_for(
+        c,
+        "more",
+        Duration::from_secs(10),
+        "ready on freed GPUs",
+        |v| v["workers"][0]["state"] == "ready",
+    )
+    .await;
+    let got = gpus(&worker(&detail));
+    assert_eq!(got.len(), 4);
+    assert!(got.iter().all(|g| ![2, 3, 4, 5].contains(g)), "{got:?}");
+    t.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn asking_for_gpus_a_server_lacks_is_refused_at_deploy() {
+    let t = TestServer::start().await;
+    let c = &t.client;
+    let reply = c
+        .deploy(
+            HELLO,
+            &spec("gpu", "[versions.scaling]\ngpus_per_worker = 1"),
+        )
+        .await;
+    assert_eq!(reply.status, 422, "{}", reply.text());
+    assert_eq!(
+        reply.json()["error"]["field"],
+        "versions[0].scaling.gpus_per_worker"
+    );
+    assert!(reply.text().contains("no GPUs"));
+    t.stop().await;
+    let t = TestServer::start_with_gpus(wasp_gateway::Inventory::parse("fake:2").unwrap()).await;
+    let reply = t
+        .client
+        .deploy(
+            HELLO,
+            &spec("gpu", "[versions.scaling]\ngpus_per_worker = 4"),
+        )
+        .await;
+    assert_eq!(reply.status, 422, "{}", reply.text());
+    assert!(
+        reply
+            .text()
+            .contains("asks for 4 GPUs per worker; this server has 2")
+    );
+    let reply = t
+        .client
+        .deploy(
+            HELLO,
+            &spec("gpu", "[versions.scaling]\ngpus_per_worker = 9"),
+        )
+        .await;
+    assert_eq!(reply.status, 422, "{}", reply.text());
+    assert_eq!(
+        reply.json()["error"]["field"],
+        "versions[0].scaling.gpus_per_worker"
+    );
+    t.stop().await;
+}

@@ -81,6 +81,10 @@ enum Command {
         /// Most open client connections; further clients wait.
         #[arg(long, default_value_t = 10_000)]
         max_connections: usize,
+        /// GPUs workers may own: `auto` (what `nvidia-smi` lists), `none`, indices such as
+        /// `0,1,3`, or `fake:N` (N simulated GPUs, for tests).
+        #[arg(long, default_value = "auto")]
+        gpus: String,
     },
     /// Deploys (creates or replaces) the endpoint a TOML spec describes, uploading the
     /// components it names by path.
@@ -253,6 +257,22 @@ fn real_main() -> Result<()> {
     runtime.block_on(run(cli))
 }
 
+/// The machine's GPUs as `nvidia-smi` lists them; none where it is missing or fails.
+fn detect_gpus() -> wasp_gateway::Inventory {
+    let listed = std::process::Command::new("nvidia-smi")
+        .args(["--query-gpu=index", "--format=csv,noheader"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    let gpus: Vec<u32> = listed
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect();
+    wasp_gateway::Inventory::new(gpus, false)
+}
+
 async fn run(cli: Cli) -> Result<()> {
     let client = Client::new(&cli.server)?;
     let print = output::Printer::new(cli.output);
@@ -267,7 +287,13 @@ async fn run(cli: Cli) -> Result<()> {
             request_timeout_s,
             header_read_timeout_s,
             max_connections,
+            gpus,
         } => {
+            let gpus = if gpus == "auto" {
+                detect_gpus()
+            } else {
+                wasp_gateway::Inventory::parse(&gpus).map_err(|e| anyhow::anyhow!("--gpus: {e}"))?
+            };
             let config = ServerConfig {
                 listen,
                 data_dir,
@@ -283,6 +309,7 @@ async fn run(cli: Cli) -> Result<()> {
                     header_read_timeout: std::time::Duration::from_secs(header_read_timeout_s),
                     max_connections,
                 },
+                gpus: std::sync::Arc::new(gpus),
             };
             serve(config, deploy).await
         }

@@ -17,6 +17,7 @@ pub mod workers;
 pub use registry::{DeployedVersion, Deployment, Gateway};
 pub use server::{HttpLimits, Server, ServerConfig};
 pub use wasp_backend::Registry as BackendRegistry;
+pub use wasp_scaling::Inventory;
 pub use wasp_wasm::RuntimeConfig;
 
 use wasp_core::SpecError;

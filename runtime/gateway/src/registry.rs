@@ -7,7 +7,7 @@ use std::sync::{Arc, RwLock, Weak};
 
 use wasp_backend::{BackendError, LoadContext, Registry};
 use wasp_core::{BackendSpec, ComponentRef, EndpointSpec, Limits};
-use wasp_scaling::{Clock, Policy, SystemClock};
+use wasp_scaling::{Clock, Inventory, Policy, SystemClock};
 use wasp_wasm::{
     BoxFuture, ErrorCode, GuestError, LogBuffer, ModelInput, ModelOutput, ModelRouter, Processor,
     ProcessorSettings, Role, Runtime, RuntimeConfig,
@@ -160,6 +160,8 @@ pub struct Gateway {
     load_context: LoadContext,
     /// The autoscalers' clock.
     clock: Arc<dyn Clock>,
+    /// The GPUs workers may own.
+    pub(crate) inventory: Arc<Inventory>,
 }
 
 /// Model calls from processors (the `inference` import), answered by the backends of the
@@ -231,6 +233,7 @@ impl Gateway {
         runtime: RuntimeConfig,
         backends: Registry,
         models_dir: std::path::PathBuf,
+        inventory: Arc<Inventory>,
     ) -> Result<Arc<Self>, Error> {
         let store = Store::open(data_dir)?;
         let runtime = Runtime::new(RuntimeConfig {
@@ -248,6 +251,7 @@ impl Gateway {
             backends,
             load_context: LoadContext { models_dir },
             clock: Arc::new(SystemClock::new()),
+            inventory,
         });
         for stored in gateway.store.endpoints()? {
             let name = stored.spec.name.clone();
@@ -522,6 +526,23 @@ impl Gateway {
                     version: v.name.clone(),
                     source,
                 })?;
+            if let Some(gpus) = v.scaling.gpus_per_worker {
+                let total = self.inventory.total();
+                if total == 0 {
+                    return Err(Error::Invalid {
+                        field: at("scaling.gpus_per_worker"),
+                        message: "this server has no GPUs (see `wasp serve --gpus`)".into(),
+                    });
+                }
+                if gpus as usize > total {
+                    return Err(Error::Invalid {
+                        field: at("scaling.gpus_per_worker"),
+                        message: format!(
+                            "asks for {gpus} GPUs per worker; this server has {total}"
+                        ),
+                    });
+                }
+            }
             let policy = Policy::new(&v.scaling).map_err(|e| match e {
                 wasp_core::SpecError::Invalid { field, message } => Error::Invalid {
                     field: at(&field),
@@ -544,6 +565,7 @@ impl Gateway {
                 policy,
                 clock: self.clock.clone(),
                 events: events.clone(),
+                inventory: self.inventory.clone(),
             });
             if !stopped {
                 let count = workers.initial();

@@ -39,6 +39,8 @@ pub struct ServerConfig {
     pub models_dir: Option<PathBuf>,
     /// Limits of the HTTP server.
     pub http: HttpLimits,
+    /// The GPUs workers may own (`--gpus`).
+    pub gpus: Arc<wasp_scaling::Inventory>,
 }
 
 /// Limits of the HTTP server, against slow or greedy clients.
@@ -89,6 +91,7 @@ impl Server {
             config.runtime,
             config.backends,
             models_dir,
+            config.gpus.clone(),
         )
         .await?;
         let listener = TcpListener::bind(config.listen)

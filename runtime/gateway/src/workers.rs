@@ -14,7 +14,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::watch;
 use wasp_backend::{BackendError, BackendFactory, Batcher, LoadContext};
 use wasp_core::{BackendSpec, BatchingSpec};
-use wasp_scaling::{Autoscaler, Clock, Decision, Meter, Policy, Trigger};
+use wasp_scaling::{Autoscaler, Clock, Decision, Inventory, Meter, Policy, Trigger};
 use wasp_wasm::Processor;
 
 /// How long a draining worker may finish what it holds before it is dropped.
@@ -34,6 +34,8 @@ pub enum WorkerState {
     Draining,
     /// Could not start; the reason says why.
     Failed,
+    /// Waiting for the GPUs it needs; holds none and serves nothing.
+    Pending,
 }
 
 /// One worker of a version.
@@ -43,6 +45,7 @@ pub struct Worker {
     state: Mutex<(WorkerState, Option<String>, SystemTime)>,
     batcher: Mutex<Option<Arc<Batcher>>>,
     in_flight: AtomicU64,
+    gpus: Mutex<Vec<u32>>,
 }
 
 impl Worker {
@@ -52,7 +55,13 @@ impl Worker {
             state: Mutex::new((WorkerState::Starting, None, SystemTime::now())),
             batcher: Mutex::new(None),
             in_flight: AtomicU64::new(0),
+            gpus: Mutex::new(Vec::new()),
         }
+    }
+
+    /// The GPUs it owns.
+    pub fn gpus(&self) -> Vec<u32> {
+        self.gpus.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Its state, the reason of a failure, and since when.
@@ -188,6 +197,8 @@ pub struct WorkerCounts {
     pub draining: u32,
     /// Failed.
     pub failed: u32,
+    /// Waiting for GPUs.
+    pub pending: u32,
 }
 
 /// Cold starts of a version, for the metrics.
@@ -223,6 +234,8 @@ pub struct WorkerSet {
     scaler: Mutex<Autoscaler>,
     clock: Arc<dyn Clock>,
     events: Arc<EventLog>,
+    gpus_per_worker: Option<u32>,
+    inventory: Arc<Inventory>,
     /// Cold starts.
     pub cold_starts: ColdStarts,
     /// Batches and requests of workers already gone, so that the counters never go back.
@@ -243,6 +256,7 @@ pub(crate) struct WorkerSetConfig {
     pub policy: Policy,
     pub clock: Arc<dyn Clock>,
     pub events: Arc<EventLog>,
+    pub inventory: Arc<Inventory>,
 }
 
 impl WorkerSet {
@@ -273,6 +287,8 @@ impl WorkerSet {
             scaler: Mutex::new(Autoscaler::new(config.policy, 0, now)),
             clock: config.clock,
             events: config.events,
+            gpus_per_worker: spec.gpus_per_worker,
+            inventory: config.inventory,
             cold_starts: ColdStarts::default(),
             retired: (AtomicU64::new(0), AtomicU64::new(0)),
         })
@@ -308,6 +324,7 @@ impl WorkerSet {
                 WorkerState::Ready => counts.ready += 1,
                 WorkerState::Draining => counts.draining += 1,
                 WorkerState::Failed => counts.failed += 1,
+                WorkerState::Pending => counts.pending += 1,
             }
         }
         counts
@@ -475,6 +492,7 @@ impl WorkerSet {
             scaler.tick(self.meter.read(), waiting, now)
         };
         self.apply(decision);
+        self.retry_pending();
         if self.desired() == 0 {
             // Nothing is left to feed: no warm instances either.
             self.processor.trim(0, Duration::ZERO);
@@ -554,14 +572,38 @@ impl WorkerSet {
                 Ordering::Relaxed,
             );
         }
+        self.release_gpus(&worker);
         self.write().retain(|w| !Arc::ptr_eq(w, &worker));
         self.publish();
+    }
+
+    fn release_gpus(&self, worker: &Worker) {
+        let gpus = std::mem::take(&mut *worker.gpus.lock().unwrap_or_else(|e| e.into_inner()));
+        self.inventory.release(&gpus);
+    }
+
+    /// Workers waiting for GPUs try again.
+    fn retry_pending(self: &Arc<Self>) {
+        let pending: Vec<_> = self
+            .read()
+            .iter()
+            .filter(|w| w.is(WorkerState::Pending))
+            .cloned()
+            .collect();
+        for worker in pending {
+            let this = self.clone();
+            tokio::spawn(async move {
+                if let Err(e) = this.start(worker).await {
+                    tracing::warn!(endpoint = %this.endpoint, version = %this.version, "worker failed to start: {e}");
+                }
+            });
+        }
     }
 
     fn add_worker(&self) -> Arc<Worker> {
         let worker = Arc::new(Worker::new(self.next_id.fetch_add(1, Ordering::Relaxed)));
         let mut workers = self.write();
-        // A failed worker is replaced by the new one.
+        // A failed worker is replaced by the new one (it holds no GPUs).
         workers.retain(|w| !w.is(WorkerState::Failed));
         workers.push(worker.clone());
         worker
@@ -570,6 +612,23 @@ impl WorkerSet {
     /// Brings a worker up: loads its model (on a blocking thread) or creates its
     /// instances.
     async fn start(self: &Arc<Self>, worker: Arc<Worker>) -> Result<(), StartError> {
+        if let Some(count) = self.gpus_per_worker {
+            let owner = format!("{}/{}/{}", self.endpoint, self.version, worker.id);
+            match self.inventory.allocate(count, &owner) {
+                Some(gpus) => *worker.gpus.lock().unwrap_or_else(|e| e.into_inner()) = gpus,
+                None => {
+                    let reason = format!(
+                        "needs {count} GPUs; {} of {} are free",
+                        self.inventory.free(),
+                        self.inventory.total()
+                    );
+                    worker.set(WorkerState::Pending, Some(reason));
+                    self.publish();
+                    return Ok(());
+                }
+            }
+            worker.set(WorkerState::Starting, None);
+        }
         let result = match &self.kind {
             Kind::Instances => {
                 let target = self.live_workers() * self.instances_per_worker;
@@ -582,7 +641,13 @@ impl WorkerSet {
                     batching,
                     context,
                 } = model.as_ref();
-                let (factory, spec, context) = (factory.clone(), spec.clone(), context.clone());
+                let (factory, mut spec, context) = (factory.clone(), spec.clone(), context.clone());
+                // The worker sees only its own devices.
+                if let (BackendSpec::Candle(candle), Some(gpu)) =
+                    (&mut spec, worker.gpus().first().copied())
+                {
+                    candle.device = format!("cuda:{gpu}");
+                }
                 let loaded = tokio::task::spawn_blocking(move || factory.load(&spec, &context))
                     .await
                     .map_err(|e| StartError::Task(format!("model load task failed: {e}")))
@@ -609,6 +674,7 @@ impl WorkerSet {
         match &result {
             Ok(()) => worker.set(WorkerState::Ready, None),
             Err(e) => {
+                self.release_gpus(&worker);
                 worker.set(WorkerState::Failed, Some(e.to_string()));
                 self.events.push(ScaleEvent {
                     at_ms: now_ms(),
@@ -645,6 +711,9 @@ impl WorkerSet {
 
     /// Drops every worker and instance (stop, or a failed deploy).
     pub(crate) fn remove_all(&self) {
+        for w in self.read().iter() {
+            self.release_gpus(w);
+        }
         self.write().clear();
         self.desired.store(0, Ordering::Relaxed);
         self.lock_scaler().reset(0, self.clock.now());
@@ -689,8 +758,11 @@ impl WorkerSet {
 
 impl Drop for WorkerSet {
     fn drop(&mut self) {
-        // Waiters see the version go.
+        // Waiters see the version go, and its GPUs go back.
         self.ready.send_replace(0);
+        for w in self.read().iter() {
+            self.release_gpus(w);
+        }
     }
 }
 

@@ -12,8 +12,10 @@
 
 mod clock;
 mod decide;
+mod inventory;
 mod meter;
 
 pub use clock::{Clock, Moment, SystemClock, VirtualClock};
 pub use decide::{Autoscaler, Decision, Load, Policy, ScaleState, Trigger, decide};
+pub use inventory::{GpuSlot, Inventory};
 pub use meter::{Meter, MeterGuard, Reading};

@@ -118,9 +118,11 @@ pub struct VersionDetail {
 pub struct WorkerDetail {
     /// Its number within the version.
     pub id: u64,
-    /// `starting`, `ready`, `draining` or `failed`.
+    /// `starting`, `ready`, `draining`, `failed` or `pending` (waiting for GPUs).
     pub state: WorkerState,
-    /// Why it failed, when it did.
+    /// The GPUs it owns (device indices).
+    pub gpus: Vec<u32>,
+    /// Why it failed, or what it waits for.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
     /// Since when it is in that state, in milliseconds since the Unix epoch.
@@ -238,6 +240,7 @@ fn detail(d: &Deployment) -> EndpointDetail {
                         WorkerDetail {
                             id: w.id,
                             state,
+                            gpus: w.gpus(),
                             reason,
                             since_ms: since
                                 .duration_since(std::time::UNIX_EPOCH)

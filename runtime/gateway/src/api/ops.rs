@@ -71,6 +71,7 @@ pub(crate) async fn metrics(State(gateway): State<AppState>) -> Response {
                 ("ready", counts.ready),
                 ("draining", counts.draining),
                 ("failed", counts.failed),
+                ("pending", counts.pending),
             ] {
                 m.workers
                     .get_or_create(&WorkerLabels {
