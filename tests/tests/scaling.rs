@@ -3,6 +3,8 @@
 //! endpoint over the real all-MiniLM-L6-v2 weights does the same.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
@@ -405,6 +407,115 @@ async fn asking_for_gpus_a_server_lacks_is_refused_at_deploy() {
     assert_eq!(
         reply.json()["error"]["field"],
         "versions[0].scaling.gpus_per_worker"
+    );
+    t.stop().await;
+}
+
+/// An embeddings endpoint over all-MiniLM-L6-v2 with this processor configuration and
+/// batching.
+fn minilm_with(name: &str, max_tokens: u32, max_batch: u32) -> String {
+    format!(
+        r#"name = "{name}"
+[[versions]]
+name = "v1"
+backend = {{ kind = "candle", model = "all-MiniLM-L6-v2", task = "embeddings", device = "cpu" }}
+[versions.batching]
+max_batch = {max_batch}
+[versions.processor]
+component = "{{COMPONENT}}"
+mounts = [{{ host = {host:?}, guest = "/model" }}]
+env = {{ MAX_TOKENS = "{max_tokens}" }}
+"#,
+        host = minilm_dir().display().to_string()
+    )
+}
+
+/// Clients posting embeddings requests until told to stop.
+struct Load {
+    stop: Arc<AtomicBool>,
+    tasks: Vec<tokio::task::JoinHandle<(u32, Vec<String>)>>,
+}
+
+impl Load {
+    fn start(c: &TestClient, name: &str, clients: usize) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let tasks = (0..clients)
+            .map(|i| {
+                let (c, stop, name) = (c.clone(), stop.clone(), name.to_owned());
+                tokio::spawn(async move {
+                    let (mut ok, mut failed) = (0, Vec::new());
+                    while !stop.load(Ordering::Relaxed) {
+                        let body = json!({ "model": name, "input": format!("sentence {i}") });
+                        let reply = c.post("/v1/embeddings", body.to_string()).await;
+                        if reply.status == 200 {
+                            ok += 1;
+                        } else {
+                            failed.push(format!("{} {}", reply.status, reply.text()));
+                        }
+                    }
+                    (ok, failed)
+                })
+            })
+            .collect();
+        Self { stop, tasks }
+    }
+
+    /// Stops the clients; asserts that none saw a failure; the requests served.
+    async fn finish(self) -> u32 {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut total = 0;
+        for task in self.tasks {
+            let (ok, failed) = task.await.unwrap();
+            assert!(failed.is_empty(), "failed during the update: {failed:?}");
+            total += ok;
+        }
+        total
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn updates_under_load_lose_no_request_and_a_processor_change_keeps_the_model() {
+    let t = TestServer::start().await;
+    let c = &t.client;
+    c.deploy_ok(TEXT_EMBEDDINGS, &minilm_with("live", 256, 32))
+        .await;
+    let before = c.get("/api/v1/endpoints/live").await.json();
+    let worker = before["versions"][0]["workers"][0].clone();
+
+    // A processor-only change (its configuration) under load.
+    let load = Load::start(c, "live", 4);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    c.deploy_ok(TEXT_EMBEDDINGS, &minilm_with("live", 8, 32))
+        .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(load.finish().await > 0);
+    let after = c.get("/api/v1/endpoints/live").await.json();
+    let kept = &after["versions"][0]["workers"][0];
+    assert_eq!(
+        (&kept["id"], &kept["since_ms"]),
+        (&worker["id"], &worker["since_ms"]),
+        "the model was loaded again: {after:#}"
+    );
+    assert!(kept["requests"].as_u64().unwrap() > worker["requests"].as_u64().unwrap());
+    // The new processor configuration is in force.
+    let long =
+        json!({ "model": "live", "input": "one two three four five six seven eight nine ten" });
+    let refused = c.post("/v1/embeddings", long.to_string()).await;
+    assert_eq!(refused.status, 400, "{}", refused.text());
+    assert_eq!(refused.json()["error"]["field"], "input");
+
+    // A model-side change (batching) under load: new workers, ready before the old go.
+    let load = Load::start(c, "live", 4);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    c.deploy_ok(TEXT_EMBEDDINGS, &minilm_with("live", 8, 4))
+        .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(load.finish().await > 0);
+    let replaced = c.get("/api/v1/endpoints/live").await.json();
+    let fresh = &replaced["versions"][0]["workers"][0];
+    assert!(
+        fresh["since_ms"].as_u64() > kept["since_ms"].as_u64(),
+        "the model-side change kept the old worker: {replaced:#}"
     );
     t.stop().await;
 }

@@ -327,8 +327,7 @@ impl Gateway {
             return Err(Error::Conflict(spec.name));
         }
         let stopped = existing.as_ref().is_some_and(|d| d.stopped);
-        let events = existing.map(|d| d.events.clone());
-        let deployment = self.build(spec, stopped, events).await?;
+        let deployment = self.build(spec, stopped, existing).await?;
         self.persist(&deployment).await?;
         Ok(self.insert(deployment))
     }
@@ -426,10 +425,13 @@ impl Gateway {
         self: &Arc<Self>,
         spec: EndpointSpec,
         stopped: bool,
-        events: Option<Arc<EventLog>>,
+        previous: Option<Arc<Deployment>>,
     ) -> Result<Deployment, Error> {
         let logs = Arc::new(LogBuffer::new(LOG_CAPACITY));
-        let events = events.unwrap_or_default();
+        let events = previous
+            .as_ref()
+            .map(|d| d.events.clone())
+            .unwrap_or_default();
         let mut versions = Vec::with_capacity(spec.versions.len());
         for (i, v) in spec.versions.iter().enumerate() {
             let at = |field: &str| format!("versions[{i}].{field}");
@@ -550,30 +552,53 @@ impl Gateway {
                 },
                 other => Error::Spec(other),
             })?;
-            let workers = WorkerSet::new(WorkerSetConfig {
-                endpoint: spec.name.clone(),
-                version: v.name.clone(),
-                processor: built.clone(),
-                model: factory.map(|factory| {
-                    (
-                        factory,
-                        v.backend.clone(),
-                        v.batching.clone(),
-                        self.load_context.clone(),
-                    )
-                }),
-                policy,
-                clock: self.clock.clone(),
-                events: events.clone(),
-                inventory: self.inventory.clone(),
-            });
-            if !stopped {
-                let count = workers.initial();
-                workers
-                    .start_initial(count)
-                    .await
-                    .map_err(|e| start_error(&v.name, e))?;
-            }
+            // A version whose model, batching and GPUs are unchanged keeps its workers (no
+            // model is loaded again); only its processor and policies are replaced.
+            let kept = previous
+                .as_ref()
+                .filter(|d| d.error.is_none())
+                .and_then(|d| d.versions.iter().find(|old| old.name == v.name))
+                .filter(|old| {
+                    old.workers
+                        .can_keep(&v.backend, &v.batching, v.scaling.gpus_per_worker)
+                })
+                .map(|old| old.workers.clone());
+            let workers = match kept {
+                Some(workers) => {
+                    workers
+                        .replace_feed(built.clone(), policy)
+                        .await
+                        .map_err(|e| start_error(&v.name, e))?;
+                    workers
+                }
+                None => {
+                    let workers = WorkerSet::new(WorkerSetConfig {
+                        endpoint: spec.name.clone(),
+                        version: v.name.clone(),
+                        processor: built.clone(),
+                        model: factory.map(|factory| {
+                            (
+                                factory,
+                                v.backend.clone(),
+                                v.batching.clone(),
+                                self.load_context.clone(),
+                            )
+                        }),
+                        policy,
+                        clock: self.clock.clone(),
+                        events: events.clone(),
+                        inventory: self.inventory.clone(),
+                    });
+                    if !stopped {
+                        let count = workers.initial();
+                        workers
+                            .start_initial(count)
+                            .await
+                            .map_err(|e| start_error(&v.name, e))?;
+                    }
+                    workers
+                }
+            };
             versions.push(Arc::new(DeployedVersion {
                 name: v.name.clone(),
                 weight: spec.weight(i),

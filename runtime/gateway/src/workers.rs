@@ -222,9 +222,9 @@ pub struct WorkerSet {
     endpoint: String,
     version: String,
     kind: Kind,
-    processor: Processor,
-    instances_per_worker: u32,
-    cold_start_timeout: Duration,
+    /// The processor its instances are made from, and how many per worker: replaced
+    /// together when a new spec changes the processor but not the model.
+    feed: RwLock<Feed>,
     workers: RwLock<Vec<Arc<Worker>>>,
     ready: watch::Sender<u32>,
     next_id: AtomicU64,
@@ -240,6 +240,14 @@ pub struct WorkerSet {
     pub cold_starts: ColdStarts,
     /// Batches and requests of workers already gone, so that the counters never go back.
     retired: (AtomicU64, AtomicU64),
+}
+
+/// What feeds a version's workers: its processor and the instances kept per worker.
+#[derive(Clone)]
+struct Feed {
+    processor: Processor,
+    instances_per_worker: u32,
+    cold_start_timeout: Duration,
 }
 
 /// What a version needs to build its workers.
@@ -276,9 +284,11 @@ impl WorkerSet {
             endpoint: config.endpoint,
             version: config.version,
             kind,
-            processor: config.processor,
-            instances_per_worker: spec.instances_per_worker,
-            cold_start_timeout: Duration::from_secs(spec.cold_start_timeout_s.into()),
+            feed: RwLock::new(Feed {
+                processor: config.processor,
+                instances_per_worker: spec.instances_per_worker,
+                cold_start_timeout: Duration::from_secs(spec.cold_start_timeout_s.into()),
+            }),
             workers: RwLock::new(Vec::new()),
             ready: watch::channel(0).0,
             next_id: AtomicU64::new(1),
@@ -382,7 +392,7 @@ impl WorkerSet {
         let started = Instant::now();
         let mut ready = self.ready.subscribe();
         self.wake();
-        let waited = tokio::time::timeout(self.cold_start_timeout, async {
+        let waited = tokio::time::timeout(self.feed().cold_start_timeout, async {
             loop {
                 if *ready.borrow_and_update() > 0 {
                     return Ok(());
@@ -407,7 +417,7 @@ impl WorkerSet {
                 Ok(())
             }
             Ok(Err(e)) => Err(e),
-            Err(_) => Err(WakeError::Timeout(self.cold_start_timeout)),
+            Err(_) => Err(WakeError::Timeout(self.feed().cold_start_timeout)),
         }
     }
 
@@ -495,7 +505,7 @@ impl WorkerSet {
         self.retry_pending();
         if self.desired() == 0 {
             // Nothing is left to feed: no warm instances either.
-            self.processor.trim(0, Duration::ZERO);
+            self.feed().processor.trim(0, Duration::ZERO);
         }
     }
 
@@ -550,8 +560,8 @@ impl WorkerSet {
             let this = self.clone();
             tokio::spawn(async move { this.finish_draining(worker).await });
         }
-        let keep = self.live_workers() * self.instances_per_worker;
-        self.processor.trim(keep as usize, Duration::ZERO);
+        let keep = self.live_workers() * self.feed().instances_per_worker;
+        self.feed().processor.trim(keep as usize, Duration::ZERO);
     }
 
     async fn finish_draining(self: Arc<Self>, worker: Arc<Worker>) {
@@ -631,8 +641,12 @@ impl WorkerSet {
         }
         let result = match &self.kind {
             Kind::Instances => {
-                let target = self.live_workers() * self.instances_per_worker;
-                self.processor.warm(target).await.map_err(StartError::Warm)
+                let target = self.live_workers() * self.feed().instances_per_worker;
+                self.feed()
+                    .processor
+                    .warm(target)
+                    .await
+                    .map_err(StartError::Warm)
             }
             Kind::Model(model) => {
                 let ModelKind {
@@ -660,8 +674,12 @@ impl WorkerSet {
                                 batching.max_batch as usize,
                                 Duration::from_millis(batching.max_batch_delay_ms),
                             )));
-                        let target = self.live_workers() * self.instances_per_worker;
-                        self.processor.warm(target).await.map_err(StartError::Warm)
+                        let target = self.live_workers() * self.feed().instances_per_worker;
+                        self.feed()
+                            .processor
+                            .warm(target)
+                            .await
+                            .map_err(StartError::Warm)
                     }
                     Err(e) => Err(e),
                 }
@@ -717,7 +735,7 @@ impl WorkerSet {
         self.write().clear();
         self.desired.store(0, Ordering::Relaxed);
         self.lock_scaler().reset(0, self.clock.now());
-        self.processor.trim(0, Duration::ZERO);
+        self.feed().processor.trim(0, Duration::ZERO);
         self.publish();
     }
 
@@ -734,13 +752,62 @@ impl WorkerSet {
     /// Periodic upkeep: instances idle for a minute beyond what the live workers need are
     /// dropped, and warm instances lost to failures are made again.
     pub(crate) async fn housekeep(&self) {
-        let keep = self.live_workers() * self.instances_per_worker;
-        self.processor.trim(keep as usize, Duration::from_secs(60));
+        let keep = self.live_workers() * self.feed().instances_per_worker;
+        self.feed()
+            .processor
+            .trim(keep as usize, Duration::from_secs(60));
         if keep > 0
-            && let Err(e) = self.processor.warm(keep).await
+            && let Err(e) = self.feed().processor.warm(keep).await
         {
             tracing::warn!(endpoint = %self.endpoint, version = %self.version, "cannot re-warm: {e}");
         }
+    }
+
+    /// Whether a new spec for this version can keep these workers: the same model, the
+    /// same batching, the same GPUs per worker (only the processor or the policies change).
+    pub(crate) fn can_keep(
+        &self,
+        backend: &BackendSpec,
+        batching: &BatchingSpec,
+        gpus: Option<u32>,
+    ) -> bool {
+        let same_model = match &self.kind {
+            Kind::Instances => matches!(backend, BackendSpec::None),
+            Kind::Model(model) => &model.spec == backend && &model.batching == batching,
+        };
+        same_model && self.gpus_per_worker == gpus
+    }
+
+    /// Takes on a new processor and policy without touching the workers (their models
+    /// stay loaded): the new processor's instances are made warm first, then it feeds
+    /// every request; requests in flight finish on the old one.
+    pub(crate) async fn replace_feed(
+        &self,
+        processor: Processor,
+        policy: Policy,
+    ) -> Result<(), StartError> {
+        let spec = policy.spec().clone();
+        let target = self.live_workers() * spec.instances_per_worker;
+        processor.warm(target).await.map_err(StartError::Warm)?;
+        let old = {
+            let mut feed = self.feed.write().unwrap_or_else(|e| e.into_inner());
+            std::mem::replace(
+                &mut *feed,
+                Feed {
+                    processor,
+                    instances_per_worker: spec.instances_per_worker,
+                    cold_start_timeout: Duration::from_secs(spec.cold_start_timeout_s.into()),
+                },
+            )
+        };
+        self.lock_scaler().set_policy(policy);
+        // Idle instances of the old processor go now; busy ones finish and go with it.
+        old.processor.trim(0, Duration::ZERO);
+        Ok(())
+    }
+
+    fn feed(&self) -> Feed {
+        self.feed.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     fn lock_scaler(&self) -> std::sync::MutexGuard<'_, Autoscaler> {
