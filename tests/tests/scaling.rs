@@ -519,3 +519,43 @@ async fn updates_under_load_lose_no_request_and_a_processor_change_keeps_the_mod
     );
     t.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_side_update_starts_as_many_workers_as_were_running() {
+    let t = TestServer::start().await;
+    let c = &t.client;
+    let spec = |max_batch: u32| {
+        minilm_with("busy", 256, max_batch).replace(
+            "[versions.processor]",
+            &format!(
+                "[versions.scaling]\nmin_workers = 1\nmax_workers = 2\n\
+                 target_concurrency = 1\n{FAST}\n[versions.processor]"
+            ),
+        )
+    };
+    c.deploy_ok(TEXT_EMBEDDINGS, &spec(32)).await;
+    let load = Load::start(c, "busy", 4);
+    wait_for(
+        c,
+        "busy",
+        Duration::from_secs(20),
+        "at two ready workers",
+        |v| {
+            v["workers"]
+                .as_array()
+                .is_some_and(|w| w.iter().filter(|w| w["state"] == "ready").count() == 2)
+        },
+    )
+    .await;
+    // The batching changes: new workers, as many as ran, all ready when the deploy answers.
+    let deployed = c.deploy_ok(TEXT_EMBEDDINGS, &spec(8)).await;
+    let ready = deployed["versions"][0]["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|w| w["state"] == "ready")
+        .count();
+    assert_eq!(ready, 2, "{deployed:#}");
+    assert!(load.finish().await > 0);
+    t.stop().await;
+}

@@ -554,10 +554,14 @@ impl Gateway {
             })?;
             // A version whose model, batching and GPUs are unchanged keeps its workers (no
             // model is loaded again); only its processor and policies are replaced.
-            let kept = previous
+            let same_name = previous
                 .as_ref()
                 .filter(|d| d.error.is_none())
-                .and_then(|d| d.versions.iter().find(|old| old.name == v.name))
+                .and_then(|d| d.versions.iter().find(|old| old.name == v.name));
+            // A model-side change starts as many workers as the old version runs (within
+            // the new bounds), so the swap keeps capacity.
+            let running = same_name.map_or(0, |old| old.workers.desired());
+            let kept = same_name
                 .filter(|old| {
                     old.workers
                         .can_keep(&v.backend, &v.batching, v.scaling.gpus_per_worker)
@@ -590,7 +594,7 @@ impl Gateway {
                         inventory: self.inventory.clone(),
                     });
                     if !stopped {
-                        let count = workers.initial();
+                        let count = workers.initial().max(running.min(v.scaling.max_workers));
                         workers
                             .start_initial(count)
                             .await
