@@ -18,7 +18,7 @@ use plotters::prelude::*;
 use serde_json::{Value, json};
 use tokio::sync::Mutex;
 use wasp_tests::guests::{HELLO, HOSTILE, TEXT_EMBEDDINGS};
-use wasp_tests::{TestClient, TestServer, minilm_dir, spec};
+use wasp_tests::{TestClient, TestServer, minilm_spec, spec};
 
 /// Scaling that reacts within seconds, so that a cold start can be taken every few.
 const FAST: &str = "stable_window_s = 1\npanic_window_s = 1\nscale_down_delay_s = 0\n\
@@ -72,19 +72,9 @@ where
 }
 
 fn minilm_at_zero(name: &str) -> String {
-    format!(
-        r#"name = "{name}"
-[[versions]]
-name = "v1"
-backend = {{ kind = "candle", model = "all-MiniLM-L6-v2", task = "embeddings", device = "cpu" }}
-[versions.scaling]
-min_workers = 0
-{FAST}
-[versions.processor]
-component = "{{COMPONENT}}"
-mounts = [{{ host = {host:?}, guest = "/model" }}]
-"#,
-        host = minilm_dir().display().to_string()
+    minilm_spec(
+        name,
+        &format!("[versions.scaling]\nmin_workers = 0\n{FAST}"),
     )
 }
 

@@ -217,6 +217,24 @@ pub fn models_dir() -> PathBuf {
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/models"))
 }
 
+/// An embeddings endpoint over all-MiniLM-L6-v2 (found by name in the models directory)
+/// with the `text-embeddings` processor, whose component is `{COMPONENT}`; `extra` TOML
+/// lines go inside the version, before its processor table.
+pub fn minilm_spec(name: &str, extra: &str) -> String {
+    format!(
+        r#"name = "{name}"
+[[versions]]
+name = "v1"
+backend = {{ kind = "candle", model = "all-MiniLM-L6-v2", task = "embeddings", device = "cpu" }}
+{extra}
+[versions.processor]
+component = "{{COMPONENT}}"
+mounts = [{{ host = {host:?}, guest = "/model" }}]
+"#,
+        host = minilm_dir().display().to_string()
+    )
+}
+
 /// The all-MiniLM-L6-v2 directory; panics with the command that fetches it when missing.
 pub fn minilm_dir() -> PathBuf {
     let dir = models_dir().join("all-MiniLM-L6-v2");

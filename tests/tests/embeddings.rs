@@ -4,23 +4,7 @@
 
 use serde_json::{Value, json};
 use wasp_tests::guests::{HOSTILE, TEXT_EMBEDDINGS};
-use wasp_tests::{TestServer, minilm_dir, spec};
-
-/// An embeddings endpoint over all-MiniLM-L6-v2 (found by name in the models directory).
-fn minilm_spec(name: &str, extra: &str) -> String {
-    format!(
-        r#"name = "{name}"
-[[versions]]
-name = "v1"
-backend = {{ kind = "candle", model = "all-MiniLM-L6-v2", task = "embeddings", device = "cpu" }}
-{extra}
-[versions.processor]
-component = "{{COMPONENT}}"
-mounts = [{{ host = {host:?}, guest = "/model" }}]
-"#,
-        host = minilm_dir().display().to_string()
-    )
-}
+use wasp_tests::{TestServer, minilm_dir, minilm_spec, spec};
 
 fn reference() -> Value {
     let text = std::fs::read_to_string(concat!(

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use wasp_tests::guests::{HELLO, HOSTILE, TEXT_EMBEDDINGS};
-use wasp_tests::{TestClient, TestServer, minilm_dir, spec};
+use wasp_tests::{TestClient, TestServer, minilm_dir, minilm_spec, spec};
 
 /// Scaling that reacts within seconds, for tests.
 const FAST: &str = "stable_window_s = 1\npanic_window_s = 1\nscale_down_delay_s = 0\n\
@@ -206,20 +206,9 @@ async fn a_load_step_raises_workers_and_every_request_succeeds() {
 
 /// An embeddings endpoint over all-MiniLM-L6-v2 that may scale to zero.
 fn minilm_at_zero(name: &str) -> String {
-    format!(
-        r#"name = "{name}"
-[[versions]]
-name = "v1"
-backend = {{ kind = "candle", model = "all-MiniLM-L6-v2", task = "embeddings", device = "cpu" }}
-[versions.scaling]
-min_workers = 0
-max_workers = 1
-{FAST}
-[versions.processor]
-component = "{{COMPONENT}}"
-mounts = [{{ host = {host:?}, guest = "/model" }}]
-"#,
-        host = minilm_dir().display().to_string()
+    minilm_spec(
+        name,
+        &format!("[versions.scaling]\nmin_workers = 0\nmax_workers = 1\n{FAST}"),
     )
 }
 
@@ -414,20 +403,10 @@ async fn asking_for_gpus_a_server_lacks_is_refused_at_deploy() {
 /// An embeddings endpoint over all-MiniLM-L6-v2 with this processor configuration and
 /// batching.
 fn minilm_with(name: &str, max_tokens: u32, max_batch: u32) -> String {
-    format!(
-        r#"name = "{name}"
-[[versions]]
-name = "v1"
-backend = {{ kind = "candle", model = "all-MiniLM-L6-v2", task = "embeddings", device = "cpu" }}
-[versions.batching]
-max_batch = {max_batch}
-[versions.processor]
-component = "{{COMPONENT}}"
-mounts = [{{ host = {host:?}, guest = "/model" }}]
-env = {{ MAX_TOKENS = "{max_tokens}" }}
-"#,
-        host = minilm_dir().display().to_string()
-    )
+    minilm_spec(
+        name,
+        &format!("[versions.batching]\nmax_batch = {max_batch}"),
+    ) + &format!("env = {{ MAX_TOKENS = \"{max_tokens}\" }}\n")
 }
 
 /// Clients posting embeddings requests until told to stop.

@@ -482,13 +482,7 @@ impl WorkerSet {
                 trigger: Trigger::Wake.to_string(),
                 reason: "a request is waiting; replacing the failed worker".into(),
             });
-            let worker = self.add_worker();
-            let this = self.clone();
-            tokio::spawn(async move {
-                if let Err(e) = this.start(worker).await {
-                    tracing::warn!(endpoint = %this.endpoint, version = %this.version, "worker failed to start: {e}");
-                }
-            });
+            self.spawn_start(self.add_worker());
             return;
         }
         self.tick(true);
@@ -524,13 +518,7 @@ impl WorkerSet {
         });
         if decision.to > decision.from {
             for _ in decision.from..decision.to {
-                let worker = self.add_worker();
-                let this = self.clone();
-                tokio::spawn(async move {
-                    if let Err(e) = this.start(worker).await {
-                        tracing::warn!(endpoint = %this.endpoint, version = %this.version, "worker failed to start: {e}");
-                    }
-                });
+                self.spawn_start(self.add_worker());
             }
         } else {
             self.drain(decision.from - decision.to);
@@ -601,13 +589,18 @@ impl WorkerSet {
             .cloned()
             .collect();
         for worker in pending {
-            let this = self.clone();
-            tokio::spawn(async move {
-                if let Err(e) = this.start(worker).await {
-                    tracing::warn!(endpoint = %this.endpoint, version = %this.version, "worker failed to start: {e}");
-                }
-            });
+            self.spawn_start(worker);
         }
+    }
+
+    /// Starts a worker in the background; a failure is in its state and the events.
+    fn spawn_start(self: &Arc<Self>, worker: Arc<Worker>) {
+        let this = self.clone();
+        tokio::spawn(async move {
+            if let Err(e) = this.start(worker).await {
+                tracing::warn!(endpoint = %this.endpoint, version = %this.version, "worker failed to start: {e}");
+            }
+        });
     }
 
     fn add_worker(&self) -> Arc<Worker> {
