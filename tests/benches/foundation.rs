@@ -117,6 +117,17 @@ async fn bare_hyper() -> SocketAddr {
     addr
 }
 
+/// A server with the trivial processor deployed as `bench`, four workers warm.
+async fn gateway_server() -> TestServer {
+    let server = TestServer::start().await;
+    let scaling = "[versions.scaling]\nmin_workers = 4\nmax_workers = 4";
+    server
+        .client
+        .deploy_ok(HELLO, &spec("bench", scaling))
+        .await;
+    server
+}
+
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     let n = if quick { 500 } else { 5000 };
@@ -133,17 +144,7 @@ fn main() {
 
         if std::env::args().any(|a| a == "--profile-gateway") {
             // Ten seconds of gateway load for a profiler to look at.
-            let server = TestServer::start().await;
-            server
-                .client
-                .deploy_ok(
-                    HELLO,
-                    &spec(
-                        "bench",
-                        "[versions.scaling]\nmin_workers = 4\nmax_workers = 4",
-                    ),
-                )
-                .await;
+            let server = gateway_server().await;
             let body = Bytes::from_static(br#"{"name":"bench"}"#);
             let addr = server.server.local_addr();
             let r = load::run(
@@ -207,17 +208,7 @@ fn main() {
         );
 
         // 3. Throughput through the gateway vs bare hyper.
-        let server = TestServer::start().await;
-        server
-            .client
-            .deploy_ok(
-                HELLO,
-                &spec(
-                    "bench",
-                    "[versions.scaling]\nmin_workers = 4\nmax_workers = 4",
-                ),
-            )
-            .await;
+        let server = gateway_server().await;
         let gateway = server.server.local_addr();
         let bare = bare_hyper().await;
         let secs = Duration::from_secs(if quick { 1 } else { 2 });

@@ -312,9 +312,10 @@ impl Gateway {
         blocking(move || this.store.snapshot()).await
     }
 
-    /// Deploys `spec`: builds every version's processor, warms its instances, writes the
-    /// spec to the store, then swaps it in. `replace` allows an existing endpoint of the
-    /// same name to be replaced; requests in flight on it finish on the old version.
+    /// Deploys `spec`: builds every version's processor and starts its workers (or, on a
+    /// replace, keeps those of a version whose model side is unchanged), writes the spec
+    /// to the store, then swaps it in. `replace` allows an existing endpoint of the same
+    /// name to be replaced; requests in flight on it finish on the old version.
     pub async fn deploy(
         self: &Arc<Self>,
         spec: EndpointSpec,

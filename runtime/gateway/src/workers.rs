@@ -548,8 +548,9 @@ impl WorkerSet {
             let this = self.clone();
             tokio::spawn(async move { this.finish_draining(worker).await });
         }
-        let keep = self.live_workers() * self.feed().instances_per_worker;
-        self.feed().processor.trim(keep as usize, Duration::ZERO);
+        let feed = self.feed();
+        let keep = self.live_workers() * feed.instances_per_worker;
+        feed.processor.trim(keep as usize, Duration::ZERO);
     }
 
     async fn finish_draining(self: Arc<Self>, worker: Arc<Worker>) {
@@ -632,51 +633,13 @@ impl WorkerSet {
             }
             worker.set(WorkerState::Starting, None);
         }
-        let result = match &self.kind {
-            Kind::Instances => {
-                let target = self.live_workers() * self.feed().instances_per_worker;
-                self.feed()
-                    .processor
-                    .warm(target)
-                    .await
-                    .map_err(StartError::Warm)
-            }
-            Kind::Model(model) => {
-                let ModelKind {
-                    factory,
-                    spec,
-                    batching,
-                    context,
-                } = model.as_ref();
-                let (factory, mut spec, context) = (factory.clone(), spec.clone(), context.clone());
-                // The worker sees only its own devices.
-                if let (BackendSpec::Candle(candle), Some(gpu)) =
-                    (&mut spec, worker.gpus().first().copied())
-                {
-                    candle.device = format!("cuda:{gpu}");
-                }
-                let loaded = tokio::task::spawn_blocking(move || factory.load(&spec, &context))
-                    .await
-                    .map_err(|e| StartError::Task(format!("model load task failed: {e}")))
-                    .and_then(|r| r.map_err(StartError::Backend));
-                match loaded {
-                    Ok(backend) => {
-                        *worker.batcher.lock().unwrap_or_else(|e| e.into_inner()) =
-                            Some(Arc::new(Batcher::spawn(
-                                backend,
-                                batching.max_batch as usize,
-                                Duration::from_millis(batching.max_batch_delay_ms),
-                            )));
-                        let target = self.live_workers() * self.feed().instances_per_worker;
-                        self.feed()
-                            .processor
-                            .warm(target)
-                            .await
-                            .map_err(StartError::Warm)
-                    }
-                    Err(e) => Err(e),
-                }
-            }
+        let loaded = match &self.kind {
+            Kind::Instances => Ok(()),
+            Kind::Model(model) => self.load_model(&worker, model).await,
+        };
+        let result = match loaded {
+            Ok(()) => self.warm_live().await,
+            Err(e) => Err(e),
         };
         if worker.is(WorkerState::Draining) {
             // Scaled down while it started.
@@ -699,6 +662,41 @@ impl WorkerSet {
         }
         self.publish();
         result
+    }
+
+    /// Loads a worker's model on a blocking thread, on its own GPU when it has one, and
+    /// puts a batcher in front of it.
+    async fn load_model(&self, worker: &Worker, model: &ModelKind) -> Result<(), StartError> {
+        let (factory, mut spec, context) = (
+            model.factory.clone(),
+            model.spec.clone(),
+            model.context.clone(),
+        );
+        // The worker sees only its own devices.
+        if let (BackendSpec::Candle(candle), Some(gpu)) =
+            (&mut spec, worker.gpus().first().copied())
+        {
+            candle.device = format!("cuda:{gpu}");
+        }
+        let backend = tokio::task::spawn_blocking(move || factory.load(&spec, &context))
+            .await
+            .map_err(|e| StartError::Task(format!("model load task failed: {e}")))?
+            .map_err(StartError::Backend)?;
+        *worker.batcher.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(Batcher::spawn(
+            backend,
+            model.batching.max_batch as usize,
+            Duration::from_millis(model.batching.max_batch_delay_ms),
+        )));
+        Ok(())
+    }
+
+    /// Makes the processor's warm instances what the live workers need.
+    async fn warm_live(&self) -> Result<(), StartError> {
+        let feed = self.feed();
+        feed.processor
+            .warm(self.live_workers() * feed.instances_per_worker)
+            .await
+            .map_err(StartError::Warm)
     }
 
     /// Workers starting or ready.
@@ -745,13 +743,10 @@ impl WorkerSet {
     /// Periodic upkeep: instances idle for a minute beyond what the live workers need are
     /// dropped, and warm instances lost to failures are made again.
     pub(crate) async fn housekeep(&self) {
-        let keep = self.live_workers() * self.feed().instances_per_worker;
-        self.feed()
-            .processor
-            .trim(keep as usize, Duration::from_secs(60));
-        if keep > 0
-            && let Err(e) = self.feed().processor.warm(keep).await
-        {
+        let feed = self.feed();
+        let keep = self.live_workers() * feed.instances_per_worker;
+        feed.processor.trim(keep as usize, Duration::from_secs(60));
+        if let Err(e) = self.warm_live().await {
             tracing::warn!(endpoint = %self.endpoint, version = %self.version, "cannot re-warm: {e}");
         }
     }

@@ -266,3 +266,21 @@ fn a_schedule_lowering_max_workers_applies_at_once() {
     assert_eq!(times(&changes), [(1800, 2)], "{changes:#?}");
     assert_eq!(changes[0].1.trigger, Trigger::Bounds(Some(0)));
 }
+
+#[test]
+fn scale_down_step_removes_that_many_workers_at_a_time() {
+    let mut sim = Sim::new(
+        ScalingSpec {
+            scale_down_step: 2,
+            scale_down_cooldown_s: 0,
+            ..spec(1, 8)
+        },
+        6,
+    );
+    let changes = sim.run(300, 0);
+    assert_eq!(
+        times(&changes),
+        [(60, 4), (120, 2), (180, 1)],
+        "{changes:#?}"
+    );
+}
