@@ -538,3 +538,222 @@ async fn a_model_side_update_starts_as_many_workers_as_were_running() {
     assert!(load.finish().await > 0);
     t.stop().await;
 }
+
+/// Workers alive (starting, ready or pending) and ready, old and new, whether old ones
+/// were listed, and the GPUs every worker holds.
+type Sample = (usize, usize, bool, Vec<u64>);
+
+/// A [`Sample`] of an endpoint's detail during a rolling update.
+fn rollout_sample(detail: &Value) -> Sample {
+    let v = &detail["versions"][0];
+    let all: Vec<&Value> = ["workers", "outgoing_workers"]
+        .iter()
+        .flat_map(|k| v[k].as_array().into_iter().flatten())
+        .collect();
+    let alive = all
+        .iter()
+        .filter(|w| matches!(w["state"].as_str(), Some("starting" | "ready" | "pending")))
+        .count();
+    let ready = all.iter().filter(|w| w["state"] == "ready").count();
+    let gpus = all
+        .iter()
+        .flat_map(|w| w["gpus"].as_array().into_iter().flatten())
+        .map(|g| g.as_u64().unwrap())
+        .collect();
+    (alive, ready, v["outgoing_workers"].is_array(), gpus)
+}
+
+/// Samples the endpoint's detail until told to stop.
+fn watch(c: &TestClient, name: &str) -> (Arc<AtomicBool>, tokio::task::JoinHandle<Vec<Sample>>) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let (c, name, flag) = (c.clone(), name.to_owned(), stop.clone());
+    let task = tokio::spawn(async move {
+        let mut samples = Vec::new();
+        while !flag.load(Ordering::Relaxed) {
+            let detail = c.get(&format!("/api/v1/endpoints/{name}")).await.json();
+            samples.push(rollout_sample(&detail));
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        samples
+    });
+    (stop, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_update_keeps_within_its_surge_and_loses_no_request() {
+    let t = TestServer::start().await;
+    let c = &t.client;
+    let spec = |max_batch: u32| {
+        minilm_with("rolled", 256, max_batch).replace(
+            "[versions.processor]",
+            "[versions.scaling]\nmin_workers = 3\nmax_workers = 3\n[versions.processor]",
+        )
+    };
+    c.deploy_ok(TEXT_EMBEDDINGS, &spec(32)).await;
+    let old: Vec<u64> = c.get("/api/v1/endpoints/rolled").await.json()["versions"][0]["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["since_ms"].as_u64().unwrap())
+        .collect();
+    assert_eq!(old.len(), 3);
+    let load = Load::start(c, "rolled", 4);
+    let (stop, samples) = watch(c, "rolled");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The batching changes: the default rollout (max_surge 2%, max_unavailable 0) adds
+    // one worker at a time and drains an old one as each new one is ready.
+    let deployed = c.deploy_ok(TEXT_EMBEDDINGS, &spec(8)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Relaxed);
+    let samples = samples.await.unwrap();
+    assert!(load.finish().await > 0);
+    assert!(
+        samples.iter().any(|s| s.2),
+        "no sample saw the update: {samples:?}"
+    );
+    for (alive, ready, _, _) in &samples {
+        assert!(
+            *alive <= 4,
+            "more than one worker beyond three: {samples:?}"
+        );
+        assert!(*ready >= 3, "fewer than three ready workers: {samples:?}");
+    }
+    let workers = deployed["versions"][0]["workers"].as_array().unwrap();
+    assert_eq!(workers.len(), 3, "{deployed:#}");
+    assert!(
+        workers.iter().all(|w| w["state"] == "ready"
+            && w["since_ms"].as_u64().unwrap() > *old.iter().max().unwrap())
+    );
+    let events = c.get("/api/v1/endpoints/rolled/events").await.json();
+    let reasons: Vec<&str> = events["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["trigger"] == "rollout")
+        .map(|e| e["reason"].as_str().unwrap())
+        .collect();
+    assert_eq!(reasons.len(), 2, "{events:#}");
+    assert!(
+        reasons[0].contains("at most 1 beyond and 0 unavailable"),
+        "{reasons:?}"
+    );
+    assert!(reasons[1].contains("done"), "{reasons:?}");
+    t.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_unavailable_frees_gpus_for_an_update_that_a_surge_alone_cannot_make() {
+    let t = TestServer::start_with_gpus(wasp_gateway::Inventory::parse("fake:4").unwrap()).await;
+    let c = &t.client;
+    let spec = |gpus: u32, rollout: &str| {
+        spec(
+            "packed",
+            &format!(
+                "[versions.scaling]\nmin_workers = 2\nmax_workers = 2\ngpus_per_worker = {gpus}\n\
+                 cold_start_timeout_s = 2\n[versions.rollout]\n{rollout}"
+            ),
+        )
+    };
+    c.deploy_ok(HELLO, &spec(2, "")).await;
+    // Every GPU is taken: the default surge has nowhere to start a new worker.
+    let reply = c.deploy(HELLO, &spec(1, "")).await;
+    assert_eq!(reply.status, 409, "{}", reply.text());
+    let error = &reply.json()["error"];
+    assert_eq!(error["code"], "rollout_stalled");
+    let message = error["message"].as_str().unwrap();
+    assert!(
+        message.contains("needs 1 GPUs; 0 of 4 are free"),
+        "{message}"
+    );
+    assert!(message.contains("rollout.max_unavailable"), "{message}");
+    // Rolled back: the old spec and its two workers serve on.
+    let detail = c.get("/api/v1/endpoints/packed").await.json();
+    assert_eq!(
+        detail["spec"]["versions"][0]["scaling"]["gpus_per_worker"],
+        2
+    );
+    assert_eq!(rollout_sample(&detail).1, 2, "{detail:#}");
+    let reply = c.invoke("packed", "", r#"{"name":"gpu"}"#).await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+
+    // One worker may be unavailable: it stops first and its GPUs go to the new ones.
+    let (stop, samples) = watch(c, "packed");
+    let deployed = c.deploy_ok(HELLO, &spec(1, "max_unavailable = 1")).await;
+    stop.store(true, Ordering::Relaxed);
+    let samples = samples.await.unwrap();
+    for (_, ready, _, gpus) in &samples {
+        let mut unique = gpus.clone();
+        unique.sort_unstable();
+        unique.dedup();
+        assert_eq!(unique.len(), gpus.len(), "a GPU held twice: {samples:?}");
+        assert!(*ready >= 1, "{samples:?}");
+    }
+    let workers = deployed["versions"][0]["workers"].as_array().unwrap();
+    assert_eq!(workers.len(), 2, "{deployed:#}");
+    assert!(
+        workers
+            .iter()
+            .all(|w| w["state"] == "ready" && w["gpus"].as_array().unwrap().len() == 1)
+    );
+    t.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_update_whose_new_worker_fails_is_rolled_back() {
+    let t = TestServer::start().await;
+    let c = &t.client;
+    c.deploy_ok(TEXT_EMBEDDINGS, &minilm_with("steady", 256, 32))
+        .await;
+    let load = Load::start(c, "steady", 2);
+    let broken = minilm_with("steady", 256, 8).replace(
+        "model = \"all-MiniLM-L6-v2\"",
+        "model = \"/nonexistent/minilm\"",
+    );
+    let reply = c.deploy(TEXT_EMBEDDINGS, &broken).await;
+    assert_eq!(reply.status, 422, "{}", reply.text());
+    assert_eq!(reply.json()["error"]["code"], "rollout_failed");
+    assert!(reply.text().contains("rolled back"), "{}", reply.text());
+    assert!(load.finish().await > 0);
+    let detail = c.get("/api/v1/endpoints/steady").await.json();
+    assert_eq!(detail["spec"]["versions"][0]["batching"]["max_batch"], 32);
+    assert_eq!(detail["status"], "ready", "{detail:#}");
+    assert!(detail["versions"][0].get("outgoing_workers").is_none());
+    t.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_that_waits_past_the_cold_start_timeout_is_a_503_with_retry_after() {
+    let t = TestServer::start_with_gpus(wasp_gateway::Inventory::parse("fake:2").unwrap()).await;
+    let c = &t.client;
+    c.deploy_ok(
+        HELLO,
+        &spec("holder", "[versions.scaling]\ngpus_per_worker = 2"),
+    )
+    .await;
+    // Its worker can never get its GPUs while `holder` runs.
+    c.deploy_ok(
+        HELLO,
+        &spec(
+            "starved",
+            "[versions.scaling]\nmin_workers = 0\ngpus_per_worker = 2\ncold_start_timeout_s = 1",
+        ),
+    )
+    .await;
+    let started = Instant::now();
+    let reply = c.invoke("starved", "", r#"{"name":"late"}"#).await;
+    assert_eq!(reply.status, 503, "{}", reply.text());
+    assert_eq!(reply.json()["error"]["code"], "cold_start_timeout");
+    assert!(reply.text().contains("(1s"), "{}", reply.text());
+    assert_eq!(reply.header("retry-after"), Some("1"));
+    assert!(started.elapsed() >= Duration::from_secs(1));
+    // GPUs free, the next request wakes the version.
+    assert_eq!(
+        c.request("DELETE", "/api/v1/endpoints/holder", "")
+            .await
+            .status,
+        204
+    );
+    let reply = c.invoke("starved", "", r#"{"name":"late"}"#).await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    t.stop().await;
+}

@@ -11,7 +11,7 @@ pub mod tensor;
 
 pub use spec::{
     BackendSpec, BatchingSpec, CandleBackend, ComponentRef, ContainerBackend, EndpointSpec, Limits,
-    Mount, ProcessorSpec, ScalingSpec, Schedule, SchedulePolicy, SpecError, StepChange, StepPolicy,
-    VersionSpec,
+    Mount, ProcessorSpec, RolloutSpec, ScalingSpec, Schedule, SchedulePolicy, SpecError,
+    StepChange, StepPolicy, VersionSpec, WorkerCount,
 };
 pub use tensor::{DType, ModelInput, ModelOutput, Tensor, TensorError};

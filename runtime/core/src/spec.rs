@@ -88,6 +88,168 @@ pub struct VersionSpec {
     /// Dynamic batching in front of the backend.
     #[serde(default)]
     pub batching: BatchingSpec,
+    /// How a new spec replaces this version's workers, and how long a worker that goes
+    /// may finish its requests.
+    #[serde(default)]
+    pub rollout: RolloutSpec,
+}
+
+/// Rolling update and graceful exit of a version's workers (the bounds of EAS's rolling
+/// strategy).
+///
+/// A new spec that changes the model side (backend, batching, GPUs per worker) starts new
+/// workers beside the old ones: at most `max_surge` beyond the version's count, with at
+/// most `max_unavailable` of that count not serving; each old worker drains once a new
+/// one is ready. A processor-only change keeps the workers and rolls nothing.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RolloutSpec {
+    /// Workers started beyond the version's count during a rolling update: a number
+    /// (`2`) or a share of the count (`"25%"`, rounded up).
+    pub max_surge: WorkerCount,
+    /// Workers of the version's count that may be out of service during a rolling update:
+    /// a number (`1`) or a share (`"10%"`, rounded down). Raise it when the machine has no
+    /// room (GPUs) for a new worker beside the old ones.
+    pub max_unavailable: WorkerCount,
+    /// Seconds a draining worker (rolled over or scaled in) may finish the requests it
+    /// holds before it stops.
+    pub grace_period_s: u32,
+}
+
+impl Default for RolloutSpec {
+    fn default() -> Self {
+        Self {
+            max_surge: WorkerCount::Percent(2),
+            max_unavailable: WorkerCount::Workers(0),
+            grace_period_s: 30,
+        }
+    }
+}
+
+/// A number of workers, absolute or as a share of a version's count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkerCount {
+    /// This many workers.
+    Workers(u32),
+    /// This percentage of the count.
+    Percent(u32),
+}
+
+impl WorkerCount {
+    /// The number of workers out of `count`, a share rounded up (`round_up`) or down.
+    pub fn of(self, count: u32, round_up: bool) -> u32 {
+        match self {
+            Self::Workers(n) => n,
+            Self::Percent(p) => {
+                let scaled = u64::from(count) * u64::from(p);
+                let n = if round_up {
+                    scaled.div_ceil(100)
+                } else {
+                    scaled / 100
+                };
+                u32::try_from(n).unwrap_or(u32::MAX)
+            }
+        }
+    }
+
+    /// Whether it is zero whatever the count.
+    pub fn is_zero(self) -> bool {
+        matches!(self, Self::Workers(0) | Self::Percent(0))
+    }
+}
+
+impl fmt::Display for WorkerCount {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Workers(n) => write!(f, "{n}"),
+            Self::Percent(p) => write!(f, "{p}%"),
+        }
+    }
+}
+
+#[cfg(feature = "openapi")]
+impl utoipa::PartialSchema for WorkerCount {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{ObjectBuilder, OneOfBuilder, Type};
+        OneOfBuilder::new()
+            .item(
+                ObjectBuilder::new()
+                    .schema_type(Type::Integer)
+                    .minimum(Some(0))
+                    .maximum(Some(1024)),
+            )
+            .item(
+                ObjectBuilder::new()
+                    .schema_type(Type::String)
+                    .pattern(Some("^(100|[1-9]?[0-9])%$")),
+            )
+            .description(Some(
+                "A number of workers (`2`) or a percentage of the count (`\"25%\"`).",
+            ))
+            .into()
+    }
+}
+
+#[cfg(feature = "openapi")]
+impl utoipa::ToSchema for WorkerCount {}
+
+impl Serialize for WorkerCount {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Self::Workers(n) => s.serialize_u32(*n),
+            Self::Percent(_) => s.collect_str(self),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for WorkerCount {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = WorkerCount;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a number of workers (`2`) or a percentage (`\"25%\"`)")
+            }
+
+            fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<WorkerCount, E> {
+                u32::try_from(n)
+                    .map(WorkerCount::Workers)
+                    .map_err(|_| E::custom(format!("{n} workers is too many")))
+            }
+
+            fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<WorkerCount, E> {
+                u64::try_from(n)
+                    .map_err(|_| E::custom(format!("{n}: a number of workers is not negative")))
+                    .and_then(|n| self.visit_u64(n))
+            }
+
+            fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<WorkerCount, E> {
+                let bad = || {
+                    E::custom(format!(
+                        "`{text}` is not a number of workers or a percentage such as `25%`"
+                    ))
+                };
+                match text.strip_suffix('%') {
+                    Some(digits)
+                        if !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()) =>
+                    {
+                        let p: u32 = digits.parse().map_err(|_| bad())?;
+                        if p > 100 {
+                            return Err(E::custom(format!(
+                                "`{text}`: a percentage is at most 100%"
+                            )));
+                        }
+                        Ok(WorkerCount::Percent(p))
+                    }
+                    Some(_) => Err(bad()),
+                    None => text.parse().map(WorkerCount::Workers).map_err(|_| bad()),
+                }
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
 }
 
 /// Dynamic batching: concurrent requests merged into one forward pass.
@@ -706,7 +868,34 @@ impl VersionSpec {
                 ));
             }
         }
-        self.scaling.validate(at, &self.backend, limits)
+        self.scaling.validate(at, &self.backend, limits)?;
+        self.rollout.validate(at)
+    }
+}
+
+impl RolloutSpec {
+    fn validate(&self, at: &dyn Fn(&str) -> String) -> Result<(), SpecError> {
+        if self.max_surge.is_zero() && self.max_unavailable.is_zero() {
+            return Err(SpecError::invalid(
+                at("rollout.max_surge"),
+                "max_surge and max_unavailable cannot both be 0: a rolling update could \
+                 neither add a worker nor free one",
+            ));
+        }
+        for (name, count) in [
+            ("max_surge", self.max_surge),
+            ("max_unavailable", self.max_unavailable),
+        ] {
+            if let WorkerCount::Workers(n) = count {
+                range_at(&at(&format!("rollout.{name}")), n.into(), 0, 1024)?;
+            }
+        }
+        range_at(
+            &at("rollout.grace_period_s"),
+            self.grace_period_s.into(),
+            0,
+            3600,
+        )
     }
 }
 
@@ -1141,6 +1330,66 @@ mod tests {
         }
         let err = scaling("[[versions.scaling.step]]\nlower = 1\nchange = \"2\"").unwrap_err();
         assert!(err.to_string().contains("`2` is not a change"), "{err}");
+    }
+
+    fn rollout(extra: &str) -> Result<EndpointSpec, SpecError> {
+        EndpointSpec::from_toml(&format!("{MINIMAL}\n[versions.rollout]\n{extra}"))
+    }
+
+    #[test]
+    fn rollout_defaults_are_eas_and_counts_parse() {
+        let r = &rollout("").unwrap().versions[0].rollout;
+        assert_eq!(r.max_surge, WorkerCount::Percent(2));
+        assert_eq!(r.max_unavailable, WorkerCount::Workers(0));
+        assert_eq!(r.grace_period_s, 30);
+        // 2% of any count up to 50 still surges by one worker: the default keeps capacity.
+        assert_eq!(r.max_surge.of(4, true), 1);
+        assert_eq!(r.max_surge.of(0, true), 0);
+        assert_eq!(WorkerCount::Percent(25).of(10, true), 3);
+        assert_eq!(WorkerCount::Percent(25).of(10, false), 2);
+        let spec = rollout("max_surge = \"50%\"\nmax_unavailable = 1\ngrace_period_s = 5").unwrap();
+        let r = &spec.versions[0].rollout;
+        assert_eq!(
+            (r.max_surge, r.max_unavailable, r.grace_period_s),
+            (WorkerCount::Percent(50), WorkerCount::Workers(1), 5)
+        );
+        let json = serde_json::to_string(&spec).unwrap();
+        assert!(
+            json.contains(r#""max_surge":"50%","max_unavailable":1"#),
+            "{json}"
+        );
+        assert_eq!(EndpointSpec::from_json(json.as_bytes()).unwrap(), spec);
+    }
+
+    #[test]
+    fn bad_rollout_names_the_field() {
+        let cases = [
+            (
+                "max_surge = 0\nmax_unavailable = \"0%\"",
+                "versions[0].rollout.max_surge",
+            ),
+            (
+                "max_unavailable = 5000",
+                "versions[0].rollout.max_unavailable",
+            ),
+            (
+                "grace_period_s = 7200",
+                "versions[0].rollout.grace_period_s",
+            ),
+        ];
+        for (extra, field) in cases {
+            let err = rollout(extra).unwrap_err();
+            assert_eq!(err.field(), Some(field), "{extra}: {err}");
+        }
+        for (extra, message) in [
+            ("max_surge = \"150%\"", "at most 100%"),
+            ("max_surge = \"lots\"", "`lots` is not a number of workers"),
+            ("max_surge = -1", "not negative"),
+        ] {
+            let err = rollout(extra).unwrap_err();
+            assert!(err.to_string().contains(message), "{extra}: {err}");
+            assert!(err.to_string().contains("max_surge"), "{extra}: {err}");
+        }
     }
 
     #[test]

@@ -10,6 +10,7 @@ pub mod api;
 mod kserve;
 pub mod metrics;
 mod registry;
+mod rollout;
 mod server;
 pub mod store;
 pub mod workers;
@@ -72,6 +73,33 @@ pub enum Error {
         /// Why.
         #[source]
         source: wasp_backend::BackendError,
+    },
+    /// A rolling update stopped because a new worker failed to start; the old workers
+    /// serve on and the old spec stays.
+    #[error(
+        "version `{version}`: the rolling update failed and was rolled back: a new worker \
+         failed to start: {reason}"
+    )]
+    RolloutFailed {
+        /// The version being updated.
+        version: String,
+        /// The worker's failure.
+        reason: String,
+    },
+    /// A rolling update made no progress (no room for a new worker beside the old ones);
+    /// the old workers serve on and the old spec stays.
+    #[error(
+        "version `{version}`: the rolling update made no progress in {secs}s and was rolled \
+         back: {reason}; raise `rollout.max_unavailable` to stop old workers first and free \
+         what new ones need"
+    )]
+    RolloutStalled {
+        /// The version being updated.
+        version: String,
+        /// Seconds without a new worker becoming ready.
+        secs: u64,
+        /// What the new workers wait for.
+        reason: String,
     },
     /// The embedded store failed.
     #[error("store: {0}")]
@@ -151,7 +179,9 @@ impl Error {
             | Self::CorruptComponent(_)
             | Self::Component { .. }
             | Self::Warm { .. }
-            | Self::Backend { .. } => 422,
+            | Self::Backend { .. }
+            | Self::RolloutFailed { .. } => 422,
+            Self::RolloutStalled { .. } => 409,
             Self::NotFound(_) => 404,
             Self::Conflict(_) => 409,
             Self::StorageFull { .. } => 507,
@@ -188,6 +218,8 @@ impl Error {
             Self::Component { .. } => "invalid_component",
             Self::Warm { .. } => "processor_failed",
             Self::Backend { .. } => "backend_failed",
+            Self::RolloutFailed { .. } => "rollout_failed",
+            Self::RolloutStalled { .. } => "rollout_stalled",
             Self::Store(_) | Self::OpenStore(_) | Self::Runtime(_) | Self::Bind { .. } => {
                 "internal"
             }

@@ -4,10 +4,11 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::{Arc, RwLock, Weak};
+use std::time::Duration;
 
 use wasp_backend::{BackendError, LoadContext, Registry};
 use wasp_core::{BackendSpec, ComponentRef, EndpointSpec, Limits};
-use wasp_scaling::{Clock, Inventory, Policy, SystemClock};
+use wasp_scaling::{Clock, Inventory, Policy, RolloutPlan, SystemClock};
 use wasp_wasm::{
     BoxFuture, ErrorCode, GuestError, LogBuffer, ModelInput, ModelOutput, ModelRouter, Processor,
     ProcessorSettings, Role, Runtime, RuntimeConfig,
@@ -15,6 +16,7 @@ use wasp_wasm::{
 
 use crate::Error;
 use crate::metrics::Metrics;
+use crate::rollout::{self, RolloutError};
 use crate::store::{Store, StoredEndpoint};
 use crate::workers::{EventLog, StartError, WorkerSet, WorkerSetConfig};
 
@@ -83,19 +85,48 @@ pub struct Deployment {
     pub events: Arc<EventLog>,
     /// Why it could not be loaded at start-up, if it could not.
     pub error: Option<String>,
+    /// During a rolling update, the versions being replaced: each shares its namesake's
+    /// traffic in proportion to their ready workers until its last worker drains.
+    pub outgoing: Vec<Arc<DeployedVersion>>,
 }
 
 impl Deployment {
     /// Picks a version for one request; `roll` is uniform in `0..100`.
     pub fn pick(&self, roll: u32) -> Option<&Arc<DeployedVersion>> {
         let mut acc = 0;
+        let mut picked = None;
         for v in &self.versions {
             acc += v.weight;
             if roll < acc {
-                return Some(v);
+                picked = Some(v);
+                break;
             }
         }
-        self.versions.iter().rev().find(|v| v.weight > 0)
+        let picked = picked.or_else(|| self.versions.iter().rev().find(|v| v.weight > 0))?;
+        if self.outgoing.is_empty() {
+            return Some(picked);
+        }
+        Some(self.during_rollout(picked))
+    }
+
+    /// The new version or the one it replaces, in proportion to their ready workers.
+    fn during_rollout<'a>(&'a self, new: &'a Arc<DeployedVersion>) -> &'a Arc<DeployedVersion> {
+        let Some(old) = self.outgoing.iter().find(|o| o.name == new.name) else {
+            return new;
+        };
+        let (new_ready, old_ready) = (new.workers.ready_now(), old.workers.ready_now());
+        if old_ready == 0 {
+            new
+        } else if new_ready == 0 || rand::random::<u32>() % (new_ready + old_ready) >= new_ready {
+            old
+        } else {
+            new
+        }
+    }
+
+    /// The version a rolling update is replacing by `v`, if one is.
+    pub fn outgoing_of(&self, v: &DeployedVersion) -> Option<&Arc<DeployedVersion>> {
+        self.outgoing.iter().find(|o| o.name == v.name)
     }
 
     /// `ready` (as many ready workers as wanted), `concerning` (some), `notReady` (none),
@@ -105,7 +136,10 @@ impl Deployment {
             return "stopped";
         }
         let desired = v.workers.desired();
-        let ready = v.workers.counts().ready;
+        let ready = v.workers.counts().ready
+            + self
+                .outgoing_of(v)
+                .map_or(0, |old| old.workers.counts().ready);
         if desired == 0 && ready == 0 {
             "scaledToZero"
         } else if ready >= desired {
@@ -259,7 +293,7 @@ impl Gateway {
                 .build(stored.spec.clone(), stored.stopped, None)
                 .await
             {
-                Ok(deployment) => {
+                Ok((deployment, _)) => {
                     gateway.insert(deployment);
                 }
                 Err(e) => {
@@ -271,6 +305,7 @@ impl Gateway {
                         logs: Arc::new(LogBuffer::new(LOG_CAPACITY)),
                         events: Arc::new(EventLog::default()),
                         error: Some(e.to_string()),
+                        outgoing: Vec::new(),
                     });
                 }
             }
@@ -316,21 +351,115 @@ impl Gateway {
     /// replace, keeps those of a version whose model side is unchanged), writes the spec
     /// to the store, then swaps it in. `replace` allows an existing endpoint of the same
     /// name to be replaced; requests in flight on it finish on the old version.
+    ///
+    /// A version whose model side changes while it has workers is rolled over: new workers
+    /// start beside the old ones within its `rollout` bounds, requests are shared by both
+    /// in proportion to their ready workers, and each old worker drains once a new one is
+    /// ready. If a new worker fails, or none becomes ready within the cold-start timeout,
+    /// the update is rolled back: the old workers serve on and the old spec stays. The
+    /// deploy runs to its end even when the client goes away.
     pub async fn deploy(
         self: &Arc<Self>,
         spec: EndpointSpec,
         replace: bool,
     ) -> Result<Arc<Deployment>, Error> {
         spec.validate()?;
+        let this = self.clone();
+        tokio::spawn(async move { this.deploy_now(spec, replace).await })
+            .await
+            .map_err(|e| Error::Store(format!("deploy task failed: {e}")))?
+    }
+
+    async fn deploy_now(
+        self: &Arc<Self>,
+        spec: EndpointSpec,
+        replace: bool,
+    ) -> Result<Arc<Deployment>, Error> {
         let _control = self.control.lock().await;
         let existing = self.endpoint(&spec.name);
         if existing.is_some() && !replace {
             return Err(Error::Conflict(spec.name));
         }
         let stopped = existing.as_ref().is_some_and(|d| d.stopped);
-        let deployment = self.build(spec, stopped, existing).await?;
+        let (deployment, rolls) = self.build(spec, stopped, existing.clone()).await?;
         self.persist(&deployment).await?;
-        Ok(self.insert(deployment))
+        if rolls.is_empty() {
+            return Ok(self.insert(deployment));
+        }
+        let rolling = self.insert(Deployment {
+            outgoing: rolls.iter().map(|r| r.old.clone()).collect(),
+            ..deployment
+        });
+        for roll in &rolls {
+            let new = &rolling.versions[roll.index];
+            let stall = Duration::from_secs(
+                rolling.spec.versions[roll.index]
+                    .scaling
+                    .cold_start_timeout_s
+                    .into(),
+            );
+            if let Err(e) = rollout::run(&roll.old.workers, &new.workers, roll.plan, stall).await {
+                // Rolled back: the old workers serve on, under the old spec.
+                for r in &rolls {
+                    rolling.versions[r.index].workers.remove_all();
+                    r.old.workers.resume();
+                }
+                if let Some(existing) = existing {
+                    self.restore_feeds(&existing, &rolling).await;
+                    if let Err(e) = self.persist(&existing).await {
+                        tracing::error!(endpoint = %existing.spec.name, "cannot store the old spec back: {e}");
+                    }
+                    self.write()
+                        .insert(existing.spec.name.clone(), existing.clone());
+                }
+                return Err(match e {
+                    RolloutError::Failed(reason) => Error::RolloutFailed {
+                        version: new.name.clone(),
+                        reason,
+                    },
+                    RolloutError::Stalled(after, reason) => Error::RolloutStalled {
+                        version: new.name.clone(),
+                        secs: after.as_secs(),
+                        reason,
+                    },
+                });
+            }
+        }
+        Ok(self.insert(Deployment {
+            spec: rolling.spec.clone(),
+            stopped: rolling.stopped,
+            versions: rolling.versions.clone(),
+            logs: rolling.logs.clone(),
+            events: rolling.events.clone(),
+            error: None,
+            outgoing: Vec::new(),
+        }))
+    }
+
+    /// After a rolled-back update, versions that kept their workers take their old
+    /// processor and policies back.
+    async fn restore_feeds(&self, old: &Deployment, new: &Deployment) {
+        for (j, v) in old.versions.iter().enumerate() {
+            if !new
+                .versions
+                .iter()
+                .any(|n| Arc::ptr_eq(&n.workers, &v.workers))
+            {
+                continue;
+            }
+            let spec = &old.spec.versions[j];
+            let restored = match Policy::new(&spec.scaling) {
+                Ok(policy) => v
+                    .workers
+                    .replace_feed(v.processor.clone(), policy, &spec.rollout)
+                    .await
+                    .map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            if let Err(e) = restored {
+                tracing::error!(endpoint = %old.spec.name, version = %v.name, "cannot restore the old processor: {e}");
+            }
+        }
     }
 
     /// Removes an endpoint; in-flight requests finish.
@@ -364,6 +493,7 @@ impl Gateway {
             logs: current.logs.clone(),
             events: current.events.clone(),
             error: current.error.clone(),
+            outgoing: Vec::new(),
         };
         self.persist(&deployment).await?;
         let deployment = self.insert(deployment);
@@ -422,12 +552,15 @@ impl Gateway {
         deployment
     }
 
+    /// Builds every version of `spec`; versions to roll over from `previous` come back as
+    /// [`Roll`]s, their new workers not yet started.
     async fn build(
         self: &Arc<Self>,
         spec: EndpointSpec,
         stopped: bool,
         previous: Option<Arc<Deployment>>,
-    ) -> Result<Deployment, Error> {
+    ) -> Result<(Deployment, Vec<Roll>), Error> {
+        let mut rolls = Vec::new();
         let logs = Arc::new(LogBuffer::new(LOG_CAPACITY));
         let events = previous
             .as_ref()
@@ -571,7 +704,7 @@ impl Gateway {
             let workers = match kept {
                 Some(workers) => {
                     workers
-                        .replace_feed(built.clone(), policy)
+                        .replace_feed(built.clone(), policy, &v.rollout)
                         .await
                         .map_err(|e| start_error(&v.name, e))?;
                     workers
@@ -590,16 +723,24 @@ impl Gateway {
                             )
                         }),
                         policy,
+                        rollout: v.rollout.clone(),
                         clock: self.clock.clone(),
                         events: events.clone(),
                         inventory: self.inventory.clone(),
                     });
-                    if !stopped {
-                        let count = workers.initial().max(running.min(v.scaling.max_workers));
-                        workers
+                    let count = workers.initial().max(running.min(v.scaling.max_workers));
+                    let serving = same_name.filter(|old| old.workers.side().live > 0);
+                    match serving {
+                        _ if stopped => {}
+                        Some(old) => rolls.push(Roll {
+                            index: i,
+                            old: old.clone(),
+                            plan: RolloutPlan::new(&v.rollout, count),
+                        }),
+                        None => workers
                             .start_initial(count)
                             .await
-                            .map_err(|e| start_error(&v.name, e))?;
+                            .map_err(|e| start_error(&v.name, e))?,
                     }
                     workers
                 }
@@ -634,14 +775,18 @@ impl Gateway {
                 },
             }));
         }
-        Ok(Deployment {
-            spec,
-            stopped,
-            versions,
-            logs,
-            events,
-            error: None,
-        })
+        Ok((
+            Deployment {
+                spec,
+                stopped,
+                versions,
+                logs,
+                events,
+                error: None,
+                outgoing: Vec::new(),
+            },
+            rolls,
+        ))
     }
 
     fn integrity_failure(&self, file: &str) {
@@ -664,6 +809,16 @@ impl Gateway {
     pub fn close(&self) {
         self.store.close();
     }
+}
+
+/// A version to roll over from its old workers to new ones.
+struct Roll {
+    /// Its place in the new spec.
+    index: usize,
+    /// The version it replaces.
+    old: Arc<DeployedVersion>,
+    /// How many workers and within which bounds.
+    plan: RolloutPlan,
 }
 
 /// A worker that could not start at deploy, as the deploy's error.

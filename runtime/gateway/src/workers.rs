@@ -7,18 +7,16 @@
 //! down to none at zero workers.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::watch;
 use wasp_backend::{BackendError, BackendFactory, Batcher, LoadContext};
-use wasp_core::{BackendSpec, BatchingSpec};
-use wasp_scaling::{Autoscaler, Clock, Decision, Inventory, Meter, Policy, Trigger};
+use wasp_core::{BackendSpec, BatchingSpec, RolloutSpec};
+use wasp_scaling::{Autoscaler, Clock, Decision, Inventory, Meter, Policy, Side, Trigger};
 use wasp_wasm::Processor;
 
-/// How long a draining worker may finish what it holds before it is dropped.
-pub(crate) const DRAIN_GRACE: Duration = Duration::from_secs(30);
 /// Scaling events kept per endpoint.
 const EVENT_CAPACITY: usize = 1000;
 
@@ -75,6 +73,26 @@ impl Worker {
 
     fn is(&self, state: WorkerState) -> bool {
         self.state().0 == state
+    }
+
+    /// Moves it from `from` to `to`; false when it was not in `from`.
+    fn transition(&self, from: WorkerState, to: WorkerState) -> bool {
+        self.transition_with(from, to, None)
+    }
+
+    /// Moves it from `from` to `to` with a reason; false when it was not in `from`.
+    fn transition_with(&self, from: WorkerState, to: WorkerState, reason: Option<String>) -> bool {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if state.0 != from {
+            return false;
+        }
+        let since = if state.0 == to {
+            state.2
+        } else {
+            SystemTime::now()
+        };
+        *state = (to, reason, since);
+        true
     }
 
     /// Its batcher, once a model worker is ready.
@@ -149,7 +167,7 @@ pub struct ScaleEvent {
     /// Workers after.
     pub to: u32,
     /// The policy that decided: `target_tracking`, `panic`, `step[i]`, `bounds`,
-    /// `schedule[i]`, `wake`, or `worker_failed`.
+    /// `schedule[i]`, `wake`, `worker_failed`, or `rollout` (a rolling update).
     pub trigger: String,
     /// Why, for people.
     pub reason: String,
@@ -240,6 +258,12 @@ pub struct WorkerSet {
     pub cold_starts: ColdStarts,
     /// Batches and requests of workers already gone, so that the counters never go back.
     retired: (AtomicU64, AtomicU64),
+    /// Its workers are being started by a rolling update, not by its autoscaler.
+    rolling: AtomicBool,
+    /// A rolling update is replacing it: it starts no worker, and a request that reaches it
+    /// when none serves any more goes to its successor.
+    retiring: AtomicBool,
+    successor: Mutex<Weak<WorkerSet>>,
 }
 
 /// What feeds a version's workers: its processor and the instances kept per worker.
@@ -248,6 +272,8 @@ struct Feed {
     processor: Processor,
     instances_per_worker: u32,
     cold_start_timeout: Duration,
+    /// How long a draining worker may finish what it holds.
+    grace: Duration,
 }
 
 /// What a version needs to build its workers.
@@ -262,6 +288,7 @@ pub(crate) struct WorkerSetConfig {
         LoadContext,
     )>,
     pub policy: Policy,
+    pub rollout: RolloutSpec,
     pub clock: Arc<dyn Clock>,
     pub events: Arc<EventLog>,
     pub inventory: Arc<Inventory>,
@@ -288,6 +315,7 @@ impl WorkerSet {
                 processor: config.processor,
                 instances_per_worker: spec.instances_per_worker,
                 cold_start_timeout: Duration::from_secs(spec.cold_start_timeout_s.into()),
+                grace: Duration::from_secs(config.rollout.grace_period_s.into()),
             }),
             workers: RwLock::new(Vec::new()),
             ready: watch::channel(0).0,
@@ -301,6 +329,9 @@ impl WorkerSet {
             inventory: config.inventory,
             cold_starts: ColdStarts::default(),
             retired: (AtomicU64::new(0), AtomicU64::new(0)),
+            rolling: AtomicBool::new(false),
+            retiring: AtomicBool::new(false),
+            successor: Mutex::new(Weak::new()),
         })
     }
 
@@ -422,20 +453,39 @@ impl WorkerSet {
     }
 
     /// The ready model worker with the shortest queue, waking the version if none is.
+    /// Once a rolling update retires the version, a request that reached it before the
+    /// switch is served by a draining worker, or by the successor when none is left.
     pub(crate) async fn pick(self: &Arc<Self>) -> Result<Arc<Worker>, WakeError> {
         loop {
-            let best = self
-                .read()
-                .iter()
-                .filter(|w| w.is(WorkerState::Ready))
-                .filter_map(|w| w.batcher().map(|b| (w.clone(), b.queued())))
-                .min_by_key(|(_, queued)| *queued)
-                .map(|(w, _)| w);
-            if let Some(worker) = best {
+            if let Some(worker) = self.least_queued(WorkerState::Ready) {
                 return Ok(worker);
+            }
+            if self.retiring.load(Ordering::Acquire) {
+                if let Some(worker) = self.least_queued(WorkerState::Draining) {
+                    return Ok(worker);
+                }
+                let successor = self
+                    .successor
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .upgrade();
+                return match successor {
+                    Some(next) => Box::pin(next.pick()).await,
+                    None => Err(WakeError::Failed("the version was replaced".into())),
+                };
             }
             self.wait_ready().await?;
         }
+    }
+
+    /// The worker in `state` with a model and the shortest queue.
+    fn least_queued(&self, state: WorkerState) -> Option<Arc<Worker>> {
+        self.read()
+            .iter()
+            .filter(|w| w.is(state))
+            .filter_map(|w| w.batcher().map(|b| (w.clone(), b.queued())))
+            .min_by_key(|(_, queued)| *queued)
+            .map(|(w, _)| w)
     }
 
     /// Runs model input through a ready worker.
@@ -464,6 +514,10 @@ impl WorkerSet {
     /// A request is waiting and no worker is live: decide at once rather than at the next
     /// tick.
     fn wake(self: &Arc<Self>) {
+        if self.rolling.load(Ordering::Acquire) || self.retiring.load(Ordering::Acquire) {
+            // The rolling update starts (or stops) its workers.
+            return;
+        }
         let live = self
             .read()
             .iter()
@@ -490,6 +544,9 @@ impl WorkerSet {
 
     /// One autoscaler step: reads the meter, decides, and applies the decision.
     pub(crate) fn tick(self: &Arc<Self>, waiting: bool) {
+        if self.rolling.load(Ordering::Acquire) || self.retiring.load(Ordering::Acquire) {
+            return;
+        }
         let now = self.clock.now();
         let decision = {
             let mut scaler = self.lock_scaler();
@@ -526,12 +583,13 @@ impl WorkerSet {
     }
 
     /// Removes `count` workers: those not yet ready first, then the newest ready ones.
-    fn drain(self: &Arc<Self>, count: u32) {
+    pub(crate) fn drain(self: &Arc<Self>, count: u32) {
         let mut chosen = Vec::new();
         {
             let workers = self.read();
             for state in [
                 WorkerState::Failed,
+                WorkerState::Pending,
                 WorkerState::Starting,
                 WorkerState::Ready,
             ] {
@@ -553,11 +611,21 @@ impl WorkerSet {
         feed.processor.trim(keep as usize, Duration::ZERO);
     }
 
+    /// Waits until the worker holds nothing (at most the grace period), then drops it. The
+    /// last worker of a retiring version also waits for the requests that were sent to
+    /// the version before the switch and have not reached a worker yet.
     async fn finish_draining(self: Arc<Self>, worker: Arc<Worker>) {
-        let deadline = Instant::now() + DRAIN_GRACE;
+        let deadline = Instant::now() + self.feed().grace;
         while Instant::now() < deadline {
             let queued = worker.batcher().map_or(0, |b| b.queued());
-            if worker.in_flight() == 0 && queued == 0 {
+            let held = worker.in_flight() > 0 || queued > 0;
+            let awaited = self.retiring.load(Ordering::Acquire)
+                && self.meter.read().in_flight > 0
+                && !self.read().iter().any(|w| {
+                    !Arc::ptr_eq(w, &worker)
+                        && (w.is(WorkerState::Ready) || w.is(WorkerState::Draining))
+                });
+            if !held && !awaited {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -581,8 +649,53 @@ impl WorkerSet {
         self.inventory.release(&gpus);
     }
 
+    /// Gives the worker the GPUs it needs; true when it has them (or needs none). Without
+    /// them it is `pending` with the reason, unless it was drained meanwhile.
+    fn claim_gpus(&self, worker: &Worker) -> bool {
+        let Some(count) = self.gpus_per_worker else {
+            return true;
+        };
+        let mut held = worker.gpus.lock().unwrap_or_else(|e| e.into_inner());
+        if !held.is_empty() {
+            // Another task claimed them first.
+            return false;
+        }
+        let owner = format!("{}/{}/{}", self.endpoint, self.version, worker.id);
+        match self.inventory.allocate(count, &owner) {
+            Some(gpus) if worker.is(WorkerState::Draining) => {
+                self.inventory.release(&gpus);
+                false
+            }
+            Some(gpus) => {
+                *held = gpus;
+                true
+            }
+            None => {
+                let reason = format!(
+                    "needs {count} GPUs; {} of {} are free",
+                    self.inventory.free(),
+                    self.inventory.total()
+                );
+                drop(held);
+                if !worker.transition_with(
+                    WorkerState::Starting,
+                    WorkerState::Pending,
+                    Some(reason.clone()),
+                ) {
+                    worker.transition_with(
+                        WorkerState::Pending,
+                        WorkerState::Pending,
+                        Some(reason),
+                    );
+                }
+                self.publish();
+                false
+            }
+        }
+    }
+
     /// Workers waiting for GPUs try again.
-    fn retry_pending(self: &Arc<Self>) {
+    pub(crate) fn retry_pending(self: &Arc<Self>) {
         let pending: Vec<_> = self
             .read()
             .iter()
@@ -590,7 +703,12 @@ impl WorkerSet {
             .cloned()
             .collect();
         for worker in pending {
-            self.spawn_start(worker);
+            // Only the task that gets the GPUs starts it, so it never starts twice.
+            if self.claim_gpus(&worker)
+                && worker.transition(WorkerState::Pending, WorkerState::Starting)
+            {
+                self.spawn_start(worker);
+            }
         }
     }
 
@@ -616,22 +734,9 @@ impl WorkerSet {
     /// Brings a worker up: loads its model (on a blocking thread) or creates its
     /// instances.
     async fn start(self: &Arc<Self>, worker: Arc<Worker>) -> Result<(), StartError> {
-        if let Some(count) = self.gpus_per_worker {
-            let owner = format!("{}/{}/{}", self.endpoint, self.version, worker.id);
-            match self.inventory.allocate(count, &owner) {
-                Some(gpus) => *worker.gpus.lock().unwrap_or_else(|e| e.into_inner()) = gpus,
-                None => {
-                    let reason = format!(
-                        "needs {count} GPUs; {} of {} are free",
-                        self.inventory.free(),
-                        self.inventory.total()
-                    );
-                    worker.set(WorkerState::Pending, Some(reason));
-                    self.publish();
-                    return Ok(());
-                }
-            }
-            worker.set(WorkerState::Starting, None);
+        if worker.gpus().is_empty() && !self.claim_gpus(&worker) {
+            // Pending (or drained meanwhile).
+            return Ok(());
         }
         let loaded = match &self.kind {
             Kind::Instances => Ok(()),
@@ -773,6 +878,7 @@ impl WorkerSet {
         &self,
         processor: Processor,
         policy: Policy,
+        rollout: &RolloutSpec,
     ) -> Result<(), StartError> {
         let spec = policy.spec().clone();
         let target = self.live_workers() * spec.instances_per_worker;
@@ -785,6 +891,7 @@ impl WorkerSet {
                     processor,
                     instances_per_worker: spec.instances_per_worker,
                     cold_start_timeout: Duration::from_secs(spec.cold_start_timeout_s.into()),
+                    grace: Duration::from_secs(rollout.grace_period_s.into()),
                 },
             )
         };
@@ -792,6 +899,88 @@ impl WorkerSet {
         // Idle instances of the old processor go now; busy ones finish and go with it.
         old.processor.trim(0, Duration::ZERO);
         Ok(())
+    }
+
+    /// Its workers for a rolling update: live (starting, ready or pending) and ready.
+    pub(crate) fn side(&self) -> Side {
+        let c = self.counts();
+        Side {
+            live: c.starting + c.ready + c.pending,
+            ready: c.ready,
+        }
+    }
+
+    /// Workers ready now (what requests are shared by during a rolling update).
+    pub fn ready_now(&self) -> u32 {
+        *self.ready.borrow()
+    }
+
+    /// Starts `count` more workers in the background.
+    pub(crate) fn start_workers(self: &Arc<Self>, count: u32) {
+        for _ in 0..count {
+            self.spawn_start(self.add_worker());
+        }
+    }
+
+    /// The reason of a worker that failed to start, if one has.
+    pub(crate) fn failure(&self) -> Option<String> {
+        self.read().iter().find_map(|w| match w.state() {
+            (WorkerState::Failed, reason, _) => Some(reason.unwrap_or_default()),
+            _ => None,
+        })
+    }
+
+    /// Why a worker still waits, if one waits for GPUs.
+    pub(crate) fn pending_reason(&self) -> Option<String> {
+        self.read().iter().find_map(|w| match w.state() {
+            (WorkerState::Pending, reason, _) => Some(format!(
+                "worker {} is pending: {}",
+                w.id,
+                reason.unwrap_or_default()
+            )),
+            _ => None,
+        })
+    }
+
+    /// A rolling update takes over: it alone starts workers until [`Self::end_rollout`],
+    /// and the version counts `target` as wanted.
+    pub(crate) fn begin_rollout(&self, target: u32) {
+        self.rolling.store(true, Ordering::Release);
+        self.desired.store(target, Ordering::Relaxed);
+    }
+
+    /// The rolling update is over: the autoscaler takes over from `target` workers.
+    pub(crate) fn end_rollout(&self, target: u32) {
+        self.desired.store(target, Ordering::Relaxed);
+        self.lock_scaler().reset(target, self.clock.now());
+        self.rolling.store(false, Ordering::Release);
+    }
+
+    /// A rolling update replaces this version by `successor`.
+    pub(crate) fn retire(&self, successor: &Arc<WorkerSet>) {
+        *self.successor.lock().unwrap_or_else(|e| e.into_inner()) = Arc::downgrade(successor);
+        self.retiring.store(true, Ordering::Release);
+    }
+
+    /// The rolling update that retired it failed: it serves again, with as many workers
+    /// as it wanted before.
+    pub(crate) fn resume(self: &Arc<Self>) {
+        self.retiring.store(false, Ordering::Release);
+        *self.successor.lock().unwrap_or_else(|e| e.into_inner()) = Weak::new();
+        let missing = self.desired().saturating_sub(self.live_workers());
+        self.start_workers(missing);
+    }
+
+    /// Records a scaling event of this version.
+    pub(crate) fn note(&self, trigger: &str, from: u32, to: u32, reason: String) {
+        self.events.push(ScaleEvent {
+            at_ms: now_ms(),
+            version: self.version.clone(),
+            from,
+            to,
+            trigger: trigger.to_owned(),
+            reason,
+        });
     }
 
     fn feed(&self) -> Feed {

@@ -17,7 +17,7 @@ use super::error::json;
 use super::{ApiError, AppState, ErrorBody, Name, Payload};
 use crate::Error;
 use crate::registry::Deployment;
-use crate::workers::{ScaleEvent, WorkerState};
+use crate::workers::{ScaleEvent, Worker, WorkerState};
 
 /// Largest control-API body (a spec), in bytes.
 const MAX_SPEC_BYTES: u64 = 1024 * 1024;
@@ -105,6 +105,10 @@ pub struct VersionDetail {
     pub desired_workers: u32,
     /// Its workers: loaded models, or for backend `none` sets of warm instances.
     pub workers: Vec<WorkerDetail>,
+    /// During a rolling update, the workers of the spec being replaced (they share the
+    /// traffic until each drains).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub outgoing_workers: Vec<WorkerDetail>,
     /// Its component, `sha256:<hex>`.
     pub component: String,
     /// Whether the component was loaded from the compiled cache.
@@ -230,33 +234,14 @@ fn detail(d: &Deployment) -> EndpointDetail {
                 status: d.version_status(v),
                 backend: v.backend,
                 desired_workers: v.workers.desired(),
-                workers: v
-                    .workers
-                    .list()
-                    .iter()
-                    .map(|w| {
-                        let (state, reason, since) = w.state();
-                        let batcher = w.batcher();
-                        WorkerDetail {
-                            id: w.id,
-                            state,
-                            gpus: w.gpus(),
-                            reason,
-                            since_ms: since
-                                .duration_since(std::time::UNIX_EPOCH)
-                                .map_or(0, |d| d.as_millis() as u64),
-                            model: batcher.as_ref().map(|b| b.backend().describe()),
-                            in_flight: w.in_flight(),
-                            queued: batcher.as_ref().map_or(0, |b| b.queued()),
-                            batches: batcher
-                                .as_ref()
-                                .map_or(0, |b| b.stats().batches.load(Ordering::Relaxed)),
-                            requests: batcher
-                                .as_ref()
-                                .map_or(0, |b| b.stats().requests.load(Ordering::Relaxed)),
-                        }
-                    })
-                    .collect(),
+                workers: v.workers.list().iter().map(|w| worker_detail(w)).collect(),
+                outgoing_workers: d.outgoing_of(v).map_or_else(Vec::new, |old| {
+                    old.workers
+                        .list()
+                        .iter()
+                        .map(|w| worker_detail(w))
+                        .collect()
+                }),
                 component: format!("sha256:{}", v.digest),
                 compiled_from_cache: v.from_cache,
                 instances: InstanceCounts {
@@ -279,6 +264,29 @@ fn detail(d: &Deployment) -> EndpointDetail {
         versions,
         spec: d.spec.clone(),
         error: d.error.clone(),
+    }
+}
+
+fn worker_detail(w: &Worker) -> WorkerDetail {
+    let (state, reason, since) = w.state();
+    let batcher = w.batcher();
+    WorkerDetail {
+        id: w.id,
+        state,
+        gpus: w.gpus(),
+        reason,
+        since_ms: since
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64),
+        model: batcher.as_ref().map(|b| b.backend().describe()),
+        in_flight: w.in_flight(),
+        queued: batcher.as_ref().map_or(0, |b| b.queued()),
+        batches: batcher
+            .as_ref()
+            .map_or(0, |b| b.stats().batches.load(Ordering::Relaxed)),
+        requests: batcher
+            .as_ref()
+            .map_or(0, |b| b.stats().requests.load(Ordering::Relaxed)),
     }
 }
 
