@@ -128,6 +128,17 @@ impl TestClient {
         self.request("POST", path, body).await
     }
 
+    /// POST of a JSON body, as `application/json`.
+    pub async fn post_json(&self, path: &str, body: &Value) -> Reply {
+        self.request_with(
+            "POST",
+            path,
+            &[("content-type", "application/json")],
+            body.to_string(),
+        )
+        .await
+    }
+
     /// Uploads a component file; returns `sha256:<hex>`.
     pub async fn upload(&self, wasm: &str) -> String {
         let bytes = std::fs::read(wasm).unwrap();

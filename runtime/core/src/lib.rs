@@ -10,8 +10,8 @@ pub mod spec;
 pub mod tensor;
 
 pub use spec::{
-    BackendSpec, BatchingSpec, CandleBackend, ComponentRef, ContainerBackend, EndpointSpec, Limits,
-    Mount, ProcessorSpec, RolloutSpec, ScalingSpec, Schedule, SchedulePolicy, SpecError,
-    StepChange, StepPolicy, VersionSpec, WorkerCount,
+    BackendSpec, BatchingSpec, CandleBackend, ComponentRef, ContainerBackend, EndpointSpec,
+    JobsSpec, Limits, Mount, ProcessorSpec, RolloutSpec, ScalingSpec, Schedule, SchedulePolicy,
+    SpecError, StepChange, StepPolicy, VersionSpec, WorkerCount,
 };
 pub use tensor::{DType, ModelInput, ModelOutput, Tensor, TensorError};

@@ -60,6 +60,74 @@ pub struct EndpointSpec {
     pub description: Option<String>,
     /// The versions; traffic is split over them by `weight`.
     pub versions: Vec<VersionSpec>,
+    /// How the endpoint's async jobs run (the defaults for each job; a job's own policy
+    /// may override them).
+    #[serde(default)]
+    pub jobs: JobsSpec,
+}
+
+/// Async jobs of an endpoint: how many run at once, and the policy each job gets unless it
+/// brings its own.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JobsSpec {
+    /// Jobs run at once per ready worker (one at zero workers, to wake the endpoint).
+    pub concurrency_per_worker: u32,
+    /// Longest one attempt may run, in seconds; then it is retried, or `TIMED_OUT`.
+    pub execution_timeout_s: u32,
+    /// Attempts before a job is dead-lettered (`FAILED` with every attempt's error).
+    pub max_attempts: u32,
+    /// Delay before the second attempt, in milliseconds; doubled for each further one.
+    pub retry_delay_ms: u64,
+    /// Longest delay between attempts, in milliseconds.
+    pub retry_delay_max_ms: u64,
+    /// How long a finished job and its result are kept, in seconds (24 h).
+    pub result_ttl_s: u64,
+    /// Whether a sync invoke that finds the endpoint cold, or would wait past its
+    /// deadline, is answered `202` with a job instead (as if the client had sent `Prefer:
+    /// respond-async`).
+    pub spillover: bool,
+}
+
+impl Default for JobsSpec {
+    fn default() -> Self {
+        Self {
+            concurrency_per_worker: 32,
+            execution_timeout_s: 600,
+            max_attempts: 3,
+            retry_delay_ms: 1_000,
+            retry_delay_max_ms: 300_000,
+            result_ttl_s: 86_400,
+            spillover: false,
+        }
+    }
+}
+
+impl JobsSpec {
+    fn validate(&self) -> Result<(), SpecError> {
+        range_at(
+            "jobs.concurrency_per_worker",
+            self.concurrency_per_worker.into(),
+            1,
+            4096,
+        )?;
+        range_at(
+            "jobs.execution_timeout_s",
+            self.execution_timeout_s.into(),
+            1,
+            7 * 86_400,
+        )?;
+        range_at("jobs.max_attempts", self.max_attempts.into(), 1, 100)?;
+        range_at("jobs.retry_delay_ms", self.retry_delay_ms, 0, 86_400_000)?;
+        range_at(
+            "jobs.retry_delay_max_ms",
+            self.retry_delay_max_ms,
+            0,
+            86_400_000,
+        )?;
+        range_at("jobs.result_ttl_s", self.result_ttl_s, 1, 90 * 86_400)
+    }
 }
 
 /// One deployable revision of an endpoint.
@@ -779,7 +847,7 @@ impl EndpointSpec {
                 format!("weights must sum to 100, not {total}"),
             ));
         }
-        Ok(())
+        self.jobs.validate()
     }
 }
 

@@ -196,6 +196,10 @@ pub struct Gateway {
     clock: Arc<dyn Clock>,
     /// The GPUs workers may own.
     pub(crate) inventory: Arc<Inventory>,
+    /// Durable async jobs of every endpoint.
+    pub(crate) jobs: crate::jobs::Queue,
+    /// The jobs running in this process, and their runners.
+    pub(crate) running: crate::jobs::Running,
 }
 
 /// Model calls from processors (the `inference` import), answered by the backends of the
@@ -270,6 +274,9 @@ impl Gateway {
         inventory: Arc<Inventory>,
     ) -> Result<Arc<Self>, Error> {
         let store = Store::open(data_dir)?;
+        let clock: Arc<dyn Clock> = Arc::new(SystemClock::new());
+        let jobs = wasp_jobs::EmbeddedQueue::open(&data_dir.join("jobs"), clock.clone())
+            .map_err(|e| Error::OpenStore(format!("cannot open the job store: {e}")))?;
         let runtime = Runtime::new(RuntimeConfig {
             cache_dir: Some(data_dir.join("cache")),
             ..runtime
@@ -284,8 +291,10 @@ impl Gateway {
             models: Arc::new(RegistryModels(weak.clone())),
             backends,
             load_context: LoadContext { models_dir },
-            clock: Arc::new(SystemClock::new()),
+            clock,
             inventory,
+            jobs: Arc::new(jobs),
+            running: crate::jobs::Running::new(),
         });
         for stored in gateway.store.endpoints()? {
             let name = stored.spec.name.clone();
@@ -472,6 +481,10 @@ impl Gateway {
         let key = name.to_owned();
         blocking(move || this.store.delete_endpoint(&key)).await?;
         self.write().remove(name);
+        // Its queued jobs cannot run any more.
+        if let Err(e) = self.jobs.purge(name).await {
+            tracing::warn!(endpoint = %name, "cannot purge the removed endpoint's jobs: {e}");
+        }
         Ok(())
     }
 
@@ -545,10 +558,11 @@ impl Gateway {
         blocking(move || this.store.put_endpoint(&record)).await
     }
 
-    fn insert(&self, deployment: Deployment) -> Arc<Deployment> {
+    fn insert(self: &Arc<Self>, deployment: Deployment) -> Arc<Deployment> {
         let deployment = Arc::new(deployment);
         self.write()
             .insert(deployment.spec.name.clone(), deployment.clone());
+        self.running.ensure_runner(self, &deployment.spec.name);
         deployment
     }
 
@@ -805,8 +819,11 @@ impl Gateway {
         self.endpoints.write().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Closes the store so another server may open the data directory.
+    /// Stops the job runners and closes the stores so another server may open the data
+    /// directory.
     pub fn close(&self) {
+        self.running.stop_all();
+        self.jobs.close();
         self.store.close();
     }
 }

@@ -112,11 +112,13 @@ impl Server {
             let mut housekeeping = tokio::time::interval(HOUSEKEEPING);
             let mut autoscale = tokio::time::interval(AUTOSCALE);
             autoscale.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+            let mut expire = tokio::time::interval(crate::jobs::EXPIRE_EVERY);
             housekeeping.tick().await;
             loop {
                 tokio::select! {
                     _ = housekeeping.tick() => keeper.housekeep().await,
                     _ = autoscale.tick() => keeper.autoscale(),
+                    _ = expire.tick() => keeper.expire_jobs().await,
                 }
             }
         });

@@ -782,8 +782,10 @@ fn apply(
                 job.state = JobState::InProgress;
                 t.store(&job)?;
                 let lane = index.lane(&endpoint);
-                lane.leased
-                    .insert(id, (number, now.saturating_add(lease.as_millis() as u64)));
+                let until = now
+                    .saturating_add(job.policy.execution_timeout_ms)
+                    .saturating_add(lease.as_millis() as u64);
+                lane.leased.insert(id, (number, until));
                 lane.counts.add(JobState::InQueue, -1);
                 lane.counts.add(JobState::InProgress, 1);
                 if number > 1 {
@@ -1297,5 +1299,9 @@ impl JobQueue for EmbeddedQueue {
 
     fn ready_signal(&self, endpoint: &str) -> Arc<Notify> {
         self.shared.signal(endpoint)
+    }
+
+    fn close(&self) {
+        EmbeddedQueue::close(self);
     }
 }

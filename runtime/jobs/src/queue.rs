@@ -39,13 +39,14 @@ pub trait JobQueue: Send + Sync + 'static {
     fn submit(&self, jobs: Vec<NewJob>) -> BoxFuture<'_, Result<Vec<Job>, JobError>>;
 
     /// Leases up to `max` due jobs of `endpoint` (`high` first, then `normal`, then `low`;
-    /// in submission order within each) for `lease`; each is `IN_PROGRESS` with a new
-    /// attempt. Leases that expired are redelivered first.
+    /// in submission order within each); each is `IN_PROGRESS` with a new attempt, leased
+    /// for its execution timeout and `grace` more. Leases that expired are redelivered
+    /// first.
     fn lease(
         &self,
         endpoint: &str,
         max: usize,
-        lease: Duration,
+        grace: Duration,
     ) -> BoxFuture<'_, Result<Vec<Job>, JobError>>;
 
     /// Ends attempt `attempt` of a job; `None` when that attempt no longer holds the job
@@ -97,4 +98,7 @@ pub trait JobQueue: Send + Sync + 'static {
 
     /// Notified when jobs of the endpoint become ready.
     fn ready_signal(&self, endpoint: &str) -> Arc<Notify>;
+
+    /// Stops taking commands once those sent are done.
+    fn close(&self);
 }

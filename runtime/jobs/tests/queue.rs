@@ -334,9 +334,15 @@ async fn finished_jobs_go_when_their_ttl_passes_with_their_blobs() {
 #[tokio::test]
 async fn an_expired_lease_is_redelivered_and_the_old_attempt_fenced() {
     let f = Fixture::new();
-    let id = f.submit("x", JobPolicy::default()).await;
+    let policy = JobPolicy {
+        execution_timeout_ms: 10_000,
+        ..JobPolicy::default()
+    };
+    let id = f.submit("x", policy).await;
     f.queue.lease("e", 1, Duration::from_secs(5)).await.unwrap();
-    f.clock.advance(Duration::from_secs(5));
+    f.clock.advance(Duration::from_secs(14));
+    assert!(f.queue.lease("e", 1, LEASE).await.unwrap().is_empty());
+    f.clock.advance(Duration::from_secs(1));
     let leased = f.queue.lease("e", 1, LEASE).await.unwrap();
     assert_eq!(leased[0].attempt(), 2);
     assert_eq!(

@@ -372,14 +372,14 @@ async fn read_version_body(body: Body, limit: u64) -> Result<bytes::Bytes, ApiEr
 }
 
 /// Why a request failed after it reached a version.
-enum Failure {
+pub(crate) enum Failure {
     Wake(WakeError),
     Processor(CallError),
     Backend(BackendError),
 }
 
 impl Failure {
-    fn into_api(self) -> ApiError {
+    pub(crate) fn into_api(self) -> ApiError {
         match self {
             Self::Wake(WakeError::Timeout(t)) => {
                 let mut e = ApiError::new(
@@ -411,7 +411,10 @@ impl Failure {
 
 /// Runs one request through a version: the processor alone (backend `none`), or
 /// pre-process, the backend's batcher, and post-process.
-async fn run(version: &DeployedVersion, request: Request) -> Result<wasp_wasm::Response, Failure> {
+pub(crate) async fn run(
+    version: &DeployedVersion,
+    request: Request,
+) -> Result<wasp_wasm::Response, Failure> {
     let _counted = version.workers.meter.enter();
     version.workers.wait_ready().await.map_err(Failure::Wake)?;
     if !version.workers.has_model() {

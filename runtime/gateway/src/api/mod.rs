@@ -7,8 +7,9 @@
 //! Handlers are small: typed extractors in, a typed value or an [`ApiError`] out.
 
 mod control;
-mod data;
+pub(crate) mod data;
 pub(crate) mod error;
+mod jobs;
 mod ops;
 
 use std::sync::Arc;
@@ -55,6 +56,7 @@ type AppState = Arc<Gateway>;
     tags(
         (name = "control", description = "Endpoints, versions, components and the store"),
         (name = "invoke", description = "Each endpoint's own route, answered by its processor"),
+        (name = "jobs", description = "Durable async jobs of every endpoint"),
         (name = "openai", description = "OpenAI-compatible routes"),
         (name = "kserve", description = "The KServe v2 (Open Inference Protocol) routes"),
         (name = "operations", description = "Health, metrics and this description"),
@@ -82,7 +84,16 @@ fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(data::embeddings))
         .routes(routes!(data::kserve_infer))
         .routes(routes!(data::kserve_ready))
-        .routes(routes!(data::kserve_metadata));
+        .routes(routes!(data::kserve_metadata))
+        .routes(routes!(jobs::run))
+        .routes(routes!(jobs::runsync))
+        .routes(routes!(jobs::status))
+        .routes(routes!(jobs::result))
+        .routes(routes!(jobs::cancel))
+        .routes(routes!(jobs::retry))
+        .routes(routes!(jobs::purge))
+        .routes(routes!(jobs::health))
+        .routes(routes!(jobs::list));
     let operations = OpenApiRouter::new()
         .routes(routes!(ops::healthz))
         .routes(routes!(ops::metrics))

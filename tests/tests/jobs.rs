@@ -1,0 +1,368 @@
+//! Async jobs end to end on a real server: submit, status, result, runsync, cancel, retry,
+//! purge, health, listing, timeouts, retries and bad input.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use wasp_tests::guests::{HELLO, HOSTILE};
+use wasp_tests::{TestClient, TestServer, spec};
+
+/// Polls a job until it has ended; its status.
+async fn wait_done(c: &TestClient, name: &str, id: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let status = c
+            .get(&format!("/endpoints/{name}/status/{id}"))
+            .await
+            .json();
+        if !matches!(status["status"].as_str(), Some("IN_QUEUE" | "IN_PROGRESS")) {
+            return status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "job {id} did not end: {status:#}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_runs_through_the_endpoint_and_its_result_is_kept() {
+    let t = TestServer::start().await;
+    let c = &t.client;
+    c.deploy_ok(HELLO, &spec("hello", "")).await;
+    let reply = c
+        .post_json(
+            "/endpoints/hello/run",
+            &json!({ "input": { "name": "job" } }),
+        )
+        .await;
+    assert_eq!(reply.status, 202, "{}", reply.text());
+    let submitted = reply.json();
+    let id = submitted["id"].as_str().unwrap().to_owned();
+    assert_eq!(id.len(), 26);
+    assert!(matches!(
+        submitted["status"].as_str(),
+        Some("IN_QUEUE" | "IN_PROGRESS" | "COMPLETED")
+    ));
+    assert_eq!(
+        reply.header("location"),
+        Some(format!("/endpoints/hello/status/{id}").as_str())
+    );
+    let done = wait_done(c, "hello", &id).await;
+    assert_eq!(done["status"], "COMPLETED", "{done:#}");
+    assert!(done["output"].to_string().contains("job"), "{done:#}");
+    assert_eq!(done["attempts"].as_array().unwrap().len(), 1);
+    assert_eq!(done["retries"], 0);
+    let ttl = done["expires_at_ms"].as_u64().unwrap() - done["finished_at_ms"].as_u64().unwrap();
+    assert_eq!(ttl, 86_400_000, "the default result TTL is 24 h");
+    // The raw answer, as the processor gave it.
+    let raw = c.get(done["output_url"].as_str().unwrap()).await;
+    assert_eq!(raw.status, 200);
+    assert!(raw.text().contains("job"));
+
+    // runsync answers with the finished job.
+    let reply = c
+        .post_json(
+            "/endpoints/hello/runsync",
+            &json!({ "input": { "name": "sync" } }),
+        )
+        .await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let body = reply.json();
+    assert_eq!(body["status"], "COMPLETED");
+    assert!(body["output"].to_string().contains("sync"));
+
+    // Health and the listing see both.
+    let health = c.get("/endpoints/hello/health").await.json();
+    assert_eq!(health["jobs"]["completed"], 2, "{health:#}");
+    assert_eq!(health["jobs"]["in_queue"], 0);
+    assert!(health["workers"]["ready"].as_u64().unwrap() >= 1);
+    let listed = c
+        .get("/api/v1/jobs?endpoint=hello&status=COMPLETED")
+        .await
+        .json();
+    assert_eq!(listed["jobs"].as_array().unwrap().len(), 2);
+    assert_eq!(listed["jobs"][1]["id"], id.as_str(), "newest first");
+    t.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_raw_body_is_the_request_and_the_query_its_policy() {
+    let t = TestServer::start().await;
+    let c = &t.client;
+    c.deploy_ok(HOSTILE, &spec("raw", "")).await;
+    let bytes: Vec<u8> = (0..=255u8).cycle().take(200_000).collect();
+    let reply = c
+        .request_with(
+            "POST",
+            "/endpoints/raw/run?path=/echo&priority=high&result_ttl_s=60",
+            &[("content-type", "application/octet-stream")],
+            bytes.clone(),
+        )
+        .await;
+    assert_eq!(reply.status, 202, "{}", reply.text());
+    let id = reply.json()["id"].as_str().unwrap().to_owned();
+    let done = wait_done(c, "raw", &id).await;
+    assert_eq!(done["status"], "COMPLETED", "{done:#}");
+    assert_eq!(done["priority"], "high");
+    let ttl = done["expires_at_ms"].as_u64().unwrap() - done["finished_at_ms"].as_u64().unwrap();
+    assert_eq!(ttl, 60_000);
+    // Not text: base64 in the status, the bytes at the result URL.
+    assert!(done["output_base64"].is_string(), "{done:#}");
+    let raw = c.get(&format!("/endpoints/raw/result/{id}")).await;
+    assert_eq!(raw.header("content-type"), Some("application/octet-stream"));
+    assert_eq!(raw.body.to_vec(), bytes);
+    t.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timeouts_retries_and_dead_letters_keep_every_attempt() {
+    let t = TestServer::start().await;
+    let c = &t.client;
+    let jobs = "[jobs]\nretry_delay_ms = 50\nmax_attempts = 2\n";
+    c.deploy_ok(
+        HOSTILE,
+        &format!(
+            "{}{jobs}",
+            spec("flaky", "[versions.limits]\ntimeout_ms = 5000")
+        ),
+    )
+    .await;
+    // Runs past its execution timeout twice: TIMED_OUT.
+    let reply = c
+        .post_json(
+            "/endpoints/flaky/run",
+            &json!({ "input": 3000, "path": "/sleep", "policy": { "execution_timeout_s": 1 } }),
+        )
+        .await;
+    assert_eq!(reply.status, 202, "{}", reply.text());
+    let slow = reply.json()["id"].as_str().unwrap().to_owned();
+    // Traps twice: FAILED, each attempt's error kept.
+    let reply = c
+        .post_json(
+            "/endpoints/flaky/run",
+            &json!({ "input": null, "path": "/trap" }),
+        )
+        .await;
+    let trap = reply.json()["id"].as_str().unwrap().to_owned();
+    // Bad input: FAILED at once, one attempt.
+    let reply = c
+        .post_json(
+            "/endpoints/flaky/run",
+            &json!({ "input": "not a number", "path": "/sleep" }),
+        )
+        .await;
+    let bad = reply.json()["id"].as_str().unwrap().to_owned();
+
+    let done = wait_done(c, "flaky", &trap).await;
+    assert_eq!(done["status"], "FAILED", "{done:#}");
+    let attempts = done["attempts"].as_array().unwrap();
+    assert_eq!(attempts.len(), 2, "{done:#}");
+    assert!(
+        attempts
+            .iter()
+            .all(|a| a["error"]["code"] == "processor_trap"),
+        "{done:#}"
+    );
+    assert_eq!(done["retries"], 1);
+
+    let done = wait_done(c, "flaky", &bad).await;
+    assert_eq!(done["status"], "FAILED", "{done:#}");
+    assert_eq!(done["attempts"].as_array().unwrap().len(), 1, "{done:#}");
+    assert_eq!(done["error"]["code"], "processor_error", "{done:#}");
+    assert!(
+        done["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("field `body`")
+    );
+
+    let done = wait_done(c, "flaky", &slow).await;
+    assert_eq!(done["status"], "TIMED_OUT", "{done:#}");
+    assert_eq!(done["attempts"].as_array().unwrap().len(), 2);
+    assert_eq!(done["error"]["code"], "timed_out");
+
+    // A user's retry gives it fresh attempts; retrying a finished job is refused.
+    let reply = c.post(&format!("/endpoints/flaky/retry/{trap}"), "").await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(reply.json()["status"], "IN_QUEUE");
+    let done = wait_done(c, "flaky", &trap).await;
+    assert_eq!(done["attempts"].as_array().unwrap().len(), 4, "{done:#}");
+    let health = c.get("/endpoints/flaky/health").await.json();
+    assert_eq!(health["jobs"]["failed"], 2, "{health:#}");
+    assert_eq!(health["jobs"]["timed_out"], 1);
+    t.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_stops_queued_and_running_jobs_and_purge_empties_the_queue() {
+    let t = TestServer::start().await;
+    let c = &t.client;
+    let jobs = "[jobs]\nconcurrency_per_worker = 1\n";
+    c.deploy_ok(
+        HOSTILE,
+        &format!(
+            "{}{jobs}",
+            spec("slow", "[versions.limits]\ntimeout_ms = 60000")
+        ),
+    )
+    .await;
+    let submit = |ms: u64| async move {
+        let reply = c
+            .post_json(
+                "/endpoints/slow/run",
+                &json!({ "input": ms, "path": "/sleep" }),
+            )
+            .await;
+        assert_eq!(reply.status, 202, "{}", reply.text());
+        reply.json()["id"].as_str().unwrap().to_owned()
+    };
+    let running = submit(30_000).await;
+    let queued = submit(10).await;
+    let purged: Vec<String> = vec![submit(10).await, submit(10).await];
+    // One at a time: the first runs, the others wait.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while c
+        .get(&format!("/endpoints/slow/status/{running}"))
+        .await
+        .json()["status"]
+        != "IN_PROGRESS"
+    {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let reply = c
+        .post(&format!("/endpoints/slow/cancel/{queued}"), "")
+        .await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(reply.json()["status"], "CANCELLED");
+    let reply = c.post("/endpoints/slow/purge-queue", "").await;
+    assert_eq!(reply.json()["removed"], 2, "{}", reply.text());
+    for id in &purged {
+        let status = c.get(&format!("/endpoints/slow/status/{id}")).await.json();
+        assert_eq!(
+            (status["status"].as_str(), status["error"]["code"].as_str()),
+            (Some("CANCELLED"), Some("purged"))
+        );
+    }
+    let started = Instant::now();
+    let reply = c
+        .post(&format!("/endpoints/slow/cancel/{running}"), "")
+        .await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(reply.json()["status"], "CANCELLED");
+    // The running attempt was stopped, and its slot is free: a new job runs at once.
+    let next = submit(10).await;
+    assert_eq!(wait_done(c, "slow", &next).await["status"], "COMPLETED");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    // A finished job cannot be cancelled; a completed one cannot be retried.
+    let reply = c.post(&format!("/endpoints/slow/cancel/{next}"), "").await;
+    assert_eq!(reply.status, 409, "{}", reply.text());
+    assert!(reply.text().contains("COMPLETED"));
+    let reply = c.post(&format!("/endpoints/slow/retry/{next}"), "").await;
+    assert_eq!(reply.status, 409, "{}", reply.text());
+    t.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_submits_get_clear_errors_and_store_nothing() {
+    let t = TestServer::start().await;
+    let c = &t.client;
+    c.deploy_ok(
+        HELLO,
+        &spec("hello", "[versions.limits]\nmax_body_bytes = 1000"),
+    )
+    .await;
+    let cases: Vec<(&str, Value, u16, Option<&str>)> = vec![
+        ("/endpoints/nope/run", json!({ "input": 1 }), 404, None),
+        (
+            "/endpoints/hello/run",
+            json!({ "input": 1, "extra": 2 }),
+            400,
+            Some("extra"),
+        ),
+        (
+            "/endpoints/hello/run",
+            json!({ "input": 1, "webhook": "ftp://x/y" }),
+            422,
+            Some("webhook"),
+        ),
+        (
+            "/endpoints/hello/run",
+            json!({ "input": 1, "webhook": "not a url" }),
+            422,
+            Some("webhook"),
+        ),
+        (
+            "/endpoints/hello/run",
+            json!({ "input": 1, "policy": { "max_attempts": 0 } }),
+            422,
+            Some("policy.max_attempts"),
+        ),
+        (
+            "/endpoints/hello/run",
+            json!({ "input": 1, "policy": { "priority": "urgent" } }),
+            400,
+            None,
+        ),
+        (
+            "/endpoints/hello/run",
+            json!({ "input": "x".repeat(2000) }),
+            413,
+            Some("input"),
+        ),
+        (
+            "/endpoints/hello/run",
+            json!({ "input": 1, "path": "relative" }),
+            422,
+            Some("path"),
+        ),
+        (
+            "/endpoints/hello/runsync?wait_s=900",
+            json!({ "input": 1 }),
+            422,
+            Some("wait_s"),
+        ),
+    ];
+    for (path, body, status, field) in cases {
+        let reply = c.post_json(path, &body).await;
+        assert_eq!(reply.status, status, "{path} {body}: {}", reply.text());
+        let error = &reply.json()["error"];
+        assert!(error["message"].as_str().is_some_and(|m| !m.is_empty()));
+        if let Some(field) = field {
+            assert_eq!(error["field"], field, "{body}: {}", reply.text());
+        }
+    }
+    let reply = c
+        .request_with(
+            "POST",
+            "/endpoints/hello/run",
+            &[("content-type", "application/json")],
+            "{not json",
+        )
+        .await;
+    assert_eq!(reply.status, 400, "{}", reply.text());
+    let reply = c
+        .get("/endpoints/hello/status/01ARZ3NDEKTSV4RRFFQ69G5FAV")
+        .await;
+    assert_eq!(reply.status, 404);
+    assert_eq!(reply.json()["error"]["code"], "job_not_found");
+    let reply = c.get("/endpoints/hello/status/../../etc").await;
+    assert_eq!(reply.status, 404);
+    let reply = c.get("/api/v1/jobs?status=DONE").await;
+    assert_eq!(reply.status, 400);
+    assert_eq!(reply.json()["error"]["field"], "status");
+    // Nothing was stored.
+    let health = c.get("/endpoints/hello/health").await.json();
+    assert_eq!(health["jobs"]["in_queue"], 0);
+    assert_eq!(health["jobs"]["completed"], 0);
+    assert!(
+        c.get("/api/v1/jobs").await.json()["jobs"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+    t.stop().await;
+}
