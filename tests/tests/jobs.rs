@@ -366,3 +366,133 @@ async fn bad_submits_get_clear_errors_and_store_nothing() {
     );
     t.stop().await;
 }
+
+/// A webhook receiver on loopback: it records each request and answers with the next
+/// status from `answers` (200 once they run out).
+struct Receiver {
+    url: String,
+    seen: std::sync::Arc<std::sync::Mutex<Vec<(hyper::HeaderMap, bytes::Bytes)>>>,
+}
+
+impl Receiver {
+    async fn start(answers: Vec<u16>) -> Self {
+        use http_body_util::BodyExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/hook", listener.local_addr().unwrap());
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let answers = std::sync::Arc::new(std::sync::Mutex::new(answers.into_iter()));
+        let record = seen.clone();
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = listener.accept().await.unwrap();
+                let (record, answers) = (record.clone(), answers.clone());
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(
+                        move |req: hyper::Request<hyper::body::Incoming>| {
+                            let (record, answers) = (record.clone(), answers.clone());
+                            async move {
+                                let headers = req.headers().clone();
+                                let body = req.into_body().collect().await.unwrap().to_bytes();
+                                record.lock().unwrap().push((headers, body));
+                                let status = answers.lock().unwrap().next().unwrap_or(200);
+                                let mut response = hyper::Response::new(http_body_util::Full::new(
+                                    bytes::Bytes::new(),
+                                ));
+                                *response.status_mut() =
+                                    hyper::StatusCode::from_u16(status).unwrap();
+                                Ok::<_, std::convert::Infallible>(response)
+                            }
+                        },
+                    );
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        Self { url, seen }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webhook_is_signed_retried_and_its_outcome_kept() {
+    use hmac::{Hmac, Mac};
+    let t = TestServer::start().await;
+    let c = &t.client;
+    c.deploy_ok(HELLO, &spec("hooked", "")).await;
+    let secret = c
+        .get("/api/v1/endpoints/hooked/webhook-secret")
+        .await
+        .json()["secret"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(secret.starts_with("whsec_") && secret.len() > 40);
+    // Fails twice, then takes it.
+    let receiver = Receiver::start(vec![500, 503]).await;
+    let reply = c
+        .post_json(
+            "/endpoints/hooked/run",
+            &json!({ "input": { "name": "hook" }, "webhook": receiver.url }),
+        )
+        .await;
+    assert_eq!(reply.status, 202, "{}", reply.text());
+    let id = reply.json()["id"].as_str().unwrap().to_owned();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        let status = c
+            .get(&format!("/endpoints/hooked/status/{id}"))
+            .await
+            .json();
+        if status["webhook"]["delivered"] == true {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "not delivered: {status:#}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let statuses: Vec<Value> = status["webhook"]["deliveries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["status"].clone())
+        .collect();
+    assert_eq!(statuses, [json!(500), json!(503), json!(200)], "{status:#}");
+    let seen = receiver.seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 3);
+    for (headers, body) in &seen {
+        assert_eq!(headers["x-wasp-job-id"], id.as_str());
+        let signature = headers["x-wasp-signature"].to_str().unwrap();
+        let (t, v1) = signature
+            .strip_prefix("t=")
+            .and_then(|rest| rest.split_once(",v1="))
+            .unwrap();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        assert!(now.abs_diff(t.parse::<u64>().unwrap()) < 60);
+        let mut mac = Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+        mac.update(format!("{t}.").as_bytes());
+        mac.update(body);
+        let expected: String = mac
+            .finalize()
+            .into_bytes()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert_eq!(v1, expected, "the signature does not verify");
+        let sent: Value = serde_json::from_slice(body).unwrap();
+        assert_eq!(
+            (sent["id"].as_str(), sent["status"].as_str()),
+            (Some(id.as_str()), Some("COMPLETED"))
+        );
+        assert!(sent["output"].to_string().contains("hook"));
+    }
+    // A rotated secret signs what comes next; the old one no longer verifies.
+    let rotated = c
+        .post("/api/v1/endpoints/hooked/webhook-secret/rotate", "")
+        .await
+        .json();
+    assert_ne!(rotated["secret"].as_str().unwrap(), secret);
+    t.stop().await;
+}

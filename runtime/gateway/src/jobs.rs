@@ -259,8 +259,9 @@ fn snippet(body: &[u8]) -> String {
 }
 
 impl Gateway {
-    /// A job ended: waiters hear of it.
-    pub(crate) fn job_ended(&self, job: Job) {
+    /// A job ended: its webhook goes out, and waiters hear of it.
+    pub(crate) fn job_ended(self: &Arc<Self>, job: Job) {
+        self.deliver_webhook(job.clone());
         self.running.announce(job);
     }
 

@@ -14,6 +14,7 @@ mod registry;
 mod rollout;
 mod server;
 pub mod store;
+mod webhooks;
 pub mod workers;
 
 pub use registry::{DeployedVersion, Deployment, Gateway};

@@ -88,6 +88,8 @@ pub struct Deployment {
     /// During a rolling update, the versions being replaced: each shares its namesake's
     /// traffic in proportion to their ready workers until its last worker drains.
     pub outgoing: Vec<Arc<DeployedVersion>>,
+    /// The key its job webhooks are signed with (HMAC-SHA256).
+    pub webhook_secret: String,
 }
 
 impl Deployment {
@@ -200,6 +202,8 @@ pub struct Gateway {
     pub(crate) jobs: crate::jobs::Queue,
     /// The jobs running in this process, and their runners.
     pub(crate) running: crate::jobs::Running,
+    /// Sends job webhooks.
+    pub(crate) webhooks: crate::webhooks::WebhookClient,
 }
 
 /// Model calls from processors (the `inference` import), answered by the backends of the
@@ -295,11 +299,22 @@ impl Gateway {
             inventory,
             jobs: Arc::new(jobs),
             running: crate::jobs::Running::new(),
+            webhooks: crate::webhooks::client(),
         });
-        for stored in gateway.store.endpoints()? {
+        for mut stored in gateway.store.endpoints()? {
             let name = stored.spec.name.clone();
+            if stored.webhook_secret.is_empty() {
+                // Written by a wasp before webhooks: a secret of its own from now on.
+                stored.webhook_secret = new_secret();
+                gateway.store.put_endpoint(&stored)?;
+            }
             match gateway
-                .build(stored.spec.clone(), stored.stopped, None)
+                .build(
+                    stored.spec.clone(),
+                    stored.stopped,
+                    None,
+                    stored.webhook_secret.clone(),
+                )
                 .await
             {
                 Ok((deployment, _)) => {
@@ -315,10 +330,12 @@ impl Gateway {
                         events: Arc::new(EventLog::default()),
                         error: Some(e.to_string()),
                         outgoing: Vec::new(),
+                        webhook_secret: stored.webhook_secret,
                     });
                 }
             }
         }
+        gateway.resume_webhooks().await;
         Ok(gateway)
     }
 
@@ -390,7 +407,10 @@ impl Gateway {
             return Err(Error::Conflict(spec.name));
         }
         let stopped = existing.as_ref().is_some_and(|d| d.stopped);
-        let (deployment, rolls) = self.build(spec, stopped, existing.clone()).await?;
+        let secret = existing
+            .as_ref()
+            .map_or_else(new_secret, |d| d.webhook_secret.clone());
+        let (deployment, rolls) = self.build(spec, stopped, existing.clone(), secret).await?;
         self.persist(&deployment).await?;
         if rolls.is_empty() {
             return Ok(self.insert(deployment));
@@ -442,6 +462,7 @@ impl Gateway {
             events: rolling.events.clone(),
             error: None,
             outgoing: Vec::new(),
+            webhook_secret: rolling.webhook_secret.clone(),
         }))
     }
 
@@ -507,6 +528,7 @@ impl Gateway {
             events: current.events.clone(),
             error: current.error.clone(),
             outgoing: Vec::new(),
+            webhook_secret: current.webhook_secret.clone(),
         };
         self.persist(&deployment).await?;
         let deployment = self.insert(deployment);
@@ -522,6 +544,29 @@ impl Gateway {
             }
         }
         Ok(deployment)
+    }
+
+    /// Gives the endpoint a new webhook secret; deliveries from now on are signed with it.
+    pub async fn rotate_webhook_secret(
+        self: &Arc<Self>,
+        name: &str,
+    ) -> Result<Arc<Deployment>, Error> {
+        let _control = self.control.lock().await;
+        let current = self
+            .endpoint(name)
+            .ok_or_else(|| Error::NotFound(name.to_owned()))?;
+        let deployment = Deployment {
+            spec: current.spec.clone(),
+            stopped: current.stopped,
+            versions: current.versions.clone(),
+            logs: current.logs.clone(),
+            events: current.events.clone(),
+            error: current.error.clone(),
+            outgoing: Vec::new(),
+            webhook_secret: new_secret(),
+        };
+        self.persist(&deployment).await?;
+        Ok(self.insert(deployment))
     }
 
     /// Periodic upkeep: drops instances idle for a minute beyond what each version's
@@ -553,6 +598,7 @@ impl Gateway {
         let record = StoredEndpoint {
             spec: deployment.spec.clone(),
             stopped: deployment.stopped,
+            webhook_secret: deployment.webhook_secret.clone(),
         };
         let this = self.clone();
         blocking(move || this.store.put_endpoint(&record)).await
@@ -573,6 +619,7 @@ impl Gateway {
         spec: EndpointSpec,
         stopped: bool,
         previous: Option<Arc<Deployment>>,
+        webhook_secret: String,
     ) -> Result<(Deployment, Vec<Roll>), Error> {
         let mut rolls = Vec::new();
         let logs = Arc::new(LogBuffer::new(LOG_CAPACITY));
@@ -798,6 +845,7 @@ impl Gateway {
                 events,
                 error: None,
                 outgoing: Vec::new(),
+                webhook_secret,
             },
             rolls,
         ))
@@ -851,6 +899,12 @@ fn start_error(version: &str, e: StartError) -> Error {
         },
         StartError::Task(message) => Error::Store(message),
     }
+}
+
+/// A new webhook secret: 256 random bits in hex, prefixed so that it is recognisable.
+fn new_secret() -> String {
+    let bytes: [u8; 32] = rand::random();
+    format!("whsec_{}", wasp_core::files::hex(&bytes))
 }
 
 /// Runs blocking store work off the async workers.

@@ -44,6 +44,9 @@ pub struct StoredEndpoint {
     pub spec: EndpointSpec,
     /// Whether the user stopped it.
     pub stopped: bool,
+    /// The key its job webhooks are signed with (empty in records of older wasps).
+    #[serde(default)]
+    pub webhook_secret: String,
 }
 
 /// What [`Store::check`] found.
@@ -411,6 +414,7 @@ mod tests {
                 .put_endpoint(&StoredEndpoint {
                     spec: spec.clone(),
                     stopped: true,
+                    webhook_secret: String::new(),
                 })
                 .unwrap();
             let digest = store.put_component(b"abc").unwrap();
@@ -459,6 +463,7 @@ mod tests {
                 .put_endpoint(&StoredEndpoint {
                     spec: spec("a"),
                     stopped: false,
+                    webhook_secret: String::new(),
                 })
                 .unwrap();
             store.close();
@@ -490,6 +495,7 @@ mod tests {
                 .put_endpoint(&StoredEndpoint {
                     spec: spec(name),
                     stopped: false,
+                    webhook_secret: String::new(),
                 })
                 .unwrap();
         }
@@ -535,6 +541,7 @@ mod tests {
                 .put_endpoint(&StoredEndpoint {
                     spec: spec("a"),
                     stopped: false,
+                    webhook_secret: String::new(),
                 })
                 .unwrap();
             store.close();

@@ -10,6 +10,7 @@
 //! | table `expiry` | (expiry ms, id) -> (), for every finished job (what the TTL sweep reads) |
 //! | table `counts` | endpoint -> JSON of [`Counts`] |
 //! | table `meta` | `seq` -> the next submission number |
+//! | table `webhooks` | id -> (), for every finished job whose webhook is not yet delivered or given up |
 //! | `DIR/blobs/<id>.in`, `<id>.out.<attempt>` | bodies over [`INLINE_MAX`] bytes |
 //!
 //! Every change goes through the writer thread, which takes every command waiting for it,
@@ -42,6 +43,7 @@ const ACTIVE: TableDefinition<&str, &str> = TableDefinition::new("active");
 const EXPIRY: TableDefinition<(u64, &str), ()> = TableDefinition::new("expiry");
 const COUNTS: TableDefinition<&str, &[u8]> = TableDefinition::new("counts");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const WEBHOOKS: TableDefinition<&str, ()> = TableDefinition::new("webhooks");
 
 /// Largest body kept inline in a job's record; larger ones go to a blob file.
 pub const INLINE_MAX: usize = 64 * 1024;
@@ -171,6 +173,7 @@ struct Tables<'t> {
     expiry: redb::Table<'t, (u64, &'static str), ()>,
     counts: redb::Table<'t, &'static str, &'static [u8]>,
     meta: redb::Table<'t, &'static str, u64>,
+    webhooks: redb::Table<'t, &'static str, ()>,
 }
 
 impl<'t> Tables<'t> {
@@ -182,6 +185,9 @@ impl<'t> Tables<'t> {
             expiry: txn.open_table(EXPIRY).map_err(|e| JobError::db(what, e))?,
             counts: txn.open_table(COUNTS).map_err(|e| JobError::db(what, e))?,
             meta: txn.open_table(META).map_err(|e| JobError::db(what, e))?,
+            webhooks: txn
+                .open_table(WEBHOOKS)
+                .map_err(|e| JobError::db(what, e))?,
         })
     }
 
@@ -245,6 +251,7 @@ enum Command {
         id: String,
         delivery: Delivery,
         delivered: bool,
+        last: bool,
         reply: Reply<()>,
     },
     Expire(Reply<u64>),
@@ -682,6 +689,11 @@ fn end(
     t.expiry
         .insert((expires, job.id.as_str()), ())
         .map_err(|e| JobError::db("ending a job", e))?;
+    if job.webhook.is_some() {
+        t.webhooks
+            .insert(job.id.as_str(), ())
+            .map_err(|e| JobError::db("ending a job", e))?;
+    }
     Ok(())
 }
 
@@ -933,6 +945,13 @@ fn apply(
             job.finished_ms = None;
             job.expires_ms = None;
             job.not_before_ms = now;
+            if let Some(webhook) = job.webhook.as_mut() {
+                // Told again when it ends again.
+                webhook.delivered = false;
+            }
+            t.webhooks
+                .remove(job.id.as_str())
+                .map_err(|e| JobError::db("retrying a job", e))?;
             if let Some(Payload::Blob { file, .. }) = job.output.take().map(|o| o.body) {
                 effects.unlink.push(file);
             }
@@ -968,6 +987,7 @@ fn apply(
             id,
             delivery,
             delivered,
+            last,
             reply,
         } => {
             if let Some(mut job) = t.load(&id)?
@@ -976,6 +996,11 @@ fn apply(
                 webhook.deliveries.push(delivery);
                 webhook.delivered |= delivered;
                 t.store(&job)?;
+            }
+            if delivered || last {
+                t.webhooks
+                    .remove(id.as_str())
+                    .map_err(|e| JobError::db("recording a delivery", e))?;
             }
             done(reply, Ok(()))
         }
@@ -1000,6 +1025,9 @@ fn apply(
                     .map_err(|e| JobError::db("expiring jobs", e))?;
                 if let Some(job) = t.load(&id)? {
                     t.jobs
+                        .remove(id.as_str())
+                        .map_err(|e| JobError::db("expiring jobs", e))?;
+                    t.webhooks
                         .remove(id.as_str())
                         .map_err(|e| JobError::db("expiring jobs", e))?;
                     index.lane(&job.endpoint).counts.add(job.state, -1);
@@ -1177,6 +1205,7 @@ impl JobQueue for EmbeddedQueue {
         id: &str,
         delivery: Delivery,
         delivered: bool,
+        last: bool,
     ) -> BoxFuture<'_, Result<(), JobError>> {
         let id = id.to_owned();
         Box::pin(async move {
@@ -1184,9 +1213,34 @@ impl JobQueue for EmbeddedQueue {
                 id,
                 delivery,
                 delivered,
+                last,
                 reply,
             })
             .await
+        })
+    }
+
+    fn pending_webhooks(&self) -> BoxFuture<'_, Result<Vec<Job>, JobError>> {
+        let shared = self.shared.clone();
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || {
+                let what = "listing webhooks";
+                let txn = shared.db.begin_read().map_err(|e| JobError::db(what, e))?;
+                let pending = txn
+                    .open_table(WEBHOOKS)
+                    .map_err(|e| JobError::db(what, e))?;
+                let jobs = txn.open_table(JOBS).map_err(|e| JobError::db(what, e))?;
+                let mut out = Vec::new();
+                for row in pending.iter().map_err(|e| JobError::db(what, e))? {
+                    let (id, _) = row.map_err(|e| JobError::db(what, e))?;
+                    if let Some(bytes) = jobs.get(id.value()).map_err(|e| JobError::db(what, e))? {
+                        out.push(decode(bytes.value())?);
+                    }
+                }
+                Ok(out)
+            })
+            .await
+            .map_err(|e| JobError::Store(format!("list task failed: {e}")))?
         })
     }
 

@@ -70,13 +70,19 @@ pub trait JobQueue: Send + Sync + 'static {
     /// Cancels every queued job of the endpoint (running ones go on); returns how many.
     fn purge(&self, endpoint: &str) -> BoxFuture<'_, Result<u64, JobError>>;
 
-    /// Records a webhook delivery.
+    /// Records a webhook delivery; once one is `delivered`, or this was the `last` try,
+    /// the job's webhook is no longer pending.
     fn record_delivery(
         &self,
         id: &str,
         delivery: Delivery,
         delivered: bool,
+        last: bool,
     ) -> BoxFuture<'_, Result<(), JobError>>;
+
+    /// Finished jobs whose webhook is neither delivered nor given up (what a start
+    /// resumes).
+    fn pending_webhooks(&self) -> BoxFuture<'_, Result<Vec<Job>, JobError>>;
 
     /// Removes finished jobs whose result TTL has passed; returns how many.
     fn expire(&self) -> BoxFuture<'_, Result<u64, JobError>>;

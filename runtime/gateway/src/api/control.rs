@@ -599,3 +599,50 @@ pub(crate) async fn snapshot(State(gateway): State<AppState>) -> Result<Response
     )
         .into_response())
 }
+
+/// The key an endpoint's job webhooks are signed with.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct WebhookSecret {
+    /// The secret (HMAC-SHA256 key).
+    pub secret: String,
+    /// How deliveries carry the signature.
+    pub header: &'static str,
+}
+
+fn webhook_secret_of(d: &Deployment) -> WebhookSecret {
+    WebhookSecret {
+        secret: d.webhook_secret.clone(),
+        header: "x-wasp-signature: t=<unix seconds>,v1=<hex HMAC-SHA256 of \"<t>.<body>\">",
+    }
+}
+
+/// The endpoint's webhook secret: receivers check `x-wasp-signature` with it.
+#[utoipa::path(get, path = "/api/v1/endpoints/{name}/webhook-secret", tag = "control",
+    params(("name" = String, Path, description = "Endpoint name")),
+    responses(
+        (status = 200, description = "The secret", body = WebhookSecret),
+        (status = 404, description = "No such endpoint", body = ErrorBody),
+    ))]
+pub(crate) async fn webhook_secret(
+    State(gateway): State<AppState>,
+    Name(name): Name,
+) -> Result<Response, ApiError> {
+    let d = gateway.endpoint(&name).ok_or(Error::NotFound(name))?;
+    Ok(json(StatusCode::OK, &webhook_secret_of(&d)))
+}
+
+/// Replaces the endpoint's webhook secret; deliveries from now on are signed with the new
+/// one.
+#[utoipa::path(post, path = "/api/v1/endpoints/{name}/webhook-secret/rotate", tag = "control",
+    params(("name" = String, Path, description = "Endpoint name")),
+    responses(
+        (status = 200, description = "The new secret", body = WebhookSecret),
+        (status = 404, description = "No such endpoint", body = ErrorBody),
+    ))]
+pub(crate) async fn rotate_webhook_secret(
+    State(gateway): State<AppState>,
+    Name(name): Name,
+) -> Result<Response, ApiError> {
+    let d = to_completion(async move { gateway.rotate_webhook_secret(&name).await }).await?;
+    Ok(json(StatusCode::OK, &webhook_secret_of(&d)))
+}

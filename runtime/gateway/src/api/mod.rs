@@ -33,6 +33,7 @@ use utoipa_axum::routes;
 
 pub(crate) use error::ApiError;
 pub use error::{ErrorBody, ErrorDetail};
+pub(crate) use jobs::status_of as job_status;
 
 use crate::Gateway;
 
@@ -73,6 +74,8 @@ fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(control::start))
         .routes(routes!(control::logs))
         .routes(routes!(control::events))
+        .routes(routes!(control::webhook_secret))
+        .routes(routes!(control::rotate_webhook_secret))
         .routes(routes!(control::upload_component))
         .routes(routes!(control::download_component))
         .routes(routes!(control::snapshot));

@@ -1,0 +1,188 @@
+//! Webhooks: when a job with a webhook ends, its status body is POSTed to the webhook's URL,
+//! signed with the endpoint's secret, and retried with backoff until the receiver answers
+//! 2xx or the tries run out. Each delivery is recorded on the job; deliveries a restart
+//! interrupted are resumed at start.
+//!
+//! The signature is Stripe's scheme: `x-wasp-signature: t=<unix seconds>,v1=<hex>`, where
+//! the hex is HMAC-SHA256 with the endpoint's webhook secret over `<t>.<body>`. A receiver
+//! recomputes it and refuses a `t` older than a few minutes (replays).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use hmac::{Hmac, Mac};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use sha2::Sha256;
+use wasp_jobs::{Delivery, Job};
+
+use crate::Gateway;
+use crate::workers::now_ms;
+
+/// Tries per webhook.
+pub(crate) const TRIES: u32 = 5;
+/// Delay before the second try; doubled for each further one.
+const FIRST_RETRY: Duration = Duration::from_secs(1);
+/// Longest one delivery may take.
+const DELIVERY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The client webhooks are sent with.
+pub(crate) type WebhookClient = Client<HttpConnector, Full<Bytes>>;
+
+/// A client for webhooks (plain HTTP, TCP_NODELAY, pooled connections).
+pub(crate) fn client() -> WebhookClient {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(DELIVERY_TIMEOUT));
+    Client::builder(TokioExecutor::new()).build(connector)
+}
+
+/// The signature header's value for `body` signed at `t` (unix seconds) with `secret`.
+pub(crate) fn signature(secret: &str, t: u64, body: &[u8]) -> String {
+    let mut mac = match Hmac::<Sha256>::new_from_slice(secret.as_bytes()) {
+        Ok(mac) => mac,
+        // HMAC takes a key of any length.
+        Err(_) => return String::new(),
+    };
+    mac.update(t.to_string().as_bytes());
+    mac.update(b".");
+    mac.update(body);
+    format!(
+        "t={t},v1={}",
+        wasp_core::files::hex(&mac.finalize().into_bytes())
+    )
+}
+
+impl Gateway {
+    /// Delivers a finished job's webhook in the background, unless it was delivered.
+    pub(crate) fn deliver_webhook(self: &Arc<Self>, job: Job) {
+        if job.webhook.as_ref().is_none_or(|w| w.delivered) {
+            return;
+        }
+        let this = self.clone();
+        tokio::spawn(async move { this.deliver(job).await });
+    }
+
+    /// Resumes the webhooks a restart interrupted.
+    pub(crate) async fn resume_webhooks(self: &Arc<Self>) {
+        match self.jobs.pending_webhooks().await {
+            Ok(jobs) => {
+                for job in jobs {
+                    self.deliver_webhook(job);
+                }
+            }
+            Err(e) => tracing::error!("cannot resume webhooks: {e}"),
+        }
+    }
+
+    async fn deliver(self: Arc<Self>, job: Job) {
+        let Some(webhook) = job.webhook.clone() else {
+            return;
+        };
+        let secret = match self.endpoint(&job.endpoint) {
+            Some(d) => d.webhook_secret.clone(),
+            None => {
+                tracing::warn!(job = %job.id, "the job's endpoint is gone; its webhook is not sent");
+                let _ = self
+                    .jobs
+                    .record_delivery(
+                        &job.id,
+                        Delivery {
+                            at_ms: now_ms(),
+                            status: None,
+                            error: Some("the endpoint was removed".into()),
+                        },
+                        false,
+                        true,
+                    )
+                    .await;
+                return;
+            }
+        };
+        let body = match serde_json::to_vec(&crate::api::job_status(&self, &job).await) {
+            Ok(body) => Bytes::from(body),
+            Err(e) => {
+                tracing::error!(job = %job.id, "cannot encode the webhook body: {e}");
+                return;
+            }
+        };
+        let tried = webhook.deliveries.len() as u32;
+        let mut delay = FIRST_RETRY * 2u32.saturating_pow(tried.saturating_sub(1));
+        for attempt in tried + 1..=TRIES {
+            if attempt > 1 {
+                tokio::time::sleep(delay).await;
+                delay *= 2;
+            }
+            let t = now_ms() / 1000;
+            let outcome = self
+                .post(
+                    &webhook.url,
+                    &job.id,
+                    signature(&secret, t, &body),
+                    body.clone(),
+                )
+                .await;
+            let delivered = matches!(outcome, Ok(status) if (200..300).contains(&status));
+            let delivery = match outcome {
+                Ok(status) => Delivery {
+                    at_ms: now_ms(),
+                    status: Some(status),
+                    error: (!delivered).then(|| format!("the receiver answered {status}")),
+                },
+                Err(e) => Delivery {
+                    at_ms: now_ms(),
+                    status: None,
+                    error: Some(e),
+                },
+            };
+            let last = delivered || attempt == TRIES;
+            if let Err(e) = self
+                .jobs
+                .record_delivery(&job.id, delivery, delivered, last)
+                .await
+            {
+                tracing::error!(job = %job.id, "cannot record a webhook delivery: {e}");
+                return;
+            }
+            if delivered {
+                return;
+            }
+        }
+        tracing::warn!(job = %job.id, url = %webhook.url, "webhook not delivered after {TRIES} tries");
+    }
+
+    async fn post(
+        &self,
+        url: &str,
+        id: &str,
+        signature: String,
+        body: Bytes,
+    ) -> Result<u16, String> {
+        let request = hyper::Request::post(url)
+            .header("content-type", "application/json")
+            .header("user-agent", "wasp-webhook")
+            .header("x-wasp-job-id", id)
+            .header("x-wasp-signature", signature)
+            .body(Full::new(body))
+            .map_err(|e| format!("cannot build the request: {e}"))?;
+        let sent = tokio::time::timeout(DELIVERY_TIMEOUT, async {
+            let response = self
+                .webhooks
+                .request(request)
+                .await
+                .map_err(|e| e.to_string())?;
+            let status = response.status().as_u16();
+            // Read (and drop) the answer so that the connection can be reused.
+            let _ = response.into_body().collect().await;
+            Ok::<u16, String>(status)
+        })
+        .await;
+        match sent {
+            Ok(result) => result,
+            Err(_) => Err(format!("no answer within {} s", DELIVERY_TIMEOUT.as_secs())),
+        }
+    }
+}
