@@ -85,6 +85,12 @@ async fn a_job_runs_through_the_endpoint_and_its_result_is_kept() {
         .json();
     assert_eq!(listed["jobs"].as_array().unwrap().len(), 2);
     assert_eq!(listed["jobs"][1]["id"], id.as_str(), "newest first");
+    let metrics = c.get("/metrics").await.text();
+    assert!(
+        metrics.contains("wasp_jobs{endpoint=\"hello\",state=\"COMPLETED\"} 2"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("wasp_job_backlog{endpoint=\"hello\"} 0"));
     t.stop().await;
 }
 
@@ -494,5 +500,84 @@ async fn a_webhook_is_signed_retried_and_its_outcome_kept() {
         .await
         .json();
     assert_ne!(rotated["secret"].as_str().unwrap(), secret);
+    t.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_jobs_wake_an_endpoint_at_zero_scale_it_and_let_it_go_back() {
+    let t = TestServer::start().await;
+    let c = &t.client;
+    let scaling = "[versions.scaling]\nmin_workers = 0\nmax_workers = 4\ntarget_concurrency = 2\n\
+                   stable_window_s = 1\npanic_window_s = 1\nscale_down_delay_s = 0\n\
+                   scale_up_cooldown_s = 0\nscale_down_cooldown_s = 0";
+    let jobs = "[jobs]\nconcurrency_per_worker = 2\n";
+    c.deploy_ok(HOSTILE, &format!("{}{jobs}", spec("batchy", scaling)))
+        .await;
+    let workers = |c: &TestClient| {
+        let c = c.clone();
+        async move { c.get("/endpoints/batchy/health").await.json()["workers"].clone() }
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while workers(c).await["ready"] != 0 {
+        assert!(Instant::now() < deadline, "never scaled to zero");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Low-priority jobs are no reason to wake it.
+    let mut low = Vec::new();
+    for _ in 0..3 {
+        let reply = c
+            .post_json(
+                "/endpoints/batchy/run",
+                &json!({ "input": 10, "path": "/sleep", "policy": { "priority": "low" } }),
+            )
+            .await;
+        low.push(reply.json()["id"].as_str().unwrap().to_owned());
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(workers(c).await["desired"], 0);
+    let health = c.get("/endpoints/batchy/health").await.json();
+    assert_eq!(health["jobs"]["in_queue"], 3, "{health:#}");
+
+    // Normal jobs wake it, the backlog scales it past one worker, and everything runs.
+    let mut ids = Vec::new();
+    for _ in 0..24 {
+        let reply = c
+            .post_json(
+                "/endpoints/batchy/run",
+                &json!({ "input": 300, "path": "/sleep" }),
+            )
+            .await;
+        ids.push(reply.json()["id"].as_str().unwrap().to_owned());
+    }
+    let mut most = 0;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let health = c.get("/endpoints/batchy/health").await.json();
+        most = most.max(health["workers"]["ready"].as_u64().unwrap());
+        if health["jobs"]["completed"] == 27 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "jobs left: {health:#}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(most > 1, "the backlog never added a worker");
+    for id in low.iter().chain(&ids) {
+        assert_eq!(wait_done(c, "batchy", id).await["status"], "COMPLETED");
+    }
+    let events = c.get("/api/v1/endpoints/batchy/events").await.json();
+    assert!(
+        events["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["reason"].as_str().unwrap().contains("job is waiting")),
+        "{events:#}"
+    );
+    // Drained: back to zero.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while workers(c).await["desired"] != 0 {
+        assert!(Instant::now() < deadline, "never went back to zero");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     t.stop().await;
 }

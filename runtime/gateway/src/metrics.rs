@@ -60,6 +60,22 @@ pub struct WorkerLabels {
     pub state: String,
 }
 
+/// Labels of a count of jobs.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct JobLabels {
+    /// Endpoint name.
+    pub endpoint: String,
+    /// `IN_QUEUE`, `IN_PROGRESS`, `COMPLETED`, `FAILED`, `CANCELLED` or `TIMED_OUT`.
+    pub state: String,
+}
+
+/// Labels of an endpoint.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EndpointLabels {
+    /// Endpoint name.
+    pub endpoint: String,
+}
+
 /// Labels of an integrity failure.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct FileLabels {
@@ -70,6 +86,10 @@ pub struct FileLabels {
 /// Every metric the server exports.
 pub struct Metrics {
     registry: Registry,
+    /// Jobs by endpoint and state.
+    pub jobs: Family<JobLabels, Gauge>,
+    /// Due jobs that may scale an endpoint up.
+    pub job_backlog: Family<EndpointLabels, Gauge>,
     /// Requests answered on data routes.
     pub requests: Family<RequestLabels, Counter>,
     /// Latency of data-route requests, by version.
@@ -203,8 +223,22 @@ impl Metrics {
             "How long a request waited for a worker to start",
             cold_start_seconds.clone(),
         );
+        let jobs = Family::<JobLabels, Gauge>::default();
+        registry.register(
+            "jobs",
+            "Jobs by state (finished ones until their result TTL passes)",
+            jobs.clone(),
+        );
+        let job_backlog = Family::<EndpointLabels, Gauge>::default();
+        registry.register(
+            "job_backlog",
+            "Queued jobs that are due and may scale the endpoint up",
+            job_backlog.clone(),
+        );
         Self {
             registry,
+            jobs,
+            job_backlog,
             requests,
             latency: latency.clone(),
             failures,

@@ -582,14 +582,18 @@ impl Gateway {
         }
     }
 
-    /// One autoscaler step for every version of every running endpoint.
+    /// One autoscaler step for every version of every running endpoint; the jobs queued
+    /// for an endpoint are a second signal beside its requests in flight.
     pub fn autoscale(&self) {
         for deployment in self.endpoints() {
             if deployment.stopped || deployment.error.is_some() {
                 continue;
             }
+            // Queued jobs that may scale the endpoint up, shared by the versions' weights.
+            let backlog = self.jobs.backlog(&deployment.spec.name).scaling;
             for v in &deployment.versions {
-                v.workers.tick(false);
+                let share = (backlog * u64::from(v.weight)).div_ceil(100);
+                v.workers.tick(false, share);
             }
         }
     }

@@ -539,18 +539,19 @@ impl WorkerSet {
             self.spawn_start(self.add_worker());
             return;
         }
-        self.tick(true);
+        self.tick(true, 0);
     }
 
-    /// One autoscaler step: reads the meter, decides, and applies the decision.
-    pub(crate) fn tick(self: &Arc<Self>, waiting: bool) {
+    /// One autoscaler step: reads the meter (and the version's share of the endpoint's
+    /// job backlog), decides, and applies the decision.
+    pub(crate) fn tick(self: &Arc<Self>, waiting: bool, backlog: u64) {
         if self.rolling.load(Ordering::Acquire) || self.retiring.load(Ordering::Acquire) {
             return;
         }
         let now = self.clock.now();
         let decision = {
             let mut scaler = self.lock_scaler();
-            scaler.tick(self.meter.read(), waiting, now)
+            scaler.tick(self.meter.read(), waiting, backlog, now)
         };
         self.apply(decision);
         self.retry_pending();

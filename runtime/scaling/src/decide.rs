@@ -275,7 +275,7 @@ pub fn decide(
     if current == 0 && load.waiting && max > 0 {
         to = to.max(1);
         trigger = Trigger::Wake;
-        reason = "a request is waiting and no worker runs".to_owned();
+        reason = "a request or job is waiting and no worker runs".to_owned();
     }
 
     if to > current {
@@ -380,9 +380,14 @@ impl Autoscaler {
     }
 
     /// Takes a meter reading, and decides. `waiting` tells whether a request waits for a
-    /// worker.
-    pub fn tick(&mut self, reading: Reading, waiting: bool, now: Moment) -> Decision {
-        let load = self.load(&reading, waiting);
+    /// worker; `backlog` counts queued jobs that may scale the version up, which count as
+    /// load in both windows (they would be in flight if there were room) and wake a
+    /// version at zero.
+    pub fn tick(&mut self, reading: Reading, waiting: bool, backlog: u64, now: Moment) -> Decision {
+        let mut load = self.load(&reading, waiting);
+        load.stable += backlog as f64;
+        load.panic += backlog as f64;
+        load.waiting |= backlog > 0;
         self.readings.push_back(reading);
         let keep = self.policy.stable_window() + Duration::from_secs(1);
         while self

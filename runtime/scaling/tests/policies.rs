@@ -45,7 +45,7 @@ impl Sim {
             in_flight,
             busy_ns: self.busy_ns,
         };
-        let decision = self.scaler.tick(reading, waiting, now);
+        let decision = self.scaler.tick(reading, waiting, 0, now);
         self.busy_ns += u128::from(in_flight) * 1_000_000_000;
         self.clock.advance(Duration::from_secs(1));
         decision
@@ -282,5 +282,36 @@ fn scale_down_step_removes_that_many_workers_at_a_time() {
         times(&changes),
         [(60, 4), (120, 2), (180, 1)],
         "{changes:#?}"
+    );
+}
+
+#[test]
+fn a_job_backlog_wakes_a_version_and_scales_it_like_load() {
+    let policy = Policy::new(&ScalingSpec {
+        target_concurrency: 10,
+        ..spec(0, 8)
+    })
+    .unwrap();
+    let clock = VirtualClock::new("2026-11-23T12:00:00Z".parse().unwrap());
+    let mut scaler = Autoscaler::new(policy, 0, clock.now());
+    let reading = |at: Duration| Reading {
+        at,
+        in_flight: 0,
+        busy_ns: 0,
+    };
+    // Nothing queued: it stays at zero.
+    let idle = scaler.tick(reading(clock.now().mono), false, 0, clock.now());
+    assert_eq!(idle.to, 0);
+    clock.advance(Duration::from_secs(1));
+    // Queued jobs wake it.
+    let wake = scaler.tick(reading(clock.now().mono), false, 5, clock.now());
+    assert_eq!((wake.from, wake.to, wake.trigger), (0, 1, Trigger::Wake));
+    clock.advance(Duration::from_secs(1));
+    // 45 queued for one worker at a target of 10: a burst; at most +200% at once.
+    let up = scaler.tick(reading(clock.now().mono), false, 45, clock.now());
+    assert_eq!(
+        (up.from, up.to, up.trigger),
+        (1, 3, Trigger::Panic),
+        "{up:?}"
     );
 }

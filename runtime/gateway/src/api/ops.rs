@@ -7,7 +7,7 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 
 use super::AppState;
-use crate::metrics::{InstanceLabels, VersionLabels, WorkerLabels};
+use crate::metrics::{EndpointLabels, InstanceLabels, JobLabels, VersionLabels, WorkerLabels};
 
 /// The OpenAPI document, rendered once, by the first router built.
 pub(crate) static DOCUMENT: std::sync::OnceLock<Bytes> = std::sync::OnceLock::new();
@@ -46,7 +46,31 @@ pub(crate) async fn metrics(State(gateway): State<AppState>) -> Response {
     m.queued.clear();
     m.workers.clear();
     m.desired_workers.clear();
+    m.jobs.clear();
+    m.job_backlog.clear();
     for d in gateway.endpoints() {
+        let name = &d.spec.name;
+        let c = gateway.jobs.counts(name);
+        for (state, n) in [
+            ("IN_QUEUE", c.in_queue),
+            ("IN_PROGRESS", c.in_progress),
+            ("COMPLETED", c.completed),
+            ("FAILED", c.failed),
+            ("CANCELLED", c.cancelled),
+            ("TIMED_OUT", c.timed_out),
+        ] {
+            m.jobs
+                .get_or_create(&JobLabels {
+                    endpoint: name.clone(),
+                    state: state.into(),
+                })
+                .set(n as i64);
+        }
+        m.job_backlog
+            .get_or_create(&EndpointLabels {
+                endpoint: name.clone(),
+            })
+            .set(gateway.jobs.backlog(name).scaling as i64);
         for v in &d.versions {
             let s = v.processor.stats();
             let labels = |state: &str| InstanceLabels {
