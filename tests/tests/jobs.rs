@@ -581,3 +581,66 @@ async fn queued_jobs_wake_an_endpoint_at_zero_scale_it_and_let_it_go_back() {
     }
     t.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sync_invoke_that_would_wait_spills_over_to_a_job_when_asked() {
+    let t = TestServer::start().await;
+    let c = &t.client;
+    let scaling = "[versions.scaling]\nmin_workers = 0\nstable_window_s = 1\npanic_window_s = 1\n\
+                   scale_down_delay_s = 0\nscale_down_cooldown_s = 0";
+    c.deploy_ok(HELLO, &spec("cold", scaling)).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while c.get("/endpoints/cold/health").await.json()["workers"]["ready"] != 0 {
+        assert!(Instant::now() < deadline, "never scaled to zero");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Cold, and the client prefers an async answer: a job.
+    let reply = c
+        .request_with(
+            "POST",
+            "/endpoints/cold/invoke",
+            &[("prefer", "wait=5, respond-async")],
+            r#"{"name":"later"}"#,
+        )
+        .await;
+    assert_eq!(reply.status, 202, "{}", reply.text());
+    assert_eq!(reply.header("preference-applied"), Some("respond-async"));
+    let id = reply.json()["id"].as_str().unwrap().to_owned();
+    assert_eq!(
+        reply.header("location"),
+        Some(format!("/endpoints/cold/status/{id}").as_str())
+    );
+    let done = wait_done(c, "cold", &id).await;
+    assert_eq!(done["status"], "COMPLETED", "{done:#}");
+    assert_eq!(done["output"]["greeting"], "hello, later!");
+    // Warm now: the same request is answered at once.
+    let reply = c
+        .request_with(
+            "POST",
+            "/endpoints/cold/invoke",
+            &[("prefer", "respond-async")],
+            r#"{"name":"now"}"#,
+        )
+        .await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+
+    // A congested endpoint that opted in spills without being asked: one instance, busy,
+    // with a queue, at a mean latency that would pass the deadline.
+    let jobs = "[jobs]\nspillover = true\n";
+    let limits = "[versions.limits]\nmax_instances = 1\ntimeout_ms = 1000";
+    c.deploy_ok(HOSTILE, &format!("{}{jobs}", spec("busy", limits)))
+        .await;
+    let reply = c.invoke("busy", "/sleep", "700").await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let background = {
+        let c = c.clone();
+        tokio::spawn(async move { c.invoke("busy", "/sleep", "700").await.status })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let reply = c.invoke("busy", "/sleep", "10").await;
+    assert_eq!(reply.status, 202, "{}", reply.text());
+    let id = reply.json()["id"].as_str().unwrap().to_owned();
+    assert_eq!(wait_done(c, "busy", &id).await["output"], "slept");
+    assert_eq!(background.await.unwrap(), 200);
+    t.stop().await;
+}

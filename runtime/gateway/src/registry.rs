@@ -52,6 +52,19 @@ pub(crate) struct VersionMetrics {
     pub ok: prometheus_client::metrics::counter::Counter,
     /// `wasp_request_duration_seconds` of the version.
     pub latency: prometheus_client::metrics::histogram::Histogram,
+    /// Recent mean latency in microseconds (an exponentially weighted average), for the
+    /// spillover's estimate of a new request's wait.
+    pub mean_us: std::sync::atomic::AtomicU64,
+}
+
+impl VersionMetrics {
+    /// Folds one request's latency into the recent mean (weight 1/8).
+    pub fn observe_mean(&self, us: u64) {
+        use std::sync::atomic::Ordering;
+        let old = self.mean_us.load(Ordering::Relaxed);
+        let new = if old == 0 { us } else { (old * 7 + us) / 8 };
+        self.mean_us.store(new, Ordering::Relaxed);
+    }
 }
 
 impl DeployedVersion {
@@ -837,6 +850,7 @@ impl Gateway {
                             version: v.name.clone(),
                         })
                         .clone(),
+                    mean_us: std::sync::atomic::AtomicU64::new(0),
                 },
             }));
         }

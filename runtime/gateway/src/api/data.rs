@@ -67,6 +67,20 @@ pub struct EmbeddingsRequest {
 
 /// The endpoint called `name`, ready to serve, and the version picked for one request.
 fn resolve(gateway: &Gateway, name: &str) -> Result<std::sync::Arc<DeployedVersion>, ApiError> {
+    resolve_with(gateway, name).map(|(_, version)| version)
+}
+
+/// [`resolve`], with the endpoint.
+fn resolve_with(
+    gateway: &Gateway,
+    name: &str,
+) -> Result<
+    (
+        std::sync::Arc<crate::Deployment>,
+        std::sync::Arc<DeployedVersion>,
+    ),
+    ApiError,
+> {
     let deployment = gateway
         .endpoint(name)
         .ok_or_else(|| Error::NotFound(name.to_owned()))?;
@@ -87,13 +101,48 @@ fn resolve(gateway: &Gateway, name: &str) -> Result<std::sync::Arc<DeployedVersi
         ));
     }
     let roll = rand::random::<u32>() % 100;
-    deployment.pick(roll).cloned().ok_or_else(|| {
+    let version = deployment.pick(roll).cloned().ok_or_else(|| {
         ApiError::new(
             503,
             "no_version",
             format!("endpoint `{name}` has no version with traffic"),
         )
+    })?;
+    Ok((deployment, version))
+}
+
+/// Whether the client asked for an async answer (`Prefer: respond-async`, RFC 7240).
+fn prefers_async(headers: &HeaderMap) -> bool {
+    headers.get_all("prefer").iter().any(|v| {
+        v.to_str().is_ok_and(|v| {
+            v.split(',').any(|p| {
+                p.split(';')
+                    .next()
+                    .is_some_and(|t| t.trim().eq_ignore_ascii_case("respond-async"))
+            })
+        })
     })
+}
+
+/// Whether a sync request to this version would wait for a cold start, or (by the
+/// version's recent mean latency and its processor queue) past its deadline.
+fn would_wait(version: &DeployedVersion) -> bool {
+    if version.workers.ready_now() == 0 {
+        return true;
+    }
+    let s = version.processor.stats();
+    if s.busy < s.max as usize {
+        return false;
+    }
+    let mean = u128::from(
+        version
+            .metrics
+            .mean_us
+            .load(std::sync::atomic::Ordering::Relaxed),
+    );
+    // The rounds of queued requests ahead, the round running now, and its own.
+    let rounds = (s.queued / (s.max.max(1) as usize)) as u128 + 2;
+    rounds * mean > u128::from(version.limits.timeout_ms) * 1000
 }
 
 /// Headers a processor may see.
@@ -171,7 +220,9 @@ async fn invoke_inner(
     request: HttpRequest,
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
-    let version = resolve(&gateway, &name)?;
+    let (deployment, version) = resolve_with(&gateway, &name)?;
+    let may_spill = deployment.spec.jobs.spillover || prefers_async(request.headers());
+    drop(deployment);
     let limit = version.limits.max_body_bytes;
     let declared = request
         .headers()
@@ -207,6 +258,9 @@ async fn invoke_inner(
         headers,
         body: body.to_vec(),
     };
+    if may_spill && would_wait(&version) {
+        return super::jobs::spill(&gateway, &name, request).await;
+    }
     Ok(serve(&gateway, &name, &version, request, started).await)
 }
 
@@ -494,10 +548,11 @@ fn record(
             })
             .inc();
     }
+    let elapsed = started.elapsed();
+    version.metrics.latency.observe(elapsed.as_secs_f64());
     version
         .metrics
-        .latency
-        .observe(started.elapsed().as_secs_f64());
+        .observe_mean(u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX));
 }
 
 /// Turns a processor's response into an HTTP response, refusing what HTTP cannot carry.

@@ -620,6 +620,41 @@ async fn submit(
         .ok_or_else(|| ApiError::new(500, "job_store", "the store acknowledged no job"))
 }
 
+/// Answers a sync invoke as a job (spillover): `202` with the job's status, `Location` and
+/// `Preference-Applied: respond-async`.
+pub(crate) async fn spill(
+    gateway: &AppState,
+    name: &str,
+    request: wasp_wasm::Request,
+) -> Result<Response, ApiError> {
+    let d = endpoint(gateway, name)?;
+    let policy = policy_of(&d, &RunPolicy::default(), "")?;
+    drop(d);
+    let new = NewJob {
+        endpoint: name.to_owned(),
+        request: JobRequest {
+            method: request.method,
+            path: request.path,
+            headers: request.headers,
+            body: Payload::Inline(request.body),
+        },
+        policy,
+        webhook: None,
+    };
+    let job = gateway
+        .jobs
+        .submit(vec![new])
+        .await?
+        .pop()
+        .ok_or_else(|| ApiError::new(500, "job_store", "the store acknowledged no job"))?;
+    let mut response = status_response(gateway, &job, StatusCode::ACCEPTED).await;
+    response.headers_mut().insert(
+        "preference-applied",
+        HeaderValue::from_static("respond-async"),
+    );
+    Ok(response)
+}
+
 /// Submits a job and waits for it to end (up to `wait_s`): `200` with the finished job's
 /// status, or `202` with its status (and `Location`) if it is still queued or running.
 #[utoipa::path(post, path = "/endpoints/{name}/runsync", tag = "jobs",
