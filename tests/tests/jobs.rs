@@ -644,3 +644,40 @@ async fn a_sync_invoke_that_would_wait_spills_over_to_a_job_when_asked() {
     assert_eq!(background.await.unwrap(), 200);
     t.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_streams_its_status_output_and_end_as_server_sent_events() {
+    let t = TestServer::start().await;
+    let c = &t.client;
+    c.deploy_ok(HOSTILE, &spec("streamed", "")).await;
+    let reply = c
+        .post_json(
+            "/endpoints/streamed/run",
+            &json!({ "input": 300, "path": "/sleep" }),
+        )
+        .await;
+    let id = reply.json()["id"].as_str().unwrap().to_owned();
+    // Opened while the job runs; the stream ends with the job.
+    let reply = c.get(&format!("/endpoints/streamed/stream/{id}")).await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.header("content-type"), Some("text/event-stream"));
+    let text = reply.text();
+    let events: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("event: "))
+        .collect();
+    assert_eq!(events, ["status", "output", "done"], "{text}");
+    assert!(text.contains("data: \"slept\""), "{text}");
+    assert!(text.contains("\"status\":\"COMPLETED\""), "{text}");
+    // A finished job's stream replays its end at once.
+    let again = c
+        .get(&format!("/endpoints/streamed/stream/{id}"))
+        .await
+        .text();
+    assert!(again.contains("event: done"), "{again}");
+    let missing = c
+        .get("/endpoints/streamed/stream/01ARZ3NDEKTSV4RRFFQ69G5FAV")
+        .await;
+    assert_eq!(missing.status, 404);
+    t.stop().await;
+}

@@ -12,7 +12,7 @@ use axum::http::{StatusCode, Uri};
 use axum::response::Response;
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
+use serde_json::{Value, json};
 use wasp_jobs::{
     Job, JobError, JobPolicy, JobRequest, JobState, ListFilter, NewJob, Payload, Priority,
 };
@@ -952,4 +952,79 @@ pub(crate) async fn list(
         out.push(status_of(&gateway, job).await);
     }
     Ok(json(StatusCode::OK, &JobList { jobs: out }))
+}
+
+/// A job's progress as server-sent events: `status` when the stream opens, an `output`
+/// event per chunk of output (the whole output, for an endpoint that does not stream), and
+/// `done` with the final status; then the stream ends.
+#[utoipa::path(get, path = "/endpoints/{name}/stream/{id}", tag = "jobs",
+    params(("name" = String, Path, description = "Endpoint name"), ("id" = String, Path, description = "Job id")),
+    responses(
+        (status = 200, description = "Server-sent events: `status`, `output`..., `done`", content_type = "text/event-stream", body = String),
+        (status = 404, description = "No such endpoint or job", body = ErrorBody),
+    ))]
+pub(crate) async fn stream(
+    State(gateway): State<AppState>,
+    path: JobPath,
+) -> Result<Response, ApiError> {
+    use axum::response::IntoResponse;
+    use axum::response::sse::{Event, KeepAlive, Sse};
+    // Listen before looking, so that an end in between is not missed.
+    let ended = gateway.running.ended.subscribe();
+    let job = job_of(&gateway, &path).await?;
+    let opening = Event::default()
+        .event("status")
+        .json_data(json!({ "id": job.id, "status": job.state.as_str() }))
+        .map_err(|e| ApiError::new(500, "internal", e.to_string()))?;
+    enum Step {
+        Wait(tokio::sync::broadcast::Receiver<std::sync::Arc<Job>>),
+        Finish(Box<Job>),
+        Close,
+    }
+    let first = if job.state.is_final() {
+        Step::Finish(Box::new(job.clone()))
+    } else {
+        Step::Wait(ended)
+    };
+    let (g, id) = (gateway.clone(), job.id.clone());
+    let rest = futures_util::stream::unfold(first, move |step| {
+        let (g, id) = (g.clone(), id.clone());
+        async move {
+            match step {
+                Step::Wait(mut ended) => loop {
+                    match ended.recv().await {
+                        Ok(done) if done.id == id => {
+                            return Some((Vec::new(), Step::Finish(Box::new((*done).clone()))));
+                        }
+                        Ok(_) => {}
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                            if let Ok(Some(now)) = g.jobs.get(&id).await
+                                && now.state.is_final()
+                            {
+                                return Some((Vec::new(), Step::Finish(Box::new(now))));
+                            }
+                        }
+                        Err(_) => return None,
+                    }
+                },
+                Step::Finish(job) => {
+                    let status = status_of(&g, &job).await;
+                    let mut events = Vec::new();
+                    if let Some(output) = &status.output {
+                        events.push(Event::default().event("output").json_data(output));
+                    } else if let Some(b64) = &status.output_base64 {
+                        events.push(Ok(Event::default().event("output_base64").data(b64)));
+                    }
+                    events.push(Event::default().event("done").json_data(&status));
+                    Some((events, Step::Close))
+                }
+                Step::Close => None,
+            }
+        }
+    });
+    let events = futures_util::StreamExt::flat_map(rest, futures_util::stream::iter);
+    let all = futures_util::StreamExt::chain(futures_util::stream::iter([Ok(opening)]), events);
+    Ok(Sse::new(all)
+        .keep_alive(KeepAlive::default())
+        .into_response())
 }

@@ -92,6 +92,7 @@ fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(jobs::runsync))
         .routes(routes!(jobs::status))
         .routes(routes!(jobs::result))
+        .routes(routes!(jobs::stream))
         .routes(routes!(jobs::cancel))
         .routes(routes!(jobs::retry))
         .routes(routes!(jobs::purge))
