@@ -323,6 +323,7 @@ impl TestServer {
             models_dir: Some(models_dir()),
             http,
             gpus: std::sync::Arc::new(gpus),
+            batch_mounts: vec![std::env::temp_dir()],
         })
         .await
         .unwrap();

@@ -85,6 +85,9 @@ enum Command {
         /// `0,1,3`, or `fake:N` (N simulated GPUs, for tests).
         #[arg(long, default_value = "auto")]
         gpus: String,
+        /// A directory batch jobs may read their input from by path (repeatable).
+        #[arg(long = "batch-mount", value_name = "DIR")]
+        batch_mounts: Vec<PathBuf>,
     },
     /// Deploys (creates or replaces) the endpoint a TOML spec describes, uploading the
     /// components it names by path.
@@ -288,6 +291,7 @@ async fn run(cli: Cli) -> Result<()> {
             header_read_timeout_s,
             max_connections,
             gpus,
+            batch_mounts,
         } => {
             let gpus = if gpus == "auto" {
                 detect_gpus()
@@ -310,6 +314,7 @@ async fn run(cli: Cli) -> Result<()> {
                     max_connections,
                 },
                 gpus: std::sync::Arc::new(gpus),
+                batch_mounts,
             };
             serve(config, deploy).await
         }

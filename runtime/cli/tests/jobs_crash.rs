@@ -131,3 +131,71 @@ async fn every_acknowledged_job_completes_after_a_kill_9() {
     );
     server.terminate();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_killed_half_way_resumes_with_one_output_line_per_input_line() {
+    const LINES: usize = 10_000;
+    let data = tempfile::tempdir().unwrap();
+    let server = Serve::start(data.path());
+    let c = TestClient::new(server.addr);
+    c.deploy_ok(wasp_tests::guests::HELLO, &spec("hello", ""))
+        .await;
+    let input: String = (1..=LINES)
+        .map(|i| format!("{{\"name\":\"n{i}\"}}\n"))
+        .collect();
+    let reply = c
+        .post("/api/v1/batches?endpoint=hello&concurrency=32", input)
+        .await;
+    assert_eq!(reply.status, 202, "{}", reply.text());
+    let id = reply.json()["id"].as_str().unwrap().to_owned();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let at_kill = loop {
+        let status = c.get(&format!("/api/v1/batches/{id}")).await.json();
+        if status["done"].as_u64().unwrap() >= (LINES / 2) as u64 {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "too slow: {status:#}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    server.kill9();
+    assert!(
+        at_kill["done"].as_u64().unwrap() < LINES as u64,
+        "{at_kill:#}"
+    );
+
+    let server = Serve::start(data.path());
+    let c = TestClient::new(server.addr);
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let status = c.get(&format!("/api/v1/batches/{id}")).await.json();
+        if status["status"] == "COMPLETED" {
+            assert_eq!(status["done"], LINES, "{status:#}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not done after restart: {status:#}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let output = c.get(&format!("/api/v1/batches/{id}/output")).await.text();
+    let lines: Vec<Value> = output
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), LINES, "one output line per input line");
+    for (i, line) in lines.iter().enumerate() {
+        let n = i + 1;
+        assert_eq!(line["line"], n);
+        assert_eq!(
+            line["output"]["greeting"],
+            format!("hello, n{n}!"),
+            "{line}"
+        );
+    }
+    eprintln!(
+        "killed at {} of {LINES} lines; resumed to {LINES} output lines in order",
+        at_kill["done"]
+    );
+    server.terminate();
+}

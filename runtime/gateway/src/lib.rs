@@ -7,6 +7,7 @@
 #![deny(missing_docs)]
 
 pub mod api;
+mod batches;
 mod jobs;
 mod kserve;
 pub mod metrics;

@@ -217,6 +217,10 @@ pub struct Gateway {
     pub(crate) running: crate::jobs::Running,
     /// Sends job webhooks.
     pub(crate) webhooks: crate::webhooks::WebhookClient,
+    /// Batch jobs.
+    pub(crate) batches: crate::batches::Batches,
+    /// The data directory.
+    pub(crate) data_dir: std::path::PathBuf,
 }
 
 /// Model calls from processors (the `inference` import), answered by the backends of the
@@ -313,6 +317,8 @@ impl Gateway {
             jobs: Arc::new(jobs),
             running: crate::jobs::Running::new(),
             webhooks: crate::webhooks::client(),
+            batches: crate::batches::Batches::default(),
+            data_dir: data_dir.to_owned(),
         });
         for mut stored in gateway.store.endpoints()? {
             let name = stored.spec.name.clone();
@@ -349,6 +355,7 @@ impl Gateway {
             }
         }
         gateway.resume_webhooks().await;
+        gateway.resume_batches()?;
         Ok(gateway)
     }
 

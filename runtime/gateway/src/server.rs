@@ -41,6 +41,8 @@ pub struct ServerConfig {
     pub http: HttpLimits,
     /// The GPUs workers may own (`--gpus`).
     pub gpus: Arc<wasp_scaling::Inventory>,
+    /// Directories a batch may read its input from by path (`--batch-mount`).
+    pub batch_mounts: Vec<PathBuf>,
 }
 
 /// Limits of the HTTP server, against slow or greedy clients.
@@ -94,6 +96,19 @@ impl Server {
             config.gpus.clone(),
         )
         .await?;
+        let mounts = config
+            .batch_mounts
+            .iter()
+            .map(|m| {
+                m.canonicalize()
+                    .map_err(|e| Error::OpenStore(format!("--batch-mount {}: {e}", m.display())))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        *gateway
+            .batches
+            .mounts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = mounts;
         let listener = TcpListener::bind(config.listen)
             .await
             .map_err(|source| Error::Bind {

@@ -9,7 +9,7 @@
 //!
 //! | path | what |
 //! | --- | --- |
-//! | `wasp.redb` | the database; table `endpoints`: endpoint name (`&str`) -> JSON of [`StoredEndpoint`] |
+//! | `wasp.redb` | the database; table `endpoints`: endpoint name (`&str`) -> JSON of [`StoredEndpoint`]; table `batches`: batch id -> JSON of its record and checkpoint |
 //! | `components/<sha256>.wasm` | uploaded components, named by the SHA-256 of their bytes |
 //! | `cache/` | compiled components (owned by the wasm runtime) |
 //!
@@ -33,6 +33,7 @@ use wasp_core::files;
 use crate::Error;
 
 const ENDPOINTS: TableDefinition<&str, &[u8]> = TableDefinition::new("endpoints");
+const BATCHES: TableDefinition<&str, &[u8]> = TableDefinition::new("batches");
 
 /// The database's file name in the data directory.
 pub const DB_FILE: &str = "wasp.redb";
@@ -166,6 +167,8 @@ impl Store {
             .begin_write()
             .map_err(|e| db_err("opening the store", e))?;
         tx.open_table(ENDPOINTS)
+            .map_err(|e| db_err("opening the store", e))?;
+        tx.open_table(BATCHES)
             .map_err(|e| db_err("opening the store", e))?;
         tx.commit().map_err(|e| db_err("opening the store", e))?;
         let store = Self {
@@ -306,6 +309,34 @@ impl Store {
         })
     }
 
+    /// Writes a batch record (durable when this returns).
+    pub fn put_batch(&self, id: &str, record: &[u8]) -> Result<(), Error> {
+        const WHAT: &str = "saving the batch";
+        self.with_db(|db| {
+            let tx = db.begin_write().map_err(|e| db_err(WHAT, e))?;
+            tx.open_table(BATCHES)
+                .map_err(|e| db_err(WHAT, e))?
+                .insert(id, record)
+                .map_err(|e| db_err(WHAT, e))?;
+            tx.commit().map_err(|e| db_err(WHAT, e))
+        })
+    }
+
+    /// Every batch record, by id.
+    pub fn batches(&self) -> Result<Vec<(String, Vec<u8>)>, Error> {
+        const WHAT: &str = "reading batches";
+        self.with_db(|db| {
+            let tx = db.begin_read().map_err(|e| db_err(WHAT, e))?;
+            let table = tx.open_table(BATCHES).map_err(|e| db_err(WHAT, e))?;
+            let mut out = Vec::new();
+            for row in table.iter().map_err(|e| db_err(WHAT, e))? {
+                let (key, value) = row.map_err(|e| db_err(WHAT, e))?;
+                out.push((key.value().to_owned(), value.value().to_vec()));
+            }
+            Ok(out)
+        })
+    }
+
     /// A consistent copy of the database, as the bytes of a redb file: one read
     /// transaction's snapshot, taken while the store keeps serving. The copy is built in a
     /// temporary file in the data directory, which is removed before this returns.
@@ -316,11 +347,9 @@ impl Store {
             let snapshot = db.begin_read().map_err(|e| db_err(WHAT, e))?;
             let copy = Database::create(&tmp).map_err(|e| db_err(WHAT, e))?;
             let tx = copy.begin_write().map_err(|e| db_err(WHAT, e))?;
-            {
-                let from = snapshot
-                    .open_table(ENDPOINTS)
-                    .map_err(|e| db_err(WHAT, e))?;
-                let mut to = tx.open_table(ENDPOINTS).map_err(|e| db_err(WHAT, e))?;
+            for table in [ENDPOINTS, BATCHES] {
+                let from = snapshot.open_table(table).map_err(|e| db_err(WHAT, e))?;
+                let mut to = tx.open_table(table).map_err(|e| db_err(WHAT, e))?;
                 for row in from.iter().map_err(|e| db_err(WHAT, e))? {
                     let (key, value) = row.map_err(|e| db_err(WHAT, e))?;
                     to.insert(key.value(), value.value())

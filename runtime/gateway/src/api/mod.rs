@@ -6,6 +6,7 @@
 //!
 //! Handlers are small: typed extractors in, a typed value or an [`ApiError`] out.
 
+mod batches;
 mod control;
 pub(crate) mod data;
 pub(crate) mod error;
@@ -97,7 +98,13 @@ fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(jobs::retry))
         .routes(routes!(jobs::purge))
         .routes(routes!(jobs::health))
-        .routes(routes!(jobs::list));
+        .routes(routes!(jobs::list))
+        .routes(routes!(batches::submit, batches::list))
+        .routes(routes!(batches::get))
+        .routes(routes!(batches::output))
+        .routes(routes!(batches::pause))
+        .routes(routes!(batches::resume))
+        .routes(routes!(batches::cancel));
     let operations = OpenApiRouter::new()
         .routes(routes!(ops::healthz))
         .routes(routes!(ops::metrics))
