@@ -25,6 +25,25 @@ pub fn endpoint_path(name: &str, suffix: &str) -> String {
     )
 }
 
+/// A value for a query string, percent-encoded.
+pub fn query_value(value: &str) -> String {
+    utf8_percent_encode(value, NON_ALPHANUMERIC).to_string()
+}
+
+/// `/api/v1/jobs/{id}`.
+pub fn job_path(id: &str) -> String {
+    format!("/api/v1/jobs/{}", query_value(id))
+}
+
+/// `/endpoints/{name}/{verb}/{id}` (cancel, retry, status).
+pub fn endpoint_job_path(endpoint: &str, verb: &str, id: &str) -> String {
+    format!(
+        "/endpoints/{}/{verb}/{}",
+        query_value(endpoint),
+        query_value(id)
+    )
+}
+
 impl Client {
     pub fn new(base: &str) -> Result<Self> {
         let base = base.trim_end_matches('/').to_owned();
@@ -103,6 +122,12 @@ impl Client {
 
     pub async fn post(&self, path: &str) -> Result<Value> {
         self.json(Method::POST, path, None, Vec::new()).await
+    }
+
+    /// POSTs a body of the given content type.
+    pub async fn post_body(&self, path: &str, content_type: &str, body: Vec<u8>) -> Result<Value> {
+        self.json(Method::POST, path, Some(content_type), body)
+            .await
     }
 
     pub async fn delete(&self, path: &str) -> Result<Value> {

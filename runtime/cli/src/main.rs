@@ -26,9 +26,17 @@ struct Cli {
         default_value = "http://127.0.0.1:8080"
     )]
     server: String,
-    /// How results are printed: tables for people, or the API's JSON for scripts.
-    #[arg(long, short, global = true, value_enum, default_value = "table")]
-    output: output::Format,
+    /// How results are printed: `table` for people, or `json` (the API's JSON) for
+    /// scripts. For `batch submit` and `batch output`, any other value is the file the
+    /// output JSONL is written to.
+    #[arg(
+        long,
+        short,
+        global = true,
+        default_value = "table",
+        value_name = "FORMAT|FILE"
+    )]
+    output: String,
     /// Log format of `wasp serve`: `text` (ANSI colours only on a terminal) or `json` (one
     /// object per line, for log shippers).
     #[arg(
@@ -48,6 +56,98 @@ struct Cli {
 enum LogFormat {
     Text,
     Json,
+}
+
+#[derive(Subcommand)]
+enum JobsCommand {
+    /// Submits a job: its input is the request body the endpoint gets (JSON).
+    Submit {
+        /// Endpoint name.
+        endpoint: String,
+        /// The input, as JSON.
+        #[arg(long, short)]
+        data: String,
+        /// Wait for the job to end (up to 90 s) and show it.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Lists jobs, the newest first.
+    Ls {
+        /// Only this endpoint's.
+        #[arg(long)]
+        endpoint: Option<String>,
+        /// Only jobs in this state (IN_QUEUE, IN_PROGRESS, COMPLETED, FAILED, CANCELLED,
+        /// TIMED_OUT).
+        #[arg(long)]
+        status: Option<String>,
+        /// Most jobs.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+    /// Shows a job: state, attempts, output or error, webhook deliveries.
+    Show {
+        /// Job id.
+        id: String,
+    },
+    /// Cancels a queued or running job.
+    Cancel {
+        /// Job id.
+        id: String,
+    },
+    /// Queues a failed, timed-out or cancelled job again.
+    Retry {
+        /// Job id.
+        id: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum BatchCommand {
+    /// Submits a JSONL file (one request body per line), shows its progress and writes
+    /// the output (one line per input line, in order).
+    Submit {
+        /// Endpoint name.
+        endpoint: String,
+        /// The JSONL input (`-o FILE` writes the output JSONL there; default: standard
+        /// output).
+        input: PathBuf,
+        /// Lines in flight at most.
+        #[arg(long, default_value_t = 32)]
+        concurrency: u32,
+        /// The path below the invoke route each line is sent to.
+        #[arg(long, default_value = "/")]
+        path: String,
+        /// Print the batch's id and return at once.
+        #[arg(long)]
+        detach: bool,
+    },
+    /// Lists batches.
+    Ls,
+    /// Shows a batch's progress.
+    Status {
+        /// Batch id.
+        id: String,
+    },
+    /// Pauses a running batch.
+    Pause {
+        /// Batch id.
+        id: String,
+    },
+    /// Resumes a paused batch.
+    Resume {
+        /// Batch id.
+        id: String,
+    },
+    /// Cancels a batch (the output keeps the lines done).
+    Cancel {
+        /// Batch id.
+        id: String,
+    },
+    /// Writes a batch's output so far (to `-o FILE`, or standard output).
+    Output {
+        /// Batch id.
+        id: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -133,6 +233,16 @@ enum Command {
         /// Most events to print.
         #[arg(long, default_value_t = 100)]
         limit: usize,
+    },
+    /// Lists, shows, cancels and retries async jobs.
+    Jobs {
+        #[command(subcommand)]
+        action: JobsCommand,
+    },
+    /// Runs a JSONL file through an endpoint as a batch job, and follows batches.
+    Batch {
+        #[command(subcommand)]
+        action: BatchCommand,
     },
     /// Sends a request to an endpoint and prints the response body.
     Invoke {
@@ -278,7 +388,15 @@ fn detect_gpus() -> wasp_gateway::Inventory {
 
 async fn run(cli: Cli) -> Result<()> {
     let client = Client::new(&cli.server)?;
-    let print = output::Printer::new(cli.output);
+    let (format, file) = match cli.output.as_str() {
+        "table" => (output::Format::Table, None),
+        "json" => (output::Format::Json, None),
+        other if matches!(cli.command, Command::Batch { .. }) => {
+            (output::Format::Table, Some(PathBuf::from(other)))
+        }
+        other => anyhow::bail!("-o: `{other}` is not a format (table, json)"),
+    };
+    let print = output::Printer::new(format);
     match cli.command {
         Command::Serve {
             listen,
@@ -360,6 +478,8 @@ async fn run(cli: Cli) -> Result<()> {
             print.events(&client.get(&path).await?);
             Ok(())
         }
+        Command::Jobs { action } => jobs(&client, &print, action).await,
+        Command::Batch { action } => batch(&client, &print, action, file).await,
         Command::Invoke {
             name,
             data,
@@ -585,4 +705,144 @@ where
         }
     }
     Ok(spec)
+}
+
+/// `wasp jobs ...`.
+async fn jobs(client: &client::Client, print: &output::Printer, action: JobsCommand) -> Result<()> {
+    match action {
+        JobsCommand::Submit {
+            endpoint,
+            data,
+            wait,
+        } => {
+            let input: serde_json::Value =
+                serde_json::from_str(&data).context("--data is not valid JSON")?;
+            let verb = if wait { "runsync" } else { "run" };
+            let path = format!("/endpoints/{}/{verb}", client::query_value(&endpoint));
+            let body = serde_json::to_vec(&serde_json::json!({ "input": input }))?;
+            print.job(&client.post_body(&path, "application/json", body).await?);
+        }
+        JobsCommand::Ls {
+            endpoint,
+            status,
+            limit,
+        } => {
+            let mut query = format!("limit={limit}");
+            if let Some(e) = endpoint {
+                query.push_str(&format!("&endpoint={}", client::query_value(&e)));
+            }
+            if let Some(s) = status {
+                query.push_str(&format!("&status={}", client::query_value(&s)));
+            }
+            print.jobs(&client.get(&format!("/api/v1/jobs?{query}")).await?);
+        }
+        JobsCommand::Show { id } => {
+            print.job(&client.get(&client::job_path(&id)).await?);
+        }
+        JobsCommand::Cancel { id } | JobsCommand::Retry { id } if id.is_empty() => {
+            anyhow::bail!("a job id is needed");
+        }
+        JobsCommand::Cancel { id } => {
+            let job = client.get(&client::job_path(&id)).await?;
+            let endpoint = job["endpoint"].as_str().unwrap_or_default();
+            print.job(
+                &client
+                    .post(&client::endpoint_job_path(endpoint, "cancel", &id))
+                    .await?,
+            );
+        }
+        JobsCommand::Retry { id } => {
+            let job = client.get(&client::job_path(&id)).await?;
+            let endpoint = job["endpoint"].as_str().unwrap_or_default();
+            print.job(
+                &client
+                    .post(&client::endpoint_job_path(endpoint, "retry", &id))
+                    .await?,
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `wasp batch ...`.
+async fn batch(
+    client: &client::Client,
+    print: &output::Printer,
+    action: BatchCommand,
+    output: Option<PathBuf>,
+) -> Result<()> {
+    let path =
+        |id: &str, suffix: &str| format!("/api/v1/batches/{}{suffix}", client::query_value(id));
+    match action {
+        BatchCommand::Submit {
+            endpoint,
+            input,
+            concurrency,
+            path: below,
+            detach,
+        } => {
+            let bytes = std::fs::read(&input)
+                .with_context(|| format!("cannot read {}", input.display()))?;
+            let url = format!(
+                "/api/v1/batches?endpoint={}&concurrency={concurrency}&path={}",
+                client::query_value(&endpoint),
+                client::query_value(&below)
+            );
+            let submitted = client.post_body(&url, "application/jsonl", bytes).await?;
+            let id = submitted["id"].as_str().unwrap_or_default().to_owned();
+            if detach {
+                print.batch(&submitted);
+                return Ok(());
+            }
+            let mut progress = output::Progress::new();
+            let done = loop {
+                let status = client.get(&path(&id, "")).await?;
+                progress.show(&status);
+                if !matches!(status["status"].as_str(), Some("RUNNING" | "PAUSED")) {
+                    break status;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+            };
+            progress.finish(&done);
+            write_output(
+                &client.get_bytes(&path(&id, "/output")).await?,
+                output.as_deref(),
+            )?;
+            if done["status"] != "COMPLETED" {
+                anyhow::bail!(
+                    "batch {id} ended {}{}",
+                    done["status"].as_str().unwrap_or("?"),
+                    done["error"]
+                        .as_str()
+                        .map(|e| format!(": {e}"))
+                        .unwrap_or_default()
+                );
+            }
+        }
+        BatchCommand::Ls => print.batches(&client.get("/api/v1/batches").await?),
+        BatchCommand::Status { id } => print.batch(&client.get(&path(&id, "")).await?),
+        BatchCommand::Pause { id } => print.batch(&client.post(&path(&id, "/pause")).await?),
+        BatchCommand::Resume { id } => print.batch(&client.post(&path(&id, "/resume")).await?),
+        BatchCommand::Cancel { id } => print.batch(&client.post(&path(&id, "/cancel")).await?),
+        BatchCommand::Output { id } => {
+            write_output(
+                &client.get_bytes(&path(&id, "/output")).await?,
+                output.as_deref(),
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// Writes bytes to a file, or to standard output.
+fn write_output(bytes: &[u8], to: Option<&Path>) -> Result<()> {
+    match to {
+        Some(file) => {
+            std::fs::write(file, bytes).with_context(|| format!("cannot write {}", file.display()))
+        }
+        None => {
+            std::io::Write::write_all(&mut std::io::stdout(), bytes)?;
+            Ok(())
+        }
+    }
 }

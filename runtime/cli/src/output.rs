@@ -42,9 +42,9 @@ impl Printer {
     /// A status word, coloured by how healthy it is.
     fn status(&self, status: &str) -> String {
         let code = match status {
-            "ready" | "scaledToZero" => "32",
-            "concerning" => "33",
-            "notReady" => "31",
+            "ready" | "scaledToZero" | "COMPLETED" | "RUNNING" => "32",
+            "concerning" | "IN_QUEUE" | "IN_PROGRESS" | "PAUSED" => "33",
+            "notReady" | "FAILED" | "TIMED_OUT" | "CANCELLED" => "31",
             _ => "2",
         };
         if self.colour {
@@ -189,6 +189,124 @@ impl Printer {
         }
     }
 
+    /// `wasp jobs ls`.
+    pub fn jobs(&self, body: &Value) {
+        if self.json(body) {
+            return;
+        }
+        let mut rows = vec![vec![
+            "ID".to_owned(),
+            "ENDPOINT".to_owned(),
+            "STATUS".to_owned(),
+            "ATTEMPTS".to_owned(),
+            "SUBMITTED".to_owned(),
+        ]];
+        for j in list(&body["jobs"]) {
+            rows.push(vec![
+                text(&j["id"]),
+                text(&j["endpoint"]),
+                text(&j["status"]),
+                list(&j["attempts"]).len().to_string(),
+                timestamp(j["submitted_at_ms"].as_u64().unwrap_or(0)),
+            ]);
+        }
+        self.table(&rows, 2);
+    }
+
+    /// `wasp jobs show`, `cancel`, `retry`.
+    pub fn job(&self, j: &Value) {
+        if self.json(j) {
+            return;
+        }
+        println!("job:       {}", text(&j["id"]));
+        println!("endpoint:  {}", text(&j["endpoint"]));
+        println!("status:    {}", self.status(&text(&j["status"])));
+        println!("priority:  {}", text(&j["priority"]));
+        println!(
+            "submitted: {}",
+            timestamp(j["submitted_at_ms"].as_u64().unwrap_or(0))
+        );
+        println!(
+            "waited:    {} ms, ran {} ms",
+            j["delay_ms"], j["execution_ms"]
+        );
+        for a in list(&j["attempts"]) {
+            let outcome = match a["error"]["code"].as_str() {
+                Some(code) => format!("{code}: {}", text(&a["error"]["message"])),
+                None if a["finished_at_ms"].is_null() => "running".to_owned(),
+                None => "ok".to_owned(),
+            };
+            println!("attempt {}: {outcome}", a["number"]);
+        }
+        if let Some(error) = j["error"]["message"].as_str() {
+            println!("error:     {} ({})", error, text(&j["error"]["code"]));
+        }
+        if !j["output"].is_null() {
+            println!("output:    {}", j["output"]);
+        }
+        if let Some(url) = j["webhook"]["url"].as_str() {
+            println!(
+                "webhook:   {url} ({}, {} deliveries)",
+                if j["webhook"]["delivered"] == true {
+                    "delivered"
+                } else {
+                    "not delivered"
+                },
+                list(&j["webhook"]["deliveries"]).len()
+            );
+        }
+    }
+
+    /// `wasp batch ls`.
+    pub fn batches(&self, body: &Value) {
+        if self.json(body) {
+            return;
+        }
+        let mut rows = vec![vec![
+            "ID".to_owned(),
+            "ENDPOINT".to_owned(),
+            "STATUS".to_owned(),
+            "DONE".to_owned(),
+            "FAILED".to_owned(),
+            "CREATED".to_owned(),
+        ]];
+        for b in list(&body["batches"]) {
+            rows.push(vec![
+                text(&b["id"]),
+                text(&b["endpoint"]),
+                text(&b["status"]),
+                format!("{}/{}", b["done"], b["total"]),
+                b["failed"].to_string(),
+                timestamp(b["created_at_ms"].as_u64().unwrap_or(0)),
+            ]);
+        }
+        self.table(&rows, 2);
+    }
+
+    /// `wasp batch status`, `pause`, `resume`, `cancel`.
+    pub fn batch(&self, b: &Value) {
+        if self.json(b) {
+            return;
+        }
+        println!("batch:    {}", text(&b["id"]));
+        println!("endpoint: {}", text(&b["endpoint"]));
+        println!("status:   {}", self.status(&text(&b["status"])));
+        println!(
+            "progress: {}/{} lines ({} failed), {} lines/s{}",
+            b["done"],
+            b["total"],
+            b["failed"],
+            b["rate_per_s"],
+            b["eta_s"]
+                .as_f64()
+                .map(|eta| format!(", {eta:.0} s left"))
+                .unwrap_or_default()
+        );
+        if let Some(error) = b["error"].as_str() {
+            println!("error:    {error}");
+        }
+    }
+
     /// Prints rows as aligned columns; `status_column` is coloured.
     fn table(&self, rows: &[Vec<String>], status_column: usize) {
         let widths: Vec<usize> = (0..rows.first().map_or(0, Vec::len))
@@ -259,6 +377,60 @@ fn timestamp(ms: u64) -> String {
         rest % 3600 / 60,
         rest % 60
     )
+}
+
+/// A batch's progress bar on standard error: redrawn in place on a terminal, a line every
+/// ten seconds otherwise.
+pub struct Progress {
+    terminal: bool,
+    last: Option<std::time::Instant>,
+}
+
+impl Progress {
+    pub fn new() -> Self {
+        Self {
+            terminal: std::io::stderr().is_terminal(),
+            last: None,
+        }
+    }
+
+    fn line(status: &Value) -> String {
+        let (done, total) = (
+            status["done"].as_u64().unwrap_or(0),
+            status["total"].as_u64().unwrap_or(0).max(1),
+        );
+        let width = 30;
+        let filled = (done * width / total) as usize;
+        format!(
+            "[{}{}] {done}/{total} lines ({} failed) {} lines/s{}",
+            "#".repeat(filled),
+            "-".repeat(width as usize - filled),
+            status["failed"],
+            status["rate_per_s"],
+            status["eta_s"]
+                .as_f64()
+                .map(|eta| format!(", ETA {eta:.0} s"))
+                .unwrap_or_default()
+        )
+    }
+
+    /// Shows the batch's progress now.
+    pub fn show(&mut self, status: &Value) {
+        if self.terminal {
+            eprint!("\r\x1b[2K{}", Self::line(status));
+        } else if self.last.is_none_or(|t| t.elapsed().as_secs() >= 10) {
+            eprintln!("{}", Self::line(status));
+            self.last = Some(std::time::Instant::now());
+        }
+    }
+
+    /// The last line, with the outcome.
+    pub fn finish(&mut self, status: &Value) {
+        if self.terminal {
+            eprint!("\r\x1b[2K");
+        }
+        eprintln!("{} {}", Self::line(status), text(&status["status"]));
+    }
 }
 
 #[cfg(test)]

@@ -247,3 +247,100 @@ fn serve_takes_its_http_limits_from_flags() {
     );
     assert_eq!(server.terminate().code(), Some(0));
 }
+
+#[test]
+fn jobs_and_batches_from_the_cli() {
+    let data = tempfile::tempdir().unwrap();
+    let server = Serve::start(data.path());
+    let url = server.url.clone();
+    let spec = data.path().join("hello.toml");
+    std::fs::write(
+        &spec,
+        format!(
+            "name = \"hello\"\n[[versions]]\nname = \"v1\"\n[versions.processor]\ncomponent = {:?}\n",
+            wasp_tests::guests::HELLO
+        ),
+    )
+    .unwrap();
+    ok(wasp(&url, &["deploy", spec.to_str().unwrap()]));
+
+    // A batch: progress on standard error, the output file one line per input line.
+    let input = data.path().join("in.jsonl");
+    let lines: String = (1..=300)
+        .map(|i| format!("{{\"name\":\"n{i}\"}}\n"))
+        .collect();
+    std::fs::write(&input, lines).unwrap();
+    let output = data.path().join("out.jsonl");
+    let run = wasp(
+        &url,
+        &[
+            "batch",
+            "submit",
+            "hello",
+            input.to_str().unwrap(),
+            "-o",
+            output.to_str().unwrap(),
+        ],
+    );
+    let stderr = String::from_utf8_lossy(&run.stderr).into_owned();
+    assert!(run.status.success(), "{stderr}");
+    assert!(stderr.contains("300/300 lines (0 failed)"), "{stderr}");
+    assert!(stderr.contains("COMPLETED"), "{stderr}");
+    let written = std::fs::read_to_string(&output).unwrap();
+    let out: Vec<serde_json::Value> = written
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(out.len(), 300);
+    assert_eq!(out[299]["output"]["greeting"], "hello, n300!");
+    let listed = ok(wasp(&url, &["batch", "ls"]));
+    assert!(
+        listed
+            .lines()
+            .any(|l| l.contains("hello") && l.contains("300/300")),
+        "{listed}"
+    );
+    // A bad line is refused with its number.
+    std::fs::write(&input, "{\"name\":\"a\"}\nnot json\n").unwrap();
+    let refused = wasp(&url, &["batch", "submit", "hello", input.to_str().unwrap()]);
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("line 2"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+
+    // Jobs: submitted, listed, shown, and a finished one refuses a cancel.
+    let submitted = ok(wasp(
+        &url,
+        &[
+            "jobs",
+            "submit",
+            "hello",
+            "-d",
+            r#"{"name":"cli"}"#,
+            "--wait",
+            "-o",
+            "json",
+        ],
+    ));
+    let submitted: serde_json::Value = serde_json::from_str(&submitted).unwrap();
+    assert_eq!(submitted["status"], "COMPLETED", "{submitted:#}");
+    let id = submitted["id"].as_str().unwrap().to_owned();
+    let listed = ok(wasp(&url, &["jobs", "ls", "--endpoint", "hello"]));
+    assert!(
+        listed
+            .lines()
+            .any(|l| l.starts_with(&id) && l.contains("COMPLETED")),
+        "{listed}"
+    );
+    let shown = ok(wasp(&url, &["jobs", "show", &id]));
+    assert!(shown.contains("status:    COMPLETED"), "{shown}");
+    assert!(shown.contains("attempt 1: ok"), "{shown}");
+    assert!(shown.contains("hello, cli!"), "{shown}");
+    let refused = wasp(&url, &["jobs", "cancel", &id]);
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("only a job IN_QUEUE or IN_PROGRESS")
+    );
+}

@@ -1028,3 +1028,27 @@ pub(crate) async fn stream(
         .keep_alive(KeepAlive::default())
         .into_response())
 }
+
+/// A job by id, whatever its endpoint (for the CLI and the console).
+#[utoipa::path(get, path = "/api/v1/jobs/{id}", tag = "jobs",
+    params(("id" = String, Path, description = "Job id")),
+    responses(
+        (status = 200, description = "The job", body = JobStatus),
+        (status = 404, description = "No such job", body = ErrorBody),
+    ))]
+pub(crate) async fn get(
+    State(gateway): State<AppState>,
+    path: JobPath,
+) -> Result<Response, ApiError> {
+    let job = gateway.jobs.get(&path.id).await?.ok_or_else(|| {
+        ApiError::new(
+            404,
+            "job_not_found",
+            format!(
+                "no job `{}` (finished jobs go when their result TTL passes)",
+                path.id
+            ),
+        )
+    })?;
+    Ok(status_response(&gateway, &job, StatusCode::OK).await)
+}

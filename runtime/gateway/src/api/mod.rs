@@ -99,6 +99,7 @@ fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(jobs::purge))
         .routes(routes!(jobs::health))
         .routes(routes!(jobs::list))
+        .routes(routes!(jobs::get))
         .routes(routes!(batches::submit, batches::list))
         .routes(routes!(batches::get))
         .routes(routes!(batches::output))
