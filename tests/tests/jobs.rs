@@ -681,3 +681,43 @@ async fn a_job_streams_its_status_output_and_end_as_server_sent_events() {
     assert_eq!(missing.status, 404);
     t.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hundred_mib_job_is_kept_as_blobs_and_comes_back_whole() {
+    let t = TestServer::start().await;
+    let c = &t.client;
+    let limits =
+        "[versions.limits]\nmax_body_bytes = 110000000\nmemory_mib = 512\ntimeout_ms = 60000";
+    c.deploy_ok(HOSTILE, &spec("big", limits)).await;
+    let size = 100 * 1024 * 1024;
+    let input: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
+    let reply = c
+        .request_with(
+            "POST",
+            "/endpoints/big/run?path=/echo",
+            &[("content-type", "application/octet-stream")],
+            input.clone(),
+        )
+        .await;
+    assert_eq!(reply.status, 202, "{}", reply.text());
+    let id = reply.json()["id"].as_str().unwrap().to_owned();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let done = loop {
+        let status = c.get(&format!("/endpoints/big/status/{id}")).await.json();
+        if !matches!(status["status"].as_str(), Some("IN_QUEUE" | "IN_PROGRESS")) {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "{status:#}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(done["status"], "COMPLETED", "{done:#}");
+    // Too large to embed: only the URL.
+    assert!(done.get("output").is_none() && done.get("output_base64").is_none());
+    let raw = c.get(done["output_url"].as_str().unwrap()).await;
+    assert_eq!(raw.body.len(), size);
+    assert!(
+        raw.body.as_ref() == input.as_slice(),
+        "the output differs from the input"
+    );
+    t.stop().await;
+}

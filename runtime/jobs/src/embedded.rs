@@ -51,6 +51,9 @@ pub const INLINE_MAX: usize = 64 * 1024;
 const BATCH_MAX: usize = 4096;
 /// Most finished jobs one TTL sweep removes.
 const EXPIRE_MAX: usize = 10_000;
+/// Jobs whose request body is at most this large are also kept decoded in memory while
+/// they are queued or running, so that a lease and a finish need not decode them.
+const CACHE_BODY_MAX: u64 = 16 * 1024;
 
 /// The embedded job store (see the module docs).
 pub struct EmbeddedQueue {
@@ -61,6 +64,8 @@ pub struct EmbeddedQueue {
 
 struct Shared {
     db: Database,
+    /// The next submission number (assigned by the submitter, which encodes the record).
+    next_seq: std::sync::atomic::AtomicU64,
     blobs: PathBuf,
     index: Mutex<Index>,
     signals: Mutex<HashMap<String, Arc<Notify>>>,
@@ -71,7 +76,26 @@ struct Shared {
 #[derive(Default)]
 struct Index {
     lanes: HashMap<String, Lane>,
-    next_seq: u64,
+    /// Decoded records of queued and running jobs with small bodies (a cache of the
+    /// `jobs` table).
+    records: HashMap<String, Job>,
+}
+
+impl Index {
+    /// A queued or running job: from the cache, else the table.
+    fn take(&mut self, t: &Tables<'_>, id: &str) -> Result<Option<Job>, JobError> {
+        match self.records.remove(id) {
+            Some(job) => Ok(Some(job)),
+            None => t.load(id),
+        }
+    }
+
+    /// Keeps a job that is queued or running decoded, when its body is small.
+    fn keep(&mut self, job: &Job) {
+        if !job.state.is_final() && job.request.body.len() <= CACHE_BODY_MAX {
+            self.records.insert(job.id.clone(), job.clone());
+        }
+    }
 }
 
 /// One endpoint's jobs that are not finished.
@@ -220,7 +244,8 @@ type Reply<T> = oneshot::Sender<Result<T, JobError>>;
 
 /// A change for the writer thread.
 enum Command {
-    Submit(Vec<Job>, Reply<Vec<Job>>),
+    /// Jobs with their records already encoded.
+    Submit(Vec<(Job, Vec<u8>)>, Reply<Vec<Job>>),
     Lease {
         endpoint: String,
         max: usize,
@@ -306,6 +331,7 @@ impl EmbeddedQueue {
         let shared = Arc::new(Shared {
             db,
             blobs,
+            next_seq: std::sync::atomic::AtomicU64::new(0),
             index: Mutex::new(Index::default()),
             signals: Mutex::new(HashMap::new()),
             clock,
@@ -462,13 +488,13 @@ impl Shared {
         let active = txn.open_table(ACTIVE).map_err(open)?;
         let counts = txn.open_table(COUNTS).map_err(open)?;
         let meta = txn.open_table(META).map_err(open)?;
-        let mut index = Index {
-            next_seq: meta
-                .get("seq")
-                .map_err(|e| JobError::db(what, e))?
-                .map_or(0, |v| v.value()),
-            ..Index::default()
-        };
+        let next_seq = meta
+            .get("seq")
+            .map_err(|e| JobError::db(what, e))?
+            .map_or(0, |v| v.value());
+        self.next_seq
+            .fetch_max(next_seq, std::sync::atomic::Ordering::Relaxed);
+        let mut index = Index::default();
         for row in counts.iter().map_err(|e| JobError::db(what, e))? {
             let (endpoint, bytes) = row.map_err(|e| JobError::db(what, e))?;
             let mut c: Counts = serde_json::from_slice(bytes.value()).unwrap_or_default();
@@ -578,8 +604,9 @@ impl Shared {
                         }
                     }
                 }
+                let next_seq = self.next_seq.load(std::sync::atomic::Ordering::Relaxed);
                 if failure.is_none()
-                    && let Err(e) = t.meta.insert("seq", index.next_seq)
+                    && let Err(e) = t.meta.insert("seq", next_seq)
                 {
                     failure = Some(JobError::db("writing jobs", e));
                 }
@@ -747,10 +774,10 @@ fn apply(
     Ok(match command {
         Command::Submit(jobs, reply) => {
             let mut stored = Vec::with_capacity(jobs.len());
-            for mut job in jobs {
-                job.seq = index.next_seq;
-                index.next_seq += 1;
-                t.store(&job)?;
+            for (job, bytes) in jobs {
+                t.jobs
+                    .insert(job.id.as_str(), bytes.as_slice())
+                    .map_err(|e| JobError::db("writing a job", e))?;
                 t.active
                     .insert(job.id.as_str(), job.endpoint.as_str())
                     .map_err(|e| JobError::db("queueing a job", e))?;
@@ -759,6 +786,7 @@ fn apply(
                 lane.counts.add(JobState::InQueue, 1);
                 effects.touched.insert(job.endpoint.clone());
                 effects.ready.insert(job.endpoint.clone());
+                index.keep(&job);
                 stored.push(job);
             }
             done(reply, Ok(stored))
@@ -781,7 +809,7 @@ fn apply(
             }
             let mut leased = Vec::with_capacity(ids.len());
             for id in ids {
-                let Some(mut job) = t.load(&id)? else {
+                let Some(mut job) = index.take(t, &id)? else {
                     continue;
                 };
                 let number = job.attempts.len() as u32 + 1;
@@ -804,6 +832,7 @@ fn apply(
                     lane.counts.retried += 1;
                 }
                 effects.touched.insert(endpoint.clone());
+                index.keep(&job);
                 leased.push(job);
             }
             done(reply, Ok(leased))
@@ -814,7 +843,7 @@ fn apply(
             outcome,
             reply,
         } => {
-            let job = t.load(&id)?;
+            let job = index.take(t, &id)?;
             let holds = job.as_ref().is_some_and(|job| {
                 job.state == JobState::InProgress
                     && job.attempt() == attempt
@@ -824,6 +853,9 @@ fn apply(
                         .and_then(|lane| lane.leased.get(&id))
                         .is_some_and(|(a, _)| *a == attempt)
             });
+            if let Some(job) = job.as_ref().filter(|_| !holds) {
+                index.keep(job);
+            }
             let Some(mut job) = job.filter(|_| holds) else {
                 // A stale attempt: its output (if it wrote a blob) goes.
                 if let Outcome::Completed(output) = *outcome
@@ -873,6 +905,7 @@ fn apply(
                 }
             }
             t.store(&job)?;
+            index.keep(&job);
             done(reply, Ok(Some(job)))
         }
         Command::Cancel {
@@ -880,6 +913,7 @@ fn apply(
             id,
             reply,
         } => {
+            index.records.remove(&id);
             let Some(mut job) = t.load(&id)?.filter(|j| j.endpoint == endpoint) else {
                 return Ok(done(reply, Err(JobError::NotFound(id))));
             };
@@ -959,6 +993,7 @@ fn apply(
             effects.touched.insert(endpoint.clone());
             effects.ready.insert(endpoint);
             t.store(&job)?;
+            index.keep(&job);
             done(reply, Ok(job))
         }
         Command::Purge { endpoint, reply } => {
@@ -970,7 +1005,7 @@ fn apply(
             lane.ready_low = 0;
             let mut purged = 0;
             for id in ids {
-                let Some(mut job) = t.load(&id)? else {
+                let Some(mut job) = index.take(t, &id)? else {
                     continue;
                 };
                 job.error = Some(Failure {
@@ -1059,7 +1094,7 @@ fn reclaim(
         .collect();
     for id in expired {
         index.lane(endpoint).leased.remove(&id);
-        let Some(mut job) = t.load(&id)? else {
+        let Some(mut job) = index.take(t, &id)? else {
             continue;
         };
         let failure = Failure {
@@ -1078,6 +1113,7 @@ fn reclaim(
             false,
         )?;
         t.store(&job)?;
+        index.keep(&job);
     }
     Ok(())
 }
@@ -1116,7 +1152,17 @@ impl JobQueue for EmbeddedQueue {
                 });
             }
             let blobs: Vec<String> = records.iter().flat_map(blob_files).collect();
-            let stored = self.send(|reply| Command::Submit(records, reply)).await;
+            // Numbered and encoded here, on the submitter's thread: the writer only writes.
+            let mut encoded = Vec::with_capacity(records.len());
+            for mut job in records {
+                job.seq = self
+                    .shared
+                    .next_seq
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let bytes = encode(&job)?;
+                encoded.push((job, bytes));
+            }
+            let stored = self.send(|reply| Command::Submit(encoded, reply)).await;
             if stored.is_err() {
                 for name in blobs {
                     let _ = std::fs::remove_file(self.shared.blobs.join(name));
