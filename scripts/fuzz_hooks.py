@@ -1,10 +1,11 @@
-"""Schemathesis hooks for scripts/fuzz-api: serializers for the two bodies wasp takes that
-are not JSON (a TOML spec and a wasm component), sent as the bytes that were generated."""
+"""Schemathesis hooks for scripts/fuzz-api: serializers for the bodies wasp takes that are
+not JSON (a TOML spec, a wasm component, a JSONL batch input), sent as the bytes that were
+generated."""
 
 import schemathesis
 
 
-@schemathesis.serializer("application/toml", "application/wasm")
+@schemathesis.serializer("application/toml", "application/wasm", "application/jsonl")
 def raw(ctx, value):
     if isinstance(value, bytes):
         return value

@@ -106,6 +106,20 @@ pub struct Deployment {
 }
 
 impl Deployment {
+    /// A copy to change one thing of, without outgoing versions (no update under way).
+    fn settled(&self) -> Deployment {
+        Deployment {
+            spec: self.spec.clone(),
+            stopped: self.stopped,
+            versions: self.versions.clone(),
+            logs: self.logs.clone(),
+            events: self.events.clone(),
+            error: self.error.clone(),
+            outgoing: Vec::new(),
+            webhook_secret: self.webhook_secret.clone(),
+        }
+    }
+
     /// Picks a version for one request; `roll` is uniform in `0..100`.
     pub fn pick(&self, roll: u32) -> Option<&Arc<DeployedVersion>> {
         let mut acc = 0;
@@ -474,16 +488,7 @@ impl Gateway {
                 });
             }
         }
-        Ok(self.insert(Deployment {
-            spec: rolling.spec.clone(),
-            stopped: rolling.stopped,
-            versions: rolling.versions.clone(),
-            logs: rolling.logs.clone(),
-            events: rolling.events.clone(),
-            error: None,
-            outgoing: Vec::new(),
-            webhook_secret: rolling.webhook_secret.clone(),
-        }))
+        Ok(self.insert(rolling.settled()))
     }
 
     /// After a rolled-back update, versions that kept their workers take their old
@@ -541,14 +546,8 @@ impl Gateway {
             .endpoint(name)
             .ok_or_else(|| Error::NotFound(name.to_owned()))?;
         let deployment = Deployment {
-            spec: current.spec.clone(),
             stopped,
-            versions: current.versions.clone(),
-            logs: current.logs.clone(),
-            events: current.events.clone(),
-            error: current.error.clone(),
-            outgoing: Vec::new(),
-            webhook_secret: current.webhook_secret.clone(),
+            ..current.settled()
         };
         self.persist(&deployment).await?;
         let deployment = self.insert(deployment);
@@ -576,14 +575,8 @@ impl Gateway {
             .endpoint(name)
             .ok_or_else(|| Error::NotFound(name.to_owned()))?;
         let deployment = Deployment {
-            spec: current.spec.clone(),
-            stopped: current.stopped,
-            versions: current.versions.clone(),
-            logs: current.logs.clone(),
-            events: current.events.clone(),
-            error: current.error.clone(),
-            outgoing: Vec::new(),
             webhook_secret: new_secret(),
+            ..current.settled()
         };
         self.persist(&deployment).await?;
         Ok(self.insert(deployment))

@@ -866,6 +866,7 @@ fn apply(
                 return Ok(done(reply, Ok(None)));
             };
             index.lane(&job.endpoint).leased.remove(&id);
+            let timed_out = matches!(*outcome, Outcome::TimedOut(_));
             match *outcome {
                 Outcome::Completed(output) => {
                     close_attempt(&mut job, now, None);
@@ -877,31 +878,14 @@ fn apply(
                     job.error = Some(failure);
                     end(t, index, effects, &mut job, now, JobState::Failed)?;
                 }
-                Outcome::Retry(failure) => {
+                Outcome::Retry(failure) | Outcome::TimedOut(failure) => {
+                    let last = if timed_out {
+                        JobState::TimedOut
+                    } else {
+                        JobState::Failed
+                    };
                     close_attempt(&mut job, now, Some(failure.clone()));
-                    requeue_or_end(
-                        t,
-                        index,
-                        effects,
-                        &mut job,
-                        now,
-                        failure,
-                        JobState::Failed,
-                        true,
-                    )?;
-                }
-                Outcome::TimedOut(failure) => {
-                    close_attempt(&mut job, now, Some(failure.clone()));
-                    requeue_or_end(
-                        t,
-                        index,
-                        effects,
-                        &mut job,
-                        now,
-                        failure,
-                        JobState::TimedOut,
-                        true,
-                    )?;
+                    requeue_or_end(t, index, effects, &mut job, now, failure, last, true)?;
                 }
             }
             t.store(&job)?;
