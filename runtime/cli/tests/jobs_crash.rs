@@ -199,3 +199,34 @@ async fn a_batch_killed_half_way_resumes_with_one_output_line_per_input_line() {
     );
     server.terminate();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graceful_stop_lets_a_running_job_finish() {
+    let data = tempfile::tempdir().unwrap();
+    let server = Serve::start(data.path());
+    let c = TestClient::new(server.addr);
+    c.deploy_ok(HOSTILE, &spec("slow", "")).await;
+    let reply = c
+        .post_json(
+            "/endpoints/slow/run",
+            &json!({ "input": 1500, "path": "/sleep" }),
+        )
+        .await;
+    let id = reply.json()["id"].as_str().unwrap().to_owned();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while c.get(&format!("/endpoints/slow/status/{id}")).await.json()["status"] != "IN_PROGRESS" {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(server.terminate().success());
+    let server = Serve::start(data.path());
+    let c = TestClient::new(server.addr);
+    let status = c.get(&format!("/endpoints/slow/status/{id}")).await.json();
+    assert_eq!(status["status"], "COMPLETED", "{status:#}");
+    assert_eq!(
+        status["attempts"].as_array().unwrap().len(),
+        1,
+        "{status:#}"
+    );
+    server.terminate();
+}

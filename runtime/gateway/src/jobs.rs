@@ -69,8 +69,25 @@ impl Running {
         runners.insert(endpoint.to_owned(), task);
     }
 
-    /// Stops every runner (shutdown); their jobs stay leased and are queued again at the
-    /// next start.
+    /// Stops the runners (no job starts any more) and waits up to `within` for the jobs
+    /// that run to finish.
+    pub(crate) async fn drain(&self, within: Duration) {
+        for (_, runner) in self
+            .runners
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain()
+        {
+            runner.abort();
+        }
+        let deadline = tokio::time::Instant::now() + within;
+        while !self.lock_tasks().is_empty() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Stops every runner and job (shutdown); jobs still running stay leased and are
+    /// queued again at the next start.
     pub(crate) fn stop_all(&self) {
         for (_, runner) in self
             .runners
@@ -261,8 +278,18 @@ fn snippet(body: &[u8]) -> String {
 impl Gateway {
     /// A job ended: its webhook goes out, and waiters hear of it.
     pub(crate) fn job_ended(self: &Arc<Self>, job: Job) {
-        self.deliver_webhook(job.clone());
-        self.running.announce(job);
+        let waited = self.running.ended.receiver_count() > 0;
+        if job.webhook.as_ref().is_some_and(|w| !w.delivered) {
+            if waited {
+                self.deliver_webhook(job.clone());
+            } else {
+                self.deliver_webhook(job);
+                return;
+            }
+        }
+        if waited {
+            self.running.announce(job);
+        }
     }
 
     /// Removes finished jobs past their TTL.

@@ -157,12 +157,16 @@ impl Server {
         &self.gateway
     }
 
-    /// Stops accepting, lets in-flight requests finish (up to 30 s), and closes the store.
+    /// Stops accepting, lets in-flight requests and running jobs finish (up to 30 s each),
+    /// and closes the store.
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
         let _ = self.accept.await;
         self.upkeep.abort();
         let _ = self.upkeep.await;
+        // Jobs running now may finish (no new ones start); what is left after the drain
+        // time is queued again at the next start.
+        self.gateway.running.drain(DRAIN).await;
         self.gateway.close();
         tracing::info!("wasp stopped");
     }
