@@ -598,12 +598,11 @@ async fn run_line(
                     response.status,
                     String::from_utf8_lossy(&response.body[..response.body.len().min(512)])
                 ),
-                response.status >= 500 || response.status == 429,
+                crate::jobs::worth_retrying(response.status),
             ),
             Ok(Err(e)) => {
                 let api = e.into_api();
-                let transient =
-                    !(400..500).contains(&api.status) || matches!(api.status, 408 | 429);
+                let transient = crate::jobs::worth_retrying(api.status);
                 (api.code.to_owned(), api.message, transient)
             }
         };

@@ -237,7 +237,7 @@ async fn execute(gateway: &Gateway, job: &Job) -> Outcome {
                 response.status,
                 snippet(&response.body)
             );
-            if response.status >= 500 || response.status == 429 {
+            if worth_retrying(response.status) {
                 Outcome::Retry(failure("processor_error", message))
             } else {
                 Outcome::Failed(failure("processor_error", message))
@@ -245,17 +245,20 @@ async fn execute(gateway: &Gateway, job: &Job) -> Outcome {
         }
         Ok(Err(e)) => {
             let api = e.into_api();
-            // A refusal of the input will be refused again; a busy server or a failed
-            // worker may do better next time.
-            let permanent = (400..500).contains(&api.status) && !matches!(api.status, 408 | 429);
             let f = failure(api.code, api.message);
-            if permanent {
-                Outcome::Failed(f)
-            } else {
+            if worth_retrying(api.status) {
                 Outcome::Retry(f)
+            } else {
+                Outcome::Failed(f)
             }
         }
     }
+}
+
+/// Whether a request answered with `status` may do better another time: a busy server, a
+/// timeout or a failed worker may; a refusal of the input (another 4xx) will not.
+pub(crate) fn worth_retrying(status: u16) -> bool {
+    status >= 500 || matches!(status, 408 | 429)
 }
 
 fn failure(code: &str, message: impl Into<String>) -> Failure {

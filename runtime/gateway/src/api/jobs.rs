@@ -492,7 +492,7 @@ fn raw_query(query: &str) -> Result<RawQuery, ApiError> {
 
 /// A job's status as the API shows it; the output is read when it is small enough.
 pub(crate) async fn status_of(gateway: &AppState, job: &Job) -> JobStatus {
-    let now = wasp_core_now_ms();
+    let now = crate::workers::now_ms();
     let mut status = JobStatus {
         id: job.id.clone(),
         status: job.state.as_str(),
@@ -563,10 +563,6 @@ pub(crate) async fn status_of(gateway: &AppState, job: &Job) -> JobStatus {
         }
     }
     status
-}
-
-fn wasp_core_now_ms() -> u64 {
-    crate::workers::now_ms()
 }
 
 /// A job's status as a response.
