@@ -303,6 +303,16 @@ impl TestServer {
         server
     }
 
+    /// Starts a server on a fresh data directory with the test settings changed by
+    /// `configure`.
+    pub async fn start_configured(configure: impl FnOnce(&mut ServerConfig)) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().to_path_buf();
+        let mut server = Self::start_in_configured(&path, configure).await;
+        server._dir = Some(dir);
+        server
+    }
+
     async fn start_in_with(data_dir: &Path, http: wasp_gateway::HttpLimits) -> Self {
         Self::start_in_full(data_dir, http, wasp_gateway::Inventory::default()).await
     }
@@ -312,7 +322,18 @@ impl TestServer {
         http: wasp_gateway::HttpLimits,
         gpus: wasp_gateway::Inventory,
     ) -> Self {
-        let server = Server::start(ServerConfig {
+        Self::start_in_configured(data_dir, |config| {
+            config.http = http;
+            config.gpus = std::sync::Arc::new(gpus);
+        })
+        .await
+    }
+
+    async fn start_in_configured(
+        data_dir: &Path,
+        configure: impl FnOnce(&mut ServerConfig),
+    ) -> Self {
+        let mut config = ServerConfig {
             listen: "127.0.0.1:0".parse().unwrap(),
             data_dir: data_dir.to_path_buf(),
             runtime: RuntimeConfig {
@@ -321,12 +342,13 @@ impl TestServer {
             },
             backends: backends(),
             models_dir: Some(models_dir()),
-            http,
-            gpus: std::sync::Arc::new(gpus),
+            http: wasp_gateway::HttpLimits::default(),
+            gpus: std::sync::Arc::new(wasp_gateway::Inventory::default()),
             batch_mounts: vec![std::env::temp_dir()],
-        })
-        .await
-        .unwrap();
+            webhook_ca: Vec::new(),
+        };
+        configure(&mut config);
+        let server = Server::start(config).await.unwrap();
         let client = TestClient::new(server.local_addr());
         Self {
             server,

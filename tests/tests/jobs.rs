@@ -374,7 +374,7 @@ async fn bad_submits_get_clear_errors_and_store_nothing() {
 }
 
 /// A webhook receiver on loopback: it records each request and answers with the next
-/// status from `answers` (200 once they run out).
+/// status from `answers` (200 once they run out); over TLS when given an acceptor.
 struct Receiver {
     url: String,
     seen: std::sync::Arc<std::sync::Mutex<Vec<(hyper::HeaderMap, bytes::Bytes)>>>,
@@ -382,16 +382,21 @@ struct Receiver {
 
 impl Receiver {
     async fn start(answers: Vec<u16>) -> Self {
+        Self::start_with(answers, None).await
+    }
+
+    async fn start_with(answers: Vec<u16>, tls: Option<tokio_rustls::TlsAcceptor>) -> Self {
         use http_body_util::BodyExt;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}/hook", listener.local_addr().unwrap());
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let url = format!("{scheme}://{}/hook", listener.local_addr().unwrap());
         let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let answers = std::sync::Arc::new(std::sync::Mutex::new(answers.into_iter()));
         let record = seen.clone();
         tokio::spawn(async move {
             loop {
                 let (stream, _) = listener.accept().await.unwrap();
-                let (record, answers) = (record.clone(), answers.clone());
+                let (record, answers, tls) = (record.clone(), answers.clone(), tls.clone());
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(
                         move |req: hyper::Request<hyper::body::Incoming>| {
@@ -410,9 +415,21 @@ impl Receiver {
                             }
                         },
                     );
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                        .await;
+                    let http = hyper::server::conn::http1::Builder::new();
+                    let _ = match tls {
+                        // A client that refuses the certificate ends the handshake.
+                        Some(tls) => match tls.accept(stream).await {
+                            Ok(stream) => {
+                                http.serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                                    .await
+                            }
+                            Err(_) => return,
+                        },
+                        None => {
+                            http.serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                                .await
+                        }
+                    };
                 });
             }
         });
@@ -420,53 +437,37 @@ impl Receiver {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_webhook_is_signed_retried_and_its_outcome_kept() {
+/// A self-signed certificate for `localhost` and `127.0.0.1`: a TLS acceptor that presents
+/// it, and its PEM (the root a client must trust).
+fn self_signed() -> (tokio_rustls::TlsAcceptor, String) {
+    let certified =
+        rcgen::generate_simple_self_signed(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
+            .unwrap();
+    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(rustls::pki_types::PrivatePkcs8KeyDer::from(
+        certified.signing_key.serialize_der(),
+    ));
+    let config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(vec![certified.cert.der().clone()], key)
+    .unwrap();
+    (
+        tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config)),
+        certified.cert.pem(),
+    )
+}
+
+/// Checks that every request `receiver` saw is the signed status body of the finished
+/// job `id`.
+fn assert_signed(receiver: &Receiver, secret: &str, id: &str) {
     use hmac::{Hmac, Mac};
-    let t = TestServer::start().await;
-    let c = &t.client;
-    c.deploy_ok(HELLO, &spec("hooked", "")).await;
-    let secret = c
-        .get("/api/v1/endpoints/hooked/webhook-secret")
-        .await
-        .json()["secret"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    assert!(secret.starts_with("whsec_") && secret.len() > 40);
-    // Fails twice, then takes it.
-    let receiver = Receiver::start(vec![500, 503]).await;
-    let reply = c
-        .post_json(
-            "/endpoints/hooked/run",
-            &json!({ "input": { "name": "hook" }, "webhook": receiver.url }),
-        )
-        .await;
-    assert_eq!(reply.status, 202, "{}", reply.text());
-    let id = reply.json()["id"].as_str().unwrap().to_owned();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let status = loop {
-        let status = c
-            .get(&format!("/endpoints/hooked/status/{id}"))
-            .await
-            .json();
-        if status["webhook"]["delivered"] == true {
-            break status;
-        }
-        assert!(Instant::now() < deadline, "not delivered: {status:#}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
-    let statuses: Vec<Value> = status["webhook"]["deliveries"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|d| d["status"].clone())
-        .collect();
-    assert_eq!(statuses, [json!(500), json!(503), json!(200)], "{status:#}");
     let seen = receiver.seen.lock().unwrap().clone();
-    assert_eq!(seen.len(), 3);
+    assert!(!seen.is_empty());
     for (headers, body) in &seen {
-        assert_eq!(headers["x-wasp-job-id"], id.as_str());
+        assert_eq!(headers["x-wasp-job-id"], id);
         let signature = headers["x-wasp-signature"].to_str().unwrap();
         let (t, v1) = signature
             .strip_prefix("t=")
@@ -490,16 +491,118 @@ async fn a_webhook_is_signed_retried_and_its_outcome_kept() {
         let sent: Value = serde_json::from_slice(body).unwrap();
         assert_eq!(
             (sent["id"].as_str(), sent["status"].as_str()),
-            (Some(id.as_str()), Some("COMPLETED"))
+            (Some(id), Some("COMPLETED"))
         );
         assert!(sent["output"].to_string().contains("hook"));
     }
+}
+
+/// Submits a job with a webhook to `endpoint` and waits until its status passes `until`.
+async fn hooked_job(
+    c: &TestClient,
+    endpoint: &str,
+    url: &str,
+    until: impl Fn(&Value) -> bool,
+) -> (String, Value) {
+    let reply = c
+        .post_json(
+            &format!("/endpoints/{endpoint}/run"),
+            &json!({ "input": { "name": "hook" }, "webhook": url }),
+        )
+        .await;
+    assert_eq!(reply.status, 202, "{}", reply.text());
+    let id = reply.json()["id"].as_str().unwrap().to_owned();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let status = c
+            .get(&format!("/endpoints/{endpoint}/status/{id}"))
+            .await
+            .json();
+        if until(&status) {
+            return (id, status);
+        }
+        assert!(Instant::now() < deadline, "not there yet: {status:#}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn webhook_secret(c: &TestClient, endpoint: &str) -> String {
+    c.get(&format!("/api/v1/endpoints/{endpoint}/webhook-secret"))
+        .await
+        .json()["secret"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webhook_is_signed_retried_and_its_outcome_kept() {
+    let t = TestServer::start().await;
+    let c = &t.client;
+    c.deploy_ok(HELLO, &spec("hooked", "")).await;
+    let secret = webhook_secret(c, "hooked").await;
+    assert!(secret.starts_with("whsec_") && secret.len() > 40);
+    // Fails twice, then takes it.
+    let receiver = Receiver::start(vec![500, 503]).await;
+    let (id, status) = hooked_job(c, "hooked", &receiver.url, |s| {
+        s["webhook"]["delivered"] == true
+    })
+    .await;
+    let statuses: Vec<Value> = status["webhook"]["deliveries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["status"].clone())
+        .collect();
+    assert_eq!(statuses, [json!(500), json!(503), json!(200)], "{status:#}");
+    assert_eq!(receiver.seen.lock().unwrap().len(), 3);
+    assert_signed(&receiver, &secret, &id);
     // A rotated secret signs what comes next; the old one no longer verifies.
     let rotated = c
         .post("/api/v1/endpoints/hooked/webhook-secret/rotate", "")
         .await
         .json();
     assert_ne!(rotated["secret"].as_str().unwrap(), secret);
+    t.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_https_webhook_goes_to_a_receiver_whose_certificate_chains_to_a_trusted_root() {
+    let (trusted, root) = self_signed();
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, root).unwrap();
+    let t = TestServer::start_configured(|config| config.webhook_ca = vec![ca]).await;
+    let c = &t.client;
+    c.deploy_ok(HELLO, &spec("hooked", "")).await;
+    let secret = webhook_secret(c, "hooked").await;
+    let receiver = Receiver::start_with(Vec::new(), Some(trusted)).await;
+    assert!(receiver.url.starts_with("https://127.0.0.1:"));
+    let (id, status) = hooked_job(c, "hooked", &receiver.url, |s| {
+        s["webhook"]["delivered"] == true
+    })
+    .await;
+    assert_eq!(
+        status["webhook"]["deliveries"][0]["status"], 200,
+        "{status:#}"
+    );
+    assert_signed(&receiver, &secret, &id);
+    // A receiver whose certificate chains to no trusted root gets nothing: the try fails
+    // with the reason kept, and is tried again later.
+    let (stranger, _) = self_signed();
+    let untrusted = Receiver::start_with(Vec::new(), Some(stranger)).await;
+    let (_, status) = hooked_job(c, "hooked", &untrusted.url, |s| {
+        s["webhook"]["deliveries"]
+            .as_array()
+            .is_some_and(|d| !d.is_empty())
+    })
+    .await;
+    let first = &status["webhook"]["deliveries"][0];
+    assert!(first["status"].is_null(), "{status:#}");
+    let error = first["error"].as_str().unwrap();
+    assert!(error.contains("certificate"), "{error}");
+    assert_eq!(status["webhook"]["delivered"], false);
+    assert!(untrusted.seen.lock().unwrap().is_empty());
     t.stop().await;
 }
 

@@ -188,6 +188,10 @@ enum Command {
         /// A directory batch jobs may read their input from by path (repeatable).
         #[arg(long = "batch-mount", value_name = "DIR")]
         batch_mounts: Vec<PathBuf>,
+        /// A PEM file of CA certificates that webhook receivers' certificates may chain to,
+        /// besides the system's trusted roots (repeatable).
+        #[arg(long = "webhook-ca", value_name = "FILE")]
+        webhook_ca: Vec<PathBuf>,
     },
     /// Deploys (creates or replaces) the endpoint a TOML spec describes, uploading the
     /// components it names by path.
@@ -410,6 +414,7 @@ async fn run(cli: Cli) -> Result<()> {
             max_connections,
             gpus,
             batch_mounts,
+            webhook_ca,
         } => {
             let gpus = if gpus == "auto" {
                 detect_gpus()
@@ -433,6 +438,7 @@ async fn run(cli: Cli) -> Result<()> {
                 },
                 gpus: std::sync::Arc::new(gpus),
                 batch_mounts,
+                webhook_ca,
             };
             serve(config, deploy).await
         }

@@ -114,6 +114,9 @@ pub enum Error {
     /// The store could not be opened at start; the message says what to do.
     #[error("{0}")]
     OpenStore(String),
+    /// A server setting is wrong (a flag of `wasp serve`); the message names it.
+    #[error("{0}")]
+    Setting(String),
     /// The data directory is full: nothing was written, what was there is intact.
     #[error("{what}: the data directory is full; free space or grow its volume, then retry")]
     StorageFull {
@@ -191,6 +194,7 @@ impl Error {
             Self::StoreUnavailable(_) => 503,
             Self::Store(_)
             | Self::OpenStore(_)
+            | Self::Setting(_)
             | Self::Io { .. }
             | Self::Runtime(_)
             | Self::Bind { .. } => 500,
@@ -223,9 +227,11 @@ impl Error {
             Self::Backend { .. } => "backend_failed",
             Self::RolloutFailed { .. } => "rollout_failed",
             Self::RolloutStalled { .. } => "rollout_stalled",
-            Self::Store(_) | Self::OpenStore(_) | Self::Runtime(_) | Self::Bind { .. } => {
-                "internal"
-            }
+            Self::Store(_)
+            | Self::OpenStore(_)
+            | Self::Setting(_)
+            | Self::Runtime(_)
+            | Self::Bind { .. } => "internal",
         }
     }
 }

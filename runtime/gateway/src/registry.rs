@@ -307,7 +307,10 @@ impl Gateway {
         backends: Registry,
         models_dir: std::path::PathBuf,
         inventory: Arc<Inventory>,
+        webhook_roots: &[std::path::PathBuf],
     ) -> Result<Arc<Self>, Error> {
+        let webhooks = crate::webhooks::client(webhook_roots)
+            .map_err(|e| Error::Setting(format!("--webhook-ca {e}")))?;
         let store = Store::open(data_dir)?;
         let clock: Arc<dyn Clock> = Arc::new(SystemClock::new());
         let jobs = wasp_jobs::EmbeddedQueue::open(&data_dir.join("jobs"), clock.clone())
@@ -330,7 +333,7 @@ impl Gateway {
             inventory,
             jobs: Arc::new(jobs),
             running: crate::jobs::Running::new(),
-            webhooks: crate::webhooks::client(),
+            webhooks,
             batches: crate::batches::Batches::default(),
             data_dir: data_dir.to_owned(),
         });

@@ -43,6 +43,9 @@ pub struct ServerConfig {
     pub gpus: Arc<wasp_scaling::Inventory>,
     /// Directories a batch may read its input from by path (`--batch-mount`).
     pub batch_mounts: Vec<PathBuf>,
+    /// PEM files of CA certificates that webhook receivers' certificates may chain to,
+    /// besides the system's trusted roots (`--webhook-ca`).
+    pub webhook_ca: Vec<PathBuf>,
 }
 
 /// Limits of the HTTP server, against slow or greedy clients.
@@ -94,6 +97,7 @@ impl Server {
             config.backends,
             models_dir,
             config.gpus.clone(),
+            &config.webhook_ca,
         )
         .await?;
         let mounts = config
@@ -101,7 +105,7 @@ impl Server {
             .iter()
             .map(|m| {
                 m.canonicalize()
-                    .map_err(|e| Error::OpenStore(format!("--batch-mount {}: {e}", m.display())))
+                    .map_err(|e| Error::Setting(format!("--batch-mount {}: {e}", m.display())))
             })
             .collect::<Result<Vec<_>, _>>()?;
         *gateway

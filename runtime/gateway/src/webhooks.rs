@@ -7,15 +7,19 @@
 //! the hex is HMAC-SHA256 with the endpoint's webhook secret over `<t>.<body>`. A receiver
 //! recomputes it and refuses a `t` older than a few minutes (replays).
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use hmac::{Hmac, Mac};
 use http_body_util::{BodyExt, Full};
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject;
 use sha2::Sha256;
 use wasp_jobs::{Delivery, Job};
 
@@ -30,14 +34,58 @@ const FIRST_RETRY: Duration = Duration::from_secs(1);
 const DELIVERY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The client webhooks are sent with.
-pub(crate) type WebhookClient = Client<HttpConnector, Full<Bytes>>;
+pub(crate) type WebhookClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
 
-/// A client for webhooks (plain HTTP, TCP_NODELAY, pooled connections).
-pub(crate) fn client() -> WebhookClient {
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
-    connector.set_connect_timeout(Some(DELIVERY_TIMEOUT));
-    Client::builder(TokioExecutor::new()).build(connector)
+/// A client for webhooks: `http` and `https` URLs, TCP_NODELAY, pooled connections. An
+/// `https` receiver must present a certificate that chains to one of the system's trusted
+/// roots or to one of `extra_roots` (PEM files, for a private CA or a self-signed
+/// receiver).
+pub(crate) fn client(extra_roots: &[PathBuf]) -> Result<WebhookClient, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    let native = rustls_native_certs::load_native_certs();
+    for e in &native.errors {
+        tracing::debug!("a system certificate could not be read: {e}");
+    }
+    let (added, _) = roots.add_parsable_certificates(native.certs);
+    for path in extra_roots {
+        let at = |e: &dyn std::fmt::Display| format!("{}: {e}", path.display());
+        let certs = CertificateDer::pem_file_iter(path)
+            .map_err(|e| at(&e))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| at(&e))?;
+        if certs.is_empty() {
+            return Err(at(&"holds no PEM certificate"));
+        }
+        for cert in certs {
+            roots.add(cert).map_err(|e| at(&e))?;
+        }
+    }
+    if roots.is_empty() {
+        tracing::warn!("no trusted root certificates: webhooks to https URLs will fail");
+    } else {
+        tracing::debug!(
+            system = added,
+            extra = extra_roots.len(),
+            "webhook roots loaded"
+        );
+    }
+    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| format!("TLS settings: {e}"))?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(DELIVERY_TIMEOUT));
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(http);
+    Ok(Client::builder(TokioExecutor::new()).build(connector))
 }
 
 /// The signature header's value for `body` signed at `t` (unix seconds) with `secret`.
@@ -173,7 +221,7 @@ impl Gateway {
                 .webhooks
                 .request(request)
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| causes(&e))?;
             let status = response.status().as_u16();
             // Read (and drop) the answer so that the connection can be reused.
             let _ = response.into_body().collect().await;
@@ -184,5 +232,68 @@ impl Gateway {
             Ok(result) => result,
             Err(_) => Err(format!("no answer within {} s", DELIVERY_TIMEOUT.as_secs())),
         }
+    }
+}
+
+/// An error with its causes, outermost first (`client error (Connect): invalid peer
+/// certificate: UnknownIssuer`): the client's own message alone hides why.
+fn causes(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let next = cause.to_string();
+        if !text.contains(&next) {
+            text.push_str(": ");
+            text.push_str(&next);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+    use super::*;
+
+    #[test]
+    fn a_webhook_ca_that_is_missing_or_holds_no_certificate_is_refused_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing.pem");
+        let e = client(std::slice::from_ref(&missing)).err().unwrap();
+        assert!(e.starts_with(&missing.display().to_string()), "{e}");
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "not a certificate\n").unwrap();
+        let e = client(std::slice::from_ref(&empty)).err().unwrap();
+        assert!(e.contains("empty.pem") && e.contains("no PEM certificate"), "{e}");
+        assert!(client(&[]).is_ok());
+    }
+
+    #[test]
+    fn an_error_shows_its_causes_once() {
+        #[derive(Debug)]
+        struct Layer(&'static str, Option<Box<Layer>>);
+        impl std::fmt::Display for Layer {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.0)
+            }
+        }
+        impl std::error::Error for Layer {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                self.1.as_deref().map(|l| l as _)
+            }
+        }
+        let e = Layer(
+            "client error (Connect)",
+            Some(Box::new(Layer(
+                "invalid peer certificate: UnknownIssuer",
+                Some(Box::new(Layer("UnknownIssuer", None))),
+            ))),
+        );
+        assert_eq!(
+            causes(&e),
+            "client error (Connect): invalid peer certificate: UnknownIssuer"
+        );
     }
 }

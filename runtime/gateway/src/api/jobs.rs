@@ -368,14 +368,8 @@ fn webhook_url(url: &str, field: &str) -> Result<String, ApiError> {
         return Err(bad("is longer than 2048 characters"));
     }
     let uri: Uri = url.parse().map_err(|_| bad("is not a URL"))?;
-    match uri.scheme_str() {
-        Some("http") => {}
-        Some("https") => {
-            return Err(bad(
-                "is https, which this build cannot deliver to yet; use http",
-            ));
-        }
-        _ => return Err(bad("is not an http URL")),
+    if !matches!(uri.scheme_str(), Some("http" | "https")) {
+        return Err(bad("is not an http or https URL"));
     }
     if uri.host().is_none_or(str::is_empty) {
         return Err(bad("has no host"));
