@@ -338,5 +338,42 @@ async fn the_processor_sees_the_request_and_shapes_the_response() {
     let bad = c.invoke("invoker", "/bad-header", "").await;
     assert_eq!(bad.status, 502);
     assert_eq!(bad.json()["error"]["code"], "invalid_processor_response");
+
+    // Statuses HTTP has no room for are a 502 that says why, never passed on.
+    for status in ["600", "999", "99", "0"] {
+        let bad = c.invoke("invoker", "/bad-status", status).await;
+        assert_eq!(bad.status, 502, "status {status}");
+        let error = &bad.json()["error"];
+        assert_eq!(error["code"], "invalid_processor_response");
+        assert!(
+            error["message"].as_str().unwrap().contains(status),
+            "{error}"
+        );
+    }
+    assert_eq!(c.invoke("invoker", "/bad-status", "599").await.status, 599);
+    // A header flood is a 502 on a connection that stays usable, not a dropped one.
+    let flood = c.invoke("invoker", "/headers", "100000").await;
+    assert_eq!(flood.status, 502);
+    assert!(
+        flood.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("100001 headers; the limit is 100"),
+        "{}",
+        flood.text()
+    );
+    assert_eq!(c.invoke("invoker", "/headers", "50").await.status, 200);
+    assert_eq!(c.invoke("invoker", "/ok", "").await.status, 200);
+    // A request with too many headers is refused with 431 before it reaches anything.
+    let many: Vec<(String, String)> = (0..200).map(|i| (format!("x-h{i}"), "v".into())).collect();
+    let many: Vec<(&str, &str)> = many.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let reply = c
+        .try_request_with("POST", "/endpoints/invoker/invoke/ok", &many, "")
+        .await;
+    assert!(
+        reply.as_ref().is_ok_and(|r| r.status == 431),
+        "{:?}",
+        reply.map(|r| r.status)
+    );
     t.stop().await;
 }

@@ -824,3 +824,28 @@ async fn a_hundred_mib_job_is_kept_as_blobs_and_comes_back_whole() {
     );
     t.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_whose_processor_answers_what_http_cannot_carry_fails_once_with_the_reason() {
+    let t = TestServer::start().await;
+    let c = &t.client;
+    c.deploy_ok(HOSTILE, &spec("odd", "")).await;
+    let reply = c
+        .post_json(
+            "/endpoints/odd/run",
+            &json!({ "input": 600, "path": "/bad-status" }),
+        )
+        .await;
+    assert_eq!(reply.status, 202, "{}", reply.text());
+    let id = reply.json()["id"].as_str().unwrap().to_owned();
+    let status = wait_done(c, "odd", &id).await;
+    assert_eq!(status["status"], "FAILED", "{status:#}");
+    assert_eq!(status["error"]["code"], "invalid_processor_response");
+    assert!(
+        status["error"]["message"].as_str().unwrap().contains("600"),
+        "{status:#}"
+    );
+    // Not worth retrying: the same processor would answer the same.
+    assert_eq!(status["attempts"].as_array().unwrap().len(), 1);
+    t.stop().await;
+}

@@ -1177,6 +1177,12 @@ fn check_name(field: &str, name: &str, max: usize) -> Result<(), SpecError> {
             "must not start or end with whitespace",
         ));
     }
+    if name == "." || name == ".." {
+        return Err(SpecError::invalid(
+            field,
+            "must not be `.` or `..`, which URL normalisation removes",
+        ));
+    }
     Ok(())
 }
 
@@ -1222,6 +1228,12 @@ mod tests {
         assert!(EndpointSpec::from_toml(&MINIMAL.replace("redact", &ok)).is_ok());
         let err = EndpointSpec::from_toml(&MINIMAL.replace("redact", "a/b")).unwrap_err();
         assert_eq!(err.field(), Some("name"));
+        for dots in [".", ".."] {
+            let err = EndpointSpec::from_toml(&MINIMAL.replace("redact", dots)).unwrap_err();
+            assert_eq!(err.field(), Some("name"), "{dots}");
+            assert!(err.to_string().contains("URL normalisation"), "{err}");
+        }
+        assert!(EndpointSpec::from_toml(&MINIMAL.replace("redact", "...")).is_ok());
     }
 
     #[test]

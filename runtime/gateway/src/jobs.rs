@@ -226,6 +226,9 @@ async fn execute(gateway: &Gateway, job: &Job) -> Outcome {
                 job.policy.execution_timeout_ms
             ),
         )),
+        Ok(Ok(response)) if let Err(e) = data::check_processor_response(&response) => {
+            Outcome::Failed(failure(e.code, e.message))
+        }
         Ok(Ok(response)) if response.status < 400 => Outcome::Completed(JobOutput {
             status: response.status,
             headers: response.headers,

@@ -24,6 +24,12 @@ const HOUSEKEEPING: Duration = Duration::from_secs(10);
 /// How often every version's autoscaler decides.
 const AUTOSCALE: Duration = Duration::from_secs(1);
 
+/// Most headers a request may carry; more is answered `431`.
+const MAX_REQUEST_HEADERS: usize = 100;
+/// Most bytes a request's head (request line and headers) may take; more is answered
+/// `431`.
+const MAX_REQUEST_HEAD_BYTES: usize = 64 * 1024;
+
 /// What `wasp serve` is started with.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
@@ -213,6 +219,8 @@ async fn accept_loop(
                 let connection = http1::Builder::new()
                     .timer(TokioTimer::new())
                     .header_read_timeout(limits.header_read_timeout)
+                    .max_headers(MAX_REQUEST_HEADERS)
+                    .max_buf_size(MAX_REQUEST_HEAD_BYTES)
                     .keep_alive(true)
                     .serve_connection(TokioIo::new(stream), service);
                 let connection = graceful.watch(connection);

@@ -555,35 +555,68 @@ fn record(
         .observe_mean(u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX));
 }
 
+/// Most headers a processor's response may carry.
+pub(crate) const MAX_RESPONSE_HEADERS: usize = 100;
+/// Most bytes of header names and values a processor's response may carry.
+pub(crate) const MAX_RESPONSE_HEADER_BYTES: usize = 64 * 1024;
+
+/// Checks that a processor's response is one HTTP can carry: a status from 100 to 599, at
+/// most [`MAX_RESPONSE_HEADERS`] valid headers of at most [`MAX_RESPONSE_HEADER_BYTES`] in
+/// all. What fails is answered `502 invalid_processor_response`, never passed on.
+pub(crate) fn check_processor_response(response: &wasp_wasm::Response) -> Result<(), ApiError> {
+    let bad = |why: String| ApiError::new(502, "invalid_processor_response", why);
+    if !(100..=599).contains(&response.status) {
+        return Err(bad(format!(
+            "processor returned status {}, which is not an HTTP status (100 to 599)",
+            response.status
+        )));
+    }
+    if response.headers.len() > MAX_RESPONSE_HEADERS {
+        return Err(bad(format!(
+            "processor returned {} headers; the limit is {MAX_RESPONSE_HEADERS}",
+            response.headers.len()
+        )));
+    }
+    let bytes: usize = response
+        .headers
+        .iter()
+        .map(|(k, v)| k.len() + v.len())
+        .sum();
+    if bytes > MAX_RESPONSE_HEADER_BYTES {
+        return Err(bad(format!(
+            "processor returned {bytes} bytes of headers; the limit is {MAX_RESPONSE_HEADER_BYTES}"
+        )));
+    }
+    if let Some((name, _)) = response.headers.iter().find(|(k, v)| {
+        HeaderName::try_from(k.as_str()).is_err() || HeaderValue::try_from(v.as_str()).is_err()
+    }) {
+        let shown: String = name.chars().take(64).collect();
+        return Err(bad(format!(
+            "processor returned an invalid header `{shown}`"
+        )));
+    }
+    Ok(())
+}
+
 /// Turns a processor's response into an HTTP response, refusing what HTTP cannot carry.
 fn processor_response(response: wasp_wasm::Response, version: &str) -> Response {
+    if let Err(e) = check_processor_response(&response) {
+        return e.into_response();
+    }
     let Ok(status) = StatusCode::from_u16(response.status) else {
-        return ApiError::new(
-            502,
-            "invalid_processor_response",
-            format!(
-                "processor returned status {}, which is not an HTTP status",
-                response.status
-            ),
-        )
-        .into_response();
+        return ApiError::new(502, "invalid_processor_response", "invalid status").into_response();
     };
     let mut out = Response::new(Body::from(response.body));
     *out.status_mut() = status;
     let headers = out.headers_mut();
     for (name, value) in response.headers {
-        let (Ok(name), Ok(value)) = (
+        // Checked above.
+        if let (Ok(name), Ok(value)) = (
             HeaderName::try_from(name.as_str()),
             HeaderValue::try_from(value.as_str()),
-        ) else {
-            return ApiError::new(
-                502,
-                "invalid_processor_response",
-                format!("processor returned an invalid header `{name}`"),
-            )
-            .into_response();
-        };
-        headers.append(name, value);
+        ) {
+            headers.append(name, value);
+        }
     }
     if let Ok(v) = HeaderValue::from_str(version) {
         headers.insert("x-wasp-version", v);

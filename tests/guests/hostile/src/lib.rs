@@ -35,6 +35,20 @@ impl Processor for Hostile {
                 .with_status(418)
                 .with_header("x-custom", "yes")),
             "/bad-header" => Ok(Response::text("x").with_header("bad header", "v")),
+            // A status HTTP has no room for (the body says which).
+            "/bad-status" => {
+                let status: u16 = request.text()?.trim().parse().unwrap_or(600);
+                Ok(Response::text("x").with_status(status))
+            }
+            // As many headers as the body says.
+            "/headers" => {
+                let n: usize = request.text()?.trim().parse().unwrap_or(100_000);
+                let mut response = Response::text("x");
+                for i in 0..n {
+                    response = response.with_header(format!("x-h{i}"), "v");
+                }
+                Ok(response)
+            }
             "/echo" => Ok(Response::bytes("application/octet-stream", request.body)),
             "/sleep" => {
                 let ms: u64 = request.text()?.trim().parse().map_err(|_| {
