@@ -55,6 +55,7 @@ impl Reply {
 pub struct TestClient {
     base: String,
     http: HyperClient<HttpConnector, Full<Bytes>>,
+    key: Option<String>,
 }
 
 impl TestClient {
@@ -63,6 +64,32 @@ impl TestClient {
         Self {
             base: format!("http://{addr}"),
             http: HyperClient::builder(TokioExecutor::new()).build_http(),
+            key: None,
+        }
+    }
+
+    /// A client for `addr` that sends `key` as `Authorization: Bearer`.
+    pub fn with_key(addr: SocketAddr, key: &str) -> Self {
+        Self {
+            key: Some(key.to_owned()),
+            ..Self::new(addr)
+        }
+    }
+
+    /// A client for the server at `addr` on `data_dir`, with the operator key its first
+    /// start wrote there.
+    pub fn operator(addr: SocketAddr, data_dir: &Path) -> Self {
+        let key = operator_key(data_dir);
+        crate::load::authorize(addr, &key);
+        Self::with_key(addr, &key)
+    }
+
+    /// The same server with another key (`None`: no key).
+    pub fn as_key(&self, key: Option<&str>) -> Self {
+        Self {
+            base: self.base.clone(),
+            http: self.http.clone(),
+            key: key.map(str::to_owned),
         }
     }
 
@@ -95,6 +122,12 @@ impl TestClient {
         let mut builder = hyper::Request::builder()
             .method(method)
             .uri(format!("{}{path}", self.base));
+        let own_key = headers
+            .iter()
+            .any(|(k, _)| k.eq_ignore_ascii_case("authorization"));
+        if let (Some(key), false) = (&self.key, own_key) {
+            builder = builder.header("authorization", format!("Bearer {key}"));
+        }
         for (k, v) in headers {
             builder = builder.header(*k, *v);
         }
@@ -258,6 +291,14 @@ pub fn minilm_dir() -> PathBuf {
     dir
 }
 
+/// The operator key the first start of a server on `data_dir` wrote there.
+pub fn operator_key(data_dir: &Path) -> String {
+    std::fs::read_to_string(data_dir.join(wasp_gateway::OPERATOR_KEY_FILE))
+        .unwrap()
+        .trim()
+        .to_owned()
+}
+
 /// A real server on `127.0.0.1:0` with its own data directory.
 pub struct TestServer {
     /// The running server.
@@ -346,10 +387,11 @@ impl TestServer {
             gpus: std::sync::Arc::new(wasp_gateway::Inventory::default()),
             batch_mounts: vec![std::env::temp_dir()],
             webhook_ca: Vec::new(),
+            credentials: None,
         };
         configure(&mut config);
         let server = Server::start(config).await.unwrap();
-        let client = TestClient::new(server.local_addr());
+        let client = TestClient::operator(server.local_addr(), data_dir);
         Self {
             server,
             client,

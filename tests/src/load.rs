@@ -32,6 +32,25 @@ pub fn quantile(samples: &mut [Duration], q: f64) -> Duration {
     samples[((samples.len() - 1) as f64 * q).round() as usize]
 }
 
+/// API keys of the wasp servers the harness started, by address: [`run`] sends the key of
+/// its target, as a wasp client would (other servers, such as a peer, get none).
+static KEYS: std::sync::Mutex<Vec<(SocketAddr, String)>> = std::sync::Mutex::new(Vec::new());
+
+/// Registers the API key of the server at `addr` (the harness does it for its servers).
+pub fn authorize(addr: SocketAddr, key: &str) {
+    let mut keys = KEYS.lock().unwrap();
+    keys.retain(|(a, _)| *a != addr);
+    keys.push((addr, key.to_owned()));
+}
+
+fn key_of(addr: SocketAddr) -> Option<String> {
+    KEYS.lock()
+        .unwrap()
+        .iter()
+        .find(|(a, _)| *a == addr)
+        .map(|(_, k)| format!("Bearer {k}"))
+}
+
 /// POSTs `body` to `path` on `addr` from `connections` connections for `duration`.
 pub async fn run(
     addr: SocketAddr,
@@ -42,8 +61,9 @@ pub async fn run(
 ) -> Report {
     let done = Arc::new(AtomicBool::new(false));
     let mut tasks = Vec::new();
+    let key = key_of(addr);
     for _ in 0..connections {
-        let (done, path, body) = (done.clone(), path.to_owned(), body.clone());
+        let (done, path, body, key) = (done.clone(), path.to_owned(), body.clone(), key.clone());
         tasks.push(tokio::spawn(async move {
             let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
             stream.set_nodelay(true).unwrap();
@@ -53,11 +73,13 @@ pub async fn run(
             tokio::spawn(conn);
             let mut latencies = Vec::new();
             while !done.load(Ordering::Relaxed) {
-                let request = hyper::Request::post(path.as_str())
+                let mut request = hyper::Request::post(path.as_str())
                     .header("host", "bench")
-                    .header("content-type", "application/json")
-                    .body(Full::new(body.clone()))
-                    .unwrap();
+                    .header("content-type", "application/json");
+                if let Some(key) = &key {
+                    request = request.header("authorization", key.as_str());
+                }
+                let request = request.body(Full::new(body.clone())).unwrap();
                 let started = Instant::now();
                 let response = sender.send_request(request).await.unwrap();
                 let status = response.status();

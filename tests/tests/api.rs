@@ -307,11 +307,12 @@ async fn the_processor_sees_the_request_and_shapes_the_response() {
     let c = &t.client;
     // A name that starts like the route's own `invoke` segment.
     c.deploy_ok(HOSTILE, &spec("invoker", "")).await;
+    let bearer = format!("Bearer {}", wasp_tests::operator_key(&t.data_dir));
     let seen = c
         .request_with(
             "PUT",
             "/endpoints/invoker/invoke/request?x=1&y=2",
-            &[("authorization", "Bearer secret"), ("x-trace", "t1")],
+            &[("authorization", bearer.as_str()), ("x-trace", "t1")],
             "",
         )
         .await

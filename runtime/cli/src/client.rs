@@ -15,6 +15,7 @@ use wasp_core::EndpointSpec;
 pub struct Client {
     base: String,
     http: HyperClient<HttpConnector, Full<Bytes>>,
+    key: Option<String>,
 }
 
 /// `/api/v1/endpoints/{name}{suffix}` with the name percent-encoded.
@@ -45,7 +46,8 @@ pub fn endpoint_job_path(endpoint: &str, verb: &str, id: &str) -> String {
 }
 
 impl Client {
-    pub fn new(base: &str) -> Result<Self> {
+    /// A client for the server at `base` that sends `key` (an API key) with every request.
+    pub fn new(base: &str, key: Option<String>) -> Result<Self> {
         let base = base.trim_end_matches('/').to_owned();
         if !base.starts_with("http://") {
             bail!("--server must be an http:// URL, not `{base}`");
@@ -53,7 +55,13 @@ impl Client {
         Ok(Self {
             base,
             http: HyperClient::builder(TokioExecutor::new()).build_http(),
+            key,
         })
+    }
+
+    /// The server's URL.
+    pub fn base(&self) -> &str {
+        &self.base
     }
 
     async fn send(
@@ -67,6 +75,9 @@ impl Client {
         let mut request = hyper::Request::builder().method(method).uri(&url);
         if let Some(ct) = content_type {
             request = request.header("content-type", ct);
+        }
+        if let Some(key) = &self.key {
+            request = request.header("authorization", format!("Bearer {key}"));
         }
         let request = request
             .body(Full::new(Bytes::from(body)))
@@ -180,6 +191,13 @@ impl Client {
 /// field at fault.
 fn api_error(status: StatusCode, value: &Value) -> anyhow::Error {
     let error = &value["error"];
+    if status == StatusCode::UNAUTHORIZED {
+        return anyhow::anyhow!(
+            "{status}: {} (set WASP_API_KEY, or run `wasp login`; the first start of a server \
+             writes its operator key to DATA_DIR/operator.key)",
+            error["message"].as_str().unwrap_or("")
+        );
+    }
     match error["field"].as_str() {
         Some(field) => anyhow::anyhow!(
             "{status}: {} (field `{field}`)",

@@ -267,6 +267,21 @@ enum Command {
         #[command(subcommand)]
         command: StoreCommand,
     },
+    /// Stores an API key for `--server` in the credentials file (read from standard input,
+    /// or WASP_API_KEY), after checking it with the server.
+    Login,
+    /// Shows the tenant and role of the key in use.
+    Whoami,
+    /// Tenants (operator keys).
+    Tenant {
+        #[command(subcommand)]
+        action: TenantCommand,
+    },
+    /// API keys (admin and operator keys).
+    Key {
+        #[command(subcommand)]
+        action: KeyCommand,
+    },
     /// Prints a shell completion script (`wasp completions bash > /etc/bash_completion.d/wasp`).
     Completions {
         /// The shell.
@@ -276,6 +291,49 @@ enum Command {
     Processor {
         #[command(subcommand)]
         command: ProcessorCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum TenantCommand {
+    /// Makes a tenant.
+    Create {
+        /// Its name: lowercase letters, digits and `-`, starting with a letter.
+        name: String,
+    },
+    /// Lists tenants.
+    Ls,
+    /// Removes a tenant (it must have no endpoints) and its keys.
+    Rm {
+        /// Its name.
+        name: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeyCommand {
+    /// Makes a key and prints it (the only time it is shown).
+    Create {
+        /// What it may do: `invoker`, `admin` or `operator`.
+        #[arg(long, default_value = "invoker")]
+        role: String,
+        /// Its tenant (the caller's by default).
+        #[arg(long)]
+        tenant: Option<String>,
+        /// A label for people.
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Lists keys (never the keys themselves).
+    Ls {
+        /// Only this tenant's.
+        #[arg(long)]
+        tenant: Option<String>,
+    },
+    /// Revokes a key at once.
+    Revoke {
+        /// Its id.
+        id: String,
     },
 }
 
@@ -391,7 +449,7 @@ fn detect_gpus() -> wasp_gateway::Inventory {
 }
 
 async fn run(cli: Cli) -> Result<()> {
-    let client = Client::new(&cli.server)?;
+    let client = Client::new(&cli.server, api_key(&cli.server)?)?;
     let (format, file) = match cli.output.as_str() {
         "table" => (output::Format::Table, None),
         "json" => (output::Format::Json, None),
@@ -439,6 +497,7 @@ async fn run(cli: Cli) -> Result<()> {
                 gpus: std::sync::Arc::new(gpus),
                 batch_mounts,
                 webhook_ca,
+                credentials: wasp_core::credentials::default_path(),
             };
             serve(config, deploy).await
         }
@@ -457,6 +516,22 @@ async fn run(cli: Cli) -> Result<()> {
             print.endpoints(&client.get("/api/v1/endpoints").await?);
             Ok(())
         }
+        Command::Login => login(&cli.server).await,
+        Command::Whoami => {
+            let me = client.get("/api/v1/whoami").await?;
+            if !print.json(&me) {
+                println!(
+                    "{}: tenant {}, role {} (key {})",
+                    client.base(),
+                    me["tenant"].as_str().unwrap_or("?"),
+                    me["role"].as_str().unwrap_or("?"),
+                    me["key_id"].as_str().unwrap_or("?")
+                );
+            }
+            Ok(())
+        }
+        Command::Tenant { action } => tenants(&client, &print, action).await,
+        Command::Key { action } => keys(&client, &print, action).await,
         Command::Status { name } => {
             print.endpoint(&client.get(&client::endpoint_path(&name, "")).await?);
             Ok(())
@@ -620,7 +695,9 @@ async fn serve(config: ServerConfig, deploy: Vec<PathBuf>) -> Result<()> {
             async move {
                 Ok(format!(
                     "sha256:{}",
-                    gateway.upload_component(bytes.into()).await?
+                    gateway
+                        .upload_component(wasp_gateway::DEFAULT_TENANT, bytes.into())
+                        .await?
                 ))
             }
         })
@@ -851,4 +928,137 @@ fn write_output(bytes: &[u8], to: Option<&Path>) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// The API key for `server`: WASP_API_KEY, else the credentials file's entry.
+fn api_key(server: &str) -> Result<Option<String>> {
+    if let Some(key) = std::env::var("WASP_API_KEY")
+        .ok()
+        .filter(|k| !k.trim().is_empty())
+    {
+        return Ok(Some(key.trim().to_owned()));
+    }
+    let Some(path) = wasp_core::credentials::default_path() else {
+        return Ok(None);
+    };
+    let credentials = wasp_core::credentials::Credentials::load(&path)?;
+    Ok(credentials.key_for(server).map(str::to_owned))
+}
+
+/// `wasp login`: checks a key with the server, then keeps it in the credentials file.
+async fn login(server: &str) -> Result<()> {
+    let key = match std::env::var("WASP_API_KEY")
+        .ok()
+        .filter(|k| !k.trim().is_empty())
+    {
+        Some(key) => key,
+        None => {
+            use std::io::IsTerminal;
+            if std::io::stdin().is_terminal() {
+                eprint!("API key for {server}: ");
+            }
+            let mut line = String::new();
+            std::io::stdin().read_line(&mut line)?;
+            line
+        }
+    };
+    let key = key.trim().to_owned();
+    if key.is_empty() {
+        anyhow::bail!("no key given (type it, pipe it in, or set WASP_API_KEY)");
+    }
+    let client = Client::new(server, Some(key.clone()))?;
+    let me = client.get("/api/v1/whoami").await?;
+    let path = wasp_core::credentials::default_path()
+        .ok_or_else(|| anyhow::anyhow!("no home directory: set WASP_CREDENTIALS"))?;
+    wasp_core::credentials::Credentials::store(&path, server, &key)?;
+    println!(
+        "logged in to {} as tenant {} ({}); key kept in {}",
+        client.base(),
+        me["tenant"].as_str().unwrap_or("?"),
+        me["role"].as_str().unwrap_or("?"),
+        path.display()
+    );
+    Ok(())
+}
+
+async fn tenants(client: &Client, print: &output::Printer, action: TenantCommand) -> Result<()> {
+    match action {
+        TenantCommand::Create { name } => {
+            let body = serde_json::json!({ "name": name }).to_string().into_bytes();
+            let made = client
+                .post_body("/api/v1/tenants", "application/json", body)
+                .await?;
+            if !print.json(&made) {
+                println!("made tenant `{name}`");
+            }
+        }
+        TenantCommand::Ls => {
+            let all = client.get("/api/v1/tenants").await?;
+            if !print.json(&all) {
+                println!("{:<34} ENDPOINTS", "TENANT");
+                for t in all["tenants"].as_array().into_iter().flatten() {
+                    println!(
+                        "{:<34} {}",
+                        t["name"].as_str().unwrap_or("?"),
+                        t["endpoints"]
+                    );
+                }
+            }
+        }
+        TenantCommand::Rm { name } => {
+            client
+                .delete(&format!("/api/v1/tenants/{}", client::query_value(&name)))
+                .await?;
+            println!("removed tenant `{name}`");
+        }
+    }
+    Ok(())
+}
+
+async fn keys(client: &Client, print: &output::Printer, action: KeyCommand) -> Result<()> {
+    match action {
+        KeyCommand::Create { role, tenant, name } => {
+            let body = serde_json::json!({ "role": role, "tenant": tenant, "name": name })
+                .to_string()
+                .into_bytes();
+            let made = client
+                .post_body("/api/v1/keys", "application/json", body)
+                .await?;
+            if !print.json(&made) {
+                println!("{}", made["key"].as_str().unwrap_or(""));
+                eprintln!(
+                    "key {} ({} of tenant {}): keep it now, it is not shown again",
+                    made["id"].as_str().unwrap_or("?"),
+                    made["role"].as_str().unwrap_or("?"),
+                    made["tenant"].as_str().unwrap_or("?")
+                );
+            }
+        }
+        KeyCommand::Ls { tenant } => {
+            let path = match tenant {
+                Some(t) => format!("/api/v1/keys?tenant={}", client::query_value(&t)),
+                None => "/api/v1/keys".to_owned(),
+            };
+            let all = client.get(&path).await?;
+            if !print.json(&all) {
+                println!("{:<18} {:<34} {:<9} NAME", "ID", "TENANT", "ROLE");
+                for k in all["keys"].as_array().into_iter().flatten() {
+                    println!(
+                        "{:<18} {:<34} {:<9} {}",
+                        k["id"].as_str().unwrap_or("?"),
+                        k["tenant"].as_str().unwrap_or("?"),
+                        k["role"].as_str().unwrap_or("?"),
+                        k["name"].as_str().unwrap_or("")
+                    );
+                }
+            }
+        }
+        KeyCommand::Revoke { id } => {
+            client
+                .delete(&format!("/api/v1/keys/{}", client::query_value(&id)))
+                .await?;
+            println!("revoked key `{id}`");
+        }
+    }
+    Ok(())
 }

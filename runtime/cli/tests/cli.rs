@@ -344,3 +344,84 @@ fn jobs_and_batches_from_the_cli() {
         String::from_utf8_lossy(&refused.stderr).contains("only a job IN_QUEUE or IN_PROGRESS")
     );
 }
+
+#[test]
+fn tenants_keys_and_login_from_the_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    let credentials = dir.path().join("credentials.toml");
+    // The first start writes its operator key where this machine's CLI finds it.
+    let server = Serve::try_start_with_env(
+        &dir.path().join("data"),
+        &[],
+        &[
+            ("WASP_LOG", "warn"),
+            ("WASP_CREDENTIALS", credentials.to_str().unwrap()),
+        ],
+    )
+    .unwrap();
+    let plain = |args: &[&str], key: Option<&str>, stdin: &str| {
+        use std::io::Write;
+        let mut command = Command::new(WASP);
+        command
+            .arg("--server")
+            .arg(&server.url)
+            .args(args)
+            .env("WASP_CREDENTIALS", &credentials)
+            .env_remove("WASP_API_KEY")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        if let Some(key) = key {
+            command.env("WASP_API_KEY", key);
+        }
+        let mut child = command.spawn().unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(stdin.as_bytes())
+            .unwrap();
+        child.wait_with_output().unwrap()
+    };
+    let me = ok(plain(&["whoami"], None, ""));
+    assert!(me.contains("role operator"), "{me}");
+
+    ok(plain(&["tenant", "create", "acme"], None, ""));
+    let listed = ok(plain(&["tenant", "ls"], None, ""));
+    assert!(
+        listed.contains("acme") && listed.contains("default"),
+        "{listed}"
+    );
+    let made = plain(
+        &["key", "create", "--tenant", "acme", "--role", "admin"],
+        None,
+        "",
+    );
+    let key = ok(made).trim().to_owned();
+    assert!(key.starts_with("wasp_"), "{key}");
+
+    // A bad key is refused with what to do, and `login` keeps nothing.
+    let refused = plain(&["login"], Some("wasp_0_bad"), "");
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("401"),
+        "{refused:?}"
+    );
+    // `login` takes the key from standard input, checks it, and keeps it.
+    let login = ok(plain(&["login"], None, &format!("{key}\n")));
+    assert!(login.contains("tenant acme (admin)"), "{login}");
+    let me = ok(plain(&["whoami"], None, ""));
+    assert!(me.contains("tenant acme, role admin"), "{me}");
+    let keys = ok(plain(&["key", "ls"], None, ""));
+    assert!(
+        keys.contains("acme") && !keys.contains("operator"),
+        "{keys}"
+    );
+    let forbidden = plain(&["tenant", "ls"], None, "");
+    assert!(!forbidden.status.success());
+    assert!(String::from_utf8_lossy(&forbidden.stderr).contains("403"));
+    let id = key.split('_').nth(1).unwrap().to_owned();
+    ok(plain(&["key", "revoke", &id], Some(&server.key), ""));
+    let revoked = plain(&["whoami"], None, "");
+    assert!(!revoked.status.success());
+}

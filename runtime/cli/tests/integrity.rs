@@ -103,7 +103,7 @@ async fn a_damaged_compiled_component_is_recompiled_never_run() {
     let data = dir.path().join("data");
     {
         let server = Serve::start(&data);
-        let client = TestClient::new(server.addr);
+        let client = server.client();
         deploy(&client, HELLO, "hello").await;
         greets(&client, "hello").await;
         server.kill9();
@@ -126,7 +126,7 @@ async fn a_damaged_compiled_component_is_recompiled_never_run() {
         std::fs::write(&files[0], &bytes).unwrap();
 
         let server = Serve::start(&data);
-        let client = TestClient::new(server.addr);
+        let client = server.client();
         let status = client.get("/api/v1/endpoints/hello").await.json();
         assert_eq!(status["status"], "ready", "{what}: {status}");
         assert_eq!(
@@ -152,7 +152,7 @@ async fn a_damaged_compiled_component_is_recompiled_never_run() {
 
         // The cache was written again, whole: the next start uses it.
         let server = Serve::start(&data);
-        let client = TestClient::new(server.addr);
+        let client = server.client();
         let status = client.get("/api/v1/endpoints/hello").await.json();
         assert_eq!(status["versions"][0]["compiled_from_cache"], true, "{what}");
         greets(&client, "hello").await;
@@ -168,7 +168,7 @@ async fn a_component_whose_bytes_changed_is_never_served() {
     let digest;
     {
         let server = Serve::start(&data);
-        let client = TestClient::new(server.addr);
+        let client = server.client();
         deploy(&client, HELLO, "hello").await;
         client.deploy_ok(PII_REDACT, &spec("redact", "")).await;
         digest = client.get("/api/v1/endpoints/hello").await.json()["versions"][0]["component"]
@@ -188,7 +188,7 @@ async fn a_component_whose_bytes_changed_is_never_served() {
     std::fs::write(&blob, &bytes).unwrap();
 
     let server = Serve::start(&data);
-    let client = TestClient::new(server.addr);
+    let client = server.client();
     let status = client.get("/api/v1/endpoints/hello").await.json();
     assert_eq!(status["status"], "notReady", "{status}");
     let error = status["error"].as_str().unwrap();
@@ -232,7 +232,7 @@ async fn a_damaged_store_stops_the_start_with_what_to_do() {
     let data = dir.path().join("data");
     {
         let server = Serve::start(&data);
-        let client = TestClient::new(server.addr);
+        let client = server.client();
         deploy(&client, HELLO, "hello").await;
         server.terminate();
     }
@@ -262,7 +262,7 @@ async fn a_damaged_store_stops_the_start_with_what_to_do() {
     // components.
     std::fs::rename(&db, data.join("wasp.redb.damaged")).unwrap();
     let server = Serve::start(&data);
-    let client = TestClient::new(server.addr);
+    let client = server.client();
     assert_eq!(
         client.get("/api/v1/endpoints").await.json()["endpoints"],
         serde_json::json!([])
@@ -276,7 +276,7 @@ async fn store_check_and_a_backup_taken_while_serving() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let server = Serve::start(&data);
-    let client = TestClient::new(server.addr);
+    let client = server.client();
     deploy(&client, HELLO, "hello").await;
     client.deploy_ok(PII_REDACT, &spec("redact", "")).await;
     // Stopped state is part of the store.
@@ -317,9 +317,11 @@ async fn store_check_and_a_backup_taken_while_serving() {
         !again.status.success(),
         "a backup must not overwrite a directory"
     );
+    let operator_key = server.key.clone();
     server.terminate();
 
-    // The backup is a data directory: checked, then served.
+    // The backup is a data directory: checked, then served; the keys came along (hashed),
+    // so the operator's key works there too.
     let backup = dir.path().join("backup");
     let check = ok(Command::new(WASP)
         .args(["store", "check", "--data-dir"])
@@ -329,7 +331,11 @@ async fn store_check_and_a_backup_taken_while_serving() {
     assert!(check.contains("store: intact"), "{check}");
     assert!(check.contains("2 checked, 0 corrupt"), "{check}");
     let restored = Serve::start(&backup);
-    let client = TestClient::new(restored.addr);
+    assert!(
+        !backup.join("operator.key").exists(),
+        "a backup holds no key itself"
+    );
+    let client = TestClient::with_key(restored.addr, &operator_key);
     greets(&client, "hello").await;
     assert_eq!(
         client.get("/api/v1/endpoints/redact").await.json()["status"],
@@ -413,7 +419,7 @@ async fn a_full_disk_is_an_ordinary_error_that_loses_nothing() {
     let data = dir.path().join("data");
     let _tmpfs = Tmpfs::mount(&data, 24);
     let server = Serve::start(&data);
-    let client = TestClient::new(server.addr);
+    let client = server.client();
     deploy(&client, HELLO, "hello").await;
     greets(&client, "hello").await;
 
@@ -494,7 +500,7 @@ async fn a_full_disk_is_an_ordinary_error_that_loses_nothing() {
     server.kill9();
 
     let server = Serve::start(&data);
-    let client = TestClient::new(server.addr);
+    let client = server.client();
     for name in acknowledged
         .iter()
         .map(String::as_str)
@@ -515,7 +521,7 @@ async fn kill_9_during_writes_loses_nothing_acknowledged() {
     let mut acknowledged_blobs: Vec<(String, usize)> = Vec::new();
     for round in 0..4u64 {
         let server = Serve::start(&data);
-        let client = TestClient::new(server.addr);
+        let client = server.client();
         // Everything acknowledged before is there, whole.
         for name in &acknowledged_endpoints {
             greets(&client, name).await;
@@ -608,7 +614,7 @@ async fn kill_9_during_writes_loses_nothing_acknowledged() {
     );
     assert!(!acknowledged_endpoints.is_empty() && !acknowledged_blobs.is_empty());
     let server = Serve::start(&data);
-    let client = TestClient::new(server.addr);
+    let client = server.client();
     for name in &acknowledged_endpoints {
         greets(&client, name).await;
     }

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use common::Serve;
 use serde_json::{Value, json};
 use wasp_tests::guests::HOSTILE;
-use wasp_tests::{TestClient, spec};
+use wasp_tests::spec;
 
 const JOBS: usize = 5_000;
 const CLIENTS: usize = 16;
@@ -28,7 +28,7 @@ fn completed(health: &Value) -> u64 {
 async fn every_acknowledged_job_completes_after_a_kill_9() {
     let data = tempfile::tempdir().unwrap();
     let server = Serve::start(data.path());
-    let c = TestClient::new(server.addr);
+    let c = server.client();
     let jobs = format!("[jobs]\nconcurrency_per_worker = {CONCURRENCY}\n");
     c.deploy_ok(HOSTILE, &format!("{}{jobs}", spec("durable", "")))
         .await;
@@ -92,7 +92,7 @@ async fn every_acknowledged_job_completes_after_a_kill_9() {
 
     // Restart: the queue picks up where it was.
     let server = Serve::start(data.path());
-    let c = TestClient::new(server.addr);
+    let c = server.client();
     let deadline = Instant::now() + Duration::from_secs(180);
     loop {
         let health = c.get("/endpoints/durable/health").await.json();
@@ -137,7 +137,7 @@ async fn a_batch_killed_half_way_resumes_with_one_output_line_per_input_line() {
     const LINES: usize = 10_000;
     let data = tempfile::tempdir().unwrap();
     let server = Serve::start(data.path());
-    let c = TestClient::new(server.addr);
+    let c = server.client();
     c.deploy_ok(wasp_tests::guests::HELLO, &spec("hello", ""))
         .await;
     let input: String = (1..=LINES)
@@ -164,7 +164,7 @@ async fn a_batch_killed_half_way_resumes_with_one_output_line_per_input_line() {
     );
 
     let server = Serve::start(data.path());
-    let c = TestClient::new(server.addr);
+    let c = server.client();
     let deadline = Instant::now() + Duration::from_secs(180);
     loop {
         let status = c.get(&format!("/api/v1/batches/{id}")).await.json();
@@ -204,7 +204,7 @@ async fn a_batch_killed_half_way_resumes_with_one_output_line_per_input_line() {
 async fn a_graceful_stop_lets_a_running_job_finish() {
     let data = tempfile::tempdir().unwrap();
     let server = Serve::start(data.path());
-    let c = TestClient::new(server.addr);
+    let c = server.client();
     c.deploy_ok(HOSTILE, &spec("slow", "")).await;
     let reply = c
         .post_json(
@@ -220,7 +220,7 @@ async fn a_graceful_stop_lets_a_running_job_finish() {
     }
     assert!(server.terminate().success());
     let server = Serve::start(data.path());
-    let c = TestClient::new(server.addr);
+    let c = server.client();
     let status = c.get(&format!("/endpoints/slow/status/{id}")).await.json();
     assert_eq!(status["status"], "COMPLETED", "{status:#}");
     assert_eq!(

@@ -5,6 +5,7 @@
 //! without pulling each other in.
 #![deny(missing_docs)]
 
+pub mod credentials;
 pub mod files;
 pub mod spec;
 pub mod tensor;

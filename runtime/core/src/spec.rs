@@ -64,6 +64,14 @@ pub struct EndpointSpec {
     /// may override them).
     #[serde(default)]
     pub jobs: JobsSpec,
+    /// Whether anyone may call its data routes (invoke, OpenAI, KServe, jobs) without an
+    /// API key. Managing it always takes a key of its tenant.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub public: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 /// Async jobs of an endpoint: how many run at once, and the policy each job gets unless it
@@ -1186,6 +1194,33 @@ fn check_name(field: &str, name: &str, max: usize) -> Result<(), SpecError> {
     Ok(())
 }
 
+/// Longest tenant name.
+pub const MAX_TENANT_CHARS: usize = 32;
+
+/// Checks a tenant name: 1 to 32 lowercase ASCII letters, digits and `-`, starting with a
+/// letter and not ending with `-` (it appears in paths and qualified endpoint names).
+pub fn check_tenant_name(field: &str, name: &str) -> Result<(), SpecError> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_TENANT_CHARS
+        && name.starts_with(|c: char| c.is_ascii_lowercase())
+        && !name.ends_with('-')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+    if ok {
+        Ok(())
+    } else {
+        Err(SpecError::invalid(
+            field,
+            format!(
+                "`{}` is not a tenant name: 1 to {MAX_TENANT_CHARS} lowercase letters, digits \
+                 and `-`, starting with a letter, not ending with `-`",
+                name.chars().take(64).collect::<String>()
+            ),
+        ))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1217,6 +1252,17 @@ mod tests {
         let text = MINIMAL.replace("name = \"v1\"", "name = \"v1\"\nwieght = 3");
         let err = EndpointSpec::from_toml(&text).unwrap_err().to_string();
         assert!(err.contains("unknown field `wieght`"), "{err}");
+    }
+
+    #[test]
+    fn tenant_names_are_checked() {
+        for ok in ["a", "acme", "team-7", &"a".repeat(32)] {
+            assert!(check_tenant_name("tenant", ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "7up", "Acme", "a-", "a/b", "a.b", "é", &"a".repeat(33)] {
+            let err = check_tenant_name("tenant", bad).unwrap_err();
+            assert_eq!(err.field(), Some("tenant"), "{bad}");
+        }
     }
 
     #[test]

@@ -15,11 +15,13 @@ mod registry;
 mod rollout;
 mod server;
 pub mod store;
+mod tenants;
 mod webhooks;
 pub mod workers;
 
 pub use registry::{DeployedVersion, Deployment, Gateway};
-pub use server::{HttpLimits, Server, ServerConfig};
+pub use server::{HttpLimits, OPERATOR_KEY_FILE, Server, ServerConfig};
+pub use tenants::DEFAULT as DEFAULT_TENANT;
 pub use wasp_backend::Registry as BackendRegistry;
 pub use wasp_scaling::Inventory;
 pub use wasp_wasm::RuntimeConfig;
@@ -114,6 +116,9 @@ pub enum Error {
     /// The store could not be opened at start; the message says what to do.
     #[error("{0}")]
     OpenStore(String),
+    /// Something of that name exists already (a tenant, say).
+    #[error("{0}")]
+    AlreadyExists(String),
     /// A server setting is wrong (a flag of `wasp serve`); the message names it.
     #[error("{0}")]
     Setting(String),
@@ -189,7 +194,7 @@ impl Error {
             | Self::RolloutFailed { .. } => 422,
             Self::RolloutStalled { .. } => 409,
             Self::NotFound(_) => 404,
-            Self::Conflict(_) => 409,
+            Self::Conflict(_) | Self::AlreadyExists(_) => 409,
             Self::StorageFull { .. } => 507,
             Self::StoreUnavailable(_) => 503,
             Self::Store(_)
@@ -217,6 +222,7 @@ impl Error {
             Self::Spec(SpecError::Invalid { .. }) | Self::Invalid { .. } => "invalid_field",
             Self::NotFound(_) => "endpoint_not_found",
             Self::Conflict(_) => "endpoint_exists",
+            Self::AlreadyExists(_) => "already_exists",
             Self::UnknownComponent(_) => "unknown_component",
             Self::CorruptComponent(_) => "corrupt_component",
             Self::StorageFull { .. } => "insufficient_storage",

@@ -235,6 +235,8 @@ pub struct Gateway {
     pub(crate) batches: crate::batches::Batches,
     /// The data directory.
     pub(crate) data_dir: std::path::PathBuf,
+    /// Tenants and API keys.
+    pub(crate) directory: crate::tenants::Directory,
 }
 
 /// Model calls from processors (the `inference` import), answered by the backends of the
@@ -244,13 +246,19 @@ struct RegistryModels(Weak<Gateway>);
 impl ModelRouter for RegistryModels {
     fn infer(
         &self,
-        _caller: Arc<str>,
+        caller: Arc<str>,
         model: String,
         input: ModelInput,
     ) -> BoxFuture<'static, Result<Vec<ModelOutput>, GuestError>> {
         let gateway = self.0.upgrade();
         Box::pin(async move {
-            let Some(deployment) = gateway.and_then(|g| g.endpoint(&model)) else {
+            // Models of the caller's own tenant only: a name is looked up there, and a
+            // name with a `/` (another tenant's) names nothing.
+            let tenant = crate::tenants::tenant_of(&caller);
+            let found = (!model.contains('/'))
+                .then(|| crate::tenants::qualify(tenant, &model))
+                .and_then(|qualified| gateway.and_then(|g| g.endpoint(&qualified)));
+            let Some(deployment) = found else {
                 return Err(GuestError::new(
                     ErrorCode::NotFound,
                     format!("model not found: `{model}`"),
@@ -312,6 +320,7 @@ impl Gateway {
         let webhooks = crate::webhooks::client(webhook_roots)
             .map_err(|e| Error::Setting(format!("--webhook-ca {e}")))?;
         let store = Store::open(data_dir)?;
+        let directory = crate::tenants::Directory::load(&store)?;
         let clock: Arc<dyn Clock> = Arc::new(SystemClock::new());
         let jobs = wasp_jobs::EmbeddedQueue::open(&data_dir.join("jobs"), clock.clone())
             .map_err(|e| Error::OpenStore(format!("cannot open the job store: {e}")))?;
@@ -334,6 +343,7 @@ impl Gateway {
             jobs: Arc::new(jobs),
             running: crate::jobs::Running::new(),
             webhooks,
+            directory,
             batches: crate::batches::Batches::default(),
             data_dir: data_dir.to_owned(),
         });
@@ -386,10 +396,38 @@ impl Gateway {
         self.read().values().cloned().collect()
     }
 
-    /// Stores component bytes; returns the hex SHA-256 to reference them by.
-    pub async fn upload_component(self: &Arc<Self>, bytes: bytes::Bytes) -> Result<String, Error> {
-        let this = self.clone();
-        blocking(move || this.store.put_component(&bytes)).await
+    /// Stores component bytes for `tenant`; returns the hex SHA-256 to reference them by.
+    pub async fn upload_component(
+        self: &Arc<Self>,
+        tenant: &str,
+        bytes: bytes::Bytes,
+    ) -> Result<String, Error> {
+        let (this, tenant) = (self.clone(), tenant.to_owned());
+        blocking(move || {
+            let digest = this.store.put_component(&bytes)?;
+            // A second upload of the same bytes writes nothing (a full disk allows it).
+            if !this.store.owns_component(&digest, &tenant)? {
+                this.store.add_component_owner(&digest, &tenant)?;
+            }
+            Ok(digest)
+        })
+        .await
+    }
+
+    /// The bytes of a component `tenant` uploaded (else [`Error::UnknownComponent`]).
+    pub async fn tenant_component(
+        self: &Arc<Self>,
+        tenant: &str,
+        digest: &str,
+    ) -> Result<Vec<u8>, Error> {
+        let owned = {
+            let (this, digest, tenant) = (self.clone(), digest.to_owned(), tenant.to_owned());
+            blocking(move || this.store.owns_component(&digest, &tenant)).await?
+        };
+        if !owned {
+            return Err(Error::UnknownComponent(digest.to_owned()));
+        }
+        self.download_component(digest).await
     }
 
     /// The bytes of an uploaded component, checked against its digest (hex SHA-256); a
@@ -426,7 +464,10 @@ impl Gateway {
         spec: EndpointSpec,
         replace: bool,
     ) -> Result<Arc<Deployment>, Error> {
-        spec.validate()?;
+        // The name was checked before the server qualified it with its tenant.
+        let mut local = spec.clone();
+        local.name = crate::tenants::local_name(&spec.name).to_owned();
+        local.validate()?;
         let this = self.clone();
         tokio::spawn(async move { this.deploy_now(spec, replace).await })
             .await
@@ -685,6 +726,18 @@ impl Gateway {
                     });
                 }
             };
+            let tenant = crate::tenants::tenant_of(&spec.name);
+            let owned = {
+                let (this, digest, tenant) = (self.clone(), digest.clone(), tenant.to_owned());
+                blocking(move || this.store.owns_component(&digest, &tenant)).await?
+            };
+            if !owned {
+                // Another tenant's component is as unknown as one never uploaded.
+                return Err(Error::Invalid {
+                    field: at("processor.component"),
+                    message: Error::UnknownComponent(digest).to_string(),
+                });
+            }
             let bytes = self
                 .download_component(&digest)
                 .await

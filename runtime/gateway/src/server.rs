@@ -52,7 +52,13 @@ pub struct ServerConfig {
     /// PEM files of CA certificates that webhook receivers' certificates may chain to,
     /// besides the system's trusted roots (`--webhook-ca`).
     pub webhook_ca: Vec<PathBuf>,
+    /// The CLI's credentials file, into which the first start writes its operator key
+    /// for the server's loopback URLs; `None` writes only `<data_dir>/operator.key`.
+    pub credentials: Option<PathBuf>,
 }
+
+/// The file in the data directory that holds the operator key the first start made.
+pub const OPERATOR_KEY_FILE: &str = "operator.key";
 
 /// Limits of the HTTP server, against slow or greedy clients.
 #[derive(Debug, Clone)]
@@ -82,6 +88,42 @@ pub struct Server {
     stop: watch::Sender<bool>,
     accept: JoinHandle<()>,
     upkeep: JoinHandle<()>,
+}
+
+/// The first start of a data directory makes an operator key, and writes it where the
+/// operator finds it: `<data_dir>/operator.key`, and the CLI's credentials file for the
+/// server's loopback URLs.
+fn first_operator_key(
+    gateway: &Gateway,
+    data_dir: &std::path::Path,
+    credentials: Option<&std::path::Path>,
+    addr: SocketAddr,
+) -> Result<(), Error> {
+    let (key, token) = gateway.directory.create_key(
+        &gateway.store,
+        crate::tenants::DEFAULT,
+        crate::tenants::Role::Operator,
+        "first operator key",
+    )?;
+    let path = data_dir.join(OPERATOR_KEY_FILE);
+    wasp_core::files::write_atomic_with(&path, |file| {
+        use std::io::Write;
+        wasp_core::credentials::restrict(file)?;
+        writeln!(file, "{token}")
+    })
+    .map_err(|e| Error::io("writing the operator key", Some(path.clone()), e))?;
+    tracing::info!(key = %key.id, path = %path.display(), "made the first operator key");
+    if let Some(credentials) = credentials
+        && (addr.ip().is_loopback() || addr.ip().is_unspecified())
+    {
+        for host in ["127.0.0.1", "localhost"] {
+            let url = format!("http://{host}:{}", addr.port());
+            if let Err(e) = wasp_core::credentials::Credentials::store(credentials, &url, &token) {
+                tracing::warn!("cannot write the operator key for the CLI: {e}");
+            }
+        }
+    }
+    Ok(())
 }
 
 impl Server {
@@ -129,6 +171,14 @@ impl Server {
             addr: config.listen,
             source,
         })?;
+        if !gateway.directory.has_keys() {
+            first_operator_key(
+                &gateway,
+                &config.data_dir,
+                config.credentials.as_deref(),
+                addr,
+            )?;
+        }
         let (stop, stopped) = watch::channel(false);
         let app = crate::api::app(gateway.clone(), config.http.request_timeout);
         let accept = tokio::spawn(accept_loop(listener, app, config.http, stopped));

@@ -9,7 +9,7 @@
 //!
 //! | path | what |
 //! | --- | --- |
-//! | `wasp.redb` | the database; table `endpoints`: endpoint name (`&str`) -> JSON of [`StoredEndpoint`]; table `batches`: batch id -> JSON of its record and checkpoint |
+//! | `wasp.redb` | the database; table `endpoints`: endpoint name (`&str`, `tenant/name` outside the default tenant) -> JSON of [`StoredEndpoint`]; table `batches`: batch id -> JSON of its record and checkpoint; table `tenants`: name -> JSON of the tenant; table `api_keys`: key id -> JSON of the key (its hash, never the key); table `component_owners`: (digest, tenant) -> () |
 //! | `components/<sha256>.wasm` | uploaded components, named by the SHA-256 of their bytes |
 //! | `cache/` | compiled components (owned by the wasm runtime) |
 //!
@@ -25,6 +25,7 @@ use std::sync::Mutex;
 
 use redb::{
     Database, DatabaseError, ReadableDatabase, ReadableTable, StorageError, TableDefinition,
+    TableHandle,
 };
 use serde::{Deserialize, Serialize};
 use wasp_core::EndpointSpec;
@@ -34,6 +35,31 @@ use crate::Error;
 
 const ENDPOINTS: TableDefinition<&str, &[u8]> = TableDefinition::new("endpoints");
 const BATCHES: TableDefinition<&str, &[u8]> = TableDefinition::new("batches");
+const TENANTS: TableDefinition<&str, &[u8]> = TableDefinition::new("tenants");
+const API_KEYS: TableDefinition<&str, &[u8]> = TableDefinition::new("api_keys");
+const COMPONENT_OWNERS: TableDefinition<(&str, &str), ()> =
+    TableDefinition::new("component_owners");
+
+/// The small record tables besides endpoints, by what they hold.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Records {
+    /// Batch records.
+    Batches,
+    /// Tenants.
+    Tenants,
+    /// API keys (hashed).
+    ApiKeys,
+}
+
+impl Records {
+    fn table(self) -> TableDefinition<'static, &'static str, &'static [u8]> {
+        match self {
+            Self::Batches => BATCHES,
+            Self::Tenants => TENANTS,
+            Self::ApiKeys => API_KEYS,
+        }
+    }
+}
 
 /// The database's file name in the data directory.
 pub const DB_FILE: &str = "wasp.redb";
@@ -143,6 +169,21 @@ fn open_checked(path: &Path) -> Result<(Database, bool), Error> {
     }
 }
 
+/// The digests of the components stored in `dir`.
+fn stored_digests(dir: &Path) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            let digest = name.strip_suffix(".wasm")?;
+            (digest.len() == 64).then(|| digest.to_owned())
+        })
+        .collect()
+}
+
 impl Store {
     /// Opens (creating if needed) the store in `data_dir`: runs the database's integrity
     /// check, then sweeps temporaries of interrupted writes (the database's lock makes this
@@ -170,6 +211,27 @@ impl Store {
             .map_err(|e| db_err("opening the store", e))?;
         tx.open_table(BATCHES)
             .map_err(|e| db_err("opening the store", e))?;
+        tx.open_table(TENANTS)
+            .map_err(|e| db_err("opening the store", e))?;
+        tx.open_table(API_KEYS)
+            .map_err(|e| db_err("opening the store", e))?;
+        let owners_new = !tx
+            .list_tables()
+            .map_err(|e| db_err("opening the store", e))?
+            .any(|t| t.name() == COMPONENT_OWNERS.name());
+        {
+            let mut owners = tx
+                .open_table(COMPONENT_OWNERS)
+                .map_err(|e| db_err("opening the store", e))?;
+            if owners_new {
+                // Components uploaded before tenants belong to the default tenant.
+                for digest in stored_digests(&components) {
+                    owners
+                        .insert((digest.as_str(), crate::tenants::DEFAULT), ())
+                        .map_err(|e| db_err("opening the store", e))?;
+                }
+            }
+        }
         tx.commit().map_err(|e| db_err("opening the store", e))?;
         let store = Self {
             db: Mutex::new(Db::Open(db)),
@@ -309,31 +371,85 @@ impl Store {
         })
     }
 
-    /// Writes a batch record (durable when this returns).
-    pub fn put_batch(&self, id: &str, record: &[u8]) -> Result<(), Error> {
-        const WHAT: &str = "saving the batch";
+    /// Writes a record (durable when this returns).
+    pub(crate) fn put_record(&self, table: Records, key: &str, record: &[u8]) -> Result<(), Error> {
+        const WHAT: &str = "saving a record";
         self.with_db(|db| {
             let tx = db.begin_write().map_err(|e| db_err(WHAT, e))?;
-            tx.open_table(BATCHES)
+            tx.open_table(table.table())
                 .map_err(|e| db_err(WHAT, e))?
-                .insert(id, record)
+                .insert(key, record)
                 .map_err(|e| db_err(WHAT, e))?;
             tx.commit().map_err(|e| db_err(WHAT, e))
         })
     }
 
-    /// Every batch record, by id.
-    pub fn batches(&self) -> Result<Vec<(String, Vec<u8>)>, Error> {
-        const WHAT: &str = "reading batches";
+    /// Removes a record; `false` if there was none.
+    pub(crate) fn delete_record(&self, table: Records, key: &str) -> Result<bool, Error> {
+        const WHAT: &str = "removing a record";
+        self.with_db(|db| {
+            let tx = db.begin_write().map_err(|e| db_err(WHAT, e))?;
+            let existed = tx
+                .open_table(table.table())
+                .map_err(|e| db_err(WHAT, e))?
+                .remove(key)
+                .map_err(|e| db_err(WHAT, e))?
+                .is_some();
+            tx.commit().map_err(|e| db_err(WHAT, e))?;
+            Ok(existed)
+        })
+    }
+
+    /// Every record of a table, by key.
+    pub(crate) fn records(&self, table: Records) -> Result<Vec<(String, Vec<u8>)>, Error> {
+        const WHAT: &str = "reading records";
         self.with_db(|db| {
             let tx = db.begin_read().map_err(|e| db_err(WHAT, e))?;
-            let table = tx.open_table(BATCHES).map_err(|e| db_err(WHAT, e))?;
+            let table = tx.open_table(table.table()).map_err(|e| db_err(WHAT, e))?;
             let mut out = Vec::new();
             for row in table.iter().map_err(|e| db_err(WHAT, e))? {
                 let (key, value) = row.map_err(|e| db_err(WHAT, e))?;
                 out.push((key.value().to_owned(), value.value().to_vec()));
             }
             Ok(out)
+        })
+    }
+
+    /// Writes a batch record (durable when this returns).
+    pub fn put_batch(&self, id: &str, record: &[u8]) -> Result<(), Error> {
+        self.put_record(Records::Batches, id, record)
+    }
+
+    /// Every batch record, by id.
+    pub fn batches(&self) -> Result<Vec<(String, Vec<u8>)>, Error> {
+        self.records(Records::Batches)
+    }
+
+    /// Records that `tenant` may use the component `digest` (it uploaded it).
+    pub(crate) fn add_component_owner(&self, digest: &str, tenant: &str) -> Result<(), Error> {
+        const WHAT: &str = "recording the component's owner";
+        self.with_db(|db| {
+            let tx = db.begin_write().map_err(|e| db_err(WHAT, e))?;
+            tx.open_table(COMPONENT_OWNERS)
+                .map_err(|e| db_err(WHAT, e))?
+                .insert((digest, tenant), ())
+                .map_err(|e| db_err(WHAT, e))?;
+            tx.commit().map_err(|e| db_err(WHAT, e))
+        })
+    }
+
+    /// Whether `tenant` uploaded the component `digest`.
+    pub(crate) fn owns_component(&self, digest: &str, tenant: &str) -> Result<bool, Error> {
+        const WHAT: &str = "reading the component's owners";
+        self.with_db(|db| {
+            let tx = db.begin_read().map_err(|e| db_err(WHAT, e))?;
+            let table = tx
+                .open_table(COMPONENT_OWNERS)
+                .map_err(|e| db_err(WHAT, e))?;
+            Ok(table
+                .get((digest, tenant))
+                .map_err(|e| db_err(WHAT, e))?
+                .is_some())
         })
     }
 
@@ -347,13 +463,25 @@ impl Store {
             let snapshot = db.begin_read().map_err(|e| db_err(WHAT, e))?;
             let copy = Database::create(&tmp).map_err(|e| db_err(WHAT, e))?;
             let tx = copy.begin_write().map_err(|e| db_err(WHAT, e))?;
-            for table in [ENDPOINTS, BATCHES] {
+            for table in [ENDPOINTS, BATCHES, TENANTS, API_KEYS] {
                 let from = snapshot.open_table(table).map_err(|e| db_err(WHAT, e))?;
                 let mut to = tx.open_table(table).map_err(|e| db_err(WHAT, e))?;
                 for row in from.iter().map_err(|e| db_err(WHAT, e))? {
                     let (key, value) = row.map_err(|e| db_err(WHAT, e))?;
                     to.insert(key.value(), value.value())
                         .map_err(|e| db_err(WHAT, e))?;
+                }
+            }
+            {
+                let from = snapshot
+                    .open_table(COMPONENT_OWNERS)
+                    .map_err(|e| db_err(WHAT, e))?;
+                let mut to = tx
+                    .open_table(COMPONENT_OWNERS)
+                    .map_err(|e| db_err(WHAT, e))?;
+                for row in from.iter().map_err(|e| db_err(WHAT, e))? {
+                    let (key, _) = row.map_err(|e| db_err(WHAT, e))?;
+                    to.insert(key.value(), ()).map_err(|e| db_err(WHAT, e))?;
                 }
             }
             tx.commit().map_err(|e| db_err(WHAT, e))?;

@@ -1320,7 +1320,9 @@ impl JobQueue for EmbeddedQueue {
                     }
                     let (_, bytes) = row.map_err(|e| JobError::db(what, e))?;
                     let job = decode(bytes.value())?;
+                    let tenant = job.endpoint.split_once('/').map_or("default", |(t, _)| t);
                     if filter.endpoint.as_ref().is_some_and(|e| *e != job.endpoint)
+                        || filter.tenant.as_ref().is_some_and(|t| t != tenant)
                         || filter.state.is_some_and(|s| s != job.state)
                     {
                         continue;

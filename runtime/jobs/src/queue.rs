@@ -26,6 +26,9 @@ pub struct Backlog {
 pub struct ListFilter {
     /// Only this endpoint's.
     pub endpoint: Option<String>,
+    /// Only jobs of this tenant's endpoints: those named `<tenant>/...`, or with no `/` in
+    /// their name for the tenant `default`.
+    pub tenant: Option<String>,
     /// Only jobs in this state.
     pub state: Option<JobState>,
     /// Most jobs, the newest first.

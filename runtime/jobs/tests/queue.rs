@@ -423,6 +423,7 @@ async fn purge_cancels_the_queue_and_leaves_running_jobs() {
     let purged = f
         .queue
         .list(ListFilter {
+            tenant: None,
             state: Some(JobState::Cancelled),
             limit: 10,
             ..ListFilter::default()

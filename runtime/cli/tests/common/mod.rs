@@ -9,14 +9,31 @@ use std::process::{Child, Command, ExitStatus, Output, Stdio};
 /// The binary under test.
 pub const WASP: &str = env!("CARGO_BIN_EXE_wasp");
 
-/// Runs a CLI command against `server`.
-pub fn wasp(server: &str, args: &[&str]) -> Output {
-    Command::new(WASP)
-        .arg("--server")
-        .arg(server)
-        .args(args)
-        .output()
+/// Operator keys of the servers the tests started, by URL.
+static KEYS: std::sync::Mutex<Vec<(String, String)>> = std::sync::Mutex::new(Vec::new());
+
+/// The operator key of the server at `url`, if a test started it.
+pub fn key_of(url: &str) -> Option<String> {
+    KEYS.lock()
         .unwrap()
+        .iter()
+        .find(|(u, _)| u == url)
+        .map(|(_, k)| k.clone())
+}
+
+/// Runs a CLI command against `server`, with its operator key (as `WASP_API_KEY`).
+pub fn wasp(server: &str, args: &[&str]) -> Output {
+    let mut command = Command::new(WASP);
+    command.arg("--server").arg(server).args(args);
+    // Never the user's own credentials file.
+    command.env(
+        "WASP_CREDENTIALS",
+        std::env::temp_dir().join("wasp-test-none.toml"),
+    );
+    if let Some(key) = key_of(server) {
+        command.env("WASP_API_KEY", key);
+    }
+    command.output().unwrap()
 }
 
 /// Asserts success and returns standard output.
@@ -39,6 +56,8 @@ pub struct Serve {
     pub addr: std::net::SocketAddr,
     /// Where its standard error goes.
     pub log: PathBuf,
+    /// Its operator key (from `DATA_DIR/operator.key`; empty when there is none).
+    pub key: String,
 }
 
 /// How a `wasp serve` that did not come up ended.
@@ -80,6 +99,11 @@ impl Serve {
             .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
             .arg(data)
             .args(extra)
+            // Never the user's own credentials file.
+            .env(
+                "WASP_CREDENTIALS",
+                std::env::temp_dir().join("wasp-test-none.toml"),
+            )
             .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&log).unwrap())
@@ -92,11 +116,21 @@ impl Serve {
             Some(url) => {
                 let url = url.to_owned();
                 let addr = url.trim_start_matches("http://").parse().unwrap();
+                // None when the directory's store had keys before (a restored backup).
+                let key = std::fs::read_to_string(data.join("operator.key"))
+                    .map(|k| k.trim().to_owned())
+                    .unwrap_or_default();
+                {
+                    let mut keys = KEYS.lock().unwrap();
+                    keys.retain(|(u, _)| *u != url);
+                    keys.push((url.clone(), key.clone()));
+                }
                 Ok(Self {
                     child,
                     url,
                     addr,
                     log,
+                    key,
                 })
             }
             None => {
@@ -106,6 +140,11 @@ impl Serve {
                 Err(Refused { status, stderr })
             }
         }
+    }
+
+    /// An HTTP client for it, with its operator key.
+    pub fn client(&self) -> wasp_tests::TestClient {
+        wasp_tests::TestClient::with_key(self.addr, &self.key)
     }
 
     /// The process id.

@@ -11,9 +11,10 @@ use axum::response::Response;
 use serde::{Deserialize, Serialize};
 
 use super::error::json;
-use super::{ApiError, AppState, ErrorBody, read_body};
+use super::{ApiError, AppState, ErrorBody, Who, read_body};
 use crate::Error;
 use crate::batches::{Batch, BatchState, SubmitError};
+use crate::tenants::{Caller, Role, local_name};
 
 /// Largest uploaded batch input.
 const MAX_INPUT_BYTES: u64 = 1024 * 1024 * 1024;
@@ -86,7 +87,7 @@ fn status_of(batch: &Batch) -> BatchStatus {
     };
     BatchStatus {
         id: r.id.clone(),
-        endpoint: r.endpoint.clone(),
+        endpoint: local_name(&r.endpoint).to_owned(),
         status: r.state,
         total: r.total,
         done,
@@ -110,10 +111,12 @@ fn batch_id(params: &RawPathParams) -> String {
         .unwrap_or_default()
 }
 
-fn find(gateway: &AppState, id: &str) -> Result<Arc<Batch>, ApiError> {
+/// The caller's batch `id` (another tenant's is as absent as one that never was).
+fn find(gateway: &AppState, caller: &Caller, id: &str) -> Result<Arc<Batch>, ApiError> {
     gateway
         .batches
         .get(id)
+        .filter(|b| caller.sees(&b.snapshot().0.endpoint))
         .ok_or_else(|| ApiError::new(404, "batch_not_found", format!("no batch `{id}`")))
 }
 
@@ -132,6 +135,7 @@ fn find(gateway: &AppState, id: &str) -> Result<Arc<Batch>, ApiError> {
     ))]
 pub(crate) async fn submit(
     State(gateway): State<AppState>,
+    Who(caller): Who,
     query: Result<Query<BatchQuery>, axum::extract::rejection::QueryRejection>,
     body: Body,
 ) -> Result<Response, ApiError> {
@@ -152,6 +156,15 @@ pub(crate) async fn submit(
     let bytes = read_body(body, MAX_INPUT_BYTES, "the batch input limit (1 GiB)").await?;
     let (input, field) = match query.input_path {
         Some(file) => {
+            if !caller.may(Role::Operator) {
+                // Mounts are the host's: no tenant reads them by path.
+                return Err(ApiError::new(
+                    403,
+                    "forbidden",
+                    "only an operator key may name an input by path; upload it as the body",
+                )
+                .with_field("input_path"));
+            }
             if !bytes.is_empty() {
                 return Err(ApiError::new(
                     400,
@@ -165,7 +178,7 @@ pub(crate) async fn submit(
         None => (bytes.to_vec(), "body"),
     };
     let batch = gateway
-        .submit_batch(&query.endpoint, path, concurrency, input)
+        .submit_batch(&caller.qualify(&query.endpoint), path, concurrency, input)
         .await
         .map_err(|e| match e {
             SubmitError::Line(n, why) => {
@@ -210,11 +223,15 @@ async fn read_mounted(gateway: &AppState, file: &str) -> Result<Vec<u8>, ApiErro
 /// Every batch, the newest first.
 #[utoipa::path(get, path = "/api/v1/batches", tag = "jobs",
     responses((status = 200, description = "The batches", body = BatchList)))]
-pub(crate) async fn list(State(gateway): State<AppState>) -> Result<Response, ApiError> {
+pub(crate) async fn list(
+    State(gateway): State<AppState>,
+    Who(caller): Who,
+) -> Result<Response, ApiError> {
     let batches = gateway
         .batches
         .list()
         .iter()
+        .filter(|b| caller.sees(&b.snapshot().0.endpoint))
         .map(|b| status_of(b))
         .collect();
     Ok(json(StatusCode::OK, &BatchList { batches }))
@@ -229,9 +246,10 @@ pub(crate) async fn list(State(gateway): State<AppState>) -> Result<Response, Ap
     ))]
 pub(crate) async fn get(
     State(gateway): State<AppState>,
+    Who(caller): Who,
     params: RawPathParams,
 ) -> Result<Response, ApiError> {
-    let batch = find(&gateway, &batch_id(&params))?;
+    let batch = find(&gateway, &caller, &batch_id(&params))?;
     Ok(json(StatusCode::OK, &status_of(&batch)))
 }
 
@@ -244,10 +262,11 @@ pub(crate) async fn get(
     ))]
 pub(crate) async fn output(
     State(gateway): State<AppState>,
+    Who(caller): Who,
     params: RawPathParams,
 ) -> Result<Response, ApiError> {
     let id = batch_id(&params);
-    find(&gateway, &id)?;
+    find(&gateway, &caller, &id)?;
     let bytes = gateway.batch_output(&id).await.map_err(ApiError::from)?;
     let mut response = Response::new(Body::from(bytes));
     response
@@ -258,13 +277,15 @@ pub(crate) async fn output(
 
 async fn control(
     gateway: AppState,
+    caller: Caller,
     params: RawPathParams,
     action: &str,
 ) -> Result<Response, ApiError> {
     let id = batch_id(&params);
+    find(&gateway, &caller, &id)?;
     match gateway.control_batch(&id, action).await {
         Ok(Some(_)) => {
-            let batch = find(&gateway, &id)?;
+            let batch = find(&gateway, &caller, &id)?;
             Ok(json(StatusCode::OK, &status_of(&batch)))
         }
         Ok(None) => Err(ApiError::new(
@@ -286,9 +307,10 @@ async fn control(
     ))]
 pub(crate) async fn pause(
     State(g): State<AppState>,
+    Who(caller): Who,
     params: RawPathParams,
 ) -> Result<Response, ApiError> {
-    control(g, params, "pause").await
+    control(g, caller, params, "pause").await
 }
 
 /// Resumes a paused batch where it stopped.
@@ -301,9 +323,10 @@ pub(crate) async fn pause(
     ))]
 pub(crate) async fn resume(
     State(g): State<AppState>,
+    Who(caller): Who,
     params: RawPathParams,
 ) -> Result<Response, ApiError> {
-    control(g, params, "resume").await
+    control(g, caller, params, "resume").await
 }
 
 /// Cancels a batch; the output keeps the lines done.
@@ -316,9 +339,10 @@ pub(crate) async fn resume(
     ))]
 pub(crate) async fn cancel(
     State(g): State<AppState>,
+    Who(caller): Who,
     params: RawPathParams,
 ) -> Result<Response, ApiError> {
-    control(g, params, "cancel").await
+    control(g, caller, params, "cancel").await
 }
 
 impl From<Error> for SubmitError {

@@ -14,9 +14,10 @@ use serde::{Deserialize, Serialize};
 use wasp_core::EndpointSpec;
 
 use super::error::json;
-use super::{ApiError, AppState, ErrorBody, Name, Payload};
+use super::{ApiError, AppState, ErrorBody, Name, Payload, Who};
 use crate::Error;
 use crate::registry::Deployment;
+use crate::tenants::local_name;
 use crate::workers::{ScaleEvent, Worker, WorkerState};
 
 /// Largest control-API body (a spec), in bytes.
@@ -198,17 +199,19 @@ pub struct LogQuery {
     pub limit: Option<usize>,
 }
 
-/// The invoke route of an endpoint.
-pub(crate) fn invoke_url(name: &str) -> String {
-    format!(
-        "/endpoints/{}/invoke",
-        utf8_percent_encode(name, PATH_SEGMENT)
-    )
+/// The invoke route of an endpoint, by its server's name: `/endpoints/{name}/invoke`, under
+/// `/t/{tenant}` outside the default tenant.
+pub(crate) fn invoke_url(qualified: &str) -> String {
+    let name = utf8_percent_encode(local_name(qualified), PATH_SEGMENT);
+    match qualified.split_once('/') {
+        Some((tenant, _)) => format!("/t/{tenant}/endpoints/{name}/invoke"),
+        None => format!("/endpoints/{name}/invoke"),
+    }
 }
 
 fn summary(d: &Deployment) -> EndpointSummary {
     EndpointSummary {
-        name: d.spec.name.clone(),
+        name: local_name(&d.spec.name).to_owned(),
         status: d.status(),
         url: invoke_url(&d.spec.name),
         versions: d
@@ -255,14 +258,16 @@ fn detail(d: &Deployment) -> EndpointDetail {
             }
         })
         .collect();
+    let mut spec = d.spec.clone();
+    spec.name = local_name(&d.spec.name).to_owned();
     EndpointDetail {
-        name: d.spec.name.clone(),
+        name: spec.name.clone(),
         description: d.spec.description.clone(),
         status: d.status(),
         stopped: d.stopped,
         url: invoke_url(&d.spec.name),
         versions,
-        spec: d.spec.clone(),
+        spec,
         error: d.error.clone(),
     }
 }
@@ -321,8 +326,13 @@ async fn to_completion<T: Send + 'static>(
 /// Lists endpoints with their status and URL.
 #[utoipa::path(get, path = "/api/v1/endpoints", tag = "control",
     responses((status = 200, description = "Every endpoint", body = EndpointList)))]
-pub(crate) async fn list(State(gateway): State<AppState>) -> Response {
-    let endpoints = gateway.endpoints().iter().map(|d| summary(d)).collect();
+pub(crate) async fn list(State(gateway): State<AppState>, Who(caller): Who) -> Response {
+    let endpoints = gateway
+        .endpoints()
+        .iter()
+        .filter(|d| caller.sees(&d.spec.name))
+        .map(|d| summary(d))
+        .collect();
     json(StatusCode::OK, &EndpointList { endpoints })
 }
 
@@ -343,10 +353,12 @@ pub(crate) async fn list(State(gateway): State<AppState>) -> Response {
     ))]
 pub(crate) async fn create(
     State(gateway): State<AppState>,
+    Who(caller): Who,
     headers: HeaderMap,
     Payload(body): Payload<MAX_SPEC_BYTES>,
 ) -> Result<Response, ApiError> {
-    let spec = parse_spec(&headers, &body)?;
+    let mut spec = parse_spec(&headers, &body)?;
+    spec.name = caller.qualify(&spec.name);
     let deployment = to_completion(async move { gateway.deploy(spec, false).await }).await?;
     Ok(json(StatusCode::CREATED, &detail(&deployment)))
 }
@@ -388,14 +400,19 @@ pub(crate) async fn replace(
     headers: HeaderMap,
     Payload(body): Payload<MAX_SPEC_BYTES>,
 ) -> Result<Response, ApiError> {
-    let spec = parse_spec(&headers, &body)?;
-    if spec.name != name {
+    let mut spec = parse_spec(&headers, &body)?;
+    if spec.name != local_name(&name) {
         return Err(Error::Invalid {
             field: "name".into(),
-            message: format!("the spec names `{}` but the URL names `{name}`", spec.name),
+            message: format!(
+                "the spec names `{}` but the URL names `{}`",
+                spec.name,
+                local_name(&name)
+            ),
         }
         .into());
     }
+    spec.name = name.clone();
     let existed = gateway.endpoint(&name).is_some();
     let deployment = to_completion(async move { gateway.deploy(spec, true).await }).await?;
     let status = if existed {
@@ -529,6 +546,7 @@ pub(crate) async fn events(
     ))]
 pub(crate) async fn upload_component(
     State(gateway): State<AppState>,
+    Who(caller): Who,
     Payload(body): Payload<MAX_COMPONENT_BYTES>,
 ) -> Result<Response, ApiError> {
     if body.is_empty() {
@@ -539,7 +557,8 @@ pub(crate) async fn upload_component(
         ));
     }
     let size = body.len();
-    let digest = to_completion(async move { gateway.upload_component(body).await }).await?;
+    let digest =
+        to_completion(async move { gateway.upload_component(&caller.tenant, body).await }).await?;
     Ok(json(
         StatusCode::CREATED,
         &ComponentDigest {
@@ -559,13 +578,14 @@ pub(crate) async fn upload_component(
     ))]
 pub(crate) async fn download_component(
     State(gateway): State<AppState>,
+    Who(caller): Who,
     digest: Result<axum::extract::Path<String>, axum::extract::rejection::PathRejection>,
 ) -> Result<Response, ApiError> {
     let axum::extract::Path(digest) =
         digest.map_err(|e| ApiError::new(400, "invalid_path", e.body_text()))?;
     let hex = digest.strip_prefix("sha256:").unwrap_or(&digest).to_owned();
     let bytes = gateway
-        .download_component(&hex)
+        .tenant_component(&caller.tenant, &hex)
         .await
         .map_err(|e| match e {
             Error::UnknownComponent(_) | Error::CorruptComponent(_) => {

@@ -278,6 +278,7 @@ async fn invoke_inner(
     ))]
 pub(crate) async fn embeddings(
     State(gateway): State<AppState>,
+    super::Who(caller): super::Who,
     headers: HeaderMap,
     Payload(body): Payload<MAX_OPENAI_BYTES>,
 ) -> Result<Response, ApiError> {
@@ -303,6 +304,7 @@ pub(crate) async fn embeddings(
             );
         }
     };
+    let name = super::resolve(&gateway, &caller, &name)?;
     let version = resolve(&gateway, &name)?;
     if body.len() as u64 > version.limits.max_body_bytes {
         return Err(ApiError::version_body_limit(version.limits.max_body_bytes));

@@ -18,7 +18,7 @@ use wasp_jobs::{
 };
 
 use super::error::json;
-use super::{ApiError, AppState, ErrorBody, read_body};
+use super::{ApiError, AppState, ErrorBody, Who, read_body};
 use crate::Error;
 use crate::registry::Deployment;
 
@@ -257,10 +257,10 @@ pub(crate) struct JobPath {
     id: String,
 }
 
-impl<S: Send + Sync> FromRequestParts<S> for JobPath {
+impl FromRequestParts<AppState> for JobPath {
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
         let params = RawPathParams::from_request_parts(parts, state)
             .await
             .map_err(|e| ApiError::new(400, "invalid_path", e.body_text()))?;
@@ -271,8 +271,20 @@ impl<S: Send + Sync> FromRequestParts<S> for JobPath {
                 .map(|(_, v)| v.to_owned())
                 .unwrap_or_default()
         };
+        let name = get("name");
+        let name = if name.is_empty() {
+            name
+        } else {
+            // The endpoint of the caller's tenant (a public one, without a key).
+            let caller = parts
+                .extensions
+                .get::<crate::tenants::Caller>()
+                .cloned()
+                .unwrap_or_else(super::auth::nobody);
+            super::resolve(state, &caller, &name)?
+        };
         Ok(Self {
-            name: get("name"),
+            name,
             id: get("id"),
         })
     }
@@ -490,7 +502,7 @@ pub(crate) async fn status_of(gateway: &AppState, job: &Job) -> JobStatus {
     let mut status = JobStatus {
         id: job.id.clone(),
         status: job.state.as_str(),
-        endpoint: job.endpoint.clone(),
+        endpoint: crate::tenants::local_name(&job.endpoint).to_owned(),
         priority: job.policy.priority,
         submitted_at_ms: job.submitted_ms,
         delay_ms: job.delay_ms(now),
@@ -909,6 +921,7 @@ pub(crate) async fn health(
     ))]
 pub(crate) async fn list(
     State(gateway): State<AppState>,
+    Who(caller): Who,
     query: Result<Query<JobQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
     let Query(query) = query?;
@@ -932,7 +945,8 @@ pub(crate) async fn list(
     let jobs = gateway
         .jobs
         .list(ListFilter {
-            endpoint: query.endpoint,
+            endpoint: query.endpoint.map(|e| caller.qualify(&e)),
+            tenant: Some(caller.tenant.clone()),
             state,
             limit,
         })
@@ -1028,9 +1042,12 @@ pub(crate) async fn stream(
     ))]
 pub(crate) async fn get(
     State(gateway): State<AppState>,
+    Who(caller): Who,
     path: JobPath,
 ) -> Result<Response, ApiError> {
-    let job = gateway.jobs.get(&path.id).await?.ok_or_else(|| {
+    let found = gateway.jobs.get(&path.id).await?;
+    // Another tenant's job is as absent as one that never was.
+    let job = found.filter(|j| caller.sees(&j.endpoint)).ok_or_else(|| {
         ApiError::new(
             404,
             "job_not_found",

@@ -6,6 +6,8 @@
 //!
 //! Handlers are small: typed extractors in, a typed value or an [`ApiError`] out.
 
+mod access;
+pub(crate) mod auth;
 mod batches;
 mod control;
 pub(crate) mod data;
@@ -37,6 +39,7 @@ pub use error::{ErrorBody, ErrorDetail};
 pub(crate) use jobs::status_of as job_status;
 
 use crate::Gateway;
+use crate::tenants::Caller;
 
 /// The state every handler shares.
 type AppState = Arc<Gateway>;
@@ -50,10 +53,13 @@ type AppState = Arc<Gateway>;
                        runtime: the control plane (`/api/v1`), each endpoint's invoke route, \
                        OpenAI-compatible embeddings, the KServe v2 inference protocol, health \
                        and metrics. Every error is `{\"error\": {\"code\", \"message\", \
-                       \"field\"}}`.",
+                       \"field\"}}`. Every route but `/healthz` and this document takes an \
+                       API key as `Authorization: Bearer <key>` (a public endpoint's data \
+                       routes take none); `/t/{tenant}` before any path acts in that tenant.",
         license(name = "Apache-2.0")
     ),
     paths(data::invoke, data::invoke_path),
+    modifiers(&BearerKeys),
     components(schemas(ErrorBody, ErrorDetail)),
     tags(
         (name = "control", description = "Endpoints, versions, components and the store"),
@@ -61,10 +67,86 @@ type AppState = Arc<Gateway>;
         (name = "jobs", description = "Durable async jobs of every endpoint"),
         (name = "openai", description = "OpenAI-compatible routes"),
         (name = "kserve", description = "The KServe v2 (Open Inference Protocol) routes"),
+        (name = "access", description = "Tenants, API keys and who a key is"),
         (name = "operations", description = "Health, metrics and this description"),
     )
 )]
 struct ApiDoc;
+
+/// Declares the API keys every route but the open ones takes.
+struct BearerKeys;
+
+impl utoipa::Modify for BearerKeys {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "api_key",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .bearer_format("wasp_<id>_<secret>")
+                    .description(Some(
+                        "An API key: `wasp key create`, or DATA_DIR/operator.key after the \
+                         first start",
+                    ))
+                    .build(),
+            ),
+        );
+        openapi.security = Some(vec![utoipa::openapi::security::SecurityRequirement::new(
+            "api_key",
+            Vec::<String>::new(),
+        )]);
+    }
+}
+
+/// Documents the answers every route that takes a key may give (`401`, `403`), and marks
+/// the open routes as taking none; run on the whole document, once every router added its
+/// paths.
+fn document_keys(openapi: &mut utoipa::openapi::OpenApi) {
+    let error = |description: &str| {
+        utoipa::openapi::ResponseBuilder::new()
+            .description(description)
+            .content(
+                "application/json",
+                utoipa::openapi::ContentBuilder::new()
+                    .schema(Some(utoipa::openapi::Ref::from_schema_name("ErrorBody")))
+                    .build(),
+            )
+            .build()
+    };
+    for (path, item) in openapi.paths.paths.iter_mut() {
+        let open = matches!(path.as_str(), "/healthz" | "/api/v1/openapi.json");
+        for op in [
+            &mut item.get,
+            &mut item.put,
+            &mut item.post,
+            &mut item.delete,
+            &mut item.patch,
+            &mut item.head,
+            &mut item.options,
+            &mut item.trace,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            if open {
+                // No key needed: an empty requirement.
+                op.security = Some(vec![
+                    utoipa::openapi::security::SecurityRequirement::default(),
+                ]);
+                continue;
+            }
+            let responses = &mut op.responses.responses;
+            responses.entry("401".into()).or_insert_with(|| {
+                error("No API key (unless the endpoint is public), or not a valid one").into()
+            });
+            responses
+                .entry("403".into())
+                .or_insert_with(|| error("The key's role may not use this route").into());
+        }
+    }
+}
 
 /// The routes and their description, without state or layers.
 fn routes() -> OpenApiRouter<AppState> {
@@ -106,6 +188,12 @@ fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(batches::pause))
         .routes(routes!(batches::resume))
         .routes(routes!(batches::cancel));
+    let access = OpenApiRouter::new()
+        .routes(routes!(access::whoami))
+        .routes(routes!(access::list_tenants, access::create_tenant))
+        .routes(routes!(access::remove_tenant))
+        .routes(routes!(access::list_keys, access::create_key))
+        .routes(routes!(access::revoke_key));
     let operations = OpenApiRouter::new()
         .routes(routes!(ops::healthz))
         .routes(routes!(ops::metrics))
@@ -113,12 +201,15 @@ fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .merge(control)
         .merge(data)
+        .merge(access)
         .merge(operations)
 }
 
 /// The OpenAPI document of every route (what `/api/v1/openapi.json` serves).
 pub fn openapi() -> utoipa::openapi::OpenApi {
-    routes().split_for_parts().1
+    let mut doc = routes().split_for_parts().1;
+    document_keys(&mut doc);
+    doc
 }
 
 /// The whole API, ready to serve: the routes, and around them the shared concerns of
@@ -132,7 +223,8 @@ pub(crate) struct App {
 
 /// The whole API with its shared concerns, ready to serve.
 pub(crate) fn app(gateway: AppState, request_timeout: Duration) -> App {
-    let (router, doc) = routes().split_for_parts();
+    let (router, mut doc) = routes().split_for_parts();
+    document_keys(&mut doc);
     ops::DOCUMENT.get_or_init(|| Bytes::from(doc.to_pretty_json().unwrap_or_default()));
     let router = router
         .fallback(|method: Method, uri: Uri| async move { ApiError::no_route(&method, &uri) })
@@ -174,16 +266,21 @@ impl App {
             request_id = %String::from_utf8_lossy(id.as_bytes()),
         );
         let started = std::time::Instant::now();
-        let request = request.map(Body::new);
+        let mut request = request.map(Body::new);
         let call = async move {
+            if let Err(refused) = auth::authenticate(&self.gateway, &mut request) {
+                return Ok(*refused);
+            }
             // The data path's hot route goes straight to its handler, skipping the
             // router's per-request allocations; the router still answers every other
             // path, and would route these the same way.
             if let Some(raw) = data::invoke_target(request.uri().path()) {
-                let response = match decode(raw) {
-                    Ok(name) => data::invoke(State(self.gateway), Name(name), request).await,
-                    Err(e) => Err(e),
-                };
+                let caller = auth::caller_of(&request);
+                let response =
+                    match decode(raw).and_then(|name| resolve(&self.gateway, &caller, &name)) {
+                        Ok(name) => data::invoke(State(self.gateway), Name(name), request).await,
+                        Err(e) => Err(e),
+                    };
                 return Ok(response.into_response());
             }
             self.router.oneshot(request).await
@@ -229,13 +326,15 @@ fn new_request_id() -> HeaderValue {
     HeaderValue::from_bytes(&text).unwrap_or_else(|_| HeaderValue::from_static("0"))
 }
 
-/// An endpoint name from the path, percent-decoded; 400 when it is not UTF-8.
+/// An endpoint from the path: its name percent-decoded and qualified by the caller's
+/// tenant (the server's name for it). A caller without a key gets it only when the
+/// endpoint is public (else 401, whether it exists or not).
 pub(crate) struct Name(pub String);
 
-impl<S: Send + Sync> FromRequestParts<S> for Name {
+impl FromRequestParts<AppState> for Name {
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
         // The router has percent-decoded the captures already.
         let params = RawPathParams::from_request_parts(parts, state)
             .await
@@ -245,7 +344,37 @@ impl<S: Send + Sync> FromRequestParts<S> for Name {
             .find(|(key, _)| *key == "name")
             .map(|(_, value)| value)
             .unwrap_or("");
-        Ok(Name(name.to_owned()))
+        let caller = parts
+            .extensions
+            .get::<Caller>()
+            .cloned()
+            .unwrap_or_else(auth::nobody);
+        resolve(state, &caller, name).map(Name)
+    }
+}
+
+/// The server's name for the caller's endpoint `name`; for a caller without a key, only
+/// when that endpoint is public.
+pub(crate) fn resolve(gateway: &Gateway, caller: &Caller, name: &str) -> Result<String, ApiError> {
+    let qualified = caller.qualify(name);
+    if caller.role.is_none() && !gateway.endpoint(&qualified).is_some_and(|d| d.spec.public) {
+        return Err(ApiError::new(401, "missing_api_key", auth::NEEDS_KEY));
+    }
+    Ok(qualified)
+}
+
+/// The caller of a request (see [`auth`]).
+pub(crate) struct Who(pub Caller);
+
+impl<S: Send + Sync> FromRequestParts<S> for Who {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
+        Ok(Who(parts
+            .extensions
+            .get::<Caller>()
+            .cloned()
+            .unwrap_or_else(auth::nobody)))
     }
 }
 

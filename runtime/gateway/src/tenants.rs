@@ -1,0 +1,386 @@
+//! Tenants and API keys.
+//!
+//! A tenant owns endpoints (and through them jobs, batches, logs and events) and the
+//! components it uploaded. Endpoint names are unique per tenant: inside the server an
+//! endpoint of tenant `acme` named `embed` is `acme/embed` (the store's key, the registry's,
+//! a job's `endpoint`); the `default` tenant's endpoints keep their plain names, so a
+//! data directory from before tenants is the default tenant's.
+//!
+//! An API key is `wasp_<id>_<secret>`: the id finds the record, and the record holds the
+//! SHA-256 of the whole key, never the key (it is shown once, when made). Roles:
+//! `operator` (every tenant, tenants, keys, metrics, backups), `admin` (deploys and manages
+//! its tenant's endpoints and keys) and `invoker` (its tenant's data routes only).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::RwLock;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::Error;
+use crate::store::{Records, Store};
+
+/// The tenant of a data directory from before tenants, and of operators by default.
+pub const DEFAULT: &str = "default";
+
+/// What a key may do.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, utoipa::ToSchema,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Its tenant's data routes: invoke, OpenAI, KServe, jobs and batches.
+    Invoker,
+    /// Also deploys and manages its tenant's endpoints, components and keys.
+    Admin,
+    /// Everything, for every tenant: tenants, keys, metrics, backups.
+    Operator,
+}
+
+impl Role {
+    /// The role's name, as the API writes it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Invoker => "invoker",
+            Self::Admin => "admin",
+            Self::Operator => "operator",
+        }
+    }
+}
+
+/// A key as the store keeps it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct StoredKey {
+    /// The public part of the key (`wasp_<id>_...`).
+    pub id: String,
+    /// Its tenant (`default` for operators).
+    pub tenant: String,
+    /// What it may do.
+    pub role: Role,
+    /// A label for people.
+    #[serde(default)]
+    pub name: String,
+    /// SHA-256 of the whole key, hex.
+    pub hash: String,
+    /// When it was made, in milliseconds since the Unix epoch.
+    pub created_ms: u64,
+}
+
+/// A tenant as the store keeps it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct StoredTenant {
+    /// Its name.
+    pub name: String,
+    /// When it was made, in milliseconds since the Unix epoch.
+    pub created_ms: u64,
+}
+
+/// Who makes a request: the tenant it acts in, and its key's role (`None` without a key).
+#[derive(Debug, Clone)]
+pub(crate) struct Caller {
+    /// The tenant whose resources the request sees.
+    pub tenant: String,
+    /// The key's role; `None` for a request without a key (public endpoints only).
+    pub role: Option<Role>,
+    /// The key's id.
+    pub key_id: Option<String>,
+}
+
+impl Caller {
+    /// The server's name for this tenant's endpoint `name`.
+    pub fn qualify(&self, name: &str) -> String {
+        qualify(&self.tenant, name)
+    }
+
+    /// Whether the endpoint with the server's name `qualified` is this tenant's.
+    pub fn sees(&self, qualified: &str) -> bool {
+        tenant_of(qualified) == self.tenant
+    }
+
+    /// Whether the key's role is at least `role`.
+    pub fn may(&self, role: Role) -> bool {
+        self.role.is_some_and(|r| r >= role)
+    }
+}
+
+/// The server's name for endpoint `name` of `tenant`.
+pub(crate) fn qualify(tenant: &str, name: &str) -> String {
+    if tenant == DEFAULT {
+        name.to_owned()
+    } else {
+        format!("{tenant}/{name}")
+    }
+}
+
+/// The tenant of an endpoint by its server's name.
+pub(crate) fn tenant_of(qualified: &str) -> &str {
+    qualified.split_once('/').map_or(DEFAULT, |(t, _)| t)
+}
+
+/// An endpoint's name within its tenant.
+pub(crate) fn local_name(qualified: &str) -> &str {
+    qualified.split_once('/').map_or(qualified, |(_, n)| n)
+}
+
+/// Tenants and keys, in memory (the store holds them durably).
+#[derive(Default)]
+pub(crate) struct Directory {
+    keys: RwLock<HashMap<String, StoredKey>>,
+    tenants: RwLock<BTreeMap<String, StoredTenant>>,
+}
+
+impl Directory {
+    /// Reads every tenant and key from the store.
+    pub fn load(store: &Store) -> Result<Self, Error> {
+        let directory = Self::default();
+        for (id, bytes) in store.records(Records::ApiKeys)? {
+            match serde_json::from_slice::<StoredKey>(&bytes) {
+                Ok(key) => {
+                    directory.write_keys().insert(key.id.clone(), key);
+                }
+                Err(e) => {
+                    tracing::error!(key = %id, "an API key record is corrupt ({e}); the key does not work")
+                }
+            }
+        }
+        for (name, bytes) in store.records(Records::Tenants)? {
+            match serde_json::from_slice::<StoredTenant>(&bytes) {
+                Ok(tenant) => {
+                    directory
+                        .write_tenants()
+                        .insert(tenant.name.clone(), tenant);
+                }
+                Err(e) => tracing::error!(tenant = %name, "a tenant record is corrupt ({e})"),
+            }
+        }
+        Ok(directory)
+    }
+
+    fn write_keys(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, StoredKey>> {
+        self.keys.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write_tenants(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<String, StoredTenant>> {
+        self.tenants.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The key `token` is, if it is a live one.
+    pub fn verify(&self, token: &str) -> Option<StoredKey> {
+        let rest = token.strip_prefix("wasp_")?;
+        let (id, _) = rest.split_once('_')?;
+        let keys = self.keys.read().unwrap_or_else(|e| e.into_inner());
+        let key = keys.get(id)?;
+        let hash = hash(token);
+        constant_time_eq(hash.as_bytes(), key.hash.as_bytes()).then(|| key.clone())
+    }
+
+    /// Whether a tenant of that name exists (`default` always does).
+    pub fn tenant_exists(&self, name: &str) -> bool {
+        name == DEFAULT
+            || self
+                .tenants
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains_key(name)
+    }
+
+    /// Whether there is any key (none before the first start made the operator's).
+    pub fn has_keys(&self) -> bool {
+        !self
+            .keys
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_empty()
+    }
+
+    /// Every tenant, by name (`default` first).
+    pub fn tenants(&self) -> Vec<StoredTenant> {
+        let mut all = vec![StoredTenant {
+            name: DEFAULT.into(),
+            created_ms: 0,
+        }];
+        all.extend(
+            self.tenants
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .values()
+                .cloned(),
+        );
+        all
+    }
+
+    /// Makes a tenant.
+    pub fn create_tenant(&self, store: &Store, name: &str) -> Result<StoredTenant, Error> {
+        wasp_core::spec::check_tenant_name("name", name)?;
+        if self.tenant_exists(name) {
+            return Err(Error::AlreadyExists(format!(
+                "tenant `{name}` exists already"
+            )));
+        }
+        let tenant = StoredTenant {
+            name: name.to_owned(),
+            created_ms: crate::workers::now_ms(),
+        };
+        let bytes = serde_json::to_vec(&tenant).map_err(|e| Error::Store(e.to_string()))?;
+        store.put_record(Records::Tenants, name, &bytes)?;
+        self.write_tenants().insert(name.to_owned(), tenant.clone());
+        Ok(tenant)
+    }
+
+    /// Removes a tenant and its keys; `false` when there was none.
+    pub fn remove_tenant(&self, store: &Store, name: &str) -> Result<bool, Error> {
+        if name == DEFAULT || !self.tenant_exists(name) {
+            return Ok(false);
+        }
+        let ids: Vec<String> = self
+            .keys
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .filter(|k| k.tenant == name)
+            .map(|k| k.id.clone())
+            .collect();
+        for id in ids {
+            self.revoke(store, &id)?;
+        }
+        store.delete_record(Records::Tenants, name)?;
+        self.write_tenants().remove(name);
+        Ok(true)
+    }
+
+    /// Makes a key; returns its record and the key itself (shown once, never stored).
+    pub fn create_key(
+        &self,
+        store: &Store,
+        tenant: &str,
+        role: Role,
+        name: &str,
+    ) -> Result<(StoredKey, String), Error> {
+        let id = hex(&rand::random::<[u8; 8]>());
+        let token = format!("wasp_{id}_{}", hex(&rand::random::<[u8; 32]>()));
+        let key = StoredKey {
+            id: id.clone(),
+            tenant: if role == Role::Operator {
+                DEFAULT.into()
+            } else {
+                tenant.to_owned()
+            },
+            role,
+            name: name.to_owned(),
+            hash: hash(&token),
+            created_ms: crate::workers::now_ms(),
+        };
+        let bytes = serde_json::to_vec(&key).map_err(|e| Error::Store(e.to_string()))?;
+        store.put_record(Records::ApiKeys, &id, &bytes)?;
+        self.write_keys().insert(id, key.clone());
+        Ok((key, token))
+    }
+
+    /// Revokes a key; `false` when there was none.
+    pub fn revoke(&self, store: &Store, id: &str) -> Result<bool, Error> {
+        let existed = store.delete_record(Records::ApiKeys, id)?;
+        Ok(self.write_keys().remove(id).is_some() || existed)
+    }
+
+    /// The key with this id.
+    pub fn key(&self, id: &str) -> Option<StoredKey> {
+        self.keys
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(id)
+            .cloned()
+    }
+
+    /// Every key of `tenant` (of every tenant when `None`), by id.
+    pub fn keys(&self, tenant: Option<&str>) -> Vec<StoredKey> {
+        let mut keys: Vec<StoredKey> = self
+            .keys
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .filter(|k| tenant.is_none_or(|t| k.tenant == t))
+            .cloned()
+            .collect();
+        keys.sort_by(|a, b| a.id.cmp(&b.id));
+        keys
+    }
+}
+
+/// SHA-256 of a key, hex.
+fn hash(token: &str) -> String {
+    hex(&Sha256::digest(token.as_bytes()))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    wasp_core::files::hex(bytes)
+}
+
+/// Compares without an early exit, so that the time taken says nothing of where two
+/// hashes differ.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+    use super::*;
+
+    #[test]
+    fn names_qualify_within_their_tenant() {
+        assert_eq!(qualify(DEFAULT, "embed"), "embed");
+        assert_eq!(qualify("acme", "embed"), "acme/embed");
+        assert_eq!(tenant_of("acme/embed"), "acme");
+        assert_eq!(tenant_of("embed"), DEFAULT);
+        assert_eq!(local_name("acme/embed"), "embed");
+        assert_eq!(local_name("embed"), "embed");
+    }
+
+    #[test]
+    fn a_key_verifies_only_whole_and_until_revoked() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let directory = Directory::load(&store).unwrap();
+        directory.create_tenant(&store, "acme").unwrap();
+        let (key, token) = directory
+            .create_key(&store, "acme", Role::Invoker, "ci")
+            .unwrap();
+        assert!(token.starts_with(&format!("wasp_{}_", key.id)));
+        assert_eq!(directory.verify(&token).unwrap().tenant, "acme");
+        let mut wrong = token.clone();
+        wrong.pop();
+        wrong.push('x');
+        assert!(directory.verify(&wrong).is_none());
+        assert!(directory.verify(&token[..token.len() - 1]).is_none());
+        assert!(directory.verify("wasp_nope_x").is_none());
+        assert!(directory.verify("").is_none());
+        // Kept durably, as a hash only.
+        drop(directory);
+        let reloaded = Directory::load(&store).unwrap();
+        assert!(reloaded.verify(&token).is_some());
+        let stored = store.records(Records::ApiKeys).unwrap();
+        assert!(!String::from_utf8_lossy(&stored[0].1).contains(&token));
+        assert!(reloaded.revoke(&store, &key.id).unwrap());
+        assert!(reloaded.verify(&token).is_none());
+        assert!(Directory::load(&store).unwrap().verify(&token).is_none());
+    }
+
+    #[test]
+    fn tenants_are_named_once_and_take_their_keys_along() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let directory = Directory::load(&store).unwrap();
+        assert!(directory.create_tenant(&store, "Bad Name").is_err());
+        directory.create_tenant(&store, "acme").unwrap();
+        assert!(directory.create_tenant(&store, "acme").is_err());
+        assert!(directory.create_tenant(&store, DEFAULT).is_err());
+        let (_, token) = directory
+            .create_key(&store, "acme", Role::Admin, "")
+            .unwrap();
+        assert!(directory.remove_tenant(&store, "acme").unwrap());
+        assert!(directory.verify(&token).is_none());
+        assert!(!directory.tenant_exists("acme"));
+        assert!(!directory.remove_tenant(&store, DEFAULT).unwrap());
+    }
+}
