@@ -95,6 +95,7 @@ async fn tokenizer_comparison(iterations: usize) {
                 limits: Limits::default(),
                 logs: Arc::new(LogBuffer::new(16)),
                 models: Arc::new(NoModels),
+                group: "bench".into(),
             },
         )
         .unwrap();

@@ -45,6 +45,7 @@ fn processor(pooling: bool) -> Processor {
                 limits: Limits::default(),
                 logs: Arc::new(LogBuffer::new(16)),
                 models: Arc::new(NoModels),
+                group: "bench".into(),
             },
         )
         .unwrap()

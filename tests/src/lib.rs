@@ -14,6 +14,7 @@ use hyper_util::rt::TokioExecutor;
 use serde_json::Value;
 use wasp_gateway::{RuntimeConfig, Server, ServerConfig};
 
+pub mod flood;
 pub mod load;
 
 /// Paths of the guest components, built once by `build.rs`.

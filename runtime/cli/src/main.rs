@@ -188,6 +188,10 @@ enum Command {
         /// A directory batch jobs may read their input from by path (repeatable).
         #[arg(long = "batch-mount", value_name = "DIR")]
         batch_mounts: Vec<PathBuf>,
+        /// Guest calls past their first 2 ms that run at once, shared fairly among tenants
+        /// (0: one fewer than the cores, at least one).
+        #[arg(long, default_value_t = 0)]
+        cpu_turns: usize,
         /// A PEM file of CA certificates that webhook receivers' certificates may chain to,
         /// besides the system's trusted roots (repeatable).
         #[arg(long = "webhook-ca", value_name = "FILE")]
@@ -472,6 +476,7 @@ async fn run(cli: Cli) -> Result<()> {
             max_connections,
             gpus,
             batch_mounts,
+            cpu_turns,
             webhook_ca,
         } => {
             let gpus = if gpus == "auto" {
@@ -485,6 +490,7 @@ async fn run(cli: Cli) -> Result<()> {
                 runtime: wasp_gateway::RuntimeConfig {
                     pooling: !no_pooling,
                     max_total_instances: max_instances,
+                    cpu_turns,
                     ..Default::default()
                 },
                 backends: backends(),

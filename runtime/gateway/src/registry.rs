@@ -783,6 +783,7 @@ impl Gateway {
                 limits: v.limits.clone(),
                 logs: logs.clone(),
                 models: self.models.clone(),
+                group: crate::tenants::tenant_of(&spec.name).to_owned(),
             };
             let role = if factory.is_some() {
                 Role::Transform

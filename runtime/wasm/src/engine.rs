@@ -38,6 +38,10 @@ pub struct RuntimeConfig {
     pub max_memory_mib: u32,
     /// Wasm stack of one call, in bytes.
     pub max_wasm_stack: usize,
+    /// Guests past their first epoch tick (2 ms) that run at once, shared fairly among the
+    /// processors' groups (tenants); 0 means one fewer than the cores (at least one), so
+    /// that short calls always find a core.
+    pub cpu_turns: usize,
 }
 
 impl Default for RuntimeConfig {
@@ -48,6 +52,7 @@ impl Default for RuntimeConfig {
             max_total_instances: 1000,
             max_memory_mib: 4096,
             max_wasm_stack: 512 * 1024,
+            cpu_turns: 0,
         }
     }
 }
@@ -70,6 +75,7 @@ pub struct Runtime {
     cache_dir: Option<PathBuf>,
     engine_key: String,
     pub(crate) ticker: Arc<Ticker>,
+    pub(crate) fair: Arc<crate::fair::FairShare>,
 }
 
 /// Stops the epoch thread when the runtime and every processor made from it are gone
@@ -160,6 +166,11 @@ impl Runtime {
             cache_dir: config.cache_dir,
             engine_key,
             ticker: Arc::new(Ticker(ticker_stop)),
+            fair: crate::fair::FairShare::new(match config.cpu_turns {
+                // One core stays free of long runs, for the short calls.
+                0 => std::thread::available_parallelism().map_or(1, |n| n.get().saturating_sub(1)),
+                n => n,
+            }),
         })
     }
 

@@ -93,6 +93,19 @@ pub(crate) struct HostState {
     pub version: Arc<VersionContext>,
     /// When the current call must end; `None` between calls.
     pub deadline: Option<Instant>,
+    /// Epoch ticks the current call has run through.
+    pub ticks: u32,
+    /// The turn on a core the current call holds past its first tick (see `fair`).
+    pub turn: Arc<std::sync::Mutex<Option<crate::fair::Turn>>>,
+}
+
+impl HostState {
+    /// The call ended: its turn goes to the next guest, and the next call starts afresh.
+    pub fn end_call(&mut self) {
+        self.deadline = None;
+        self.ticks = 0;
+        drop(self.turn.lock().unwrap_or_else(|e| e.into_inner()).take());
+    }
 }
 
 impl WasiView for HostState {

@@ -13,6 +13,7 @@
 
 mod bindings;
 mod engine;
+mod fair;
 mod host;
 mod logs;
 mod pool;

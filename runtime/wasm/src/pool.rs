@@ -49,6 +49,9 @@ pub struct ProcessorSettings {
     pub logs: Arc<LogBuffer>,
     /// Where the guest's model calls go.
     pub models: Arc<dyn ModelRouter>,
+    /// Whose share of the cores its long-running calls take (the tenant): every group gets
+    /// the same share, however many calls it makes.
+    pub group: String,
 }
 
 /// Why a guest call failed. Each variant fails only its own request.
@@ -178,6 +181,8 @@ struct Inner {
     handler: Option<handler::GuestIndices>,
     transform: Option<transform::GuestIndices>,
     context: Arc<VersionContext>,
+    fair: Arc<crate::fair::FairShare>,
+    group: Arc<str>,
     mounts: Vec<Mount>,
     allow_hosts: Arc<Vec<(std::net::IpAddr, Option<u16>)>>,
     limits: Limits,
@@ -245,6 +250,8 @@ impl Runtime {
                 handler,
                 transform,
                 context,
+                fair: self.fair.clone(),
+                group: settings.group.into(),
                 mounts: settings.mounts,
                 allow_hosts: Arc::new(allow_hosts),
                 permits: Arc::new(Semaphore::new(settings.limits.max_instances as usize)),
@@ -515,13 +522,35 @@ impl Processor {
             },
             version: inner.context.clone(),
             deadline: None,
+            ticks: 0,
+            turn: Arc::default(),
         };
         let mut store = Store::new(&inner.engine, state);
         store.limiter(|state| &mut state.limiter);
-        store.epoch_deadline_callback(|ctx| match ctx.data().deadline {
-            Some(deadline) if Instant::now() >= deadline => Ok(UpdateDeadline::Interrupt),
-            // Still in time: let other tasks run, then check again at the next tick.
-            _ => Ok(UpdateDeadline::Yield(1)),
+        let (fair, group) = (inner.fair.clone(), inner.group.clone());
+        store.epoch_deadline_callback(move |mut ctx| {
+            let state = ctx.data_mut();
+            if state.deadline.is_some_and(|d| Instant::now() >= d) {
+                return Ok(UpdateDeadline::Interrupt);
+            }
+            state.ticks = state.ticks.saturating_add(1);
+            if state.ticks < 2 {
+                // Its first tick: short calls never queue for a turn.
+                return Ok(UpdateDeadline::Yield(1));
+            }
+            // A long run: give the core back and wait for the group's next turn.
+            let cell = state.turn.clone();
+            drop(cell.lock().unwrap_or_else(|e| e.into_inner()).take());
+            let (fair, group) = (fair.clone(), group.clone());
+            Ok(UpdateDeadline::YieldCustom(
+                1,
+                Box::pin(async move {
+                    // Always let other tasks run, even when a turn is free at once.
+                    tokio::task::yield_now().await;
+                    let turn = fair.turn(&group).await;
+                    *cell.lock().unwrap_or_else(|e| e.into_inner()) = Some(turn);
+                }),
+            ))
         });
         store.set_epoch_deadline(1);
         Ok(store)
@@ -556,7 +585,7 @@ impl Processor {
             Ok(Err(e)) => return Err(CallError::Init(e)),
             Err(e) => return Err(self.classify(&store, e)),
         }
-        store.data_mut().deadline = None;
+        store.data_mut().end_call();
         inner.created.fetch_add(1, Ordering::Relaxed);
         Ok(Slot {
             store,
@@ -568,6 +597,7 @@ impl Processor {
 
     fn arm(&self, slot: &mut Slot, deadline: Instant) {
         let state = slot.store.data_mut();
+        state.end_call();
         state.deadline = Some(deadline);
         state.limiter.memory_refused = false;
         slot.store.set_epoch_deadline(1);
@@ -581,7 +611,7 @@ impl Processor {
     ) -> Result<T, CallError> {
         match result {
             Ok(value) => {
-                lease.slot.store.data_mut().deadline = None;
+                lease.slot.store.data_mut().end_call();
                 self.release(lease);
                 value.map_err(CallError::Guest)
             }
