@@ -388,6 +388,10 @@ impl TestServer {
             gpus: std::sync::Arc::new(wasp_gateway::Inventory::default()),
             batch_mounts: vec![std::env::temp_dir()],
             webhook_ca: Vec::new(),
+            // The default tenant may mount temporary directories and the models, and reach
+            // loopback: what the tests' specs ask for.
+            mount_roots: vec![std::env::temp_dir(), models_dir()],
+            allow_hosts: vec!["127.0.0.1:*".into()],
             credentials: None,
         };
         configure(&mut config);

@@ -431,3 +431,110 @@ async fn keys_and_tenants_survive_a_restart() {
     assert_eq!(acme.get("/api/v1/whoami").await.json()["tenant"], "acme");
     t.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn processors_reach_only_the_host_their_tenant_was_granted() {
+    let t = TestServer::start().await;
+    let operator = &t.client;
+    operator
+        .post_json("/api/v1/tenants", &json!({ "name": "acme" }))
+        .await;
+    let acme = operator.as_key(Some(&key(operator, "acme", "admin").await));
+    let granted = tempfile::tempdir().unwrap();
+    let elsewhere = tempfile::tempdir().unwrap();
+    let with = |mount: &std::path::Path, host: &str| {
+        spec(
+            "reach",
+            &format!(
+                "[versions.processor.env]\nX = \"1\"\n[[versions.processor.mounts]]\nhost = {:?}\nguest = \"/data\"",
+                mount.display().to_string()
+            ),
+        )
+        .replace(
+            "component = \"{COMPONENT}\"\n",
+            &format!("component = \"{{COMPONENT}}\"\nallow_hosts = [\"{host}\"]\n"),
+        )
+    };
+    let field = |r: &wasp_tests::Reply| r.json()["error"]["field"].as_str().map(str::to_owned);
+
+    // Nothing granted yet: no mount, no address.
+    let refused = acme
+        .deploy(HOSTILE, &with(granted.path(), "127.0.0.1:9"))
+        .await;
+    assert_eq!(refused.status, 422, "{}", refused.text());
+    assert_eq!(
+        field(&refused).as_deref(),
+        Some("versions[0].processor.mounts[0].host")
+    );
+    assert!(
+        refused.text().contains("granted none"),
+        "{}",
+        refused.text()
+    );
+
+    let grant = json!({
+        "mount_roots": [granted.path()],
+        "allow_hosts": ["127.0.0.1:9"],
+    });
+    let made = operator
+        .request("PUT", "/api/v1/tenants/acme/policy", grant.to_string())
+        .await;
+    assert_eq!(made.status, 200, "{}", made.text());
+    // A tenant admin cannot grant itself more.
+    let own = acme
+        .request("PUT", "/api/v1/tenants/acme/policy", grant.to_string())
+        .await;
+    assert_eq!(own.status, 403);
+
+    acme.deploy_ok(HOSTILE, &with(granted.path(), "127.0.0.1:9"))
+        .await;
+    for (mount, host, at) in [
+        (
+            elsewhere.path(),
+            "127.0.0.1:9",
+            "versions[0].processor.mounts[0].host",
+        ),
+        (
+            std::path::Path::new("/"),
+            "127.0.0.1:9",
+            "versions[0].processor.mounts[0].host",
+        ),
+        (
+            &granted.path().join("../.."),
+            "127.0.0.1:9",
+            "versions[0].processor.mounts[0].host",
+        ),
+        (
+            granted.path(),
+            "127.0.0.1:10",
+            "versions[0].processor.allow_hosts[0]",
+        ),
+        (
+            granted.path(),
+            "127.0.0.1:*",
+            "versions[0].processor.allow_hosts[0]",
+        ),
+    ] {
+        let refused = acme.deploy(HOSTILE, &with(mount, host)).await;
+        assert_eq!(refused.status, 422, "{}", refused.text());
+        assert_eq!(field(&refused).as_deref(), Some(at), "{}", refused.text());
+    }
+    // The refused deploys changed nothing: the granted one still serves.
+    assert_eq!(acme.invoke("reach", "/ok", "").await.text(), "ok");
+    // The default tenant has the server's grant (the tests' temporary directories), and
+    // not `/` either.
+    let root = operator
+        .deploy(HOSTILE, &with(std::path::Path::new("/"), "127.0.0.1:9"))
+        .await;
+    assert_eq!(root.status, 422, "{}", root.text());
+    let bad = operator
+        .request(
+            "PUT",
+            "/api/v1/tenants/acme/policy",
+            json!({ "allow_hosts": ["example.org:80"] }).to_string(),
+        )
+        .await;
+    assert_eq!(bad.status, 422);
+    assert_eq!(field(&bad).as_deref(), Some("allow_hosts[0]"));
+    t.stop().await;
+}

@@ -141,6 +141,11 @@ impl Client {
             .await
     }
 
+    /// PUTs a body; an error status fails with the server's message.
+    pub async fn put_body(&self, path: &str, content_type: &str, body: Vec<u8>) -> Result<Value> {
+        self.json(Method::PUT, path, Some(content_type), body).await
+    }
+
     pub async fn delete(&self, path: &str) -> Result<Value> {
         self.json(Method::DELETE, path, None, Vec::new()).await
     }

@@ -188,6 +188,14 @@ enum Command {
         /// A directory batch jobs may read their input from by path (repeatable).
         #[arg(long = "batch-mount", value_name = "DIR")]
         batch_mounts: Vec<PathBuf>,
+        /// A host directory the default tenant's processors may mount below (repeatable);
+        /// other tenants get what an operator grants them (`wasp tenant grant`).
+        #[arg(long = "mount-root", value_name = "DIR")]
+        mount_roots: Vec<PathBuf>,
+        /// An address (`IP:PORT` or `IP:*`) the default tenant's processors may be allowed
+        /// to reach (repeatable).
+        #[arg(long = "allow-host", value_name = "IP:PORT")]
+        allow_hosts: Vec<String>,
         /// Guest calls past their first 2 ms that run at once, shared fairly among tenants
         /// (0: one fewer than the cores, at least one).
         #[arg(long, default_value_t = 0)]
@@ -311,6 +319,17 @@ enum TenantCommand {
     Rm {
         /// Its name.
         name: String,
+    },
+    /// Sets what of the host a tenant's processors may reach (replacing the grant).
+    Grant {
+        /// Its name.
+        name: String,
+        /// A host directory its mounts may lie under (repeatable).
+        #[arg(long = "mount-root", value_name = "DIR")]
+        mount_roots: Vec<PathBuf>,
+        /// An address (`IP:PORT` or `IP:*`) its `allow_hosts` may name (repeatable).
+        #[arg(long = "allow-host", value_name = "IP:PORT")]
+        allow_hosts: Vec<String>,
     },
 }
 
@@ -476,6 +495,8 @@ async fn run(cli: Cli) -> Result<()> {
             max_connections,
             gpus,
             batch_mounts,
+            mount_roots,
+            allow_hosts,
             cpu_turns,
             webhook_ca,
         } => {
@@ -503,6 +524,11 @@ async fn run(cli: Cli) -> Result<()> {
                 gpus: std::sync::Arc::new(gpus),
                 batch_mounts,
                 webhook_ca,
+                mount_roots: mount_roots
+                    .iter()
+                    .map(|r| r.canonicalize().unwrap_or_else(|_| r.clone()))
+                    .collect(),
+                allow_hosts,
                 credentials: wasp_core::credentials::default_path(),
             };
             serve(config, deploy).await
@@ -1009,6 +1035,21 @@ async fn tenants(client: &Client, print: &output::Printer, action: TenantCommand
                         t["endpoints"]
                     );
                 }
+            }
+        }
+        TenantCommand::Grant {
+            name,
+            mount_roots,
+            allow_hosts,
+        } => {
+            let body =
+                serde_json::json!({ "mount_roots": mount_roots, "allow_hosts": allow_hosts })
+                    .to_string()
+                    .into_bytes();
+            let path = format!("/api/v1/tenants/{}/policy", client::query_value(&name));
+            let granted = client.put_body(&path, "application/json", body).await?;
+            if !print.json(&granted) {
+                println!("granted tenant `{name}`: {}", granted["policy"]);
             }
         }
         TenantCommand::Rm { name } => {

@@ -468,6 +468,11 @@ impl Gateway {
         let mut local = spec.clone();
         local.name = crate::tenants::local_name(&spec.name).to_owned();
         local.validate()?;
+        // Only the host its tenant was granted.
+        self.directory
+            .policy(crate::tenants::tenant_of(&spec.name))
+            .unwrap_or_default()
+            .check(&spec)?;
         let this = self.clone();
         tokio::spawn(async move { this.deploy_now(spec, replace).await })
             .await

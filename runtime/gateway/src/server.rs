@@ -52,6 +52,12 @@ pub struct ServerConfig {
     /// PEM files of CA certificates that webhook receivers' certificates may chain to,
     /// besides the system's trusted roots (`--webhook-ca`).
     pub webhook_ca: Vec<PathBuf>,
+    /// Host directories the default tenant's processors may mount below (`--mount-root`);
+    /// other tenants get what an operator grants them.
+    pub mount_roots: Vec<PathBuf>,
+    /// Addresses the default tenant's processors may be allowed to reach (`--allow-host`,
+    /// `IP:PORT` or `IP:*`).
+    pub allow_hosts: Vec<String>,
     /// The CLI's credentials file, into which the first start writes its operator key
     /// for the server's loopback URLs; `None` writes only `<data_dir>/operator.key`.
     pub credentials: Option<PathBuf>,
@@ -148,6 +154,20 @@ impl Server {
             &config.webhook_ca,
         )
         .await?;
+        for (k, entry) in config.allow_hosts.iter().enumerate() {
+            if wasp_core::spec::parse_allow_host(entry).is_none() {
+                return Err(Error::Setting(format!(
+                    "--allow-host `{entry}` (#{}) is not IP:PORT or IP:*",
+                    k + 1
+                )));
+            }
+        }
+        gateway
+            .directory
+            .set_default_policy(crate::tenants::AccessPolicy {
+                mount_roots: config.mount_roots.clone(),
+                allow_hosts: config.allow_hosts.clone(),
+            });
         let mounts = config
             .batch_mounts
             .iter()

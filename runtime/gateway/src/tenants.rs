@@ -73,6 +73,94 @@ pub(crate) struct StoredTenant {
     pub name: String,
     /// When it was made, in milliseconds since the Unix epoch.
     pub created_ms: u64,
+    /// What of the host its processors may reach.
+    #[serde(default)]
+    pub policy: AccessPolicy,
+}
+
+/// What of the host a tenant's processors may reach: the operator's grant. A spec asking
+/// for more is refused at deploy, with the field named. Nothing by default.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AccessPolicy {
+    /// Host directories under which `mounts` may lie (read-only, as every mount).
+    #[serde(default)]
+    #[schema(value_type = Vec<String>)]
+    pub mount_roots: Vec<std::path::PathBuf>,
+    /// Addresses `allow_hosts` may name: `IP:PORT`, or `IP:*` for every port of that IP.
+    #[serde(default)]
+    pub allow_hosts: Vec<String>,
+}
+
+impl AccessPolicy {
+    /// Checks a spec's mounts and `allow_hosts` against the grant.
+    pub fn check(&self, spec: &wasp_core::EndpointSpec) -> Result<(), Error> {
+        let roots: Vec<std::path::PathBuf> = self
+            .mount_roots
+            .iter()
+            .filter_map(|r| r.canonicalize().ok())
+            .collect();
+        let granted: Vec<_> = self
+            .allow_hosts
+            .iter()
+            .filter_map(|h| wasp_core::spec::parse_allow_host(h))
+            .collect();
+        for (i, version) in spec.versions.iter().enumerate() {
+            let Some(processor) = &version.processor else {
+                continue;
+            };
+            for (j, mount) in processor.mounts.iter().enumerate() {
+                // One answer for a path outside the roots and one that is not there, so
+                // that a spec cannot probe the host.
+                let inside = mount
+                    .host
+                    .canonicalize()
+                    .ok()
+                    .filter(|p| p.is_dir())
+                    .is_some_and(|p| roots.iter().any(|root| p.starts_with(root)));
+                if !inside {
+                    return Err(Error::Invalid {
+                        field: format!("versions[{i}].processor.mounts[{j}].host"),
+                        message: format!(
+                            "`{}` is not a directory under a mount root this tenant was \
+                             granted ({})",
+                            mount.host.display(),
+                            if self.mount_roots.is_empty() {
+                                "it was granted none".to_owned()
+                            } else {
+                                self.mount_roots
+                                    .iter()
+                                    .map(|r| r.display().to_string())
+                                    .collect::<Vec<_>>()
+                                    .join(", ")
+                            }
+                        ),
+                    });
+                }
+            }
+            for (k, entry) in processor.allow_hosts.iter().enumerate() {
+                let covered = wasp_core::spec::parse_allow_host(entry).is_some_and(|(ip, port)| {
+                    granted.iter().any(|(gip, gport)| {
+                        *gip == ip && (gport.is_none() || (port.is_some() && *gport == port))
+                    })
+                });
+                if !covered {
+                    return Err(Error::Invalid {
+                        field: format!("versions[{i}].processor.allow_hosts[{k}]"),
+                        message: format!(
+                            "`{entry}` is not among the addresses this tenant was granted ({})",
+                            if self.allow_hosts.is_empty() {
+                                "it was granted none".to_owned()
+                            } else {
+                                self.allow_hosts.join(", ")
+                            }
+                        ),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Who makes a request: the tenant it acts in, and its key's role (`None` without a key).
@@ -127,6 +215,8 @@ pub(crate) fn local_name(qualified: &str) -> &str {
 pub(crate) struct Directory {
     keys: RwLock<HashMap<String, StoredKey>>,
     tenants: RwLock<BTreeMap<String, StoredTenant>>,
+    /// The default tenant's grant: the server's `--mount-root` and `--allow-host`.
+    default_policy: RwLock<AccessPolicy>,
 }
 
 impl Directory {
@@ -198,6 +288,7 @@ impl Directory {
         let mut all = vec![StoredTenant {
             name: DEFAULT.into(),
             created_ms: 0,
+            policy: self.default_policy(),
         }];
         all.extend(
             self.tenants
@@ -207,6 +298,75 @@ impl Directory {
                 .cloned(),
         );
         all
+    }
+
+    /// The default tenant's grant (the server's flags).
+    pub fn default_policy(&self) -> AccessPolicy {
+        self.default_policy
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Sets the default tenant's grant (at start, from the server's flags).
+    pub fn set_default_policy(&self, policy: AccessPolicy) {
+        *self
+            .default_policy
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = policy;
+    }
+
+    /// A tenant's grant; `None` when there is no such tenant.
+    pub fn policy(&self, tenant: &str) -> Option<AccessPolicy> {
+        if tenant == DEFAULT {
+            return Some(self.default_policy());
+        }
+        self.tenants
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(tenant)
+            .map(|t| t.policy.clone())
+    }
+
+    /// Replaces a tenant's grant (not the default tenant's, which the flags set); endpoints
+    /// deployed before keep running, and the next deploy is checked against it.
+    pub fn set_policy(
+        &self,
+        store: &Store,
+        tenant: &str,
+        policy: AccessPolicy,
+    ) -> Result<Option<StoredTenant>, Error> {
+        let Some(mut record) = self
+            .tenants
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(tenant)
+            .cloned()
+        else {
+            return Ok(None);
+        };
+        for (k, entry) in policy.allow_hosts.iter().enumerate() {
+            if wasp_core::spec::parse_allow_host(entry).is_none() {
+                return Err(Error::Invalid {
+                    field: format!("allow_hosts[{k}]"),
+                    message: format!("`{entry}` is not IP:PORT or IP:*"),
+                });
+            }
+        }
+        for (k, root) in policy.mount_roots.iter().enumerate() {
+            if !root.is_absolute() {
+                return Err(Error::Invalid {
+                    field: format!("mount_roots[{k}]"),
+                    message: format!("`{}` is not an absolute path", root.display()),
+                });
+            }
+        }
+        record.policy = policy;
+        let bytes = serde_json::to_vec(&record).map_err(|e| Error::Store(e.to_string()))?;
+        store.put_record(Records::Tenants, tenant, &bytes)?;
+        self.write_tenants()
+            .insert(tenant.to_owned(), record.clone());
+        Ok(Some(record))
     }
 
     /// Makes a tenant.
@@ -220,6 +380,7 @@ impl Directory {
         let tenant = StoredTenant {
             name: name.to_owned(),
             created_ms: crate::workers::now_ms(),
+            policy: AccessPolicy::default(),
         };
         let bytes = serde_json::to_vec(&tenant).map_err(|e| Error::Store(e.to_string()))?;
         store.put_record(Records::Tenants, name, &bytes)?;
@@ -364,6 +525,72 @@ mod tests {
         assert!(reloaded.revoke(&store, &key.id).unwrap());
         assert!(reloaded.verify(&token).is_none());
         assert!(Directory::load(&store).unwrap().verify(&token).is_none());
+    }
+
+    #[test]
+    fn a_spec_reaches_only_the_host_it_was_granted() {
+        let root = tempfile::tempdir().unwrap();
+        let inside = root.path().join("models");
+        std::fs::create_dir(&inside).unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        let spec = |mount: &std::path::Path, host: &str| {
+            wasp_core::EndpointSpec::from_toml(&format!(
+                "name = \"e\"\n[[versions]]\nname = \"v1\"\n[versions.processor]\n\
+                 component = \"a.wasm\"\nallow_hosts = [\"{host}\"]\n\
+                 [[versions.processor.mounts]]\nhost = {:?}\nguest = \"/m\"\n",
+                mount.display().to_string()
+            ))
+            .unwrap()
+        };
+        let policy = AccessPolicy {
+            mount_roots: vec![root.path().to_owned()],
+            allow_hosts: vec!["10.0.0.5:443".into(), "10.0.0.6:*".into()],
+        };
+        assert!(policy.check(&spec(&inside, "10.0.0.5:443")).is_ok());
+        assert!(policy.check(&spec(&inside, "10.0.0.6:80")).is_ok());
+        let field = |e: Error| match e {
+            Error::Invalid { field, .. } => field,
+            other => panic!("{other}"),
+        };
+        for (mount, host, at) in [
+            (
+                outside.path(),
+                "10.0.0.5:443",
+                "versions[0].processor.mounts[0].host",
+            ),
+            (
+                std::path::Path::new("/"),
+                "10.0.0.5:443",
+                "versions[0].processor.mounts[0].host",
+            ),
+            (
+                &inside.join("../../.."),
+                "10.0.0.5:443",
+                "versions[0].processor.mounts[0].host",
+            ),
+            (
+                &inside,
+                "10.0.0.5:80",
+                "versions[0].processor.allow_hosts[0]",
+            ),
+            (
+                &inside,
+                "10.0.0.5:*",
+                "versions[0].processor.allow_hosts[0]",
+            ),
+            (
+                &inside,
+                "10.0.0.7:443",
+                "versions[0].processor.allow_hosts[0]",
+            ),
+        ] {
+            let e = policy.check(&spec(mount, host)).unwrap_err();
+            assert_eq!(field(e), at, "{} {host}", mount.display());
+        }
+        let e = AccessPolicy::default()
+            .check(&spec(&inside, "10.0.0.5:443"))
+            .unwrap_err();
+        assert!(e.to_string().contains("granted none"), "{e}");
     }
 
     #[test]

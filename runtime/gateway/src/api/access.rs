@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use super::error::json;
 use super::{ApiError, AppState, ErrorBody, Payload, Who};
-use crate::tenants::{Caller, DEFAULT, Role, StoredKey};
+use crate::tenants::{AccessPolicy, Caller, DEFAULT, Role, StoredKey};
 
 /// Largest body of these routes.
 const MAX_BODY: u64 = 64 * 1024;
@@ -33,6 +33,9 @@ pub struct TenantInfo {
     pub created_at_ms: u64,
     /// How many endpoints it has.
     pub endpoints: usize,
+    /// What of the host its processors may reach (for `default`, the server's
+    /// `--mount-root` and `--allow-host`).
+    pub policy: AccessPolicy,
 }
 
 /// Every tenant.
@@ -173,6 +176,7 @@ pub(crate) async fn list_tenants(State(gateway): State<AppState>) -> Response {
                 .count(),
             name: t.name,
             created_at_ms: t.created_ms,
+            policy: t.policy,
         })
         .collect();
     json(StatusCode::OK, &TenantList { tenants })
@@ -199,6 +203,54 @@ pub(crate) async fn create_tenant(
             name: tenant.name,
             created_at_ms: tenant.created_ms,
             endpoints: 0,
+            policy: tenant.policy,
+        },
+    ))
+}
+
+/// Grants a tenant what of the host its processors may reach (operator keys): mount roots
+/// and addresses. Deploys from now on are checked against it; the default tenant's grant
+/// is the server's flags.
+#[utoipa::path(put, path = "/api/v1/tenants/{tenant}/policy", tag = "access",
+    params(("tenant" = String, Path, description = "Tenant name")),
+    request_body = AccessPolicy,
+    responses(
+        (status = 200, description = "Granted", body = TenantInfo),
+        (status = 400, description = "Not a policy as JSON", body = ErrorBody),
+        (status = 404, description = "No such tenant (or `default`)", body = ErrorBody),
+        (status = 422, description = "A root that is not absolute, an address that is not IP:PORT or IP:*", body = ErrorBody),
+    ))]
+pub(crate) async fn set_policy(
+    State(gateway): State<AppState>,
+    Path(tenant): Path<String>,
+    Payload(body): Payload<MAX_BODY>,
+) -> Result<Response, ApiError> {
+    let policy: AccessPolicy = json_body(&body)?;
+    let record = gateway
+        .directory
+        .set_policy(&gateway.store, &tenant, policy)?
+        .ok_or_else(|| {
+            ApiError::new(
+                404,
+                "tenant_not_found",
+                format!(
+                    "no tenant `{tenant}` whose grant the API sets (the default tenant's is \
+                     the server's --mount-root and --allow-host)"
+                ),
+            )
+        })?;
+    let endpoints = gateway
+        .endpoints()
+        .iter()
+        .filter(|d| crate::tenants::tenant_of(&d.spec.name) == tenant)
+        .count();
+    Ok(json(
+        StatusCode::OK,
+        &TenantInfo {
+            name: record.name,
+            created_at_ms: record.created_ms,
+            endpoints,
+            policy: record.policy,
         },
     ))
 }

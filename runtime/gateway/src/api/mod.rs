@@ -192,6 +192,7 @@ fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(access::whoami))
         .routes(routes!(access::list_tenants, access::create_tenant))
         .routes(routes!(access::remove_tenant))
+        .routes(routes!(access::set_policy))
         .routes(routes!(access::list_keys, access::create_key))
         .routes(routes!(access::revoke_key));
     let operations = OpenApiRouter::new()
