@@ -110,6 +110,11 @@ impl Batch {
         (record, ok, failed, run_ms)
     }
 
+    /// The endpoint (server's name) that answers its lines.
+    pub(crate) fn endpoint(&self) -> String {
+        self.lock().endpoint.clone()
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, BatchRecord> {
         self.record.lock().unwrap_or_else(|e| e.into_inner())
     }

@@ -562,6 +562,29 @@ mod tests {
     }
 
     #[test]
+    fn components_from_before_tenants_belong_to_the_default_tenant() {
+        let dir = tempfile::tempdir().unwrap();
+        // A data directory an older wasp wrote: a component, no owners table.
+        std::fs::create_dir_all(dir.path().join("components")).unwrap();
+        let digest = files::sha256_hex(b"old");
+        std::fs::write(dir.path().join(format!("components/{digest}.wasm")), b"old").unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        assert!(
+            store
+                .owns_component(&digest, crate::tenants::DEFAULT)
+                .unwrap()
+        );
+        assert!(!store.owns_component(&digest, "acme").unwrap());
+        // Uploaded later, by a tenant: that tenant's, not everyone's.
+        let new = store.put_component(b"new").unwrap();
+        store.add_component_owner(&new, "acme").unwrap();
+        drop(store);
+        let store = Store::open(dir.path()).unwrap();
+        assert!(store.owns_component(&new, "acme").unwrap());
+        assert!(!store.owns_component(&new, crate::tenants::DEFAULT).unwrap());
+    }
+
+    #[test]
     fn endpoints_and_components_survive_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let spec = spec("é");

@@ -118,6 +118,15 @@ fn info(k: &StoredKey) -> KeyInfo {
     }
 }
 
+/// How many endpoints `tenant` has.
+fn endpoint_count(gateway: &AppState, tenant: &str) -> usize {
+    gateway
+        .endpoints()
+        .iter()
+        .filter(|d| crate::tenants::tenant_of(&d.spec.name) == tenant)
+        .count()
+}
+
 fn json_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     serde_json::from_slice(body).map_err(|e| {
         ApiError::new(
@@ -164,16 +173,12 @@ pub(crate) async fn whoami(Who(caller): Who) -> Result<Response, ApiError> {
 #[utoipa::path(get, path = "/api/v1/tenants", tag = "access",
     responses((status = 200, description = "The tenants", body = TenantList)))]
 pub(crate) async fn list_tenants(State(gateway): State<AppState>) -> Response {
-    let endpoints = gateway.endpoints();
     let tenants = gateway
         .directory
         .tenants()
         .into_iter()
         .map(|t| TenantInfo {
-            endpoints: endpoints
-                .iter()
-                .filter(|d| crate::tenants::tenant_of(&d.spec.name) == t.name)
-                .count(),
+            endpoints: endpoint_count(&gateway, &t.name),
             name: t.name,
             created_at_ms: t.created_ms,
             policy: t.policy,
@@ -239,11 +244,7 @@ pub(crate) async fn set_policy(
                 ),
             )
         })?;
-    let endpoints = gateway
-        .endpoints()
-        .iter()
-        .filter(|d| crate::tenants::tenant_of(&d.spec.name) == tenant)
-        .count();
+    let endpoints = endpoint_count(&gateway, &tenant);
     Ok(json(
         StatusCode::OK,
         &TenantInfo {
@@ -271,11 +272,7 @@ pub(crate) async fn remove_tenant(
     if tenant == DEFAULT || !gateway.directory.tenant_exists(&tenant) {
         return Err(not_found());
     }
-    let left = gateway
-        .endpoints()
-        .iter()
-        .filter(|d| crate::tenants::tenant_of(&d.spec.name) == tenant)
-        .count();
+    let left = endpoint_count(&gateway, &tenant);
     if left > 0 {
         return Err(ApiError::new(
             409,

@@ -183,23 +183,17 @@ fn strip_tenant(request: &mut Request<Body>) -> Result<Option<String>, Response>
     Ok(Some(tenant))
 }
 
-/// The caller a request was authenticated as (a request that skipped [`authenticate`]
-/// acts as nobody in the default tenant).
-pub(crate) fn caller_of<B>(request: &Request<B>) -> Caller {
-    request
-        .extensions()
+/// The caller a request was authenticated as, from its extensions (a request that skipped
+/// [`authenticate`] acts as nobody in the default tenant).
+pub(crate) fn caller_in(extensions: &axum::http::Extensions) -> Caller {
+    extensions
         .get::<Caller>()
         .cloned()
-        .unwrap_or_else(nobody)
-}
-
-/// No key, default tenant.
-pub(crate) fn nobody() -> Caller {
-    Caller {
-        tenant: DEFAULT.to_owned(),
-        role: None,
-        key_id: None,
-    }
+        .unwrap_or_else(|| Caller {
+            tenant: DEFAULT.to_owned(),
+            role: None,
+            key_id: None,
+        })
 }
 
 #[cfg(test)]

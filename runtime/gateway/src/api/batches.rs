@@ -116,7 +116,7 @@ fn find(gateway: &AppState, caller: &Caller, id: &str) -> Result<Arc<Batch>, Api
     gateway
         .batches
         .get(id)
-        .filter(|b| caller.sees(&b.snapshot().0.endpoint))
+        .filter(|b| caller.sees(&b.endpoint()))
         .ok_or_else(|| ApiError::new(404, "batch_not_found", format!("no batch `{id}`")))
 }
 
@@ -231,7 +231,7 @@ pub(crate) async fn list(
         .batches
         .list()
         .iter()
-        .filter(|b| caller.sees(&b.snapshot().0.endpoint))
+        .filter(|b| caller.sees(&b.endpoint()))
         .map(|b| status_of(b))
         .collect();
     Ok(json(StatusCode::OK, &BatchList { batches }))

@@ -276,12 +276,7 @@ impl FromRequestParts<AppState> for JobPath {
             name
         } else {
             // The endpoint of the caller's tenant (a public one, without a key).
-            let caller = parts
-                .extensions
-                .get::<crate::tenants::Caller>()
-                .cloned()
-                .unwrap_or_else(super::auth::nobody);
-            super::resolve(state, &caller, &name)?
+            super::resolve(state, &super::auth::caller_in(&parts.extensions), &name)?
         };
         Ok(Self {
             name,

@@ -276,7 +276,7 @@ impl App {
             // router's per-request allocations; the router still answers every other
             // path, and would route these the same way.
             if let Some(raw) = data::invoke_target(request.uri().path()) {
-                let caller = auth::caller_of(&request);
+                let caller = auth::caller_in(request.extensions());
                 let response =
                     match decode(raw).and_then(|name| resolve(&self.gateway, &caller, &name)) {
                         Ok(name) => data::invoke(State(self.gateway), Name(name), request).await,
@@ -345,12 +345,7 @@ impl FromRequestParts<AppState> for Name {
             .find(|(key, _)| *key == "name")
             .map(|(_, value)| value)
             .unwrap_or("");
-        let caller = parts
-            .extensions
-            .get::<Caller>()
-            .cloned()
-            .unwrap_or_else(auth::nobody);
-        resolve(state, &caller, name).map(Name)
+        resolve(state, &auth::caller_in(&parts.extensions), name).map(Name)
     }
 }
 
@@ -371,11 +366,7 @@ impl<S: Send + Sync> FromRequestParts<S> for Who {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
-        Ok(Who(parts
-            .extensions
-            .get::<Caller>()
-            .cloned()
-            .unwrap_or_else(auth::nobody)))
+        Ok(Who(auth::caller_in(&parts.extensions)))
     }
 }
 
