@@ -96,6 +96,7 @@ async fn tokenizer_comparison(iterations: usize) {
                 logs: Arc::new(LogBuffer::new(16)),
                 models: Arc::new(NoModels),
                 group: "bench".into(),
+                guest_nanos: Default::default(),
             },
         )
         .unwrap();

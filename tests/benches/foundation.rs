@@ -46,6 +46,7 @@ fn processor(pooling: bool) -> Processor {
                 logs: Arc::new(LogBuffer::new(16)),
                 models: Arc::new(NoModels),
                 group: "bench".into(),
+                guest_nanos: Default::default(),
             },
         )
         .unwrap()

@@ -219,3 +219,90 @@ async fn inference_import_names_the_missing_model() {
     );
     t.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_request_isolation_gives_every_call_a_fresh_instance() {
+    let t = TestServer::start().await;
+    let c = &t.client;
+    let counts = |name: &'static str| async move {
+        let mut seen = Vec::new();
+        for _ in 0..5 {
+            let reply = c.invoke(name, "/count", "").await;
+            assert_eq!(reply.status, 200, "{}", reply.text());
+            seen.push(reply.text().parse::<u64>().unwrap());
+        }
+        seen
+    };
+    // Pooled (the default): one instance remembers every call.
+    c.deploy_ok(
+        HOSTILE,
+        &spec("pooled", "[versions.limits]\nmax_instances = 1"),
+    )
+    .await;
+    assert_eq!(counts("pooled").await, [1, 2, 3, 4, 5]);
+    // Per-request: nothing one call leaves in memory reaches the next.
+    c.deploy_ok(
+        HOSTILE,
+        &spec("fresh", "[versions.limits]\nisolation = \"per-request\""),
+    )
+    .await;
+    assert_eq!(counts("fresh").await, [1, 1, 1, 1, 1]);
+    // Pooled with a bound: an instance is replaced after three calls.
+    c.deploy_ok(
+        HOSTILE,
+        &spec(
+            "bounded",
+            "[versions.limits]\nmax_instances = 1\nmax_requests_per_instance = 3",
+        ),
+    )
+    .await;
+    assert_eq!(counts("bounded").await, [1, 2, 3, 1, 2]);
+    let status = c.get("/api/v1/endpoints/fresh").await.json();
+    assert!(
+        status["versions"][0]["instances"]["retired"]
+            .as_u64()
+            .unwrap()
+            >= 5,
+        "{status}"
+    );
+    // The bound is for pooled instances only.
+    let bad = c
+        .deploy(
+            HOSTILE,
+            &spec(
+                "both",
+                "[versions.limits]\nisolation = \"per-request\"\nmax_requests_per_instance = 3",
+            ),
+        )
+        .await;
+    assert_eq!(bad.status, 422, "{}", bad.text());
+    assert_eq!(
+        bad.json()["error"]["field"],
+        "versions[0].limits.max_requests_per_instance"
+    );
+    t.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_over_the_versions_cap_is_a_502() {
+    let t = TestServer::start().await;
+    let c = &t.client;
+    c.deploy_ok(
+        HOSTILE,
+        &spec("capped", "[versions.limits]\nmax_response_bytes = 1024"),
+    )
+    .await;
+    assert_eq!(
+        c.invoke("capped", "/echo", vec![7u8; 1024]).await.status,
+        200
+    );
+    let over = c.invoke("capped", "/echo", vec![7u8; 1025]).await;
+    assert_eq!(over.status, 502, "{}", over.text());
+    assert_eq!(over.json()["error"]["code"], "invalid_processor_response");
+    assert!(
+        over.text().contains("limits.max_response_bytes"),
+        "{}",
+        over.text()
+    );
+    t.stop().await;
+}

@@ -789,8 +789,7 @@ async fn a_job_streams_its_status_output_and_end_as_server_sent_events() {
 async fn a_hundred_mib_job_is_kept_as_blobs_and_comes_back_whole() {
     let t = TestServer::start().await;
     let c = &t.client;
-    let limits =
-        "[versions.limits]\nmax_body_bytes = 110000000\nmemory_mib = 512\ntimeout_ms = 60000";
+    let limits = "[versions.limits]\nmax_body_bytes = 110000000\nmax_response_bytes = 110000000\nmemory_mib = 512\ntimeout_ms = 60000";
     c.deploy_ok(HOSTILE, &spec("big", limits)).await;
     let size = 100 * 1024 * 1024;
     let input: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();

@@ -294,6 +294,22 @@ enum Command {
         #[command(subcommand)]
         action: KeyCommand,
     },
+    /// Metered usage: requests, guest CPU time, model time, tokens, stored bytes (your
+    /// tenant's; an operator's key sees every tenant's).
+    Usage {
+        /// Only this tenant (operator keys).
+        #[arg(long)]
+        tenant: Option<String>,
+    },
+    /// The audit log of control-plane changes (admin and operator keys).
+    Audit {
+        /// Only entries after this sequence number.
+        #[arg(long, default_value_t = 0)]
+        after: u64,
+        /// At most this many.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
     /// Prints a shell completion script (`wasp completions bash > /etc/bash_completion.d/wasp`).
     Completions {
         /// The shell.
@@ -331,6 +347,35 @@ enum TenantCommand {
         #[arg(long = "allow-host", value_name = "IP:PORT")]
         allow_hosts: Vec<String>,
     },
+    /// Sets what a tenant may hold (replacing its quota; a limit left out is unlimited).
+    Quota {
+        /// Its name.
+        name: String,
+        /// Endpoints.
+        #[arg(long)]
+        endpoints: Option<u64>,
+        /// Versions over all its endpoints.
+        #[arg(long)]
+        versions: Option<u64>,
+        /// Processor instances (the sum of `limits.max_instances`).
+        #[arg(long)]
+        instances: Option<u64>,
+        /// Workers (the sum of `scaling.max_workers`).
+        #[arg(long)]
+        workers: Option<u64>,
+        /// GPUs (the sum of max workers × GPUs per worker).
+        #[arg(long)]
+        gpus: Option<u64>,
+        /// Processor memory in MiB (the sum of max instances × `limits.memory_mib`).
+        #[arg(long)]
+        memory_mib: Option<u64>,
+        /// Bytes of uploaded components.
+        #[arg(long)]
+        stored_bytes: Option<u64>,
+        /// Jobs waiting in its queues.
+        #[arg(long)]
+        queued_jobs: Option<u64>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -346,6 +391,16 @@ enum KeyCommand {
         /// A label for people.
         #[arg(long)]
         name: Option<String>,
+        /// Requests per second it may make, over every endpoint (a token bucket).
+        #[arg(long)]
+        rps: Option<f64>,
+        /// Requests it may make at once after a quiet spell (one second's worth by
+        /// default).
+        #[arg(long, requires = "rps")]
+        burst: Option<u32>,
+        /// Most requests it may have in flight.
+        #[arg(long)]
+        max_concurrent: Option<u32>,
     },
     /// Lists keys (never the keys themselves).
     Ls {
@@ -564,6 +619,56 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Tenant { action } => tenants(&client, &print, action).await,
         Command::Key { action } => keys(&client, &print, action).await,
+        Command::Usage { tenant } => {
+            let path = match tenant {
+                Some(t) => format!("/api/v1/usage?tenant={}", client::query_value(&t)),
+                None => "/api/v1/usage".to_owned(),
+            };
+            let usage = client.get(&path).await?;
+            if !print.json(&usage) {
+                println!(
+                    "{:<34} {:>10} {:>12} {:>12} {:>10} {:>12} {:>8}",
+                    "TENANT", "REQUESTS", "GUEST_CPU_S", "MODEL_S", "TOKENS", "STORED", "QUEUED"
+                );
+                for u in usage["tenants"].as_array().into_iter().flatten() {
+                    println!(
+                        "{:<34} {:>10} {:>12.3} {:>12.3} {:>10} {:>12} {:>8}",
+                        u["tenant"].as_str().unwrap_or("?"),
+                        u["requests"],
+                        u["guest_cpu_seconds"].as_f64().unwrap_or(0.0),
+                        u["model_seconds"].as_f64().unwrap_or(0.0),
+                        u["tokens"],
+                        u["stored_bytes"],
+                        u["queued_jobs"]
+                    );
+                }
+            }
+            Ok(())
+        }
+        Command::Audit { after, limit } => {
+            let page = client
+                .get(&format!("/api/v1/audit?after={after}&limit={limit}"))
+                .await?;
+            if !print.json(&page) {
+                for e in page["entries"].as_array().into_iter().flatten() {
+                    println!(
+                        "{:>6} {} {:<12} {:<18} {:<8} {:<6} {} -> {}",
+                        e["seq"],
+                        e["at_ms"],
+                        e["tenant"].as_str().unwrap_or("?"),
+                        e["key_id"].as_str().unwrap_or("?"),
+                        e["role"].as_str().unwrap_or("?"),
+                        e["method"].as_str().unwrap_or("?"),
+                        e["path"].as_str().unwrap_or("?"),
+                        e["status"]
+                    );
+                }
+                if let Some(next) = page["next"].as_u64() {
+                    eprintln!("more: wasp audit --after {next}");
+                }
+            }
+            Ok(())
+        }
         Command::Status { name } => {
             print.endpoint(&client.get(&client::endpoint_path(&name, "")).await?);
             Ok(())
@@ -1052,6 +1157,40 @@ async fn tenants(client: &Client, print: &output::Printer, action: TenantCommand
                 println!("granted tenant `{name}`: {}", granted["policy"]);
             }
         }
+        TenantCommand::Quota {
+            name,
+            endpoints,
+            versions,
+            instances,
+            workers,
+            gpus,
+            memory_mib,
+            stored_bytes,
+            queued_jobs,
+        } => {
+            let quota = serde_json::json!({
+                "endpoints": endpoints, "versions": versions, "instances": instances,
+                "workers": workers, "gpus": gpus, "memory_mib": memory_mib,
+                "stored_bytes": stored_bytes, "queued_jobs": queued_jobs,
+            });
+            // Unset limits are left out: unlimited.
+            let quota: serde_json::Map<String, serde_json::Value> = quota
+                .as_object()
+                .into_iter()
+                .flatten()
+                .filter(|(_, v)| !v.is_null())
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            let body = serde_json::Value::Object(quota).to_string().into_bytes();
+            let path = format!("/api/v1/tenants/{}/quota", client::query_value(&name));
+            let set = client.put_body(&path, "application/json", body).await?;
+            if !print.json(&set) {
+                println!(
+                    "quota of tenant `{name}`: {}; it holds {}",
+                    set["quota"], set["holding"]
+                );
+            }
+        }
         TenantCommand::Rm { name } => {
             client
                 .delete(&format!("/api/v1/tenants/{}", client::query_value(&name)))
@@ -1064,10 +1203,23 @@ async fn tenants(client: &Client, print: &output::Printer, action: TenantCommand
 
 async fn keys(client: &Client, print: &output::Printer, action: KeyCommand) -> Result<()> {
     match action {
-        KeyCommand::Create { role, tenant, name } => {
-            let body = serde_json::json!({ "role": role, "tenant": tenant, "name": name })
-                .to_string()
-                .into_bytes();
+        KeyCommand::Create {
+            role,
+            tenant,
+            name,
+            rps,
+            burst,
+            max_concurrent,
+        } => {
+            let mut body = serde_json::json!({ "role": role, "tenant": tenant, "name": name });
+            if rps.is_some() || max_concurrent.is_some() {
+                body["rate_limit"] = serde_json::json!({
+                    "requests_per_second": rps,
+                    "burst": burst,
+                    "max_concurrent": max_concurrent,
+                });
+            }
+            let body = body.to_string().into_bytes();
             let made = client
                 .post_body("/api/v1/keys", "application/json", body)
                 .await?;

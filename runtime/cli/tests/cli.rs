@@ -399,6 +399,48 @@ fn tenants_keys_and_login_from_the_cli() {
     );
     let key = ok(made).trim().to_owned();
     assert!(key.starts_with("wasp_"), "{key}");
+    let quota = ok(plain(
+        &[
+            "tenant",
+            "quota",
+            "acme",
+            "--endpoints",
+            "3",
+            "--queued-jobs",
+            "10",
+        ],
+        None,
+        "",
+    ));
+    assert!(quota.contains("\"endpoints\":3"), "{quota}");
+    let limited = ok(plain(
+        &[
+            "key",
+            "create",
+            "--tenant",
+            "acme",
+            "--rps",
+            "5",
+            "--max-concurrent",
+            "2",
+            "-o",
+            "json",
+        ],
+        None,
+        "",
+    ));
+    assert!(limited.contains("\"max_concurrent\": 2"), "{limited}");
+    let usage = ok(plain(&["usage"], None, ""));
+    assert!(
+        usage.contains("GUEST_CPU_S") && usage.contains("acme"),
+        "{usage}"
+    );
+    let audit = ok(plain(&["audit"], None, ""));
+    assert!(
+        audit.contains("POST   /api/v1/tenants -> 201")
+            && audit.contains("PUT    /api/v1/tenants/acme/quota -> 200"),
+        "{audit}"
+    );
 
     // A bad key is refused with what to do, and `login` keeps nothing.
     let refused = plain(&["login"], Some("wasp_0_bad"), "");

@@ -12,7 +12,7 @@ pub mod tensor;
 
 pub use spec::{
     BackendSpec, BatchingSpec, CandleBackend, ComponentRef, ContainerBackend, EndpointSpec,
-    JobsSpec, Limits, Mount, ProcessorSpec, RolloutSpec, ScalingSpec, Schedule, SchedulePolicy,
-    SpecError, StepChange, StepPolicy, VersionSpec, WorkerCount,
+    Isolation, JobsSpec, Limits, Mount, ProcessorSpec, RateLimit, RolloutSpec, ScalingSpec,
+    Schedule, SchedulePolicy, SpecError, StepChange, StepPolicy, VersionSpec, WorkerCount,
 };
 pub use tensor::{DType, ModelInput, ModelOutput, Tensor, TensorError};

@@ -68,6 +68,62 @@ pub struct EndpointSpec {
     /// API key. Managing it always takes a key of its tenant.
     #[serde(default, skip_serializing_if = "is_false")]
     pub public: bool,
+    /// How fast and how much at once its data routes may be called (every caller
+    /// together); beyond it the gateway answers `429` with `Retry-After`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimit>,
+}
+
+/// A token bucket and a cap on requests in flight: for an endpoint (every caller
+/// together) or for one API key (every endpoint together).
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimit {
+    /// Requests per second, sustained (the bucket's refill rate); absent for no rate cap.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requests_per_second: Option<f64>,
+    /// Requests that may come at once after a quiet spell (the bucket's size); at least
+    /// one second's worth of `requests_per_second` when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub burst: Option<u32>,
+    /// Most requests in flight at once; absent for no cap.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_concurrent: Option<u32>,
+}
+
+impl RateLimit {
+    /// Checks the bounds, naming fields below `at` (`rate_limit`, say).
+    pub fn validate(&self, at: &str) -> Result<(), SpecError> {
+        if let Some(rps) = self.requests_per_second
+            && !(rps.is_finite() && rps > 0.0 && rps <= 1e6)
+        {
+            return Err(SpecError::invalid(
+                format!("{at}.requests_per_second"),
+                "must be more than 0 and at most 1000000",
+            ));
+        }
+        if let Some(burst) = self.burst {
+            if self.requests_per_second.is_none() {
+                return Err(SpecError::invalid(
+                    format!("{at}.burst"),
+                    "needs requests_per_second",
+                ));
+            }
+            range_at(&format!("{at}.burst"), burst.into(), 1, 1_000_000)?;
+        }
+        if let Some(n) = self.max_concurrent {
+            range_at(&format!("{at}.max_concurrent"), n.into(), 1, 1_000_000)?;
+        }
+        Ok(())
+    }
+
+    /// The bucket's size: `burst`, else one second's worth of the rate (at least 1).
+    pub fn bucket(&self) -> Option<(f64, f64)> {
+        let rate = self.requests_per_second?;
+        let size = self.burst.map_or_else(|| rate.ceil().max(1.0), f64::from);
+        Some((rate, size))
+    }
 }
 
 fn is_false(b: &bool) -> bool {
@@ -515,6 +571,27 @@ pub struct Limits {
     pub max_queue: u32,
     /// Largest request body, in bytes.
     pub max_body_bytes: u64,
+    /// Largest response body a processor may answer, in bytes; more is answered `502`.
+    pub max_response_bytes: u64,
+    /// Whether an instance serves many requests (`pooled`) or each request gets a
+    /// brand-new one (`per-request`, so that nothing one request leaves in memory reaches
+    /// the next).
+    pub isolation: Isolation,
+    /// In `pooled` mode, how many calls one instance serves before it is replaced (0: no
+    /// bound).
+    pub max_requests_per_instance: u32,
+}
+
+/// How processor instances are shared between requests.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Isolation {
+    /// Instances are reused from a pool (up to `max_requests_per_instance` calls each).
+    #[default]
+    Pooled,
+    /// A fresh instance for every call, dropped after it.
+    PerRequest,
 }
 
 impl Default for Limits {
@@ -525,6 +602,9 @@ impl Default for Limits {
             max_instances: 32,
             max_queue: 256,
             max_body_bytes: 10 * 1024 * 1024,
+            max_response_bytes: 64 * 1024 * 1024,
+            isolation: Isolation::Pooled,
+            max_requests_per_instance: 0,
         }
     }
 }
@@ -855,6 +935,9 @@ impl EndpointSpec {
                 format!("weights must sum to 100, not {total}"),
             ));
         }
+        if let Some(limit) = &self.rate_limit {
+            limit.validate("rate_limit")?;
+        }
         self.jobs.validate()
     }
 }
@@ -916,6 +999,18 @@ impl VersionSpec {
             return Err(SpecError::invalid(
                 at("limits.max_body_bytes"),
                 "must be positive",
+            ));
+        }
+        if limits.max_response_bytes == 0 {
+            return Err(SpecError::invalid(
+                at("limits.max_response_bytes"),
+                "must be positive",
+            ));
+        }
+        if limits.isolation == Isolation::PerRequest && limits.max_requests_per_instance > 0 {
+            return Err(SpecError::invalid(
+                at("limits.max_requests_per_instance"),
+                "applies to `pooled` isolation only (a `per-request` instance serves one call)",
             ));
         }
         if !(1..=4096).contains(&self.batching.max_batch) {

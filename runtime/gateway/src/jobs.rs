@@ -226,7 +226,10 @@ async fn execute(gateway: &Gateway, job: &Job) -> Outcome {
                 job.policy.execution_timeout_ms
             ),
         )),
-        Ok(Ok(response)) if let Err(e) = data::check_processor_response(&response) => {
+        Ok(Ok(response))
+            if let Err(e) =
+                data::check_processor_response(&response, version.limits.max_response_bytes) =>
+        {
             Outcome::Failed(failure(e.code, e.message))
         }
         Ok(Ok(response)) if response.status < 400 => Outcome::Completed(JobOutput {

@@ -7,18 +7,23 @@
 #![deny(missing_docs)]
 
 pub mod api;
+mod audit;
 mod batches;
 mod jobs;
 mod kserve;
+mod limits;
 pub mod metrics;
 mod registry;
 mod rollout;
 mod server;
 pub mod store;
 mod tenants;
+mod usage;
 mod webhooks;
 pub mod workers;
 
+pub use audit::AuditEntry;
+pub use limits::{Holding, Quota};
 pub use registry::{DeployedVersion, Deployment, Gateway};
 pub use server::{HttpLimits, OPERATOR_KEY_FILE, Server, ServerConfig};
 pub use tenants::DEFAULT as DEFAULT_TENANT;
@@ -142,6 +147,20 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// The tenant would hold more than its quota allows; an operator raises it with
+    /// `PUT /api/v1/tenants/{tenant}/quota`.
+    #[error(
+        "this tenant's quota allows {limit} {quota}; this would make {wanted} (an operator \
+         raises it with `wasp tenant quota`)"
+    )]
+    Quota {
+        /// Which quota (`endpoints`, `instances`...).
+        quota: &'static str,
+        /// Its value.
+        limit: u64,
+        /// What the tenant would hold.
+        wanted: u64,
+    },
     /// A stored component no longer matched its digest; it was removed.
     #[error(
         "the stored copy of component sha256:{0} was corrupt (its bytes no longer match their \
@@ -193,6 +212,12 @@ impl Error {
             | Self::Backend { .. }
             | Self::RolloutFailed { .. } => 422,
             Self::RolloutStalled { .. } => 409,
+            // Jobs leave the queue: waiting helps.
+            Self::Quota {
+                quota: "queued_jobs",
+                ..
+            } => 429,
+            Self::Quota { .. } => 403,
             Self::NotFound(_) => 404,
             Self::Conflict(_) | Self::AlreadyExists(_) => 409,
             Self::StorageFull { .. } => 507,
@@ -211,6 +236,16 @@ impl Error {
         match self {
             Self::Spec(e) => e.field(),
             Self::Invalid { field, .. } => Some(field),
+            Self::Quota { quota, .. } => Some(match *quota {
+                "endpoints" => "quota.endpoints",
+                "versions" => "quota.versions",
+                "instances" => "quota.instances",
+                "workers" => "quota.workers",
+                "gpus" => "quota.gpus",
+                "memory_mib" => "quota.memory_mib",
+                "stored_bytes" => "quota.stored_bytes",
+                _ => "quota.queued_jobs",
+            }),
             _ => None,
         }
     }
@@ -221,6 +256,7 @@ impl Error {
             Self::Spec(SpecError::Parse(_)) => "invalid_spec",
             Self::Spec(SpecError::Invalid { .. }) | Self::Invalid { .. } => "invalid_field",
             Self::NotFound(_) => "endpoint_not_found",
+            Self::Quota { .. } => "quota_exceeded",
             Self::Conflict(_) => "endpoint_exists",
             Self::AlreadyExists(_) => "already_exists",
             Self::UnknownComponent(_) => "unknown_component",

@@ -76,6 +76,13 @@ pub struct EndpointLabels {
     pub endpoint: String,
 }
 
+/// Labels of a tenant.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TenantLabels {
+    /// Tenant name.
+    pub tenant: String,
+}
+
 /// Labels of an integrity failure.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct FileLabels {
@@ -120,6 +127,15 @@ pub struct Metrics {
     pub cold_starts: Family<VersionLabels, Counter>,
     /// How long those requests waited for a worker.
     pub cold_start_seconds: Family<VersionLabels, Histogram>,
+    /// Metered usage per tenant, refreshed at each scrape: requests, guest CPU seconds,
+    /// model seconds and tokens (see `GET /api/v1/usage`).
+    pub tenant_requests: Family<TenantLabels, Counter>,
+    /// Time tenants' guest code ran, in seconds.
+    pub tenant_guest_seconds: Family<TenantLabels, Counter<f64, std::sync::atomic::AtomicU64>>,
+    /// Time tenants' requests spent in model backends, in seconds.
+    pub tenant_model_seconds: Family<TenantLabels, Counter<f64, std::sync::atomic::AtomicU64>>,
+    /// Tokens tenants' backends reported.
+    pub tenant_tokens: Family<TenantLabels, Counter>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -235,8 +251,38 @@ impl Metrics {
             "Queued jobs that are due and may scale the endpoint up",
             job_backlog.clone(),
         );
+        let tenant_requests = Family::<TenantLabels, Counter>::default();
+        registry.register(
+            "tenant_requests",
+            "Requests served per tenant (each job attempt counts)",
+            tenant_requests.clone(),
+        );
+        let tenant_guest_seconds =
+            Family::<TenantLabels, Counter<f64, std::sync::atomic::AtomicU64>>::default();
+        registry.register(
+            "tenant_guest_cpu_seconds",
+            "Time a tenant's processors' guest code ran",
+            tenant_guest_seconds.clone(),
+        );
+        let tenant_model_seconds =
+            Family::<TenantLabels, Counter<f64, std::sync::atomic::AtomicU64>>::default();
+        registry.register(
+            "tenant_model_seconds",
+            "Time a tenant's requests spent in model backends",
+            tenant_model_seconds.clone(),
+        );
+        let tenant_tokens = Family::<TenantLabels, Counter>::default();
+        registry.register(
+            "tenant_tokens",
+            "Tokens a tenant's backends reported",
+            tenant_tokens.clone(),
+        );
         Self {
             registry,
+            tenant_requests,
+            tenant_guest_seconds,
+            tenant_model_seconds,
+            tenant_tokens,
             jobs,
             job_backlog,
             requests,

@@ -44,6 +44,8 @@ pub struct DeployedVersion {
     /// Its count of `200` answers and its latency histogram, looked up once at deploy
     /// rather than by label on every request.
     pub(crate) metrics: VersionMetrics,
+    /// Its tenant's usage meter.
+    pub(crate) usage: Arc<crate::usage::Meter>,
 }
 
 /// The metrics a version updates on every request.
@@ -80,7 +82,11 @@ impl DeployedVersion {
                 self.name
             )));
         }
-        self.workers.infer(input).await
+        let started = std::time::Instant::now();
+        let output = self.workers.infer(input).await;
+        self.usage
+            .model_call(started.elapsed(), output.as_ref().ok());
+        output
     }
 }
 
@@ -237,6 +243,12 @@ pub struct Gateway {
     pub(crate) data_dir: std::path::PathBuf,
     /// Tenants and API keys.
     pub(crate) directory: crate::tenants::Directory,
+    /// Each tenant's metered usage.
+    pub(crate) usage: crate::usage::Usage,
+    /// Rate limits of endpoints and keys.
+    pub(crate) limiters: crate::limits::Limiters,
+    /// Who changed what.
+    pub(crate) audit: crate::audit::AuditLog,
 }
 
 /// Model calls from processors (the `inference` import), answered by the backends of the
@@ -321,6 +333,8 @@ impl Gateway {
             .map_err(|e| Error::Setting(format!("--webhook-ca {e}")))?;
         let store = Store::open(data_dir)?;
         let directory = crate::tenants::Directory::load(&store)?;
+        let usage = crate::usage::Usage::load(&store)?;
+        let audit = crate::audit::AuditLog::open(&store)?;
         let clock: Arc<dyn Clock> = Arc::new(SystemClock::new());
         let jobs = wasp_jobs::EmbeddedQueue::open(&data_dir.join("jobs"), clock.clone())
             .map_err(|e| Error::OpenStore(format!("cannot open the job store: {e}")))?;
@@ -344,6 +358,9 @@ impl Gateway {
             running: crate::jobs::Running::new(),
             webhooks,
             directory,
+            usage,
+            limiters: crate::limits::Limiters::default(),
+            audit,
             batches: crate::batches::Batches::default(),
             data_dir: data_dir.to_owned(),
         });
@@ -403,7 +420,22 @@ impl Gateway {
         bytes: bytes::Bytes,
     ) -> Result<String, Error> {
         let (this, tenant) = (self.clone(), tenant.to_owned());
+        let _control = self.control.lock().await;
         blocking(move || {
+            let digest = wasp_core::files::sha256_hex(&bytes);
+            if this.store.owns_component(&digest, &tenant)? {
+                return Ok(digest);
+            }
+            if let Some(limit) = this.directory.quota(&tenant).and_then(|q| q.stored_bytes) {
+                let wanted = this.store.owned_bytes(&tenant)? + bytes.len() as u64;
+                if wanted > limit {
+                    return Err(Error::Quota {
+                        quota: "stored_bytes",
+                        limit,
+                        wanted,
+                    });
+                }
+            }
             let digest = this.store.put_component(&bytes)?;
             // A second upload of the same bytes writes nothing (a full disk allows it).
             if !this.store.owns_component(&digest, &tenant)? {
@@ -489,6 +521,7 @@ impl Gateway {
         if existing.is_some() && !replace {
             return Err(Error::Conflict(spec.name));
         }
+        self.check_quota(&spec)?;
         let stopped = existing.as_ref().is_some_and(|d| d.stopped);
         let secret = existing
             .as_ref()
@@ -540,6 +573,58 @@ impl Gateway {
         Ok(self.insert(rolling.settled()))
     }
 
+    /// What the tenant of `spec` holds with it deployed (in place of its namesake), against
+    /// its quota.
+    fn check_quota(&self, spec: &EndpointSpec) -> Result<(), Error> {
+        let tenant = crate::tenants::tenant_of(&spec.name);
+        let quota = self.directory.quota(tenant).unwrap_or_default();
+        if quota == crate::limits::Quota::default() {
+            return Ok(());
+        }
+        let mut after = self.holding(tenant, Some(&spec.name));
+        after.add(spec);
+        quota.check(&after)
+    }
+
+    /// What `tenant`'s endpoints hold (leaving out `except`).
+    pub(crate) fn holding(&self, tenant: &str, except: Option<&str>) -> crate::limits::Holding {
+        let mut held = crate::limits::Holding::default();
+        for d in self.read().values() {
+            if crate::tenants::tenant_of(&d.spec.name) == tenant
+                && except.is_none_or(|e| e != d.spec.name)
+            {
+                held.add(&d.spec);
+            }
+        }
+        held
+    }
+
+    /// The jobs waiting in `tenant`'s endpoints' queues.
+    pub(crate) fn queued_jobs(&self, tenant: &str) -> u64 {
+        self.read()
+            .values()
+            .filter(|d| crate::tenants::tenant_of(&d.spec.name) == tenant)
+            .map(|d| self.jobs.counts(&d.spec.name).in_queue)
+            .sum()
+    }
+
+    /// Refuses a job of `endpoint` when its tenant's queues hold their quota of jobs.
+    pub(crate) fn check_job_quota(&self, endpoint: &str) -> Result<(), Error> {
+        let tenant = crate::tenants::tenant_of(endpoint);
+        let Some(limit) = self.directory.quota(tenant).and_then(|q| q.queued_jobs) else {
+            return Ok(());
+        };
+        let queued = self.queued_jobs(tenant);
+        if queued >= limit {
+            return Err(Error::Quota {
+                quota: "queued_jobs",
+                limit,
+                wanted: queued + 1,
+            });
+        }
+        Ok(())
+    }
+
     /// After a rolled-back update, versions that kept their workers take their old
     /// processor and policies back.
     async fn restore_feeds(&self, old: &Deployment, new: &Deployment) {
@@ -576,6 +661,7 @@ impl Gateway {
         let key = name.to_owned();
         blocking(move || this.store.delete_endpoint(&key)).await?;
         self.write().remove(name);
+        self.limiters.forget_endpoint(name);
         // Its queued jobs cannot run any more.
         if let Err(e) = self.jobs.purge(name).await {
             tracing::warn!(endpoint = %name, "cannot purge the removed endpoint's jobs: {e}");
@@ -634,6 +720,9 @@ impl Gateway {
     /// Periodic upkeep: drops instances idle for a minute beyond what each version's
     /// workers need, and re-creates warm instances lost to failures.
     pub async fn housekeep(&self) {
+        if let Err(e) = self.usage.save(&self.store) {
+            tracing::warn!("cannot save the usage counters: {e}");
+        }
         for deployment in self.endpoints() {
             if deployment.stopped {
                 continue;
@@ -789,6 +878,11 @@ impl Gateway {
                 logs: logs.clone(),
                 models: self.models.clone(),
                 group: crate::tenants::tenant_of(&spec.name).to_owned(),
+                guest_nanos: self
+                    .usage
+                    .meter(crate::tenants::tenant_of(&spec.name))
+                    .guest_nanos
+                    .clone(),
             };
             let role = if factory.is_some() {
                 Role::Transform
@@ -894,6 +988,7 @@ impl Gateway {
                 digest,
                 backend: v.backend.kind(),
                 workers,
+                usage: self.usage.meter(crate::tenants::tenant_of(&spec.name)),
                 metrics: VersionMetrics {
                     ok: self
                         .metrics
@@ -951,6 +1046,9 @@ impl Gateway {
     /// directory.
     pub fn close(&self) {
         self.running.stop_all();
+        if let Err(e) = self.usage.save(&self.store) {
+            tracing::warn!("cannot save the usage counters: {e}");
+        }
         self.jobs.close();
         self.store.close();
     }

@@ -110,6 +110,7 @@ fn first_operator_key(
         crate::tenants::DEFAULT,
         crate::tenants::Role::Operator,
         "first operator key",
+        None,
     )?;
     let path = data_dir.join(OPERATOR_KEY_FILE);
     wasp_core::files::write_atomic_with(&path, |file| {

@@ -9,7 +9,7 @@
 //!
 //! | path | what |
 //! | --- | --- |
-//! | `wasp.redb` | the database; table `endpoints`: endpoint name (`&str`, `tenant/name` outside the default tenant) -> JSON of [`StoredEndpoint`]; table `batches`: batch id -> JSON of its record and checkpoint; table `tenants`: name -> JSON of the tenant; table `api_keys`: key id -> JSON of the key (its hash, never the key); table `component_owners`: (digest, tenant) -> () |
+//! | `wasp.redb` | the database; table `endpoints`: endpoint name (`&str`, `tenant/name` outside the default tenant) -> JSON of [`StoredEndpoint`]; table `batches`: batch id -> JSON of its record and checkpoint; table `tenants`: name -> JSON of the tenant; table `api_keys`: key id -> JSON of the key (its hash, never the key); table `component_owners`: (digest, tenant) -> (); table `usage`: tenant -> JSON of its counters; table `audit`: 20-digit sequence number -> JSON of a control-plane change |
 //! | `components/<sha256>.wasm` | uploaded components, named by the SHA-256 of their bytes |
 //! | `cache/` | compiled components (owned by the wasm runtime) |
 //!
@@ -24,8 +24,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use redb::{
-    Database, DatabaseError, ReadableDatabase, ReadableTable, StorageError, TableDefinition,
-    TableHandle,
+    Database, DatabaseError, ReadableDatabase, ReadableTable, ReadableTableMetadata, StorageError,
+    TableDefinition, TableHandle,
 };
 use serde::{Deserialize, Serialize};
 use wasp_core::EndpointSpec;
@@ -37,6 +37,8 @@ const ENDPOINTS: TableDefinition<&str, &[u8]> = TableDefinition::new("endpoints"
 const BATCHES: TableDefinition<&str, &[u8]> = TableDefinition::new("batches");
 const TENANTS: TableDefinition<&str, &[u8]> = TableDefinition::new("tenants");
 const API_KEYS: TableDefinition<&str, &[u8]> = TableDefinition::new("api_keys");
+const USAGE: TableDefinition<&str, &[u8]> = TableDefinition::new("usage");
+const AUDIT: TableDefinition<&str, &[u8]> = TableDefinition::new("audit");
 const COMPONENT_OWNERS: TableDefinition<(&str, &str), ()> =
     TableDefinition::new("component_owners");
 
@@ -49,6 +51,10 @@ pub(crate) enum Records {
     Tenants,
     /// API keys (hashed).
     ApiKeys,
+    /// Usage counters, by tenant.
+    Usage,
+    /// The audit log, by zero-padded sequence number.
+    Audit,
 }
 
 impl Records {
@@ -57,6 +63,8 @@ impl Records {
             Self::Batches => BATCHES,
             Self::Tenants => TENANTS,
             Self::ApiKeys => API_KEYS,
+            Self::Usage => USAGE,
+            Self::Audit => AUDIT,
         }
     }
 }
@@ -213,8 +221,10 @@ impl Store {
             .map_err(|e| db_err("opening the store", e))?;
         tx.open_table(TENANTS)
             .map_err(|e| db_err("opening the store", e))?;
-        tx.open_table(API_KEYS)
-            .map_err(|e| db_err("opening the store", e))?;
+        for table in [API_KEYS, USAGE, AUDIT] {
+            tx.open_table(table)
+                .map_err(|e| db_err("opening the store", e))?;
+        }
         let owners_new = !tx
             .list_tables()
             .map_err(|e| db_err("opening the store", e))?
@@ -384,6 +394,70 @@ impl Store {
         })
     }
 
+    /// Writes several records of one table in one transaction, and removes the oldest
+    /// (lowest keys) beyond `keep` when given.
+    pub(crate) fn put_records(
+        &self,
+        table: Records,
+        records: &[(String, Vec<u8>)],
+        keep: Option<u64>,
+    ) -> Result<(), Error> {
+        const WHAT: &str = "saving records";
+        self.with_db(|db| {
+            let tx = db.begin_write().map_err(|e| db_err(WHAT, e))?;
+            {
+                let mut t = tx.open_table(table.table()).map_err(|e| db_err(WHAT, e))?;
+                for (key, record) in records {
+                    t.insert(key.as_str(), record.as_slice())
+                        .map_err(|e| db_err(WHAT, e))?;
+                }
+                if let Some(keep) = keep {
+                    let len = t.len().map_err(|e| db_err(WHAT, e))?;
+                    for _ in keep..len {
+                        t.pop_first().map_err(|e| db_err(WHAT, e))?;
+                    }
+                }
+            }
+            tx.commit().map_err(|e| db_err(WHAT, e))
+        })
+    }
+
+    /// Up to `limit` records of a table with keys above `after`, in key order.
+    pub(crate) fn records_after(
+        &self,
+        table: Records,
+        after: &str,
+        limit: usize,
+    ) -> Result<Vec<(String, Vec<u8>)>, Error> {
+        const WHAT: &str = "reading records";
+        self.with_db(|db| {
+            let tx = db.begin_read().map_err(|e| db_err(WHAT, e))?;
+            let table = tx.open_table(table.table()).map_err(|e| db_err(WHAT, e))?;
+            let mut out = Vec::new();
+            let range = table
+                .range::<&str>((std::ops::Bound::Excluded(after), std::ops::Bound::Unbounded))
+                .map_err(|e| db_err(WHAT, e))?;
+            for row in range.take(limit) {
+                let (key, value) = row.map_err(|e| db_err(WHAT, e))?;
+                out.push((key.value().to_owned(), value.value().to_vec()));
+            }
+            Ok(out)
+        })
+    }
+
+    /// The highest key of a table.
+    pub(crate) fn last_key(&self, table: Records) -> Result<Option<String>, Error> {
+        const WHAT: &str = "reading records";
+        self.with_db(|db| {
+            let tx = db.begin_read().map_err(|e| db_err(WHAT, e))?;
+            let table = tx.open_table(table.table()).map_err(|e| db_err(WHAT, e))?;
+            Ok(table
+                .last()
+                .map_err(|e| db_err(WHAT, e))?
+                .map(|(key, _)| key.value().to_owned()))
+        })
+    }
+
     /// Removes a record; `false` if there was none.
     pub(crate) fn delete_record(&self, table: Records, key: &str) -> Result<bool, Error> {
         const WHAT: &str = "removing a record";
@@ -438,6 +512,32 @@ impl Store {
         })
     }
 
+    /// The bytes of the components `tenant` uploaded (each counted in full, also when
+    /// another tenant uploaded the same bytes).
+    pub(crate) fn owned_bytes(&self, tenant: &str) -> Result<u64, Error> {
+        const WHAT: &str = "reading the component's owners";
+        let digests = self.with_db(|db| {
+            let tx = db.begin_read().map_err(|e| db_err(WHAT, e))?;
+            let table = tx
+                .open_table(COMPONENT_OWNERS)
+                .map_err(|e| db_err(WHAT, e))?;
+            let mut digests = Vec::new();
+            for row in table.iter().map_err(|e| db_err(WHAT, e))? {
+                let (key, _) = row.map_err(|e| db_err(WHAT, e))?;
+                let (digest, owner) = key.value();
+                if owner == tenant {
+                    digests.push(digest.to_owned());
+                }
+            }
+            Ok(digests)
+        })?;
+        Ok(digests
+            .iter()
+            .filter_map(|d| std::fs::metadata(self.component_path(d)).ok())
+            .map(|m| m.len())
+            .sum())
+    }
+
     /// Whether `tenant` uploaded the component `digest`.
     pub(crate) fn owns_component(&self, digest: &str, tenant: &str) -> Result<bool, Error> {
         const WHAT: &str = "reading the component's owners";
@@ -463,7 +563,7 @@ impl Store {
             let snapshot = db.begin_read().map_err(|e| db_err(WHAT, e))?;
             let copy = Database::create(&tmp).map_err(|e| db_err(WHAT, e))?;
             let tx = copy.begin_write().map_err(|e| db_err(WHAT, e))?;
-            for table in [ENDPOINTS, BATCHES, TENANTS, API_KEYS] {
+            for table in [ENDPOINTS, BATCHES, TENANTS, API_KEYS, USAGE, AUDIT] {
                 let from = snapshot.open_table(table).map_err(|e| db_err(WHAT, e))?;
                 let mut to = tx.open_table(table).map_err(|e| db_err(WHAT, e))?;
                 for row in from.iter().map_err(|e| db_err(WHAT, e))? {

@@ -64,6 +64,9 @@ pub(crate) struct StoredKey {
     pub hash: String,
     /// When it was made, in milliseconds since the Unix epoch.
     pub created_ms: u64,
+    /// How fast and how much at once it may call data routes (every endpoint together).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<wasp_core::RateLimit>,
 }
 
 /// A tenant as the store keeps it.
@@ -76,6 +79,9 @@ pub(crate) struct StoredTenant {
     /// What of the host its processors may reach.
     #[serde(default)]
     pub policy: AccessPolicy,
+    /// What it may hold.
+    #[serde(default)]
+    pub quota: crate::limits::Quota,
 }
 
 /// What of the host a tenant's processors may reach: the operator's grant. A spec asking
@@ -172,6 +178,8 @@ pub(crate) struct Caller {
     pub role: Option<Role>,
     /// The key's id.
     pub key_id: Option<String>,
+    /// The key's rate limit.
+    pub rate_limit: Option<wasp_core::RateLimit>,
 }
 
 impl Caller {
@@ -289,6 +297,7 @@ impl Directory {
             name: DEFAULT.into(),
             created_ms: 0,
             policy: self.default_policy(),
+            quota: crate::limits::Quota::default(),
         }];
         all.extend(
             self.tenants
@@ -369,6 +378,44 @@ impl Directory {
         Ok(Some(record))
     }
 
+    /// A tenant's quota (the default tenant has none); `None` when there is no such
+    /// tenant.
+    pub fn quota(&self, tenant: &str) -> Option<crate::limits::Quota> {
+        if tenant == DEFAULT {
+            return Some(crate::limits::Quota::default());
+        }
+        self.tenants
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(tenant)
+            .map(|t| t.quota.clone())
+    }
+
+    /// Replaces a tenant's quota (not the default tenant's, which has none): what it
+    /// holds now stays, and the next deploy, upload or job is checked against it.
+    pub fn set_quota(
+        &self,
+        store: &Store,
+        tenant: &str,
+        quota: crate::limits::Quota,
+    ) -> Result<Option<StoredTenant>, Error> {
+        let Some(mut record) = self
+            .tenants
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(tenant)
+            .cloned()
+        else {
+            return Ok(None);
+        };
+        record.quota = quota;
+        let bytes = serde_json::to_vec(&record).map_err(|e| Error::Store(e.to_string()))?;
+        store.put_record(Records::Tenants, tenant, &bytes)?;
+        self.write_tenants()
+            .insert(tenant.to_owned(), record.clone());
+        Ok(Some(record))
+    }
+
     /// Makes a tenant.
     pub fn create_tenant(&self, store: &Store, name: &str) -> Result<StoredTenant, Error> {
         wasp_core::spec::check_tenant_name("name", name)?;
@@ -381,6 +428,7 @@ impl Directory {
             name: name.to_owned(),
             created_ms: crate::workers::now_ms(),
             policy: AccessPolicy::default(),
+            quota: crate::limits::Quota::default(),
         };
         let bytes = serde_json::to_vec(&tenant).map_err(|e| Error::Store(e.to_string()))?;
         store.put_record(Records::Tenants, name, &bytes)?;
@@ -416,7 +464,11 @@ impl Directory {
         tenant: &str,
         role: Role,
         name: &str,
+        rate_limit: Option<wasp_core::RateLimit>,
     ) -> Result<(StoredKey, String), Error> {
+        if let Some(limit) = &rate_limit {
+            limit.validate("rate_limit")?;
+        }
         let id = hex(&rand::random::<[u8; 8]>());
         let token = format!("wasp_{id}_{}", hex(&rand::random::<[u8; 32]>()));
         let key = StoredKey {
@@ -430,6 +482,7 @@ impl Directory {
             name: name.to_owned(),
             hash: hash(&token),
             created_ms: crate::workers::now_ms(),
+            rate_limit,
         };
         let bytes = serde_json::to_vec(&key).map_err(|e| Error::Store(e.to_string()))?;
         store.put_record(Records::ApiKeys, &id, &bytes)?;
@@ -505,7 +558,7 @@ mod tests {
         let directory = Directory::load(&store).unwrap();
         directory.create_tenant(&store, "acme").unwrap();
         let (key, token) = directory
-            .create_key(&store, "acme", Role::Invoker, "ci")
+            .create_key(&store, "acme", Role::Invoker, "ci", None)
             .unwrap();
         assert!(token.starts_with(&format!("wasp_{}_", key.id)));
         assert_eq!(directory.verify(&token).unwrap().tenant, "acme");
@@ -603,7 +656,7 @@ mod tests {
         assert!(directory.create_tenant(&store, "acme").is_err());
         assert!(directory.create_tenant(&store, DEFAULT).is_err());
         let (_, token) = directory
-            .create_key(&store, "acme", Role::Admin, "")
+            .create_key(&store, "acme", Role::Admin, "", None)
             .unwrap();
         assert!(directory.remove_tenant(&store, "acme").unwrap());
         assert!(directory.verify(&token).is_none());

@@ -12,7 +12,7 @@ use wasmtime::component::{InstancePre, ResourceTable};
 use wasmtime::{Store, Trap, UpdateDeadline};
 use wasmtime_wasi::sockets::SocketAddrUse;
 use wasmtime_wasi::{FsPerms, WasiCtxBuilder};
-use wasp_core::{Limits, Mount};
+use wasp_core::{Isolation, Limits, Mount};
 
 use crate::bindings::{handler, lifecycle, transform};
 use crate::engine::LoadedComponent;
@@ -52,6 +52,9 @@ pub struct ProcessorSettings {
     /// Whose share of the cores its long-running calls take (the tenant): every group gets
     /// the same share, however many calls it makes.
     pub group: String,
+    /// Where the time its guest code runs is added up, in nanoseconds (a tenant's
+    /// metered guest time; several processors may share one counter).
+    pub guest_nanos: Arc<AtomicU64>,
 }
 
 /// Why a guest call failed. Each variant fails only its own request.
@@ -157,6 +160,9 @@ pub struct PoolStats {
     pub created: u64,
     /// Instances lost to traps, timeouts and memory exhaustion since deploy.
     pub lost: u64,
+    /// Instances dropped after serving what their isolation allows (one call when
+    /// `per-request`, `max_requests_per_instance` when pooled) since deploy.
+    pub retired: u64,
 }
 
 /// One live instance with its store and resolved exports.
@@ -165,6 +171,8 @@ struct Slot {
     handler: Option<handler::Guest>,
     transform: Option<transform::Guest>,
     last_used: Instant,
+    /// Calls it has served.
+    served: u32,
 }
 
 /// The processor of one endpoint version. Cheap to clone.
@@ -183,6 +191,7 @@ struct Inner {
     context: Arc<VersionContext>,
     fair: Arc<crate::fair::FairShare>,
     group: Arc<str>,
+    guest_nanos: Arc<AtomicU64>,
     mounts: Vec<Mount>,
     allow_hosts: Arc<Vec<(std::net::IpAddr, Option<u16>)>>,
     limits: Limits,
@@ -191,6 +200,8 @@ struct Inner {
     queued: AtomicUsize,
     created: AtomicU64,
     lost: AtomicU64,
+    /// Instances dropped after serving what their isolation allows.
+    retired: AtomicU64,
 }
 
 impl Runtime {
@@ -252,6 +263,7 @@ impl Runtime {
                 context,
                 fair: self.fair.clone(),
                 group: settings.group.into(),
+                guest_nanos: settings.guest_nanos,
                 mounts: settings.mounts,
                 allow_hosts: Arc::new(allow_hosts),
                 permits: Arc::new(Semaphore::new(settings.limits.max_instances as usize)),
@@ -260,6 +272,7 @@ impl Runtime {
                 queued: AtomicUsize::new(0),
                 created: AtomicU64::new(0),
                 lost: AtomicU64::new(0),
+                retired: AtomicU64::new(0),
             }),
         })
     }
@@ -291,7 +304,9 @@ impl Processor {
             .clone()
             .ok_or(CallError::NotExported("handler"))?;
         self.arm(&mut lease.slot, deadline);
-        let result = guest.call_handle(&mut lease.slot.store, &request).await;
+        let result = self
+            .timed(guest.call_handle(&mut lease.slot.store, &request))
+            .await;
         self.finish(lease, result)
     }
 
@@ -305,8 +320,8 @@ impl Processor {
             .clone()
             .ok_or(CallError::NotExported("transform"))?;
         self.arm(&mut lease.slot, deadline);
-        let result = guest
-            .call_pre_process(&mut lease.slot.store, &request)
+        let result = self
+            .timed(guest.call_pre_process(&mut lease.slot.store, &request))
             .await;
         self.finish(lease, result)
     }
@@ -325,8 +340,8 @@ impl Processor {
             .clone()
             .ok_or(CallError::NotExported("transform"))?;
         self.arm(&mut lease.slot, deadline);
-        let result = guest
-            .call_post_process(&mut lease.slot.store, context, &output)
+        let result = self
+            .timed(guest.call_post_process(&mut lease.slot.store, context, &output))
             .await;
         self.finish(lease, result)
     }
@@ -388,6 +403,7 @@ impl Processor {
             max,
             created: inner.created.load(Ordering::Relaxed),
             lost: inner.lost.load(Ordering::Relaxed),
+            retired: inner.retired.load(Ordering::Relaxed),
         }
     }
 
@@ -413,11 +429,35 @@ impl Processor {
             .clone()
             .ok_or(CallError::NotExported("handler"))?;
         self.arm(&mut slot, deadline);
-        match guest.call_handle(&mut slot.store, &request).await {
+        match self
+            .timed(guest.call_handle(&mut slot.store, &request))
+            .await
+        {
             Ok(Ok(response)) => Ok(response),
             Ok(Err(e)) => Err(CallError::Guest(e)),
             Err(e) => Err(self.classify(&slot.store, e)),
         }
+    }
+
+    /// Runs a guest call, adding the time its polls take (the guest running, not waiting
+    /// for a turn or a model) to the tenant's meter.
+    async fn timed<F: std::future::Future>(&self, future: F) -> F::Output {
+        let meter = &self.inner.guest_nanos;
+        let mut future = std::pin::pin!(future);
+        std::future::poll_fn(|cx| {
+            let started = Instant::now();
+            let polled = future.as_mut().poll(cx);
+            let nanos = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+            meter.fetch_add(nanos, Ordering::Relaxed);
+            polled
+        })
+        .await
+    }
+
+    /// The time this processor's guest code has run, with every processor sharing its
+    /// meter.
+    pub fn guest_time(&self) -> Duration {
+        Duration::from_nanos(self.inner.guest_nanos.load(Ordering::Relaxed))
     }
 
     fn deadline(&self) -> Instant {
@@ -464,6 +504,8 @@ impl Processor {
                 }
             }
         };
+        // Idle instances are fresh ones or, when pooled, reused ones: per-request
+        // isolation drops each after its call (see `release`).
         let idle = self.lock_idle().pop();
         let slot = match idle {
             Some(slot) => slot,
@@ -561,9 +603,8 @@ impl Processor {
         let inner = &self.inner;
         let mut store = self.new_store()?;
         store.data_mut().deadline = Some(deadline);
-        let instance = inner
-            .pre
-            .instantiate_async(&mut store)
+        let instance = self
+            .timed(inner.pre.instantiate_async(&mut store))
             .await
             .map_err(|e| self.classify(&store, e))?;
         let load_err = |e: wasmtime::Error| CallError::Trap(chain(&e));
@@ -580,7 +621,7 @@ impl Processor {
             None => None,
         };
         store.set_epoch_deadline(1);
-        match lifecycle.call_init(&mut store).await {
+        match self.timed(lifecycle.call_init(&mut store)).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => return Err(CallError::Init(e)),
             Err(e) => return Err(self.classify(&store, e)),
@@ -592,6 +633,7 @@ impl Processor {
             handler,
             transform,
             last_used: Instant::now(),
+            served: 0,
         })
     }
 
@@ -612,6 +654,7 @@ impl Processor {
         match result {
             Ok(value) => {
                 lease.slot.store.data_mut().end_call();
+                lease.slot.served = lease.slot.served.saturating_add(1);
                 self.release(lease);
                 value.map_err(CallError::Guest)
             }
@@ -625,7 +668,21 @@ impl Processor {
         }
     }
 
+    /// Returns an instance to the pool, unless its isolation or its call bound says it
+    /// is done (then it is dropped, and the next call gets a fresh one).
     fn release(&self, mut lease: Lease) {
+        let limits = &self.inner.limits;
+        let done = match limits.isolation {
+            Isolation::PerRequest => lease.slot.served > 0,
+            Isolation::Pooled => {
+                limits.max_requests_per_instance > 0
+                    && lease.slot.served >= limits.max_requests_per_instance
+            }
+        };
+        if done {
+            self.inner.retired.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
         lease.slot.last_used = Instant::now();
         self.lock_idle().push(lease.slot);
     }

@@ -8,7 +8,8 @@ use serde::{Deserialize, Serialize};
 
 use super::error::json;
 use super::{ApiError, AppState, ErrorBody, Payload, Who};
-use crate::tenants::{AccessPolicy, Caller, DEFAULT, Role, StoredKey};
+use crate::limits::{Holding, Quota};
+use crate::tenants::{AccessPolicy, Caller, DEFAULT, Role, StoredKey, StoredTenant};
 
 /// Largest body of these routes.
 const MAX_BODY: u64 = 64 * 1024;
@@ -36,6 +37,10 @@ pub struct TenantInfo {
     /// What of the host its processors may reach (for `default`, the server's
     /// `--mount-root` and `--allow-host`).
     pub policy: AccessPolicy,
+    /// What it may hold (nothing set: unlimited).
+    pub quota: Quota,
+    /// What its endpoints hold now, in the quota's terms.
+    pub holding: Holding,
 }
 
 /// Every tenant.
@@ -66,6 +71,9 @@ pub struct KeyInfo {
     pub name: String,
     /// When it was made, in milliseconds since the Unix epoch.
     pub created_at_ms: u64,
+    /// Its rate limit over every endpoint, if it has one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<wasp_core::RateLimit>,
 }
 
 /// A key just made: the only time the key itself is shown.
@@ -98,6 +106,9 @@ pub struct NewKey {
     /// A label for people.
     #[serde(default)]
     pub name: Option<String>,
+    /// How fast and how much at once it may call data routes, over every endpoint.
+    #[serde(default)]
+    pub rate_limit: Option<wasp_core::RateLimit>,
 }
 
 /// Which keys to list.
@@ -115,6 +126,18 @@ fn info(k: &StoredKey) -> KeyInfo {
         role: k.role,
         name: k.name.clone(),
         created_at_ms: k.created_ms,
+        rate_limit: k.rate_limit.clone(),
+    }
+}
+
+fn tenant_info(gateway: &AppState, t: StoredTenant) -> TenantInfo {
+    TenantInfo {
+        endpoints: endpoint_count(gateway, &t.name),
+        holding: gateway.holding(&t.name, None),
+        name: t.name,
+        created_at_ms: t.created_ms,
+        policy: t.policy,
+        quota: t.quota,
     }
 }
 
@@ -177,12 +200,7 @@ pub(crate) async fn list_tenants(State(gateway): State<AppState>) -> Response {
         .directory
         .tenants()
         .into_iter()
-        .map(|t| TenantInfo {
-            endpoints: endpoint_count(&gateway, &t.name),
-            name: t.name,
-            created_at_ms: t.created_ms,
-            policy: t.policy,
-        })
+        .map(|t| tenant_info(&gateway, t))
         .collect();
     json(StatusCode::OK, &TenantList { tenants })
 }
@@ -202,15 +220,7 @@ pub(crate) async fn create_tenant(
 ) -> Result<Response, ApiError> {
     let new: NewTenant = json_body(&body)?;
     let tenant = gateway.directory.create_tenant(&gateway.store, &new.name)?;
-    Ok(json(
-        StatusCode::CREATED,
-        &TenantInfo {
-            name: tenant.name,
-            created_at_ms: tenant.created_ms,
-            endpoints: 0,
-            policy: tenant.policy,
-        },
-    ))
+    Ok(json(StatusCode::CREATED, &tenant_info(&gateway, tenant)))
 }
 
 /// Grants a tenant what of the host its processors may reach (operator keys): mount roots
@@ -244,16 +254,183 @@ pub(crate) async fn set_policy(
                 ),
             )
         })?;
-    let endpoints = endpoint_count(&gateway, &tenant);
-    Ok(json(
-        StatusCode::OK,
-        &TenantInfo {
-            name: record.name,
-            created_at_ms: record.created_ms,
-            endpoints,
-            policy: record.policy,
-        },
-    ))
+    Ok(json(StatusCode::OK, &tenant_info(&gateway, record)))
+}
+
+/// Sets what a tenant may hold (operator keys): endpoints, versions, instances, workers,
+/// GPUs, memory, stored bytes and queued jobs; an absent field is unlimited. What it holds
+/// now stays; deploys, uploads and jobs from now on are checked against it. The default
+/// tenant has no quota.
+#[utoipa::path(put, path = "/api/v1/tenants/{tenant}/quota", tag = "access",
+    params(("tenant" = String, Path, description = "Tenant name")),
+    request_body = Quota,
+    responses(
+        (status = 200, description = "Set", body = TenantInfo),
+        (status = 400, description = "Not a quota as JSON", body = ErrorBody),
+        (status = 404, description = "No such tenant (or `default`)", body = ErrorBody),
+    ))]
+pub(crate) async fn set_quota(
+    State(gateway): State<AppState>,
+    Path(tenant): Path<String>,
+    Payload(body): Payload<MAX_BODY>,
+) -> Result<Response, ApiError> {
+    let quota: Quota = json_body(&body)?;
+    let record = gateway
+        .directory
+        .set_quota(&gateway.store, &tenant, quota)?
+        .ok_or_else(|| {
+            ApiError::new(
+                404,
+                "tenant_not_found",
+                format!("no tenant `{tenant}` with a quota (the default tenant has none)"),
+            )
+        })?;
+    Ok(json(StatusCode::OK, &tenant_info(&gateway, record)))
+}
+
+/// A tenant's metered usage, counted since the tenant was made (kept across restarts).
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct TenantUsage {
+    /// The tenant.
+    pub tenant: String,
+    /// Requests served (sync requests, and each attempt of a job).
+    pub requests: u64,
+    /// Time its processors' guest code ran, in seconds (not counting waits for a core,
+    /// an instance or a model).
+    pub guest_cpu_seconds: f64,
+    /// Time its requests spent in model backends, in seconds (requests batched together
+    /// each count the batch's time).
+    pub model_seconds: f64,
+    /// Tokens its backends reported.
+    pub tokens: u64,
+    /// Bytes of the components it uploaded.
+    pub stored_bytes: u64,
+    /// Jobs waiting in its queues now.
+    pub queued_jobs: u64,
+}
+
+/// Usage of tenants.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct UsageReport {
+    /// One entry per tenant, by name.
+    pub tenants: Vec<TenantUsage>,
+}
+
+/// Which tenant's usage.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct UsageQuery {
+    /// Only this tenant (an operator sees every tenant when absent; others see their own).
+    pub tenant: Option<String>,
+}
+
+/// Metered usage, the basis for billing: the caller's tenant's, or an operator's view of
+/// every tenant (or `tenant`).
+#[utoipa::path(get, path = "/api/v1/usage", tag = "access",
+    params(UsageQuery),
+    responses(
+        (status = 200, description = "Usage per tenant", body = UsageReport),
+        (status = 404, description = "No such tenant", body = ErrorBody),
+    ))]
+pub(crate) async fn usage(
+    State(gateway): State<AppState>,
+    Who(caller): Who,
+    Query(query): Query<UsageQuery>,
+) -> Result<Response, ApiError> {
+    let names: Vec<String> = if caller.may(Role::Operator) {
+        match query.tenant {
+            Some(t) if gateway.directory.tenant_exists(&t) => vec![t],
+            Some(t) => {
+                return Err(ApiError::new(
+                    404,
+                    "tenant_not_found",
+                    format!("no tenant `{t}`"),
+                ));
+            }
+            None => gateway
+                .directory
+                .tenants()
+                .into_iter()
+                .map(|t| t.name)
+                .collect(),
+        }
+    } else {
+        vec![caller.tenant.clone()]
+    };
+    let counts = gateway.usage.snapshot();
+    let this = gateway.clone();
+    let tenants = tokio::task::spawn_blocking(move || {
+        names
+            .into_iter()
+            .map(|tenant| {
+                let c = counts.get(&tenant).copied().unwrap_or_default();
+                TenantUsage {
+                    requests: c.requests,
+                    guest_cpu_seconds: c.guest_nanos as f64 / 1e9,
+                    model_seconds: c.model_nanos as f64 / 1e9,
+                    tokens: c.tokens,
+                    stored_bytes: this.store.owned_bytes(&tenant).unwrap_or(0),
+                    queued_jobs: this.queued_jobs(&tenant),
+                    tenant,
+                }
+            })
+            .collect()
+    })
+    .await
+    .map_err(|e| ApiError::new(500, "internal", e.to_string()))?;
+    Ok(json(StatusCode::OK, &UsageReport { tenants }))
+}
+
+/// Audit entries.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct AuditPage {
+    /// The entries, oldest first.
+    pub entries: Vec<crate::audit::AuditEntry>,
+    /// Pass as `after` for the next page; absent at the end.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next: Option<u64>,
+}
+
+/// Which audit entries.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct AuditQuery {
+    /// Only entries after this sequence number (0 by default: from the oldest kept).
+    pub after: Option<u64>,
+    /// At most this many (100 by default, 1000 at most).
+    pub limit: Option<usize>,
+}
+
+/// The audit log of control-plane changes: who (key, role, tenant) made which change
+/// (method and path), when, and how it was answered. A tenant admin sees its own
+/// tenant's; an operator sees all.
+#[utoipa::path(get, path = "/api/v1/audit", tag = "access",
+    params(AuditQuery),
+    responses(
+        (status = 200, description = "Entries, oldest first", body = AuditPage),
+    ))]
+pub(crate) async fn audit(
+    State(gateway): State<AppState>,
+    Who(caller): Who,
+    Query(query): Query<AuditQuery>,
+) -> Result<Response, ApiError> {
+    let limit = query.limit.unwrap_or(100).clamp(1, 1000);
+    let tenant = (!caller.may(Role::Operator)).then(|| caller.tenant.clone());
+    let this = gateway.clone();
+    let entries = tokio::task::spawn_blocking(move || {
+        this.audit.read(
+            &this.store,
+            query.after.unwrap_or(0),
+            limit,
+            tenant.as_deref(),
+        )
+    })
+    .await
+    .map_err(|e| ApiError::new(500, "internal", e.to_string()))??;
+    let next = (entries.len() == limit)
+        .then(|| entries.last().map(|e| e.seq))
+        .flatten();
+    Ok(json(StatusCode::OK, &AuditPage { entries, next }))
 }
 
 /// Removes a tenant and its keys (operator keys); refused while it has endpoints.
@@ -281,6 +458,7 @@ pub(crate) async fn remove_tenant(
         ));
     }
     gateway.directory.remove_tenant(&gateway.store, &tenant)?;
+    gateway.usage.forget(&gateway.store, &tenant)?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -357,9 +535,10 @@ pub(crate) async fn create_key(
         )
         .with_field("name"));
     }
-    let (key, token) = gateway
-        .directory
-        .create_key(&gateway.store, &tenant, new.role, &name)?;
+    let (key, token) =
+        gateway
+            .directory
+            .create_key(&gateway.store, &tenant, new.role, &name, new.rate_limit)?;
     tracing::info!(key = %key.id, tenant = %key.tenant, role = key.role.as_str(), by = ?caller.key_id, "API key made");
     Ok(json(
         StatusCode::CREATED,

@@ -112,6 +112,7 @@ pub(crate) fn authenticate(
             tenant: named.clone().unwrap_or_else(|| DEFAULT.to_owned()),
             role: Some(key.role),
             key_id: Some(key.id.clone()),
+            rate_limit: key.rate_limit.clone(),
         },
         Some(key) => {
             if named.as_ref().is_some_and(|t| *t != key.tenant) {
@@ -122,12 +123,14 @@ pub(crate) fn authenticate(
                 tenant: key.tenant.clone(),
                 role: Some(key.role),
                 key_id: Some(key.id.clone()),
+                rate_limit: key.rate_limit.clone(),
             }
         }
         None => Caller {
             tenant: named.clone().unwrap_or_else(|| DEFAULT.to_owned()),
             role: None,
             key_id: None,
+            rate_limit: None,
         },
     };
     let needed = class(request.uri().path());
@@ -193,6 +196,7 @@ pub(crate) fn caller_in(extensions: &axum::http::Extensions) -> Caller {
             tenant: DEFAULT.to_owned(),
             role: None,
             key_id: None,
+            rate_limit: None,
         })
 }
 

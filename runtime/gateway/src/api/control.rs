@@ -160,6 +160,9 @@ pub struct InstanceCounts {
     pub created: u64,
     /// Dropped after a failure.
     pub lost: u64,
+    /// Dropped after serving what the version's isolation allows (one call when
+    /// `per-request`, `max_requests_per_instance` when pooled).
+    pub retired: u64,
 }
 
 /// An uploaded component.
@@ -254,6 +257,7 @@ fn detail(d: &Deployment) -> EndpointDetail {
                     max: s.max,
                     created: s.created,
                     lost: s.lost,
+                    retired: s.retired,
                 },
             }
         })

@@ -2,6 +2,7 @@
 //! v2 inference protocol. Every request picks a version by weight, runs through its
 //! processor (and model backend), and is counted in the request metrics.
 
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use axum::body::Body;
@@ -66,11 +67,6 @@ pub struct EmbeddingsRequest {
 }
 
 /// The endpoint called `name`, ready to serve, and the version picked for one request.
-fn resolve(gateway: &Gateway, name: &str) -> Result<std::sync::Arc<DeployedVersion>, ApiError> {
-    resolve_with(gateway, name).map(|(_, version)| version)
-}
-
-/// [`resolve`], with the endpoint.
 fn resolve_with(
     gateway: &Gateway,
     name: &str,
@@ -109,6 +105,23 @@ fn resolve_with(
         )
     })?;
     Ok((deployment, version))
+}
+
+/// Admits a request of `caller` to `deployment` under the caller's key's and the
+/// endpoint's rate limits (see [`crate::limits`]); `429` when one refuses.
+pub(crate) fn admit(
+    gateway: &Gateway,
+    caller: Option<&crate::tenants::Caller>,
+    deployment: &crate::Deployment,
+) -> Result<crate::limits::Admitted, ApiError> {
+    let key = caller.and_then(|c| Some((c.key_id.as_deref()?, c.rate_limit.as_ref()?)));
+    let name = &deployment.spec.name;
+    let endpoint = deployment
+        .spec
+        .rate_limit
+        .as_ref()
+        .map(|limit| (name.as_str(), crate::tenants::local_name(name), limit));
+    gateway.limiters.admit(key, endpoint)
 }
 
 /// Whether the client asked for an async answer (`Prefer: respond-async`, RFC 7240).
@@ -221,6 +234,11 @@ async fn invoke_inner(
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
     let (deployment, version) = resolve_with(&gateway, &name)?;
+    let admitted = admit(
+        &gateway,
+        request.extensions().get::<crate::tenants::Caller>(),
+        &deployment,
+    )?;
     let may_spill = deployment.spec.jobs.spillover || prefers_async(request.headers());
     drop(deployment);
     let limit = version.limits.max_body_bytes;
@@ -258,10 +276,13 @@ async fn invoke_inner(
         headers,
         body: body.to_vec(),
     };
-    if may_spill && would_wait(&version) {
-        return super::jobs::spill(&gateway, &name, request).await;
-    }
-    Ok(serve(&gateway, &name, &version, request, started).await)
+    let mut response = if may_spill && would_wait(&version) {
+        super::jobs::spill(&gateway, &name, request).await?
+    } else {
+        serve(&gateway, &name, &version, request, started).await
+    };
+    admitted.stamp(response.headers_mut());
+    Ok(response)
 }
 
 /// OpenAI-compatible embeddings: `model` names the endpoint, whose processor sees the
@@ -305,7 +326,9 @@ pub(crate) async fn embeddings(
         }
     };
     let name = super::resolve(&gateway, &caller, &name)?;
-    let version = resolve(&gateway, &name)?;
+    let (deployment, version) = resolve_with(&gateway, &name)?;
+    let admitted = admit(&gateway, Some(&caller), &deployment)?;
+    drop(deployment);
     if body.len() as u64 > version.limits.max_body_bytes {
         return Err(ApiError::version_body_limit(version.limits.max_body_bytes));
     }
@@ -315,7 +338,9 @@ pub(crate) async fn embeddings(
         headers,
         body: body.to_vec(),
     };
-    Ok(serve(&gateway, &name, &version, request, started).await)
+    let mut response = serve(&gateway, &name, &version, request, started).await;
+    admitted.stamp(response.headers_mut());
+    Ok(response)
 }
 
 /// KServe v2 inference: JSON tensors straight to the model backend (no processor).
@@ -332,11 +357,14 @@ pub(crate) async fn embeddings(
     ))]
 pub(crate) async fn kserve_infer(
     State(gateway): State<AppState>,
+    super::Who(caller): super::Who,
     Name(name): Name,
     body: Body,
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
-    let version = resolve(&gateway, &name)?;
+    let (deployment, version) = resolve_with(&gateway, &name)?;
+    let admitted = admit(&gateway, Some(&caller), &deployment)?;
+    drop(deployment);
     let body = read_version_body(body, version.limits.max_body_bytes).await?;
     let parsed = crate::kserve::parse(&body)
         .map_err(|e| ApiError::new(400, "invalid_request", e.message).with_field(e.field))?;
@@ -350,9 +378,10 @@ pub(crate) async fn kserve_infer(
         ));
     }
     let counted = version.workers.meter.enter();
+    version.usage.requests.fetch_add(1, Ordering::Relaxed);
     let inferred = version.infer(parsed.input).await;
     drop(counted);
-    let response = match inferred {
+    let mut response = match inferred {
         Ok(output) => json(
             StatusCode::OK,
             &crate::kserve::response(&name, &version.name, parsed.id.as_deref(), &output),
@@ -360,6 +389,7 @@ pub(crate) async fn kserve_infer(
         Err(e) => ApiError::backend(&e).into_response(),
     };
     record(&gateway, &name, &version, &response, started);
+    admitted.stamp(response.headers_mut());
     Ok(response)
 }
 
@@ -472,6 +502,7 @@ pub(crate) async fn run(
     request: Request,
 ) -> Result<wasp_wasm::Response, Failure> {
     let _counted = version.workers.meter.enter();
+    version.usage.requests.fetch_add(1, Ordering::Relaxed);
     version.workers.wait_ready().await.map_err(Failure::Wake)?;
     if !version.workers.has_model() {
         return version
@@ -505,7 +536,7 @@ async fn serve(
     started: Instant,
 ) -> Response {
     let response = match run(version, request).await {
-        Ok(response) => processor_response(response, &version.name),
+        Ok(response) => processor_response(response, version),
         Err(failure) => {
             let error = failure.into_api();
             gateway
@@ -564,9 +595,20 @@ pub(crate) const MAX_RESPONSE_HEADER_BYTES: usize = 64 * 1024;
 
 /// Checks that a processor's response is one HTTP can carry: a status from 100 to 599, at
 /// most [`MAX_RESPONSE_HEADERS`] valid headers of at most [`MAX_RESPONSE_HEADER_BYTES`] in
-/// all. What fails is answered `502 invalid_processor_response`, never passed on.
-pub(crate) fn check_processor_response(response: &wasp_wasm::Response) -> Result<(), ApiError> {
+/// all, and a body of at most `max_body` bytes (the version's `limits.max_response_bytes`).
+/// What fails is answered `502 invalid_processor_response`, never passed on.
+pub(crate) fn check_processor_response(
+    response: &wasp_wasm::Response,
+    max_body: u64,
+) -> Result<(), ApiError> {
     let bad = |why: String| ApiError::new(502, "invalid_processor_response", why);
+    if response.body.len() as u64 > max_body {
+        return Err(bad(format!(
+            "processor returned a body of {} bytes; this version's limit is {max_body} \
+             (limits.max_response_bytes)",
+            response.body.len()
+        )));
+    }
     if !(100..=599).contains(&response.status) {
         return Err(bad(format!(
             "processor returned status {}, which is not an HTTP status (100 to 599)",
@@ -601,8 +643,8 @@ pub(crate) fn check_processor_response(response: &wasp_wasm::Response) -> Result
 }
 
 /// Turns a processor's response into an HTTP response, refusing what HTTP cannot carry.
-fn processor_response(response: wasp_wasm::Response, version: &str) -> Response {
-    if let Err(e) = check_processor_response(&response) {
+fn processor_response(response: wasp_wasm::Response, version: &DeployedVersion) -> Response {
+    if let Err(e) = check_processor_response(&response, version.limits.max_response_bytes) {
         return e.into_response();
     }
     let Ok(status) = StatusCode::from_u16(response.status) else {
@@ -620,7 +662,7 @@ fn processor_response(response: wasp_wasm::Response, version: &str) -> Response 
             headers.append(name, value);
         }
     }
-    if let Ok(v) = HeaderValue::from_str(version) {
+    if let Ok(v) = HeaderValue::from_str(&version.name) {
         headers.insert("x-wasp-version", v);
     }
     out

@@ -39,6 +39,8 @@ pub(crate) struct ApiError {
     pub message: String,
     pub field: Option<String>,
     pub retry_after: bool,
+    /// Headers the answer carries besides `Retry-After` (rate-limit headers).
+    pub headers: Option<Box<axum::http::HeaderMap>>,
 }
 
 impl ApiError {
@@ -49,7 +51,22 @@ impl ApiError {
             message: message.into(),
             field: None,
             retry_after: false,
+            headers: None,
         }
+    }
+
+    /// Says to retry after `wait` (`Retry-After` in whole seconds, at least 1).
+    pub fn retry_after(mut self, wait: std::time::Duration) -> Self {
+        let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+        self.retry_after = true;
+        self.headers_mut()
+            .insert(RETRY_AFTER, HeaderValue::from(secs.max(1)));
+        self
+    }
+
+    /// The extra headers of the answer, to add to.
+    pub fn headers_mut(&mut self) -> &mut axum::http::HeaderMap {
+        self.headers.get_or_insert_with(Default::default)
     }
 
     pub fn with_field(mut self, field: impl Into<String>) -> Self {
@@ -119,11 +136,12 @@ impl IntoResponse for ApiError {
         };
         let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         let mut response = json(status, &body);
-        if self.retry_after {
-            response
-                .headers_mut()
-                .insert(RETRY_AFTER, HeaderValue::from_static("1"));
+        let headers = response.headers_mut();
+        let extra = self.headers.map(|h| *h).unwrap_or_default();
+        if self.retry_after && !extra.contains_key(RETRY_AFTER) {
+            headers.insert(RETRY_AFTER, HeaderValue::from_static("1"));
         }
+        headers.extend(extra);
         response
     }
 }
@@ -156,8 +174,16 @@ impl From<Error> for ApiError {
             status: e.status(),
             code: e.code(),
             field: e.field().map(str::to_owned),
-            retry_after: matches!(e, Error::StoreUnavailable(_)),
+            retry_after: matches!(
+                e,
+                Error::StoreUnavailable(_)
+                    | Error::Quota {
+                        quota: "queued_jobs",
+                        ..
+                    }
+            ),
             message: e.to_string(),
+            headers: None,
         }
     }
 }
@@ -174,6 +200,7 @@ impl From<CallError> for ApiError {
             retry_after: matches!(e, CallError::Busy { .. } | CallError::QueueTimeout { .. }),
             message: e.to_string(),
             field,
+            headers: None,
         }
     }
 }

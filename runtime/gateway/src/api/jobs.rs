@@ -600,21 +600,33 @@ pub(crate) async fn run(
     super::Name(name): super::Name,
     request: axum::extract::Request,
 ) -> Result<Response, ApiError> {
-    let job = submit(&gateway, &name, request).await?;
-    Ok(status_response(&gateway, &job, StatusCode::ACCEPTED).await)
+    let (job, admitted) = submit(&gateway, &name, request).await?;
+    let mut response = status_response(&gateway, &job, StatusCode::ACCEPTED).await;
+    admitted.stamp(response.headers_mut());
+    Ok(response)
 }
 
+/// Submits a job under the caller's and the endpoint's rate limits and the tenant's
+/// quota of queued jobs.
 async fn submit(
     gateway: &AppState,
     name: &str,
     request: axum::extract::Request,
-) -> Result<Job, ApiError> {
+) -> Result<(Job, crate::limits::Admitted), ApiError> {
     let d = endpoint(gateway, name)?;
+    let admitted = super::data::admit(
+        gateway,
+        request.extensions().get::<crate::tenants::Caller>(),
+        &d,
+    )?;
+    gateway.check_job_quota(name)?;
     let (parts, body) = request.into_parts();
     let new = new_job(&d, &parts.headers, parts.uri.query(), body).await?;
     let mut jobs = gateway.jobs.submit(vec![new]).await?;
-    jobs.pop()
-        .ok_or_else(|| ApiError::new(500, "job_store", "the store acknowledged no job"))
+    let job = jobs
+        .pop()
+        .ok_or_else(|| ApiError::new(500, "job_store", "the store acknowledged no job"))?;
+    Ok((job, admitted))
 }
 
 /// Answers a sync invoke as a job (spillover): `202` with the job's status, `Location` and
@@ -627,6 +639,7 @@ pub(crate) async fn spill(
     let d = endpoint(gateway, name)?;
     let policy = policy_of(&d, &RunPolicy::default(), "")?;
     drop(d);
+    gateway.check_job_quota(name)?;
     let new = NewJob {
         endpoint: name.to_owned(),
         request: JobRequest {
@@ -693,12 +706,14 @@ pub(crate) async fn runsync(
     }
     // Listen before submitting, so that a fast job is not missed.
     let mut ended = gateway.running.ended.subscribe();
-    let job = submit(&gateway, &name.0, request).await?;
+    let (job, admitted) = submit(&gateway, &name.0, request).await?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(wait);
     loop {
         match tokio::time::timeout_at(deadline, ended.recv()).await {
             Ok(Ok(done)) if done.id == job.id => {
-                return Ok(status_response(&gateway, &done, StatusCode::OK).await);
+                let mut response = status_response(&gateway, &done, StatusCode::OK).await;
+                admitted.stamp(response.headers_mut());
+                return Ok(response);
             }
             Ok(Ok(_)) => {}
             // Missed some: look at the store.
@@ -706,7 +721,9 @@ pub(crate) async fn runsync(
                 if let Some(now) = gateway.jobs.get(&job.id).await?
                     && now.state.is_final()
                 {
-                    return Ok(status_response(&gateway, &now, StatusCode::OK).await);
+                    let mut response = status_response(&gateway, &now, StatusCode::OK).await;
+                    admitted.stamp(response.headers_mut());
+                    return Ok(response);
                 }
             }
             Ok(Err(_)) | Err(_) => break,
@@ -718,7 +735,9 @@ pub(crate) async fn runsync(
     } else {
         StatusCode::ACCEPTED
     };
-    Ok(status_response(&gateway, &now, code).await)
+    let mut response = status_response(&gateway, &now, code).await;
+    admitted.stamp(response.headers_mut());
+    Ok(response)
 }
 
 /// The job of this endpoint, or 404.

@@ -193,6 +193,9 @@ fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(access::list_tenants, access::create_tenant))
         .routes(routes!(access::remove_tenant))
         .routes(routes!(access::set_policy))
+        .routes(routes!(access::set_quota))
+        .routes(routes!(access::usage))
+        .routes(routes!(access::audit))
         .routes(routes!(access::list_keys, access::create_key))
         .routes(routes!(access::revoke_key));
     let operations = OpenApiRouter::new()
@@ -268,9 +271,21 @@ impl App {
         );
         let started = std::time::Instant::now();
         let mut request = request.map(Body::new);
+        let gateway = self.gateway.clone();
+        let audited = crate::audit::audited(request.method(), request.uri().path());
+        let mut change = None;
+        let changes = &mut change;
         let call = async move {
             if let Err(refused) = auth::authenticate(&self.gateway, &mut request) {
                 return Ok(*refused);
+            }
+            if audited {
+                // The path without its `/t/{tenant}` prefix, and who calls.
+                *changes = Some((
+                    auth::caller_in(request.extensions()),
+                    request.method().to_string(),
+                    request.uri().path().to_owned(),
+                ));
             }
             // The data path's hot route goes straight to its handler, skipping the
             // router's per-request allocations; the router still answers every other
@@ -296,8 +311,21 @@ impl App {
                 ApiError::new(504, "request_timeout", "the request took too long").into_response()
             }
         };
-        response.headers_mut().insert(REQUEST_ID, id);
         let status = response.status().as_u16();
+        if let Some((caller, method, path)) = change {
+            // Durable before the answer goes out.
+            let request_id = String::from_utf8_lossy(id.as_bytes()).into_owned();
+            let written = tokio::task::spawn_blocking(move || {
+                gateway
+                    .audit
+                    .append(&gateway.store, &caller, &method, &path, status, &request_id)
+            })
+            .await;
+            if let Ok(Err(e)) | Err(e) = written.map_err(|e| crate::Error::Store(e.to_string())) {
+                span.in_scope(|| tracing::error!("cannot write the audit log: {e}"));
+            }
+        }
+        response.headers_mut().insert(REQUEST_ID, id);
         let latency_ms = started.elapsed().as_secs_f64() * 1e3;
         span.in_scope(|| {
             if status == 500 {

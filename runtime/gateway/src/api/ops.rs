@@ -133,6 +133,24 @@ pub(crate) async fn metrics(State(gateway): State<AppState>) -> Response {
             }
         }
     }
+    // The meters count; the counters catch up to them at each scrape.
+    for (tenant, c) in gateway.usage.snapshot() {
+        let labels = crate::metrics::TenantLabels { tenant };
+        let requests = m.tenant_requests.get_or_create(&labels);
+        requests.inc_by(c.requests.saturating_sub(requests.get()));
+        let tokens = m.tenant_tokens.get_or_create(&labels);
+        tokens.inc_by(c.tokens.saturating_sub(tokens.get()));
+        for (family, nanos) in [
+            (&m.tenant_guest_seconds, c.guest_nanos),
+            (&m.tenant_model_seconds, c.model_nanos),
+        ] {
+            let counter = family.get_or_create(&labels);
+            let grew = nanos as f64 / 1e9 - counter.get();
+            if grew > 0.0 {
+                counter.inc_by(grew);
+            }
+        }
+    }
     text(
         "application/openmetrics-text; version=1.0.0; charset=utf-8",
         Bytes::from(m.encode()),

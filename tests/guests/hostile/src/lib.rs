@@ -50,6 +50,12 @@ impl Processor for Hostile {
                 Ok(response)
             }
             "/echo" => Ok(Response::bytes("application/octet-stream", request.body)),
+            // Calls this instance has served: what one request leaves in memory.
+            "/count" => {
+                static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+                let n = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+                Ok(Response::text(n.to_string()))
+            }
             "/sleep" => {
                 let ms: u64 = request.text()?.trim().parse().map_err(|_| {
                     Error::bad_request("the body is the milliseconds to sleep").with_field("body")
