@@ -393,6 +393,8 @@ impl TestServer {
             mount_roots: vec![std::env::temp_dir(), models_dir()],
             allow_hosts: vec!["127.0.0.1:*".into()],
             credentials: None,
+            tls: None,
+            behind_tls_proxy: false,
         };
         configure(&mut config);
         let server = Server::start(config).await.unwrap();

@@ -181,6 +181,27 @@ enum Command {
         /// Most open client connections; further clients wait.
         #[arg(long, default_value_t = 10_000)]
         max_connections: usize,
+        /// How long a kept-alive connection may sit idle before it is closed, in seconds
+        /// (at most the header read timeout, which also bounds the wait for a request).
+        #[arg(long, default_value_t = 30)]
+        idle_timeout_s: u64,
+        /// Most open connections from one client address; more are closed at once.
+        #[arg(long, default_value_t = 512)]
+        max_connections_per_client: usize,
+        /// Most requests in flight from one client address; more are answered 429.
+        #[arg(long, default_value_t = 512)]
+        max_requests_per_client: usize,
+        /// Serve HTTPS with this PEM certificate chain (with --tls-key); a renewed file is
+        /// picked up without a restart.
+        #[arg(long, requires = "tls_key", value_name = "FILE")]
+        tls_cert: Option<PathBuf>,
+        /// The PEM private key of --tls-cert.
+        #[arg(long, requires = "tls_cert", value_name = "FILE")]
+        tls_key: Option<PathBuf>,
+        /// A proxy in front terminates TLS: take API keys over plain HTTP from any address
+        /// (without it or --tls-cert, keys are taken over plain HTTP from loopback only).
+        #[arg(long)]
+        behind_tls_proxy: bool,
         /// GPUs workers may own: `auto` (what `nvidia-smi` lists), `none`, indices such as
         /// `0,1,3`, or `fake:N` (N simulated GPUs, for tests).
         #[arg(long, default_value = "auto")]
@@ -548,6 +569,12 @@ async fn run(cli: Cli) -> Result<()> {
             request_timeout_s,
             header_read_timeout_s,
             max_connections,
+            idle_timeout_s,
+            max_connections_per_client,
+            max_requests_per_client,
+            tls_cert,
+            tls_key,
+            behind_tls_proxy,
             gpus,
             batch_mounts,
             mount_roots,
@@ -575,7 +602,14 @@ async fn run(cli: Cli) -> Result<()> {
                     request_timeout: std::time::Duration::from_secs(request_timeout_s),
                     header_read_timeout: std::time::Duration::from_secs(header_read_timeout_s),
                     max_connections,
+                    idle_timeout: std::time::Duration::from_secs(idle_timeout_s),
+                    max_connections_per_client,
+                    max_requests_per_client,
                 },
+                tls: tls_cert
+                    .zip(tls_key)
+                    .map(|(cert, key)| wasp_gateway::TlsFiles { cert, key }),
+                behind_tls_proxy,
                 gpus: std::sync::Arc::new(gpus),
                 batch_mounts,
                 webhook_ca,

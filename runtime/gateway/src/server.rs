@@ -1,15 +1,17 @@
 //! The listening server: accept loop, graceful shutdown, periodic upkeep.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
+use axum::response::IntoResponse;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinHandle;
@@ -21,6 +23,8 @@ use crate::{Error, Gateway};
 const DRAIN: Duration = Duration::from_secs(30);
 /// How often idle instances are trimmed and warm ones replenished.
 const HOUSEKEEPING: Duration = Duration::from_secs(10);
+/// How often the TLS certificate's files are looked at for a renewal.
+const TLS_RELOAD: Duration = Duration::from_secs(5);
 /// How often every version's autoscaler decides.
 const AUTOSCALE: Duration = Duration::from_secs(1);
 
@@ -61,6 +65,13 @@ pub struct ServerConfig {
     /// The CLI's credentials file, into which the first start writes its operator key
     /// for the server's loopback URLs; `None` writes only `<data_dir>/operator.key`.
     pub credentials: Option<PathBuf>,
+    /// Serve HTTPS with this certificate and key (`--tls-cert`, `--tls-key`), reloaded
+    /// when the files change.
+    pub tls: Option<crate::tls::TlsFiles>,
+    /// The server sits behind a proxy that terminates TLS (`--behind-tls-proxy`): API keys
+    /// are taken over plain HTTP from any address. Without it (and without `tls`), keys
+    /// are refused over plain HTTP except from loopback clients.
+    pub behind_tls_proxy: bool,
 }
 
 /// The file in the data directory that holds the operator key the first start made.
@@ -75,6 +86,15 @@ pub struct HttpLimits {
     pub header_read_timeout: Duration,
     /// Most open connections; further clients wait in the listen backlog.
     pub max_connections: usize,
+    /// How long a kept-alive connection may sit with no request before it is closed. One
+    /// that never sends a request gets `header_read_timeout`; and since the wait for the
+    /// next request's headers counts against `header_read_timeout` too, the shorter of the
+    /// two closes an idle connection.
+    pub idle_timeout: Duration,
+    /// Most open connections from one client address; more are closed at once.
+    pub max_connections_per_client: usize,
+    /// Most requests in flight from one client address; more are answered `429`.
+    pub max_requests_per_client: usize,
 }
 
 impl Default for HttpLimits {
@@ -83,6 +103,9 @@ impl Default for HttpLimits {
             request_timeout: Duration::from_secs(300),
             header_read_timeout: Duration::from_secs(30),
             max_connections: 10_000,
+            idle_timeout: Duration::from_secs(30),
+            max_connections_per_client: 512,
+            max_requests_per_client: 512,
         }
     }
 }
@@ -200,18 +223,48 @@ impl Server {
                 addr,
             )?;
         }
+        let tls = match config.tls {
+            Some(files) => Some(Arc::new(crate::tls::Reloading::new(files)?)),
+            None => None,
+        };
+        let acceptor = match &tls {
+            Some(tls) => Some(tokio_rustls::TlsAcceptor::from(tls.server_config()?)),
+            None => None,
+        };
+        // Keys in clear text over a network are refused unless a proxy encrypts them.
+        let plain_keys_refused =
+            tls.is_none() && !config.behind_tls_proxy && !addr.ip().is_loopback();
+        if plain_keys_refused {
+            tracing::warn!(%addr, "serving plain HTTP beyond loopback: API keys are refused except from loopback clients (serve with --tls-cert/--tls-key, or pass --behind-tls-proxy)");
+        }
         let (stop, stopped) = watch::channel(false);
-        let app = crate::api::app(gateway.clone(), config.http.request_timeout);
-        let accept = tokio::spawn(accept_loop(listener, app, config.http, stopped));
+        let app = crate::api::app(
+            gateway.clone(),
+            config.http.request_timeout,
+            plain_keys_refused,
+        );
+        let shared = Arc::new(Shared {
+            app,
+            limits: config.http,
+            clients: Arc::default(),
+            tls: acceptor,
+        });
+        let accept = tokio::spawn(accept_loop(listener, shared, stopped));
         let keeper = gateway.clone();
         let upkeep = tokio::spawn(async move {
             let mut housekeeping = tokio::time::interval(HOUSEKEEPING);
             let mut autoscale = tokio::time::interval(AUTOSCALE);
             autoscale.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
             let mut expire = tokio::time::interval(crate::jobs::EXPIRE_EVERY);
+            let mut certificate = tokio::time::interval(TLS_RELOAD);
             housekeeping.tick().await;
             loop {
                 tokio::select! {
+                    _ = certificate.tick(), if tls.is_some() => {
+                        if let Some(tls) = &tls {
+                            tls.refresh();
+                        }
+                    }
                     _ = housekeeping.tick() => keeper.housekeep().await,
                     _ = autoscale.tick() => keeper.autoscale(),
                     _ = expire.tick() => keeper.expire_jobs().await,
@@ -253,14 +306,99 @@ impl Server {
     }
 }
 
-async fn accept_loop(
-    listener: TcpListener,
+/// The address a request came from (a request extension).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ClientAddr(pub SocketAddr);
+
+/// Open connections and requests in flight per client address.
+#[derive(Default)]
+struct Clients {
+    by: Mutex<HashMap<IpAddr, (usize, usize)>>,
+}
+
+/// Holds one connection's or one request's place in [`Clients`].
+struct ClientSlot {
+    clients: Arc<Clients>,
+    ip: IpAddr,
+    request: bool,
+}
+
+impl Clients {
+    /// Takes a place for a connection (`request == false`) or a request, if the address
+    /// has fewer than `max`.
+    fn take(self: &Arc<Self>, ip: IpAddr, request: bool, max: usize) -> Option<ClientSlot> {
+        let mut by = self.by.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = by.entry(ip).or_default();
+        let count = if request { &mut entry.1 } else { &mut entry.0 };
+        if *count >= max {
+            return None;
+        }
+        *count += 1;
+        Some(ClientSlot {
+            clients: self.clone(),
+            ip,
+            request,
+        })
+    }
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        let mut by = self.clients.by.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(entry) = by.get_mut(&self.ip) {
+            let count = if self.request {
+                &mut entry.1
+            } else {
+                &mut entry.0
+            };
+            *count = count.saturating_sub(1);
+            if *entry == (0, 0) {
+                by.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// A connection's requests in flight and when it was last busy, for its idle timeout.
+struct Activity {
+    in_flight: AtomicUsize,
+    served: AtomicUsize,
+    last: Mutex<Instant>,
+    /// Told when a request ends, so that the idle deadline is looked at again.
+    ended: tokio::sync::Notify,
+}
+
+impl Activity {
+    fn touch(&self) {
+        *self.last.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+    }
+
+    /// When the connection would be closed as idle: `first` after it opened if it never
+    /// sent a request, `idle` after its last answer otherwise; `None` while it serves.
+    fn deadline(&self, first: Duration, idle: Duration) -> Option<Instant> {
+        if self.in_flight.load(Ordering::Acquire) > 0 {
+            return None;
+        }
+        let last = *self.last.lock().unwrap_or_else(|e| e.into_inner());
+        Some(if self.served.load(Ordering::Acquire) == 0 {
+            last + first
+        } else {
+            last + idle
+        })
+    }
+}
+
+/// What every connection shares.
+struct Shared {
     app: crate::api::App,
     limits: HttpLimits,
-    mut stop: watch::Receiver<bool>,
-) {
-    let graceful = GracefulShutdown::new();
-    let connections = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    clients: Arc<Clients>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+}
+
+async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    let max = shared.limits.max_connections.max(1);
+    let connections = Arc::new(Semaphore::new(max));
     loop {
         // At the connection limit, stop accepting until one closes.
         let permit = tokio::select! {
@@ -272,8 +410,8 @@ async fn accept_loop(
         };
         tokio::select! {
             accepted = listener.accept() => {
-                let stream = match accepted {
-                    Ok((stream, _)) => stream,
+                let (stream, peer) = match accepted {
+                    Ok(accepted) => accepted,
                     Err(e) => {
                         // Out of file descriptors, say: back off instead of spinning.
                         tracing::warn!("accept failed: {e}");
@@ -281,24 +419,33 @@ async fn accept_loop(
                         continue;
                     }
                 };
+                let Some(slot) = shared.clients.take(
+                    peer.ip(),
+                    false,
+                    shared.limits.max_connections_per_client,
+                ) else {
+                    tracing::debug!(%peer, "closed: the address has its most connections open");
+                    continue;
+                };
                 let _ = stream.set_nodelay(true);
-                let app = app.clone();
-                let service = service_fn(move |request| {
-                    let app = app.clone();
-                    async move { Ok::<_, Infallible>(app.serve(request).await) }
-                });
-                let connection = http1::Builder::new()
-                    .timer(TokioTimer::new())
-                    .header_read_timeout(limits.header_read_timeout)
-                    .max_headers(MAX_REQUEST_HEADERS)
-                    .max_buf_size(MAX_REQUEST_HEAD_BYTES)
-                    .keep_alive(true)
-                    .serve_connection(TokioIo::new(stream), service);
-                let connection = graceful.watch(connection);
+                let (shared, stop) = (shared.clone(), stop.clone());
                 tokio::spawn(async move {
-                    if let Err(e) = connection.await {
-                        tracing::debug!("connection ended: {e}");
+                    let tls = shared.tls.clone();
+                    match tls {
+                        None => connection(stream, peer, &shared, stop).await,
+                        Some(acceptor) => {
+                            let handshake = tokio::time::timeout(
+                                shared.limits.header_read_timeout,
+                                acceptor.accept(stream),
+                            );
+                            match handshake.await {
+                                Ok(Ok(stream)) => connection(stream, peer, &shared, stop).await,
+                                Ok(Err(e)) => tracing::debug!(%peer, "TLS handshake failed: {e}"),
+                                Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                            }
+                        }
                     }
+                    drop(slot);
                     drop(permit);
                 });
             }
@@ -306,10 +453,105 @@ async fn accept_loop(
         }
     }
     drop(listener);
-    if tokio::time::timeout(DRAIN, graceful.shutdown())
+    // Every connection holds a permit: all of them back means all closed.
+    let all = u32::try_from(max).unwrap_or(u32::MAX);
+    if tokio::time::timeout(DRAIN, connections.acquire_many(all))
         .await
         .is_err()
     {
         tracing::warn!("some requests were still running after {DRAIN:?}");
+    }
+}
+
+/// Serves one connection until it closes, is idle too long, or the server stops (then it
+/// finishes the request under way and closes).
+async fn connection<I>(
+    io: I,
+    peer: SocketAddr,
+    shared: &Arc<Shared>,
+    mut stop: watch::Receiver<bool>,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let activity = Arc::new(Activity {
+        in_flight: AtomicUsize::new(0),
+        served: AtomicUsize::new(0),
+        last: Mutex::new(Instant::now()),
+        ended: tokio::sync::Notify::new(),
+    });
+    let service = {
+        let (shared, activity) = (shared.clone(), activity.clone());
+        service_fn(move |mut request: hyper::Request<hyper::body::Incoming>| {
+            let (shared, activity) = (shared.clone(), activity.clone());
+            activity.in_flight.fetch_add(1, Ordering::AcqRel);
+            request.extensions_mut().insert(ClientAddr(peer));
+            async move {
+                let slot =
+                    shared
+                        .clients
+                        .take(peer.ip(), true, shared.limits.max_requests_per_client);
+                let response = match slot {
+                    Some(_slot) => shared.app.clone().serve(request).await,
+                    None => crate::api::ApiError::new(
+                        429,
+                        "too_many_requests_from_client",
+                        format!(
+                            "this address has {} requests in flight, the most one address may",
+                            shared.limits.max_requests_per_client
+                        ),
+                    )
+                    .retry_after(Duration::from_secs(1))
+                    .into_response(),
+                };
+                activity.touch();
+                activity.served.fetch_add(1, Ordering::AcqRel);
+                activity.in_flight.fetch_sub(1, Ordering::AcqRel);
+                activity.ended.notify_one();
+                Ok::<_, Infallible>(response)
+            }
+        })
+    };
+    let limits = &shared.limits;
+    let conn = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_headers(MAX_REQUEST_HEADERS)
+        .max_buf_size(MAX_REQUEST_HEAD_BYTES)
+        .keep_alive(true)
+        .serve_connection(TokioIo::new(io), service);
+    let mut conn = std::pin::pin!(conn);
+    let mut closing = false;
+    loop {
+        let idle_at = if closing {
+            None
+        } else {
+            activity.deadline(limits.header_read_timeout, limits.idle_timeout)
+        };
+        // While a request runs, look again a little later.
+        let wake = idle_at
+            .unwrap_or_else(|| Instant::now() + limits.idle_timeout.min(Duration::from_secs(1)));
+        tokio::select! {
+            ended = conn.as_mut() => {
+                if let Err(e) = ended {
+                    tracing::debug!(%peer, "connection ended: {e}");
+                }
+                return;
+            }
+            _ = stop.changed(), if !closing => {
+                closing = true;
+                conn.as_mut().graceful_shutdown();
+            }
+            _ = activity.ended.notified(), if !closing => {}
+            _ = tokio::time::sleep_until(wake.into()), if !closing => {
+                if activity
+                    .deadline(limits.header_read_timeout, limits.idle_timeout)
+                    .is_some_and(|at| Instant::now() >= at)
+                {
+                    tracing::debug!(%peer, "closing an idle connection");
+                    closing = true;
+                    conn.as_mut().graceful_shutdown();
+                }
+            }
+        }
     }
 }

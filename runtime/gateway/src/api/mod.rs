@@ -223,10 +223,13 @@ pub(crate) struct App {
     gateway: AppState,
     router: Router,
     request_timeout: Duration,
+    /// Plain HTTP beyond loopback with no TLS proxy in front: keys from other addresses
+    /// are refused.
+    plain_keys_refused: bool,
 }
 
 /// The whole API with its shared concerns, ready to serve.
-pub(crate) fn app(gateway: AppState, request_timeout: Duration) -> App {
+pub(crate) fn app(gateway: AppState, request_timeout: Duration, plain_keys_refused: bool) -> App {
     let (router, mut doc) = routes().split_for_parts();
     document_keys(&mut doc);
     ops::DOCUMENT.get_or_init(|| Bytes::from(doc.to_pretty_json().unwrap_or_default()));
@@ -240,6 +243,7 @@ pub(crate) fn app(gateway: AppState, request_timeout: Duration) -> App {
         gateway,
         router,
         request_timeout,
+        plain_keys_refused,
     }
 }
 
@@ -276,6 +280,16 @@ impl App {
         let mut change = None;
         let changes = &mut change;
         let call = async move {
+            if self.plain_keys_refused && exposes_key(&request) {
+                return Ok(ApiError::new(
+                    403,
+                    "insecure_transport",
+                    "this server takes API keys over plain HTTP from loopback clients only: \
+                     use its HTTPS address (`wasp serve --tls-cert/--tls-key`), or start it \
+                     with --behind-tls-proxy when a proxy in front encrypts the traffic",
+                )
+                .into_response());
+            }
             if let Err(refused) = auth::authenticate(&self.gateway, &mut request) {
                 return Ok(*refused);
             }
@@ -338,6 +352,18 @@ impl App {
         });
         response
     }
+}
+
+/// Whether a request carries a key from beyond loopback (over plain HTTP, which the caller
+/// has established).
+fn exposes_key(request: &axum::http::Request<Body>) -> bool {
+    request
+        .headers()
+        .contains_key(axum::http::header::AUTHORIZATION)
+        && !request
+            .extensions()
+            .get::<crate::server::ClientAddr>()
+            .is_some_and(|a| a.0.ip().is_loopback())
 }
 
 /// The request id header, in and out.
@@ -520,6 +546,55 @@ mod tests {
                  wasp-gateway checked_in_documents` and commit it"
             );
         }
+    }
+
+    #[tokio::test]
+    async fn keys_over_plain_http_from_beyond_loopback_are_refused_when_no_proxy_encrypts() {
+        let dir = tempfile::tempdir().unwrap();
+        let gateway = Gateway::open(
+            dir.path(),
+            wasp_wasm::RuntimeConfig {
+                pooling: false,
+                ..Default::default()
+            },
+            wasp_backend::Registry::default(),
+            dir.path().join("models"),
+            Arc::default(),
+            &[],
+        )
+        .await
+        .unwrap();
+        let call = |refusing: bool, from: &str, key: bool| {
+            let app = app(gateway.clone(), Duration::from_secs(5), refusing);
+            let mut request = axum::http::Request::builder().uri("/api/v1/whoami");
+            if key {
+                request = request.header("authorization", "Bearer wasp_0_x");
+            }
+            let mut request = request.body(Body::empty()).unwrap();
+            request
+                .extensions_mut()
+                .insert(crate::server::ClientAddr(from.parse().unwrap()));
+            async move {
+                let response = app.serve(request).await;
+                let status = response.status().as_u16();
+                let body = response.into_body().collect().await.unwrap().to_bytes();
+                let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+                (
+                    status,
+                    body["error"]["code"].as_str().unwrap_or("").to_owned(),
+                )
+            }
+        };
+        let refused = call(true, "192.0.2.7:40000", true).await;
+        assert_eq!(refused, (403, "insecure_transport".to_owned()));
+        // From loopback, behind a proxy, or without a key: on to authentication.
+        let checked = (401, "invalid_api_key".to_owned());
+        assert_eq!(call(true, "127.0.0.1:40000", true).await, checked);
+        assert_eq!(call(false, "192.0.2.7:40000", true).await, checked);
+        assert_eq!(
+            call(true, "192.0.2.7:40000", false).await,
+            (401, "missing_api_key".to_owned())
+        );
     }
 
     #[test]
