@@ -26,6 +26,19 @@ pub fn endpoint_path(name: &str, suffix: &str) -> String {
     )
 }
 
+/// `/endpoints/{name}/invoke{path}` with the name percent-encoded; `path` is what the
+/// processor sees (`/` for the invoke route itself).
+pub fn endpoint_invoke_path(name: &str, path: &str) -> String {
+    let below = match path.strip_prefix('/') {
+        Some(rest) if rest.is_empty() || rest.starts_with('?') => rest,
+        _ => path,
+    };
+    format!(
+        "/endpoints/{}/invoke{below}",
+        utf8_percent_encode(name, NON_ALPHANUMERIC)
+    )
+}
+
 /// A value for a query string, percent-encoded.
 pub fn query_value(value: &str) -> String {
     utf8_percent_encode(value, NON_ALPHANUMERIC).to_string()
@@ -71,10 +84,25 @@ impl Client {
         content_type: Option<&str>,
         body: Vec<u8>,
     ) -> Result<(StatusCode, Bytes)> {
+        let headers: Vec<(String, String)> = content_type
+            .map(|ct| ("content-type".to_owned(), ct.to_owned()))
+            .into_iter()
+            .collect();
+        self.send_with(method, path, &headers, body).await
+    }
+
+    /// Sends a request with these headers (besides the key); the status and body.
+    pub async fn send_with(
+        &self,
+        method: Method,
+        path: &str,
+        headers: &[(String, String)],
+        body: Vec<u8>,
+    ) -> Result<(StatusCode, Bytes)> {
         let url = format!("{}{path}", self.base);
         let mut request = hyper::Request::builder().method(method).uri(&url);
-        if let Some(ct) = content_type {
-            request = request.header("content-type", ct);
+        for (name, value) in headers {
+            request = request.header(name.as_str(), value.as_str());
         }
         if let Some(key) = &self.key {
             request = request.header("authorization", format!("Bearer {key}"));

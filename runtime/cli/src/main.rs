@@ -2,6 +2,7 @@
 
 mod client;
 mod output;
+mod replay;
 mod scaffold;
 
 use std::net::SocketAddr;
@@ -321,6 +322,30 @@ enum Command {
         /// Only this tenant (operator keys).
         #[arg(long)]
         tenant: Option<String>,
+    },
+    /// An endpoint's request records (its spec's `records`): lists the files, or saves
+    /// them all with --save.
+    Records {
+        /// Endpoint name.
+        name: String,
+        /// Write every record, oldest first, to this JSONL file (`-`: standard output).
+        #[arg(long, value_name = "FILE")]
+        save: Option<PathBuf>,
+    },
+    /// Sends recorded requests again to one version of an endpoint and reports where its
+    /// answers differ from the recorded ones (exit status 1 when any do).
+    Replay {
+        /// Endpoint name.
+        name: String,
+        /// The version to send them to.
+        #[arg(long)]
+        version: String,
+        /// The records, as `wasp records NAME --save FILE` writes them.
+        #[arg(long, value_name = "FILE")]
+        records: PathBuf,
+        /// Numbers in JSON answers that differ by at most this much are the same.
+        #[arg(long, default_value_t = 0.0)]
+        tolerance: f64,
     },
     /// The audit log of control-plane changes (admin and operator keys).
     Audit {
@@ -676,6 +701,43 @@ async fn run(cli: Cli) -> Result<()> {
                         u["queued_jobs"]
                     );
                 }
+            }
+            Ok(())
+        }
+        Command::Records { name, save } => match save {
+            Some(out) => {
+                let lines = replay::save(&client, &name, &out).await?;
+                if out != Path::new("-") {
+                    eprintln!("saved {lines} records to {}", out.display());
+                }
+                Ok(())
+            }
+            None => {
+                let listing = client
+                    .get(&client::endpoint_path(&name, "/records"))
+                    .await?;
+                if !print.json(&listing) {
+                    println!("{:<32} BYTES", "FILE");
+                    for f in listing["files"].as_array().into_iter().flatten() {
+                        println!("{:<32} {}", f["name"].as_str().unwrap_or("?"), f["bytes"]);
+                    }
+                }
+                Ok(())
+            }
+        },
+        Command::Replay {
+            name,
+            version,
+            records,
+            tolerance,
+        } => {
+            let summary = replay::replay(&client, &name, &version, &records, tolerance).await?;
+            println!(
+                "replayed {} to version {version}: {} as recorded, {} differ, {} skipped",
+                summary.replayed, summary.same, summary.differ, summary.skipped
+            );
+            if summary.differ > 0 {
+                std::process::exit(1);
             }
             Ok(())
         }

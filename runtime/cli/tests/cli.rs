@@ -467,3 +467,96 @@ fn tenants_keys_and_login_from_the_cli() {
     let revoked = plain(&["whoami"], None, "");
     assert!(!revoked.status.success());
 }
+
+#[test]
+fn records_are_saved_and_replayed_against_another_version() {
+    let data = tempfile::tempdir().unwrap();
+    let server = Serve::start(data.path());
+    let url = server.url.clone();
+    let spec = data.path().join("rec.toml");
+    let version = |name: &str, weight: u32, answer: &str| {
+        format!(
+            "[[versions]]\nname = \"{name}\"\nweight = {weight}\n[versions.processor]\n\
+             component = {:?}\nenv = {{ ANSWER = \"{answer}\" }}\n",
+            wasp_tests::guests::HOSTILE
+        )
+    };
+    std::fs::write(
+        &spec,
+        format!(
+            "name = \"rec\"\n[records]\n{}{}{}",
+            version("v1", 100, "one"),
+            version("v2", 0, "one"),
+            version("v3", 0, "three"),
+        ),
+    )
+    .unwrap();
+    ok(wasp(&url, &["deploy", spec.to_str().unwrap()]));
+    for path in ["/ok", "/config", "/echo"] {
+        ok(wasp(
+            &url,
+            &["invoke", "rec", "--path", path, "-d", "{\"n\": 1}"],
+        ));
+    }
+    let saved = data.path().join("records.jsonl");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let out = wasp(&url, &["records", "rec", "--save", saved.to_str().unwrap()]);
+        assert!(out.status.success(), "{out:?}");
+        if std::fs::read_to_string(&saved).unwrap().lines().count() == 3 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline);
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let listed = ok(wasp(&url, &["records", "rec"]));
+    assert!(listed.contains(".jsonl"), "{listed}");
+    // The same configuration answers as recorded.
+    let same = ok(wasp(
+        &url,
+        &[
+            "replay",
+            "rec",
+            "--version",
+            "v2",
+            "--records",
+            saved.to_str().unwrap(),
+        ],
+    ));
+    assert!(
+        same.contains("replayed 3 to version v2: 3 as recorded, 0 differ"),
+        "{same}"
+    );
+    // Another answers `/config` differently: named, and the exit status says so.
+    let differs = wasp(
+        &url,
+        &[
+            "replay",
+            "rec",
+            "--version",
+            "v3",
+            "--records",
+            saved.to_str().unwrap(),
+        ],
+    );
+    assert!(!differs.status.success());
+    let out = String::from_utf8_lossy(&differs.stdout);
+    assert!(
+        out.contains("/config") && out.contains(r#"body differs at $[0][1]: "one" -> "three""#),
+        "{out}"
+    );
+    assert!(out.contains("2 as recorded, 1 differ"), "{out}");
+    let missing = wasp(
+        &url,
+        &[
+            "replay",
+            "rec",
+            "--version",
+            "v9",
+            "--records",
+            saved.to_str().unwrap(),
+        ],
+    );
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("no version `v9`"));
+}

@@ -12,7 +12,8 @@ pub mod tensor;
 
 pub use spec::{
     BackendSpec, BatchingSpec, CandleBackend, ComponentRef, ContainerBackend, EndpointSpec,
-    Isolation, JobsSpec, Limits, Mount, ProcessorSpec, RateLimit, RolloutSpec, ScalingSpec,
-    Schedule, SchedulePolicy, SpecError, StepChange, StepPolicy, VersionSpec, WorkerCount,
+    Isolation, JobsSpec, Limits, Mount, ProcessorSpec, RateLimit, RecordsSpec, RolloutSpec,
+    ScalingSpec, Schedule, SchedulePolicy, SpecError, StepChange, StepPolicy, VersionSpec,
+    WorkerCount,
 };
 pub use tensor::{DType, ModelInput, ModelOutput, Tensor, TensorError};

@@ -72,6 +72,63 @@ pub struct EndpointSpec {
     /// together); beyond it the gateway answers `429` with `Retry-After`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<RateLimit>,
+    /// Whether (and how much of) its traffic is saved as request records, for
+    /// `wasp replay`; absent saves nothing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub records: Option<RecordsSpec>,
+}
+
+/// Request records of an endpoint: a sample of its requests and responses (bodies up to a
+/// size, headers without credentials), its latency, version and status, as JSONL files
+/// that rotate by size and are kept by count.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RecordsSpec {
+    /// Percent of requests saved (100).
+    pub sample_percent: f64,
+    /// Largest body kept of a request or response, in bytes; longer ones are cut and
+    /// marked (64 KiB).
+    pub max_body_bytes: u32,
+    /// A file is closed and a new one begun past this size, in bytes (64 MiB).
+    pub rotate_bytes: u64,
+    /// Files kept; the oldest go first (10).
+    pub keep_files: u32,
+}
+
+impl Default for RecordsSpec {
+    fn default() -> Self {
+        Self {
+            sample_percent: 100.0,
+            max_body_bytes: 64 * 1024,
+            rotate_bytes: 64 * 1024 * 1024,
+            keep_files: 10,
+        }
+    }
+}
+
+impl RecordsSpec {
+    fn validate(&self) -> Result<(), SpecError> {
+        if !(self.sample_percent > 0.0 && self.sample_percent <= 100.0) {
+            return Err(SpecError::invalid(
+                "records.sample_percent",
+                "must be more than 0 and at most 100",
+            ));
+        }
+        range_at(
+            "records.max_body_bytes",
+            self.max_body_bytes.into(),
+            0,
+            16 * 1024 * 1024,
+        )?;
+        range_at(
+            "records.rotate_bytes",
+            self.rotate_bytes,
+            4096,
+            16 * 1024 * 1024 * 1024,
+        )?;
+        range_at("records.keep_files", self.keep_files.into(), 1, 10_000)
+    }
 }
 
 /// A token bucket and a cap on requests in flight: for an endpoint (every caller
@@ -937,6 +994,9 @@ impl EndpointSpec {
         }
         if let Some(limit) = &self.rate_limit {
             limit.validate("rate_limit")?;
+        }
+        if let Some(records) = &self.records {
+            records.validate()?;
         }
         self.jobs.validate()
     }

@@ -13,6 +13,7 @@ mod jobs;
 mod kserve;
 mod limits;
 pub mod metrics;
+mod records;
 mod registry;
 mod rollout;
 mod server;
@@ -25,6 +26,7 @@ pub mod workers;
 
 pub use audit::AuditEntry;
 pub use limits::{Holding, Quota};
+pub use records::RequestRecord;
 pub use registry::{DeployedVersion, Deployment, Gateway};
 pub use server::{HttpLimits, OPERATOR_KEY_FILE, Server, ServerConfig};
 pub use tenants::DEFAULT as DEFAULT_TENANT;

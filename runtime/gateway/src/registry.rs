@@ -249,6 +249,8 @@ pub struct Gateway {
     pub(crate) limiters: crate::limits::Limiters,
     /// Who changed what.
     pub(crate) audit: crate::audit::AuditLog,
+    /// Request records of the endpoints that keep them.
+    pub(crate) recorder: crate::records::Recorder,
 }
 
 /// Model calls from processors (the `inference` import), answered by the backends of the
@@ -361,6 +363,7 @@ impl Gateway {
             usage,
             limiters: crate::limits::Limiters::default(),
             audit,
+            recorder: crate::records::Recorder::start(data_dir.join("records")),
             batches: crate::batches::Batches::default(),
             data_dir: data_dir.to_owned(),
         });
@@ -662,6 +665,7 @@ impl Gateway {
         blocking(move || this.store.delete_endpoint(&key)).await?;
         self.write().remove(name);
         self.limiters.forget_endpoint(name);
+        self.recorder.remove(name);
         // Its queued jobs cannot run any more.
         if let Err(e) = self.jobs.purge(name).await {
             tracing::warn!(endpoint = %name, "cannot purge the removed endpoint's jobs: {e}");

@@ -670,3 +670,105 @@ pub(crate) async fn rotate_webhook_secret(
     let d = to_completion(async move { gateway.rotate_webhook_secret(&name).await }).await?;
     Ok(json(StatusCode::OK, &webhook_secret_of(&d)))
 }
+
+/// An endpoint's request record files.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct RecordFiles {
+    /// The files, oldest first.
+    pub files: Vec<RecordFile>,
+    /// Records dropped because the writer fell behind (every endpoint, since start).
+    pub dropped: u64,
+}
+
+/// A request record file.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct RecordFile {
+    /// Its name, for `/records/{file}`.
+    pub name: String,
+    /// Its size in bytes.
+    pub bytes: u64,
+}
+
+/// The endpoint's request record files (its spec's `records` says which requests are
+/// kept), oldest first.
+#[utoipa::path(get, path = "/api/v1/endpoints/{name}/records", tag = "control",
+    params(("name" = String, Path, description = "Endpoint name")),
+    responses(
+        (status = 200, description = "The files", body = RecordFiles),
+        (status = 404, description = "No such endpoint", body = ErrorBody),
+    ))]
+pub(crate) async fn records(
+    State(gateway): State<AppState>,
+    Name(name): Name,
+) -> Result<Response, ApiError> {
+    gateway
+        .endpoint(&name)
+        .ok_or_else(|| Error::NotFound(local_name(&name).to_owned()))?;
+    let files = gateway
+        .recorder
+        .files(&name)
+        .into_iter()
+        .map(|(name, bytes)| RecordFile { name, bytes })
+        .collect();
+    let dropped = gateway.recorder.dropped.load(Ordering::Relaxed);
+    Ok(json(StatusCode::OK, &RecordFiles { files, dropped }))
+}
+
+/// One request record file: a [`crate::records::RequestRecord`] per line (JSONL), streamed.
+#[utoipa::path(get, path = "/api/v1/endpoints/{name}/records/{file}", tag = "control",
+    params(
+        ("name" = String, Path, description = "Endpoint name"),
+        ("file" = String, Path, description = "File name, as the listing gives it"),
+    ),
+    responses(
+        (status = 200, description = "The records, one JSON object per line", content_type = "application/jsonl", body = crate::records::RequestRecord),
+        (status = 404, description = "No such endpoint or file", body = ErrorBody),
+    ))]
+pub(crate) async fn record_file(
+    State(gateway): State<AppState>,
+    Name(name): Name,
+    params: axum::extract::RawPathParams,
+) -> Result<Response, ApiError> {
+    gateway
+        .endpoint(&name)
+        .ok_or_else(|| Error::NotFound(local_name(&name).to_owned()))?;
+    let file = params
+        .iter()
+        .find(|(k, _)| *k == "file")
+        .map(|(_, v)| v.to_owned())
+        .unwrap_or_default();
+    let not_found = || {
+        ApiError::new(
+            404,
+            "records_not_found",
+            format!(
+                "endpoint `{}` has no record file `{file}`",
+                local_name(&name)
+            ),
+        )
+    };
+    let path = gateway.recorder.file(&name, &file).ok_or_else(not_found)?;
+    let opened = tokio::fs::File::open(&path)
+        .await
+        .map_err(|_| not_found())?;
+    // Read in chunks as the client takes them: a file may be large.
+    let chunks = futures_util::stream::unfold(Some(opened), |file| async move {
+        use tokio::io::AsyncReadExt;
+        let mut file = file?;
+        let mut buf = vec![0u8; 64 * 1024];
+        match file.read(&mut buf).await {
+            Ok(0) => None,
+            Ok(n) => {
+                buf.truncate(n);
+                Some((Ok::<_, std::io::Error>(bytes::Bytes::from(buf)), Some(file)))
+            }
+            // The error ends the body (the client sees it cut short), and the stream.
+            Err(e) => Some((Err(e), None)),
+        }
+    });
+    let mut response = Response::new(axum::body::Body::from_stream(chunks));
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/jsonl"));
+    Ok(response)
+}

@@ -70,6 +70,7 @@ pub struct EmbeddingsRequest {
 fn resolve_with(
     gateway: &Gateway,
     name: &str,
+    headers: &HeaderMap,
 ) -> Result<
     (
         std::sync::Arc<crate::Deployment>,
@@ -96,6 +97,28 @@ fn resolve_with(
             ),
         ));
     }
+    // `x-wasp-version: v2` asks for one version, whatever its weight (for tests, replays
+    // and canaries).
+    if let Some(pin) = headers.get(VERSION) {
+        let wanted = pin.to_str().unwrap_or("");
+        let version = deployment
+            .versions
+            .iter()
+            .find(|v| v.name == wanted)
+            .cloned()
+            .ok_or_else(|| {
+                ApiError::new(
+                    404,
+                    "version_not_found",
+                    format!(
+                        "endpoint `{}` has no version `{wanted}`",
+                        crate::tenants::local_name(name)
+                    ),
+                )
+                .with_field("x-wasp-version")
+            })?;
+        return Ok((deployment, version));
+    }
     let roll = rand::random::<u32>() % 100;
     let version = deployment.pick(roll).cloned().ok_or_else(|| {
         ApiError::new(
@@ -106,6 +129,10 @@ fn resolve_with(
     })?;
     Ok((deployment, version))
 }
+
+/// The header that pins a request to one version, and that names the version that
+/// answered.
+const VERSION: &str = "x-wasp-version";
 
 /// Admits a request of `caller` to `deployment` under the caller's key's and the
 /// endpoint's rate limits (see [`crate::limits`]); `429` when one refuses.
@@ -233,13 +260,14 @@ async fn invoke_inner(
     request: HttpRequest,
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
-    let (deployment, version) = resolve_with(&gateway, &name)?;
+    let (deployment, version) = resolve_with(&gateway, &name, request.headers())?;
     let admitted = admit(
         &gateway,
         request.extensions().get::<crate::tenants::Caller>(),
         &deployment,
     )?;
     let may_spill = deployment.spec.jobs.spillover || prefers_async(request.headers());
+    let recording = recording(&deployment, request.extensions());
     drop(deployment);
     let limit = version.limits.max_body_bytes;
     let declared = request
@@ -279,7 +307,7 @@ async fn invoke_inner(
     let mut response = if may_spill && would_wait(&version) {
         super::jobs::spill(&gateway, &name, request).await?
     } else {
-        serve(&gateway, &name, &version, request, started).await
+        serve(&gateway, &name, &version, request, started, recording).await
     };
     admitted.stamp(response.headers_mut());
     Ok(response)
@@ -300,11 +328,12 @@ async fn invoke_inner(
 pub(crate) async fn embeddings(
     State(gateway): State<AppState>,
     super::Who(caller): super::Who,
+    id: Option<axum::Extension<super::RequestId>>,
     headers: HeaderMap,
     Payload(body): Payload<MAX_OPENAI_BYTES>,
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
-    let headers = visible_headers(&headers);
+    let visible = visible_headers(&headers);
     #[derive(serde::Deserialize)]
     struct Model {
         model: Option<Value>,
@@ -326,8 +355,13 @@ pub(crate) async fn embeddings(
         }
     };
     let name = super::resolve(&gateway, &caller, &name)?;
-    let (deployment, version) = resolve_with(&gateway, &name)?;
+    let (deployment, version) = resolve_with(&gateway, &name, &headers)?;
     let admitted = admit(&gateway, Some(&caller), &deployment)?;
+    let recording = deployment
+        .spec
+        .records
+        .filter(crate::records::sampled)
+        .map(|spec| (spec, id.map(|i| i.0.0)));
     drop(deployment);
     if body.len() as u64 > version.limits.max_body_bytes {
         return Err(ApiError::version_body_limit(version.limits.max_body_bytes));
@@ -335,10 +369,10 @@ pub(crate) async fn embeddings(
     let request = Request {
         method: "POST".into(),
         path: "/v1/embeddings".to_owned(),
-        headers,
+        headers: visible,
         body: body.to_vec(),
     };
-    let mut response = serve(&gateway, &name, &version, request, started).await;
+    let mut response = serve(&gateway, &name, &version, request, started, recording).await;
     admitted.stamp(response.headers_mut());
     Ok(response)
 }
@@ -362,7 +396,7 @@ pub(crate) async fn kserve_infer(
     body: Body,
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
-    let (deployment, version) = resolve_with(&gateway, &name)?;
+    let (deployment, version) = resolve_with(&gateway, &name, &HeaderMap::new())?;
     let admitted = admit(&gateway, Some(&caller), &deployment)?;
     drop(deployment);
     let body = read_version_body(body, version.limits.max_body_bytes).await?;
@@ -527,16 +561,67 @@ pub(crate) async fn run(
         .map_err(Failure::Processor)
 }
 
-/// Runs a request and records its metrics.
+/// What a sampled request is recorded with: its endpoint's records settings and its id.
+type Recording = Option<(wasp_core::RecordsSpec, Option<HeaderValue>)>;
+
+/// Whether this request of `deployment` is recorded, and how.
+fn recording(deployment: &crate::Deployment, extensions: &axum::http::Extensions) -> Recording {
+    let spec = deployment.spec.records.filter(crate::records::sampled)?;
+    Some((
+        spec,
+        extensions.get::<super::RequestId>().map(|i| i.0.clone()),
+    ))
+}
+
+/// Runs a request and records its metrics (and, when sampled, the request and its answer).
 async fn serve(
     gateway: &Gateway,
     name: &str,
     version: &DeployedVersion,
     request: Request,
     started: Instant,
+    recording: Recording,
 ) -> Response {
+    let kept = recording.map(|(spec, id)| {
+        let (body, body_base64, body_truncated) =
+            crate::records::body(&request.body, spec.max_body_bytes);
+        let record = crate::records::RequestRecord {
+            at_ms: crate::workers::now_ms(),
+            request_id: id
+                .as_ref()
+                .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+                .unwrap_or_default(),
+            version: version.name.clone(),
+            method: request.method.clone(),
+            path: request.path.clone(),
+            headers: crate::records::headers(&request.headers),
+            body,
+            body_base64,
+            body_truncated,
+            status: 0,
+            response_headers: Vec::new(),
+            response_body: None,
+            response_body_base64: None,
+            response_body_truncated: false,
+            latency_ms: 0.0,
+        };
+        (spec, record)
+    });
     let response = match run(version, request).await {
-        Ok(response) => processor_response(response, version),
+        Ok(response) => {
+            if let Some((spec, mut record)) = kept {
+                record.status = response.status;
+                record.response_headers = crate::records::headers(&response.headers);
+                (
+                    record.response_body,
+                    record.response_body_base64,
+                    record.response_body_truncated,
+                ) = crate::records::body(&response.body, spec.max_body_bytes);
+                record.latency_ms = started.elapsed().as_secs_f64() * 1e3;
+                gateway.recorder.record(name, spec, &record);
+            }
+            processor_response(response, version)
+        }
         Err(failure) => {
             let error = failure.into_api();
             gateway
@@ -548,6 +633,20 @@ async fn serve(
                     kind: error.code.into(),
                 })
                 .inc();
+            if let Some((spec, mut record)) = kept {
+                record.status = error.status;
+                let body = serde_json::json!({
+                    "error": { "code": error.code, "message": error.message, "field": error.field }
+                })
+                .to_string();
+                (
+                    record.response_body,
+                    record.response_body_base64,
+                    record.response_body_truncated,
+                ) = crate::records::body(body.as_bytes(), spec.max_body_bytes);
+                record.latency_ms = started.elapsed().as_secs_f64() * 1e3;
+                gateway.recorder.record(name, spec, &record);
+            }
             let mut response = error.into_response();
             if let Ok(v) = HeaderValue::from_str(&version.name) {
                 response.headers_mut().insert("x-wasp-version", v);

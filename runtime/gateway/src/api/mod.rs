@@ -156,6 +156,8 @@ fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(control::stop))
         .routes(routes!(control::start))
         .routes(routes!(control::logs))
+        .routes(routes!(control::records))
+        .routes(routes!(control::record_file))
         .routes(routes!(control::events))
         .routes(routes!(control::webhook_secret))
         .routes(routes!(control::rotate_webhook_secret))
@@ -275,6 +277,7 @@ impl App {
         );
         let started = std::time::Instant::now();
         let mut request = request.map(Body::new);
+        request.extensions_mut().insert(RequestId(id.clone()));
         let gateway = self.gateway.clone();
         let audited = crate::audit::audited(request.method(), request.uri().path());
         let mut change = None;
@@ -365,6 +368,10 @@ fn exposes_key(request: &axum::http::Request<Body>) -> bool {
             .get::<crate::server::ClientAddr>()
             .is_some_and(|a| a.0.ip().is_loopback())
 }
+
+/// A request's id (a request extension): the client's `x-request-id` or a new one.
+#[derive(Debug, Clone)]
+pub(crate) struct RequestId(pub HeaderValue);
 
 /// The request id header, in and out.
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
