@@ -14,7 +14,7 @@ use wasp_core::EndpointSpec;
 /// Talks to one server.
 pub struct Client {
     base: String,
-    http: HyperClient<HttpConnector, Full<Bytes>>,
+    http: HyperClient<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>,
     key: Option<String>,
 }
 
@@ -60,14 +60,26 @@ pub fn endpoint_job_path(endpoint: &str, verb: &str, id: &str) -> String {
 
 impl Client {
     /// A client for the server at `base` that sends `key` (an API key) with every request.
-    pub fn new(base: &str, key: Option<String>) -> Result<Self> {
+    /// HTTPS servers' certificates must chain to the system's roots or to one of
+    /// `ca_certs` (PEM files).
+    pub fn new(base: &str, key: Option<String>, ca_certs: &[std::path::PathBuf]) -> Result<Self> {
         let base = base.trim_end_matches('/').to_owned();
-        if !base.starts_with("http://") {
-            bail!("--server must be an http:// URL, not `{base}`");
+        if !base.starts_with("http://") && !base.starts_with("https://") {
+            bail!("--server must be an http:// or https:// URL, not `{base}`");
         }
+        let tls = wasp_gateway::tls_client_config(ca_certs)
+            .map_err(|e| anyhow::anyhow!("--ca-cert {e}"))?;
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(http);
         Ok(Self {
             base,
-            http: HyperClient::builder(TokioExecutor::new()).build_http(),
+            http: HyperClient::builder(TokioExecutor::new()).build(connector),
             key,
         })
     }

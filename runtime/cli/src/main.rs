@@ -27,6 +27,15 @@ struct Cli {
         default_value = "http://127.0.0.1:8080"
     )]
     server: String,
+    /// A PEM file of a CA certificate that an https:// server's certificate may chain to,
+    /// besides the system's roots (repeatable).
+    #[arg(
+        long = "ca-cert",
+        global = true,
+        env = "WASP_CA_CERT",
+        value_name = "FILE"
+    )]
+    ca_certs: Vec<PathBuf>,
     /// How results are printed: `table` for people, or `json` (the API's JSON) for
     /// scripts. For `batch submit` and `batch output`, any other value is the file the
     /// output JSONL is written to.
@@ -573,7 +582,7 @@ fn detect_gpus() -> wasp_gateway::Inventory {
 }
 
 async fn run(cli: Cli) -> Result<()> {
-    let client = Client::new(&cli.server, api_key(&cli.server)?)?;
+    let client = Client::new(&cli.server, api_key(&cli.server)?, &cli.ca_certs)?;
     let (format, file) = match cli.output.as_str() {
         "table" => (output::Format::Table, None),
         "json" => (output::Format::Json, None),
@@ -662,7 +671,7 @@ async fn run(cli: Cli) -> Result<()> {
             print.endpoints(&client.get("/api/v1/endpoints").await?);
             Ok(())
         }
-        Command::Login => login(&cli.server).await,
+        Command::Login => login(&cli.server, &cli.ca_certs).await,
         Command::Whoami => {
             let me = client.get("/api/v1/whoami").await?;
             if !print.json(&me) {
@@ -940,10 +949,10 @@ async fn serve(config: ServerConfig, deploy: Vec<PathBuf>) -> Result<()> {
             .deploy(spec, true)
             .await
             .with_context(|| format!("cannot deploy {}", path.display()))?;
-        tracing::info!(endpoint = %name, url = %format!("http://{}/endpoints/{name}/invoke", server.local_addr()), "deployed");
+        tracing::info!(endpoint = %name, url = %format!("{}/endpoints/{name}/invoke", server.url()), "deployed");
     }
     let stop = shutdown_signal();
-    println!("wasp listening on http://{}", server.local_addr());
+    println!("wasp listening on {}", server.url());
     stop.await;
     tracing::info!("shutting down");
     server.shutdown().await;
@@ -1179,7 +1188,7 @@ fn api_key(server: &str) -> Result<Option<String>> {
 }
 
 /// `wasp login`: checks a key with the server, then keeps it in the credentials file.
-async fn login(server: &str) -> Result<()> {
+async fn login(server: &str, ca_certs: &[PathBuf]) -> Result<()> {
     let key = match std::env::var("WASP_API_KEY")
         .ok()
         .filter(|k| !k.trim().is_empty())
@@ -1199,7 +1208,7 @@ async fn login(server: &str) -> Result<()> {
     if key.is_empty() {
         anyhow::bail!("no key given (type it, pipe it in, or set WASP_API_KEY)");
     }
-    let client = Client::new(server, Some(key.clone()))?;
+    let client = Client::new(server, Some(key.clone()), ca_certs)?;
     let me = client.get("/api/v1/whoami").await?;
     let path = wasp_core::credentials::default_path()
         .ok_or_else(|| anyhow::anyhow!("no home directory: set WASP_CREDENTIALS"))?;

@@ -560,3 +560,37 @@ fn records_are_saved_and_replayed_against_another_version() {
     assert!(!missing.status.success());
     assert!(String::from_utf8_lossy(&missing.stderr).contains("no version `v9`"));
 }
+
+#[test]
+fn the_cli_speaks_https_to_a_server_with_a_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let made = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).unwrap();
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert, made.cert.pem()).unwrap();
+    std::fs::write(&key, made.signing_key.serialize_pem()).unwrap();
+    let server = Serve::try_start(
+        &dir.path().join("data"),
+        &[
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+        ],
+    )
+    .unwrap();
+    assert!(server.url.starts_with("https://"), "{}", server.url);
+    // Trusted through --ca-cert: the key goes over TLS.
+    let me = ok(wasp(
+        &server.url,
+        &["--ca-cert", cert.to_str().unwrap(), "whoami"],
+    ));
+    assert!(me.contains("role operator"), "{me}");
+    // Not trusted: refused, saying why.
+    let refused = wasp(&server.url, &["whoami"]);
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("certificate"), "{stderr}");
+    // A flag pointing at no certificate is named.
+    let bad = wasp(&server.url, &["--ca-cert", "/nonexistent.pem", "whoami"]);
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("--ca-cert"));
+}

@@ -34,6 +34,7 @@ pub use tls::TlsFiles;
 pub use wasp_backend::Registry as BackendRegistry;
 pub use wasp_scaling::Inventory;
 pub use wasp_wasm::RuntimeConfig;
+pub use webhooks::tls_client_config;
 
 use wasp_core::SpecError;
 use wasp_wasm::CallError;

@@ -113,6 +113,7 @@ impl Default for HttpLimits {
 /// A running server.
 pub struct Server {
     addr: SocketAddr,
+    tls: bool,
     gateway: Arc<Gateway>,
     stop: watch::Sender<bool>,
     accept: JoinHandle<()>,
@@ -127,6 +128,7 @@ fn first_operator_key(
     data_dir: &std::path::Path,
     credentials: Option<&std::path::Path>,
     addr: SocketAddr,
+    scheme: &str,
 ) -> Result<(), Error> {
     let (key, token) = gateway.directory.create_key(
         &gateway.store,
@@ -147,7 +149,7 @@ fn first_operator_key(
         && (addr.ip().is_loopback() || addr.ip().is_unspecified())
     {
         for host in ["127.0.0.1", "localhost"] {
-            let url = format!("http://{host}:{}", addr.port());
+            let url = format!("{scheme}://{host}:{}", addr.port());
             if let Err(e) = wasp_core::credentials::Credentials::store(credentials, &url, &token) {
                 tracing::warn!("cannot write the operator key for the CLI: {e}");
             }
@@ -215,18 +217,20 @@ impl Server {
             addr: config.listen,
             source,
         })?;
+        let tls = match config.tls {
+            Some(files) => Some(Arc::new(crate::tls::Reloading::new(files)?)),
+            None => None,
+        };
+        let tls_on = tls.is_some();
         if !gateway.directory.has_keys() {
             first_operator_key(
                 &gateway,
                 &config.data_dir,
                 config.credentials.as_deref(),
                 addr,
+                if tls_on { "https" } else { "http" },
             )?;
         }
-        let tls = match config.tls {
-            Some(files) => Some(Arc::new(crate::tls::Reloading::new(files)?)),
-            None => None,
-        };
         let acceptor = match &tls {
             Some(tls) => Some(tokio_rustls::TlsAcceptor::from(tls.server_config()?)),
             None => None,
@@ -274,6 +278,7 @@ impl Server {
         tracing::info!(%addr, data_dir = %config.data_dir.display(), "wasp is serving");
         Ok(Self {
             addr,
+            tls: tls_on,
             gateway,
             stop,
             accept,
@@ -284,6 +289,12 @@ impl Server {
     /// The bound address.
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The server's URL: `https://` when it serves TLS.
+    pub fn url(&self) -> String {
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
     }
 
     /// The registry behind the server (for in-process deploys).

@@ -41,6 +41,22 @@ pub(crate) type WebhookClient = Client<HttpsConnector<HttpConnector>, Full<Bytes
 /// roots or to one of `extra_roots` (PEM files, for a private CA or a self-signed
 /// receiver).
 pub(crate) fn client(extra_roots: &[PathBuf]) -> Result<WebhookClient, String> {
+    let tls = tls_client_config(extra_roots)?;
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(DELIVERY_TIMEOUT));
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(http);
+    Ok(Client::builder(TokioExecutor::new()).build(connector))
+}
+
+/// A TLS client configuration (rustls with ring) that trusts the system's roots and the
+/// certificates in the PEM files `extra_roots`; an error names the file at fault.
+pub fn tls_client_config(extra_roots: &[PathBuf]) -> Result<rustls::ClientConfig, String> {
     let mut roots = rustls::RootCertStore::empty();
     let native = rustls_native_certs::load_native_certs();
     for e in &native.errors {
@@ -61,31 +77,21 @@ pub(crate) fn client(extra_roots: &[PathBuf]) -> Result<WebhookClient, String> {
         }
     }
     if roots.is_empty() {
-        tracing::warn!("no trusted root certificates: webhooks to https URLs will fail");
+        tracing::warn!("no trusted root certificates: connections to https URLs will fail");
     } else {
         tracing::debug!(
             system = added,
             extra = extra_roots.len(),
-            "webhook roots loaded"
+            "trusted roots loaded"
         );
     }
-    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+    Ok(rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
     .with_safe_default_protocol_versions()
     .map_err(|e| format!("TLS settings: {e}"))?
     .with_root_certificates(roots)
-    .with_no_client_auth();
-    let mut http = HttpConnector::new();
-    http.enforce_http(false);
-    http.set_nodelay(true);
-    http.set_connect_timeout(Some(DELIVERY_TIMEOUT));
-    let connector = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(tls)
-        .https_or_http()
-        .enable_http1()
-        .wrap_connector(http);
-    Ok(Client::builder(TokioExecutor::new()).build(connector))
+    .with_no_client_auth())
 }
 
 /// The signature header's value for `body` signed at `t` (unix seconds) with `secret`.

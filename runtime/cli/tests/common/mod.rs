@@ -115,7 +115,11 @@ impl Serve {
         match line.trim().strip_prefix("wasp listening on ") {
             Some(url) => {
                 let url = url.to_owned();
-                let addr = url.trim_start_matches("http://").parse().unwrap();
+                let addr = url
+                    .trim_start_matches("http://")
+                    .trim_start_matches("https://")
+                    .parse()
+                    .unwrap();
                 // None when the directory's store had keys before (a restored backup).
                 let key = std::fs::read_to_string(data.join("operator.key"))
                     .map(|k| k.trim().to_owned())
