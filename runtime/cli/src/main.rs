@@ -430,6 +430,9 @@ enum TenantCommand {
         /// Jobs waiting in its queues.
         #[arg(long)]
         queued_jobs: Option<u64>,
+        /// Its weight in the sharing of the cores (1 to 1000; 1 by default).
+        #[arg(long)]
+        cpu_weight: Option<u32>,
     },
 }
 
@@ -1272,11 +1275,13 @@ async fn tenants(client: &Client, print: &output::Printer, action: TenantCommand
             memory_mib,
             stored_bytes,
             queued_jobs,
+            cpu_weight,
         } => {
             let quota = serde_json::json!({
                 "endpoints": endpoints, "versions": versions, "instances": instances,
                 "workers": workers, "gpus": gpus, "memory_mib": memory_mib,
                 "stored_bytes": stored_bytes, "queued_jobs": queued_jobs,
+                "cpu_weight": cpu_weight,
             });
             // Unset limits are left out: unlimited.
             let quota: serde_json::Map<String, serde_json::Value> = quota

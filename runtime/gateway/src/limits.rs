@@ -291,6 +291,11 @@ pub struct Quota {
     /// Jobs waiting in its endpoints' queues (`IN_QUEUE`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub queued_jobs: Option<u64>,
+    /// Not a cap but a share: its weight in the sharing of the cores among tenants whose
+    /// guests run long (1 to 1000; 1 when absent). A tenant of weight 2 gets twice the
+    /// turns of one of weight 1 while both have guests waiting.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_weight: Option<u32>,
 }
 
 /// What a set of endpoint specs holds, in the terms of a [`Quota`].

@@ -367,6 +367,11 @@ impl Gateway {
             batches: crate::batches::Batches::default(),
             data_dir: data_dir.to_owned(),
         });
+        for tenant in gateway.directory.tenants() {
+            if let Some(weight) = tenant.quota.cpu_weight {
+                gateway.runtime.set_cpu_weight(&tenant.name, weight);
+            }
+        }
         for mut stored in gateway.store.endpoints()? {
             let name = stored.spec.name.clone();
             if stored.webhook_secret.is_empty() {

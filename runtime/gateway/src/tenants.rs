@@ -408,6 +408,14 @@ impl Directory {
         else {
             return Ok(None);
         };
+        if let Some(weight) = quota.cpu_weight
+            && !(1..=1000).contains(&weight)
+        {
+            return Err(Error::Invalid {
+                field: "cpu_weight".into(),
+                message: "must be between 1 and 1000".into(),
+            });
+        }
         record.quota = quota;
         let bytes = serde_json::to_vec(&record).map_err(|e| Error::Store(e.to_string()))?;
         store.put_record(Records::Tenants, tenant, &bytes)?;

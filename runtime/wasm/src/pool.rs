@@ -569,7 +569,11 @@ impl Processor {
         };
         let mut store = Store::new(&inner.engine, state);
         store.limiter(|state| &mut state.limiter);
-        let (fair, group) = (inner.fair.clone(), inner.group.clone());
+        let (fair, group, endpoint) = (
+            inner.fair.clone(),
+            inner.group.clone(),
+            inner.context.endpoint.clone(),
+        );
         store.epoch_deadline_callback(move |mut ctx| {
             let state = ctx.data_mut();
             if state.deadline.is_some_and(|d| Instant::now() >= d) {
@@ -581,15 +585,14 @@ impl Processor {
                 return Ok(UpdateDeadline::Yield(1));
             }
             // A long run: give the core back and wait for the group's next turn.
+            // Queued at once, so that it is in line before the next hand-over.
             let cell = state.turn.clone();
             drop(cell.lock().unwrap_or_else(|e| e.into_inner()).take());
-            let (fair, group) = (fair.clone(), group.clone());
+            let asked = fair.request(&group, &endpoint);
             Ok(UpdateDeadline::YieldCustom(
                 1,
                 Box::pin(async move {
-                    // Always let other tasks run, even when a turn is free at once.
-                    tokio::task::yield_now().await;
-                    let turn = fair.turn(&group).await;
+                    let turn = asked.wait().await;
                     *cell.lock().unwrap_or_else(|e| e.into_inner()) = Some(turn);
                 }),
             ))

@@ -275,6 +275,7 @@ pub(crate) async fn set_quota(
     Payload(body): Payload<MAX_BODY>,
 ) -> Result<Response, ApiError> {
     let quota: Quota = json_body(&body)?;
+    let weight = quota.cpu_weight.unwrap_or(1);
     let record = gateway
         .directory
         .set_quota(&gateway.store, &tenant, quota)?
@@ -285,6 +286,7 @@ pub(crate) async fn set_quota(
                 format!("no tenant `{tenant}` with a quota (the default tenant has none)"),
             )
         })?;
+    gateway.runtime.set_cpu_weight(&tenant, weight);
     Ok(json(StatusCode::OK, &tenant_info(&gateway, record)))
 }
 
