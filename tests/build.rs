@@ -18,6 +18,7 @@ const GUESTS: &[(&str, &str, &str)] = &[
         "processors/text-embeddings",
     ),
     ("HOSTILE", "hostile", "tests/guests/hostile"),
+    ("HELLO_HTTP", "hello-http", "tests/guests/hello-http"),
 ];
 
 fn main() {

@@ -85,6 +85,11 @@ impl TestClient {
         Self::with_key(addr, &key)
     }
 
+    /// The API key it sends, if any.
+    pub fn key(&self) -> Option<&str> {
+        self.key.as_deref()
+    }
+
     /// The same server with another key (`None`: no key).
     pub fn as_key(&self, key: Option<&str>) -> Self {
         Self {

@@ -411,6 +411,35 @@ impl Gateway {
         Ok(gateway)
     }
 
+    /// The server's own per-request access checks, without HTTP, for benchmarks: checks
+    /// the key `token` as a request's `Authorization` header would be, admits a request of
+    /// it to endpoint `name` under both rate limits (with `limits`), and stamps the
+    /// rate-limit headers. `false` when the key is not valid or a limit refuses.
+    #[doc(hidden)]
+    pub fn bench_access(&self, token: &str, name: &str, limits: bool) -> bool {
+        let Some(key) = self.directory.verify(token) else {
+            return false;
+        };
+        let caller = crate::tenants::Caller {
+            tenant: key.tenant.clone(),
+            role: Some(key.role),
+            key_id: Some(key.id.clone()),
+            rate_limit: key.rate_limit.clone(),
+        };
+        if !limits {
+            return caller.role.is_some();
+        }
+        let Some(deployment) = self.endpoint(&caller.qualify(name)) else {
+            return false;
+        };
+        let Ok(admitted) = crate::api::data::admit(self, Some(&caller), &deployment) else {
+            return false;
+        };
+        let mut headers = axum::http::HeaderMap::new();
+        admitted.stamp(&mut headers);
+        !headers.is_empty()
+    }
+
     /// The deployed endpoint called `name`.
     pub fn endpoint(&self, name: &str) -> Option<Arc<Deployment>> {
         self.read().get(name).cloned()

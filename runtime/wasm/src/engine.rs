@@ -20,6 +20,9 @@ pub(crate) const EPOCH_TICK: Duration = Duration::from_millis(2);
 /// Bytes of a pool slot's memory, table and stack kept resident (reset in place) when the
 /// slot is reused.
 const KEEP_RESIDENT: usize = 512 * 1024;
+/// Bytes of a pool slot's tables kept resident: tables are small (an entry is 8 bytes), and
+/// what is kept is zeroed on every reuse, so a large figure costs a memset per instance.
+const TABLE_KEEP_RESIDENT: usize = 16 * 1024;
 /// Decommits batched into one flush.
 const DECOMMIT_BATCH: usize = 16;
 
@@ -115,7 +118,7 @@ impl Runtime {
                 // that follow them.
                 .pagemap_scan(wasmtime::Enabled::Auto)
                 .linear_memory_keep_resident(KEEP_RESIDENT)
-                .table_keep_resident(KEEP_RESIDENT)
+                .table_keep_resident(TABLE_KEEP_RESIDENT)
                 .async_stack_keep_resident(KEEP_RESIDENT)
                 .decommit_batch_size(DECOMMIT_BATCH);
             wasm.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
