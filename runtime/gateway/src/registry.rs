@@ -457,13 +457,17 @@ impl Gateway {
         bytes: bytes::Bytes,
     ) -> Result<String, Error> {
         let (this, tenant) = (self.clone(), tenant.to_owned());
-        let _control = self.control.lock().await;
+        // Not under the control lock, so that one tenant's slow deploy never holds up
+        // another's upload: uploads of one tenant at the same instant may pass its
+        // stored-bytes quota by what they carry together.
         blocking(move || {
             let digest = wasp_core::files::sha256_hex(&bytes);
-            if this.store.owns_component(&digest, &tenant)? {
-                return Ok(digest);
-            }
-            if let Some(limit) = this.directory.quota(&tenant).and_then(|q| q.stored_bytes) {
+            // Bytes the tenant uploaded before count once (and are written again when
+            // their stored copy was lost or corrupt).
+            let owned = this.store.owns_component(&digest, &tenant)?;
+            if !owned
+                && let Some(limit) = this.directory.quota(&tenant).and_then(|q| q.stored_bytes)
+            {
                 let wanted = this.store.owned_bytes(&tenant)? + bytes.len() as u64;
                 if wanted > limit {
                     return Err(Error::Quota {
@@ -474,8 +478,8 @@ impl Gateway {
                 }
             }
             let digest = this.store.put_component(&bytes)?;
-            // A second upload of the same bytes writes nothing (a full disk allows it).
-            if !this.store.owns_component(&digest, &tenant)? {
+            // A second upload of the same bytes writes no owner (a full disk allows it).
+            if !owned {
                 this.store.add_component_owner(&digest, &tenant)?;
             }
             Ok(digest)
