@@ -1,6 +1,6 @@
 //! The processors in `processors/` and `examples/`, served with backend `none`.
 
-use wasp_tests::guests::{ALL, PII_REDACT, TEXT_CHUNKER};
+use wasp_tests::guests::{ALL, HELLO_HTTP, PII_REDACT, TEXT_CHUNKER};
 use wasp_tests::{TestServer, spec};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -100,6 +100,18 @@ async fn text_chunker_chunks() {
         .await;
     assert_eq!(overlap.status, 400);
     assert_eq!(overlap.json()["error"]["field"], "overlap");
+    t.stop().await;
+}
+
+/// A component that is not a wasp processor (a plain `wasi:http/proxy` one, the isolation
+/// benchmark's peer handler) is refused at deploy, saying what it lacks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_component_that_is_not_a_processor_is_refused_at_deploy() {
+    let t = TestServer::start().await;
+    let reply = t.client.deploy(HELLO_HTTP, &spec("http", "")).await;
+    assert_eq!(reply.status, 422, "{}", reply.text());
+    assert_eq!(reply.json()["error"]["code"], "invalid_component");
+    assert!(reply.text().contains("wasi:http"), "{}", reply.text());
     t.stop().await;
 }
 

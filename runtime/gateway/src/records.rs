@@ -4,7 +4,7 @@
 //! Records are taken on the data path only when sampled, and written by one thread of
 //! their own, so a slow disk never slows a request: when that thread falls behind, records
 //! are dropped and counted rather than queued without bound. Each endpoint's records are
-//! in `DATA_DIR/records/<endpoint, percent-encoded>/<start, ms>.jsonl`; a file is closed
+//! in `DATA_DIR/records/<endpoint, percent-encoded>/<start, ms>-<n>.jsonl`; a file is closed
 //! past `rotate_bytes` and the oldest beyond `keep_files` are removed. Lines are written
 //! whole (one write each), so a reader sees complete lines.
 
@@ -274,13 +274,15 @@ fn append(
 /// millisecond.
 fn new_file(dir: &Path) -> PathBuf {
     let ms = crate::workers::now_ms();
-    let mut path = dir.join(format!("{ms:020}.jsonl"));
-    let mut n = 1;
-    while path.exists() {
-        path = dir.join(format!("{ms:020}-{n:04}.jsonl"));
+    // Every name has the counter, so that names sort in the order the files began.
+    let mut n = 0;
+    loop {
+        let path = dir.join(format!("{ms:020}-{n:04}.jsonl"));
+        if !path.exists() {
+            return path;
+        }
         n += 1;
     }
-    path
 }
 
 /// Removes the oldest files beyond `keep` (the one about to be written counts).

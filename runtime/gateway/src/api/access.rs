@@ -268,6 +268,7 @@ pub(crate) async fn set_policy(
         (status = 200, description = "Set", body = TenantInfo),
         (status = 400, description = "Not a quota as JSON", body = ErrorBody),
         (status = 404, description = "No such tenant (or `default`)", body = ErrorBody),
+        (status = 422, description = "`cpu_weight` out of range", body = ErrorBody),
     ))]
 pub(crate) async fn set_quota(
     State(gateway): State<AppState>,
@@ -332,13 +333,15 @@ pub struct UsageQuery {
     params(UsageQuery),
     responses(
         (status = 200, description = "Usage per tenant", body = UsageReport),
+        (status = 400, description = "A query that is not what this route takes", body = ErrorBody),
         (status = 404, description = "No such tenant", body = ErrorBody),
     ))]
 pub(crate) async fn usage(
     State(gateway): State<AppState>,
     Who(caller): Who,
-    Query(query): Query<UsageQuery>,
+    query: Result<Query<UsageQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
+    let Query(query) = query?;
     let names: Vec<String> = if caller.may(Role::Operator) {
         match query.tenant {
             Some(t) if gateway.directory.tenant_exists(&t) => vec![t],
@@ -410,12 +413,14 @@ pub struct AuditQuery {
     params(AuditQuery),
     responses(
         (status = 200, description = "Entries, oldest first", body = AuditPage),
+        (status = 400, description = "`after` or `limit` is not a count", body = ErrorBody),
     ))]
 pub(crate) async fn audit(
     State(gateway): State<AppState>,
     Who(caller): Who,
-    Query(query): Query<AuditQuery>,
+    query: Result<Query<AuditQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
+    let Query(query) = query?;
     let limit = query.limit.unwrap_or(100).clamp(1, 1000);
     let tenant = (!caller.may(Role::Operator)).then(|| caller.tenant.clone());
     let this = gateway.clone();
@@ -500,6 +505,7 @@ pub(crate) async fn list_keys(
         (status = 400, description = "Not a key request as JSON", body = ErrorBody),
         (status = 403, description = "Not this key's to make", body = ErrorBody),
         (status = 404, description = "No such tenant", body = ErrorBody),
+        (status = 422, description = "A name too long, a rate limit out of range (the error names the field)", body = ErrorBody),
     ))]
 pub(crate) async fn create_key(
     State(gateway): State<AppState>,

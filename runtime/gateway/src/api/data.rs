@@ -387,6 +387,7 @@ pub(crate) async fn embeddings(
         (status = 404, description = "No such endpoint", body = ErrorBody),
         (status = 413, description = "Over the version's `limits.max_body_bytes`", body = ErrorBody),
         (status = 422, description = "The endpoint has no model backend", body = ErrorBody),
+        (status = 429, description = "A rate limit; retry after `Retry-After`", body = ErrorBody),
         (status = 503, description = "Stopped, or failed to load", body = ErrorBody),
     ))]
 pub(crate) async fn kserve_infer(

@@ -593,6 +593,7 @@ async fn status_response(gateway: &AppState, job: &Job, code: StatusCode) -> Res
         (status = 404, description = "No such endpoint", body = ErrorBody),
         (status = 413, description = "Over the endpoint's `limits.max_body_bytes`", body = ErrorBody),
         (status = 422, description = "A policy value out of range, a bad webhook URL", body = ErrorBody),
+        (status = 429, description = "A rate limit, or the tenant's quota of queued jobs; retry after `Retry-After`", body = ErrorBody),
         (status = 507, description = "The data directory is full", body = ErrorBody),
     ))]
 pub(crate) async fn run(
@@ -677,6 +678,7 @@ pub(crate) async fn spill(
         (status = 404, description = "No such endpoint", body = ErrorBody),
         (status = 413, description = "Over the endpoint's `limits.max_body_bytes`", body = ErrorBody),
         (status = 422, description = "A policy value out of range, a bad webhook URL", body = ErrorBody),
+        (status = 429, description = "A rate limit, or the tenant's quota of queued jobs; retry after `Retry-After`", body = ErrorBody),
     ))]
 pub(crate) async fn runsync(
     State(gateway): State<AppState>,
