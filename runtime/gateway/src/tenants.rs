@@ -345,15 +345,6 @@ impl Directory {
         tenant: &str,
         policy: AccessPolicy,
     ) -> Result<Option<StoredTenant>, Error> {
-        let Some(mut record) = self
-            .tenants
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(tenant)
-            .cloned()
-        else {
-            return Ok(None);
-        };
         for (k, entry) in policy.allow_hosts.iter().enumerate() {
             if wasp_core::spec::parse_allow_host(entry).is_none() {
                 return Err(Error::Invalid {
@@ -370,7 +361,27 @@ impl Directory {
                 });
             }
         }
-        record.policy = policy;
+        self.update(store, tenant, |record| record.policy = policy)
+    }
+
+    /// Changes a tenant's record (not the default tenant's, which has none), durably;
+    /// `None` when there is no such tenant.
+    fn update(
+        &self,
+        store: &Store,
+        tenant: &str,
+        change: impl FnOnce(&mut StoredTenant),
+    ) -> Result<Option<StoredTenant>, Error> {
+        let Some(mut record) = self
+            .tenants
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(tenant)
+            .cloned()
+        else {
+            return Ok(None);
+        };
+        change(&mut record);
         let bytes = serde_json::to_vec(&record).map_err(|e| Error::Store(e.to_string()))?;
         store.put_record(Records::Tenants, tenant, &bytes)?;
         self.write_tenants()
@@ -399,15 +410,6 @@ impl Directory {
         tenant: &str,
         quota: crate::limits::Quota,
     ) -> Result<Option<StoredTenant>, Error> {
-        let Some(mut record) = self
-            .tenants
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(tenant)
-            .cloned()
-        else {
-            return Ok(None);
-        };
         if let Some(weight) = quota.cpu_weight
             && !(1..=1000).contains(&weight)
         {
@@ -416,12 +418,7 @@ impl Directory {
                 message: "must be between 1 and 1000".into(),
             });
         }
-        record.quota = quota;
-        let bytes = serde_json::to_vec(&record).map_err(|e| Error::Store(e.to_string()))?;
-        store.put_record(Records::Tenants, tenant, &bytes)?;
-        self.write_tenants()
-            .insert(tenant.to_owned(), record.clone());
-        Ok(Some(record))
+        self.update(store, tenant, |record| record.quota = quota)
     }
 
     /// Makes a tenant.
