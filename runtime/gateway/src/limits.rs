@@ -198,6 +198,14 @@ impl Limiters {
             .remove(&format!("e:{qualified}"));
     }
 
+    /// Forgets the limiter of a revoked key.
+    pub fn forget_key(&self, id: &str) {
+        self.by
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&format!("k:{id}"));
+    }
+
     /// Admits a request of a key with limits `key` to an endpoint with limits
     /// `endpoint`, or says why not (`429`). Nothing is taken from either when one
     /// refuses.

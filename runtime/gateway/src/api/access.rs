@@ -583,6 +583,7 @@ pub(crate) async fn revoke_key(
         ));
     }
     gateway.directory.revoke(&gateway.store, &id)?;
+    gateway.limiters.forget_key(&id);
     tracing::info!(key = %id, by = ?caller.key_id, "API key revoked");
     Ok(StatusCode::NO_CONTENT)
 }

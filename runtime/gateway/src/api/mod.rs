@@ -338,7 +338,12 @@ impl App {
                     .append(&gateway.store, &caller, &method, &path, status, &request_id)
             })
             .await;
-            if let Ok(Err(e)) | Err(e) = written.map_err(|e| crate::Error::Store(e.to_string())) {
+            let failed = match written {
+                Ok(Ok(())) => None,
+                Ok(Err(e)) => Some(e.to_string()),
+                Err(e) => Some(e.to_string()),
+            };
+            if let Some(e) = failed {
                 span.in_scope(|| tracing::error!("cannot write the audit log: {e}"));
             }
         }
