@@ -1,5 +1,6 @@
 //! `wasp`: runs the server (`wasp serve`) and speaks to its API (everything else).
 
+mod build;
 mod client;
 mod output;
 mod replay;
@@ -493,17 +494,92 @@ enum StoreCommand {
 
 #[derive(Subcommand)]
 enum ProcessorCommand {
-    /// Creates a new processor crate that builds for wasm32-wasip2.
+    /// Creates a new processor that builds as it is (`wasp processor build`).
     New {
-        /// Crate name (and directory, unless --dir is given).
+        /// Its name (and directory, unless --dir is given).
         name: String,
+        /// Its language.
+        #[arg(long, value_enum, default_value = "rust")]
+        lang: build::Lang,
         /// Directory to create.
         #[arg(long)]
         dir: Option<PathBuf>,
-        /// Path of the wasp-sdk crate to depend on (default: the SDK beside this build).
+        /// Path of the wasp-sdk crate to depend on (Rust; default: the SDK beside this
+        /// build).
         #[arg(long)]
         sdk_path: Option<PathBuf>,
     },
+    /// Builds a processor into a component with its language's toolchain and prints the
+    /// component's path (nothing is rebuilt when no input changed).
+    Build {
+        /// The processor's directory (it holds Cargo.toml, app.py, app.js or app.c).
+        #[arg(default_value = ".")]
+        dir: PathBuf,
+        /// Its language (default: from the files in DIR).
+        #[arg(long, value_enum)]
+        lang: Option<build::Lang>,
+        /// The world to build (`full` exports every interface; calls left out answer 501).
+        #[arg(long, default_value = "full")]
+        world: String,
+        /// Where to write the component (default: DIR/target/NAME.wasm).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// The WIT contract (default: DIR/wit, else the one this wasp was built with).
+        #[arg(long)]
+        wit: Option<PathBuf>,
+        /// The language's SDK (default: the copy in DIR, else the one this wasp was built
+        /// with).
+        #[arg(long)]
+        sdk: Option<PathBuf>,
+        /// The toolchains directory `scripts/toolchain` fills (default: WASP_TOOLCHAINS,
+        /// else target/tools beside this build, else PATH).
+        #[arg(long, env = "WASP_TOOLCHAINS")]
+        toolchains: Option<PathBuf>,
+    },
+}
+
+fn processor_command(command: &ProcessorCommand) -> Result<()> {
+    match command {
+        ProcessorCommand::New {
+            name,
+            lang,
+            dir,
+            sdk_path,
+        } => {
+            let dir = dir.clone().unwrap_or_else(|| PathBuf::from(name));
+            let created = scaffold::new_processor(name, &dir, *lang, sdk_path.as_deref())?;
+            println!("created processor `{name}` in {}", created.display());
+            if *lang == build::Lang::Rust {
+                println!(
+                    "build it with: cd {} && cargo build --release",
+                    created.display()
+                );
+            } else {
+                println!("build it with: wasp processor build {}", created.display());
+            }
+        }
+        ProcessorCommand::Build {
+            dir,
+            lang,
+            world,
+            out,
+            wit,
+            sdk,
+            toolchains,
+        } => {
+            let options = build::BuildOptions {
+                lang: *lang,
+                world: world.clone(),
+                out: out.clone(),
+                wit: wit.clone(),
+                sdk: sdk.clone(),
+                toolchains: toolchains.clone(),
+            };
+            let component = build::build(dir, &options)?;
+            println!("{}", component.display());
+        }
+    }
+    Ok(())
 }
 
 fn main() -> std::process::ExitCode {
@@ -537,23 +613,8 @@ fn real_main() -> Result<()> {
         clap_complete::generate(*shell, &mut Cli::command(), "wasp", &mut std::io::stdout());
         return Ok(());
     }
-    if let Command::Processor {
-        command:
-            ProcessorCommand::New {
-                name,
-                dir,
-                sdk_path,
-            },
-    } = &cli.command
-    {
-        let dir = dir.clone().unwrap_or_else(|| PathBuf::from(name));
-        let created = scaffold::new_processor(name, &dir, sdk_path.as_deref())?;
-        println!("created processor `{name}` in {}", created.display());
-        println!(
-            "build it with: cd {} && cargo build --release",
-            created.display()
-        );
-        return Ok(());
+    if let Command::Processor { command } = &cli.command {
+        return processor_command(command);
     }
     if let Command::Store {
         command: StoreCommand::Check { data_dir },
