@@ -182,18 +182,31 @@ fn main() {
             })
             .await;
 
-            // Through the API: the first deploy compiles; after a delete, the same
-            // component deploys from the server's compiled cache.
+            // Through the API: the first deploy compiles; after a delete, the same stored
+            // component deploys again from the server's compiled cache (the spec names its
+            // digest, as `wasp deploy` does once the component is uploaded).
             let name = format!("pii-{}", lang.to_lowercase());
-            let toml = spec(&name, "[versions.limits]\nmemory_mib = 128");
-            server.client.deploy_ok(path.to_str().unwrap(), &toml).await;
+            let digest = server.client.upload(path.to_str().unwrap()).await;
+            let toml =
+                spec(&name, "[versions.limits]\nmemory_mib = 128").replace("{COMPONENT}", &digest);
+            let put = |toml: String| {
+                let client = &server.client;
+                let route = format!("/api/v1/endpoints/{name}");
+                async move {
+                    let reply = client
+                        .request_with("PUT", &route, &[("content-type", "application/toml")], toml)
+                        .await;
+                    assert!(reply.status < 300, "{}", reply.text());
+                }
+            };
+            put(toml.clone()).await;
             let gone = server
                 .client
                 .request("DELETE", &format!("/api/v1/endpoints/{name}"), "")
                 .await;
             assert!(gone.status < 300, "{}", gone.text());
             let started = Instant::now();
-            server.client.deploy_ok(path.to_str().unwrap(), &toml).await;
+            put(toml).await;
             let deploy_cached = started.elapsed();
 
             let addr = server.server.local_addr();
