@@ -11,7 +11,7 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -20,7 +20,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use wasp_core::Limits;
 use wasp_tests::guests::HELLO;
-use wasp_tests::{NoModels, TestServer, load, spec};
+use wasp_tests::{NoModels, TestServer, load, spec, time};
 use wasp_wasm::{LogBuffer, Processor, ProcessorSettings, Request, Role, Runtime, RuntimeConfig};
 
 fn processor(pooling: bool) -> Processor {
@@ -59,37 +59,6 @@ fn request() -> Request {
         headers: vec![("content-type".into(), "application/json".into())],
         body: br#"{"name":"bench"}"#.to_vec(),
     }
-}
-
-struct Summary {
-    p50: Duration,
-    p99: Duration,
-}
-
-fn summarise(mut samples: Vec<Duration>) -> Summary {
-    samples.sort();
-    let at = |q: f64| samples[((samples.len() - 1) as f64 * q) as usize];
-    Summary {
-        p50: at(0.50),
-        p99: at(0.99),
-    }
-}
-
-async fn time<F, Fut>(iterations: usize, mut f: F) -> Summary
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = ()>,
-{
-    for _ in 0..iterations / 10 {
-        f().await;
-    }
-    let mut samples = Vec::with_capacity(iterations);
-    for _ in 0..iterations {
-        let started = Instant::now();
-        f().await;
-        samples.push(started.elapsed());
-    }
-    summarise(samples)
 }
 
 fn us(d: Duration) -> String {

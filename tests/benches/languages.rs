@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use wasp_core::Limits;
-use wasp_tests::{NoModels, TestServer, load, spec};
+use wasp_tests::{NoModels, Summary, TestServer, load, spec, time};
 use wasp_wasm::{LogBuffer, Processor, ProcessorSettings, Request, Role, Runtime, RuntimeConfig};
 
 const BODY: &str = r#"{"text":"mail jane.doe@example.co.uk or call +44 20 7946 0958, card 4111 1111 1111 1111, host 192.168.1.20"}"#;
@@ -95,33 +95,13 @@ fn request() -> Request {
     }
 }
 
-/// p50 and p99 of `iterations` runs of `f` (after a tenth as many to warm up).
-async fn time<F, Fut>(iterations: usize, mut f: F) -> (Duration, Duration)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = ()>,
-{
-    for _ in 0..iterations / 10 {
-        f().await;
-    }
-    let mut samples = Vec::with_capacity(iterations);
-    for _ in 0..iterations {
-        let started = Instant::now();
-        f().await;
-        samples.push(started.elapsed());
-    }
-    samples.sort();
-    let at = |q: f64| samples[((samples.len() - 1) as f64 * q) as usize];
-    (at(0.5), at(0.99))
-}
-
 struct Row {
     lang: &'static str,
     size: u64,
     compile: Duration,
     cached: Duration,
-    instantiate: (Duration, Duration),
-    fresh_call: (Duration, Duration),
+    instantiate: Summary,
+    fresh_call: Summary,
     deploy_cached: Duration,
     rps: f64,
     p50: Duration,
@@ -249,8 +229,8 @@ fn main() {
             r.size as f64 / 1e6,
             ms(r.compile),
             ms(r.cached),
-            format!("{} / {}", us(r.instantiate.0), us(r.instantiate.1)),
-            format!("{} / {}", us(r.fresh_call.0), us(r.fresh_call.1)),
+            format!("{} / {}", us(r.instantiate.p50), us(r.instantiate.p99)),
+            format!("{} / {}", us(r.fresh_call.p50), us(r.fresh_call.p99)),
             ms(r.deploy_cached),
             r.rps,
             ms(r.p50),
@@ -262,7 +242,7 @@ fn main() {
             "  {}: {:.2}x Rust's throughput, instantiate {:.1}x Rust's",
             r.lang,
             r.rps / rust.rps,
-            r.instantiate.0.as_secs_f64() / rust.instantiate.0.as_secs_f64()
+            r.instantiate.p50.as_secs_f64() / rust.instantiate.p50.as_secs_f64()
         );
     }
 }

@@ -417,3 +417,36 @@ impl TestServer {
         self.server.shutdown().await;
     }
 }
+
+/// The median and 99th percentile of a benchmark's samples.
+#[derive(Debug, Clone, Copy)]
+pub struct Summary {
+    /// Median.
+    pub p50: std::time::Duration,
+    /// 99th percentile.
+    pub p99: std::time::Duration,
+}
+
+/// Runs `f` a tenth of `iterations` times to warm up, then `iterations` times, timing each
+/// run (for benchmarks).
+pub async fn time<F, Fut>(iterations: usize, mut f: F) -> Summary
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    for _ in 0..iterations / 10 {
+        f().await;
+    }
+    let mut samples = Vec::with_capacity(iterations);
+    for _ in 0..iterations {
+        let started = std::time::Instant::now();
+        f().await;
+        samples.push(started.elapsed());
+    }
+    samples.sort();
+    let at = |q: f64| samples[((samples.len().max(1) - 1) as f64 * q) as usize];
+    Summary {
+        p50: at(0.50),
+        p99: at(0.99),
+    }
+}

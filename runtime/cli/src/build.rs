@@ -174,6 +174,21 @@ fn inputs_digest(dirs: &[&Path], settings: &str) -> Result<String> {
     Ok(wasp_core::files::sha256_hex(&text))
 }
 
+/// What every language's build reads.
+#[derive(Clone, Copy)]
+struct Sources<'a> {
+    /// The processor's directory.
+    dir: &'a Path,
+    /// The language's SDK.
+    sdk: &'a Path,
+    /// The WIT contract.
+    wit: &'a Path,
+    /// The world to build.
+    world: &'a str,
+    /// The toolchains directory.
+    tools: Option<&'a Path>,
+}
+
 /// Builds the processor in `dir` and returns the component's path.
 pub fn build(dir: &Path, options: &BuildOptions) -> Result<PathBuf> {
     let dir = dir
@@ -243,11 +258,17 @@ pub fn build(dir: &Path, options: &BuildOptions) -> Result<PathBuf> {
         .prefix(".wasp-build-")
         .tempdir_in(parent)?;
     let built = work.path().join("component.wasm");
-    let tools = tools.as_deref();
+    let sources = Sources {
+        dir: &dir,
+        sdk: &sdk,
+        wit: &wit,
+        world: &options.world,
+        tools: tools.as_deref(),
+    };
     match lang {
-        Lang::Python => build_python(&dir, &sdk, &wit, &options.world, tools, &built)?,
-        Lang::Js => build_js(&dir, &sdk, &wit, &options.world, tools, work.path(), &built)?,
-        Lang::C => build_c(&dir, &sdk, &wit, &options.world, tools, work.path(), &built)?,
+        Lang::Python => build_python(&sources, &built)?,
+        Lang::Js => build_js(&sources, work.path(), &built)?,
+        Lang::C => build_c(&sources, work.path(), &built)?,
         // Built by cargo, which keeps its own record of what changed (returned above).
         Lang::Rust => return build_rust(&dir, Some(&out)),
     }
@@ -288,14 +309,14 @@ fn build_rust(dir: &Path, out: Option<&Path>) -> Result<PathBuf> {
     }
 }
 
-fn build_python(
-    dir: &Path,
-    sdk: &Path,
-    wit: &Path,
-    world: &str,
-    tools: Option<&Path>,
-    out: &Path,
-) -> Result<()> {
+fn build_python(sources: &Sources, out: &Path) -> Result<()> {
+    let Sources {
+        dir,
+        sdk,
+        wit,
+        world,
+        tools,
+    } = *sources;
     let componentize = tool(tools, "componentize-py", "python")?;
     let mut command = Command::new(componentize);
     command
@@ -323,15 +344,14 @@ const { component } = await componentize({
 await writeFile(out, component);
 "#;
 
-fn build_js(
-    dir: &Path,
-    sdk: &Path,
-    wit: &Path,
-    world: &str,
-    tools: Option<&Path>,
-    work: &Path,
-    out: &Path,
-) -> Result<()> {
+fn build_js(sources: &Sources, work: &Path, out: &Path) -> Result<()> {
+    let Sources {
+        dir,
+        sdk,
+        wit,
+        world,
+        tools,
+    } = *sources;
     let modules = tools
         .map(|t| t.join("js"))
         .filter(|js| js.join("node_modules/@bytecodealliance/componentize-js").exists())
@@ -368,15 +388,14 @@ fn build_js(
     result
 }
 
-fn build_c(
-    dir: &Path,
-    sdk: &Path,
-    wit: &Path,
-    world: &str,
-    tools: Option<&Path>,
-    work: &Path,
-    out: &Path,
-) -> Result<()> {
+fn build_c(sources: &Sources, work: &Path, out: &Path) -> Result<()> {
+    let Sources {
+        dir,
+        sdk,
+        wit,
+        world,
+        tools,
+    } = *sources;
     let bindgen = tool(tools, "wit-bindgen", "c")?;
     let wasm_tools = tool(tools, "wasm-tools", "c")?;
     let clang = tool(None, "clang", "c")?;
