@@ -75,7 +75,7 @@ pub struct BuildOptions {
 }
 
 /// The repository this binary was built in, if it is still there.
-fn source_tree() -> Option<PathBuf> {
+pub fn source_tree() -> Option<PathBuf> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     root.join("wit/world.wit")
         .exists()
@@ -133,7 +133,7 @@ fn run_quiet(command: &mut Command, what: &str) -> Result<()> {
     Ok(())
 }
 
-/// Every file under `dir` (skipping build output and dependencies), sorted.
+/// Every file under `dir`, sorted; build output and dependencies are left out.
 fn files(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
     let mut entries: Vec<_> = std::fs::read_dir(dir)
         .with_context(|| format!("cannot read {}", dir.display()))?

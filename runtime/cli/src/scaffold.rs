@@ -11,11 +11,9 @@ use crate::build::Lang;
 
 /// The SDK this binary was built beside, if it is still there.
 fn default_sdk() -> Option<PathBuf> {
-    let sdk = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../sdk");
-    sdk.join("Cargo.toml")
-        .exists()
-        .then(|| sdk.canonicalize().ok())
-        .flatten()
+    crate::build::source_tree()
+        .map(|root| root.join("sdk"))
+        .filter(|sdk| sdk.join("Cargo.toml").exists())
 }
 
 /// The WIT contract, file by file.
