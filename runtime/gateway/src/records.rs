@@ -270,19 +270,22 @@ fn append(
     Ok(())
 }
 
-/// A new file's path: named by the time, kept in order when several begin in one
-/// millisecond.
+/// A new file's path: named by the time, and always after the newest file there, so that
+/// names sort in the order the files began. Several files can begin in one millisecond (and
+/// the clock can step back), and a pruned name must never be reused: a file named before
+/// the ones kept would be the next one pruned, with its records.
 fn new_file(dir: &Path) -> PathBuf {
     let ms = crate::workers::now_ms();
-    // Every name has the counter, so that names sort in the order the files began.
-    let mut n = 0;
-    loop {
-        let path = dir.join(format!("{ms:020}-{n:04}.jsonl"));
-        if !path.exists() {
-            return path;
-        }
-        n += 1;
-    }
+    let newest = files(dir).into_iter().next_back().and_then(|(name, _)| {
+        let (at, n) = name.strip_suffix(".jsonl")?.split_once('-')?;
+        Some((at.parse::<u64>().ok()?, n.parse::<u64>().ok()?))
+    });
+    let (ms, n) = match newest {
+        Some((at, n)) if at >= ms && n < 9999 => (at, n + 1),
+        Some((at, _)) if at >= ms => (at + 1, 0),
+        _ => (ms, 0),
+    };
+    dir.join(format!("{ms:020}-{n:04}.jsonl"))
 }
 
 /// Removes the oldest files beyond `keep` (the one about to be written counts).
@@ -333,6 +336,27 @@ mod tests {
         // A cut in the middle of a character keeps the bytes, as base64.
         let (text, b64, cut) = body("é".as_bytes(), 1);
         assert!(text.is_none() && b64.is_some() && cut);
+    }
+
+    #[test]
+    fn a_new_file_sorts_after_every_file_there() {
+        let dir = tempfile::tempdir().unwrap();
+        let name = |p: PathBuf| p.file_name().unwrap().to_str().unwrap().to_owned();
+        // The first file of a millisecond has the counter 0.
+        assert!(name(new_file(dir.path())).ends_with("-0000.jsonl"));
+        // A file from the future (a clock stepped back), whose `-0000` sibling was pruned:
+        // the name is not reused, and the next name sorts last.
+        let future = crate::workers::now_ms() + 3_600_000;
+        std::fs::write(dir.path().join(format!("{future:020}-0001.jsonl")), "").unwrap();
+        assert_eq!(
+            name(new_file(dir.path())),
+            format!("{future:020}-0002.jsonl")
+        );
+        std::fs::write(dir.path().join(format!("{future:020}-9999.jsonl")), "").unwrap();
+        assert_eq!(
+            name(new_file(dir.path())),
+            format!("{:020}-0000.jsonl", future + 1)
+        );
     }
 
     #[test]
