@@ -297,6 +297,19 @@ pub fn minilm_dir() -> PathBuf {
     dir
 }
 
+/// The SmolLM2-135M-Instruct directory (model.gguf, tokenizer.json, tokenizer_config.json);
+/// panics with the command that fetches it when missing.
+pub fn smollm2_dir() -> PathBuf {
+    let dir = models_dir().join("SmolLM2-135M-Instruct");
+    assert!(
+        dir.join("model.gguf").exists() && dir.join("tokenizer_config.json").exists(),
+        "{} is missing: run `scripts/fetch-model {}` (./x test does)",
+        dir.display(),
+        models_dir().display()
+    );
+    dir
+}
+
 /// The operator key the first start of a server on `data_dir` wrote there.
 pub fn operator_key(data_dir: &Path) -> String {
     std::fs::read_to_string(data_dir.join(wasp_gateway::OPERATOR_KEY_FILE))

@@ -56,8 +56,22 @@ impl Batcher {
         Self { tx, backend, stats }
     }
 
-    /// Runs `input` as part of some batch.
+    /// Runs `input` as part of some batch. A streaming backend's chunks are gathered into
+    /// one output (see [`merge_chunks`]).
     pub async fn infer(&self, input: ModelInput) -> Result<ModelOutput> {
+        if self.backend.streams() {
+            let mut stream = self.backend.stream(input)?;
+            let mut chunks = Vec::new();
+            while let Some(chunk) = stream.recv().await {
+                let chunk = chunk?;
+                let last = chunk.last;
+                chunks.push(chunk);
+                if last {
+                    break;
+                }
+            }
+            return Ok(merge_chunks(chunks));
+        }
         let rows = self.backend.rows(&input);
         let (reply, answer) = oneshot::channel();
         self.tx
@@ -67,6 +81,19 @@ impl Batcher {
         answer
             .await
             .map_err(|_| BackendError::Unavailable("the batch was dropped".into()))?
+    }
+
+    /// Runs `input` and hands back its output chunks as they come: a streaming backend's
+    /// chunks straight from it (it batches on its own, step by step), any other backend's
+    /// one output through a batch.
+    pub async fn infer_stream(&self, input: ModelInput) -> Result<crate::OutputStream> {
+        if self.backend.streams() {
+            return self.backend.stream(input);
+        }
+        let output = self.infer(input).await;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let _ = tx.send(output);
+        Ok(rx)
     }
 
     /// The batcher's counters.
@@ -83,6 +110,42 @@ impl Batcher {
     pub fn backend(&self) -> &Arc<dyn Backend> {
         &self.backend
     }
+}
+
+/// One output from a stream's chunks: tensors of the same name are joined along their
+/// first axis (token ids, say) where their types and other dimensions agree, the last
+/// chunk's metadata is kept (its counts cover the whole stream), and the result is chunk 0
+/// and last.
+pub fn merge_chunks(chunks: Vec<ModelOutput>) -> ModelOutput {
+    let mut merged = ModelOutput {
+        tensors: Vec::new(),
+        metadata: None,
+        index: 0,
+        last: true,
+    };
+    for chunk in chunks {
+        for tensor in chunk.tensors {
+            let joined = merged.tensors.iter_mut().find(|t| t.name == tensor.name);
+            match joined {
+                Some(t)
+                    if t.dtype == tensor.dtype
+                        && !t.shape.is_empty()
+                        && t.shape.len() == tensor.shape.len()
+                        && t.shape[1..] == tensor.shape[1..] =>
+                {
+                    t.shape[0] += tensor.shape[0];
+                    t.data.extend_from_slice(&tensor.data);
+                }
+                // Not joinable: the newest wins.
+                Some(t) => *t = tensor,
+                None => merged.tensors.push(tensor),
+            }
+        }
+        if chunk.metadata.is_some() {
+            merged.metadata = chunk.metadata;
+        }
+    }
+    merged
 }
 
 async fn run(

@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-pub use batcher::{BatchStats, Batcher};
+pub use batcher::{BatchStats, Batcher, merge_chunks};
 use wasp_core::{BackendSpec, ModelInput, ModelOutput};
 
 /// Why a backend could not load or run.
@@ -54,6 +54,23 @@ impl BackendError {
 /// Result of backend operations.
 pub type Result<T, E = BackendError> = std::result::Result<T, E>;
 
+/// The output chunks of one streamed inference, in order; the last has `last` set. Dropping
+/// the receiver cancels the work (a client that went away frees its sequence).
+pub type OutputStream = tokio::sync::mpsc::UnboundedReceiver<Result<ModelOutput>>;
+
+/// What a backend that schedules its own work (text generation) is doing now.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct GenerationLoad {
+    /// Sequences in the running batch.
+    pub running: usize,
+    /// Sequences waiting for room (a running slot or KV-cache memory).
+    pub waiting: usize,
+    /// Bytes of KV cache reserved by the running sequences.
+    pub kv_cache_bytes: u64,
+    /// The KV-cache budget, in bytes.
+    pub kv_cache_capacity: u64,
+}
+
 /// A loaded model on its device.
 pub trait Backend: Send + Sync + 'static {
     /// Runs one batch and returns one output per input, in order. It blocks (CPU or GPU
@@ -68,6 +85,27 @@ pub trait Backend: Send + Sync + 'static {
 
     /// What is loaded where, for status pages (`all-MiniLM-L6-v2 on cpu`).
     fn describe(&self) -> String;
+
+    /// Whether this backend produces its output step by step ([`Backend::stream`]) and
+    /// schedules its own batches, rather than answering whole batches.
+    fn streams(&self) -> bool {
+        false
+    }
+
+    /// Starts a streamed inference of `input`; its chunks arrive on the returned stream as
+    /// they are made. Only backends whose [`Backend::streams`] is true implement it.
+    fn stream(&self, input: ModelInput) -> Result<OutputStream> {
+        let _ = input;
+        Err(BackendError::Unavailable(format!(
+            "{} does not stream",
+            self.describe()
+        )))
+    }
+
+    /// What a self-scheduling backend is doing now, for metrics and scaling.
+    fn load(&self) -> Option<GenerationLoad> {
+        None
+    }
 }
 
 /// What a factory may use while loading.

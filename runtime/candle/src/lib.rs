@@ -3,14 +3,24 @@
 //!
 //! Task `embeddings` loads a BERT-family encoder (all-MiniLM-L6-v2, say) from a directory
 //! holding `config.json` and `model.safetensors` (or `pytorch_model.bin`) and returns the
-//! last hidden state of every token; the version's processor tokenizes and pools. This
-//! crate knows candle and the backend trait, and nothing of wasmtime or HTTP.
+//! last hidden state of every token; the version's processor tokenizes and pools.
+//!
+//! Task `generate` loads a llama-family decoder from a GGUF file (SmolLM2, say) and
+//! streams generated tokens, many sequences batched together step by step
+//! ([`generate`]). This crate knows candle and the backend trait, and nothing of wasmtime
+//! or HTTP.
 #![deny(missing_docs)]
+
+pub mod generate;
+pub mod llama;
+mod qmatmul;
+
+pub use candle_core::Device;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use candle_core::{DType as CandleDType, Device, Tensor as CandleTensor};
+use candle_core::{DType as CandleDType, Tensor as CandleTensor};
 use candle_nn::VarBuilder;
 use candle_transformers::models::bert::{BertModel, Config as BertConfig};
 use wasp_backend::{Backend, BackendError, BackendFactory, LoadContext, Result};
@@ -36,6 +46,13 @@ impl BackendFactory for CandleFactory {
         let dir = resolve_model(&spec.model, &context.models_dir)?;
         match spec.task.as_str() {
             "embeddings" => Ok(Arc::new(BertEmbedder::load(&dir, device)?)),
+            "generate" => {
+                let limits = generate::EngineLimits {
+                    max_running: spec.max_sequences.unwrap_or(16) as usize,
+                    kv_cache_bytes: u64::from(spec.kv_cache_mib.unwrap_or(1024)) << 20,
+                };
+                Ok(Arc::new(generate::Generator::load(&dir, device, limits)?))
+            }
             other => Err(BackendError::Load(format!("candle has no task `{other}`"))),
         }
     }

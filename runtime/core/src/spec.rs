@@ -499,6 +499,14 @@ pub struct CandleBackend {
     /// `cpu`, `cuda:N` or `auto`.
     #[serde(default = "default_device")]
     pub device: String,
+    /// `generate`: most sequences decoded together in one running batch (continuous
+    /// batching); 1 runs one sequence at a time. Default 16.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_sequences: Option<u32>,
+    /// `generate`: KV-cache memory for all running sequences, in MiB; sequences beyond it
+    /// wait. Default 1024.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kv_cache_mib: Option<u32>,
 }
 
 fn default_device() -> String {
@@ -1086,10 +1094,39 @@ impl VersionSpec {
             ));
         }
         if let BackendSpec::Candle(candle) = &self.backend {
-            if !matches!(candle.task.as_str(), "embeddings") {
+            if !matches!(candle.task.as_str(), "embeddings" | "generate") {
                 return Err(SpecError::invalid(
                     at("backend.task"),
-                    format!("`{}` is not a candle task (embeddings)", candle.task),
+                    format!(
+                        "`{}` is not a candle task (embeddings, generate)",
+                        candle.task
+                    ),
+                ));
+            }
+            if candle.task != "generate"
+                && (candle.max_sequences.is_some() || candle.kv_cache_mib.is_some())
+            {
+                return Err(SpecError::invalid(
+                    at("backend.max_sequences"),
+                    "`max_sequences` and `kv_cache_mib` apply to task `generate` only",
+                ));
+            }
+            if candle
+                .max_sequences
+                .is_some_and(|n| !(1..=256).contains(&n))
+            {
+                return Err(SpecError::invalid(
+                    at("backend.max_sequences"),
+                    "must be between 1 and 256",
+                ));
+            }
+            if candle
+                .kv_cache_mib
+                .is_some_and(|n| !(1..=1_048_576).contains(&n))
+            {
+                return Err(SpecError::invalid(
+                    at("backend.kv_cache_mib"),
+                    "must be between 1 and 1048576",
                 ));
             }
             if self.processor.is_none() {
