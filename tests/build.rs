@@ -17,6 +17,7 @@ const GUESTS: &[(&str, &str, &str)] = &[
         "text-embeddings",
         "processors/text-embeddings",
     ),
+    ("CHAT", "chat", "processors/chat"),
     ("HOSTILE", "hostile", "tests/guests/hostile"),
     ("HELLO_HTTP", "hello-http", "tests/guests/hello-http"),
 ];

@@ -90,6 +90,20 @@ pub struct ChunkMeta {
     /// From the first generated token to the last, in milliseconds (last chunk only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub decode_ms: Option<f64>,
+    /// Token counts in OpenAI's form, for usage metering (last chunk only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Usage>,
+}
+
+/// Token counts of a finished generation.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Usage {
+    /// Tokens of the prompt.
+    pub prompt_tokens: u32,
+    /// Tokens generated.
+    pub completion_tokens: u32,
+    /// Both.
+    pub total_tokens: u32,
 }
 
 fn bad(message: impl Into<String>, field: &str) -> BackendError {
@@ -367,6 +381,11 @@ impl Sequence {
             decode_ms: last
                 .then(|| self.first_token.map(|t| ms(t.elapsed())))
                 .flatten(),
+            usage: last.then(|| Usage {
+                prompt_tokens: self.prompt_tokens,
+                completion_tokens: self.generated.len() as u32,
+                total_tokens: self.prompt_tokens + self.generated.len() as u32,
+            }),
         }
     }
 

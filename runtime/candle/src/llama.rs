@@ -13,8 +13,8 @@ use std::io::{Read, Seek};
 use candle_core::quantized::{QMatMul, gguf_file};
 use candle_core::{D, DType, Device, Module, Result, Tensor};
 use candle_nn::Embedding;
-use candle_nn::kv_cache::KvCache;
 use candle_transformers::quantized_nn::RmsNorm;
+use rayon::prelude::*;
 
 use crate::qmatmul::QuantMatmul;
 
@@ -52,14 +52,13 @@ impl LlamaConfig {
 }
 
 struct Layer {
-    wq: Linear,
-    wk: Linear,
-    wv: Linear,
+    /// Query, key and value projections.
+    qkv: Fused,
     wo: Linear,
     attn_norm: RmsNorm,
-    w1: Linear,
+    /// Gate and up projections.
+    gate_up: Fused,
     w2: Linear,
-    w3: Linear,
     ffn_norm: RmsNorm,
 }
 
@@ -70,15 +69,35 @@ pub struct Llama {
     layers: Vec<Layer>,
     norm: RmsNorm,
     output: Linear,
-    cos: Tensor,
-    sin: Tensor,
+    /// Rotary tables, `[position, head_dim / 2]`.
+    cos: Vec<f32>,
+    sin: Vec<f32>,
     device: Device,
 }
 
 /// One sequence's KV cache: keys and values of every position it has seen, per layer.
 pub struct SequenceCache {
-    layers: Vec<KvCache>,
+    layers: Vec<LayerCache>,
     len: usize,
+}
+
+/// One layer's keys and values, `[position, kv head, head_dim]`.
+#[derive(Default)]
+struct LayerCache {
+    keys: Vec<f32>,
+    values: Vec<f32>,
+}
+
+impl LayerCache {
+    /// Room for `positions` in steps of [`CACHE_STEP`] positions.
+    fn reserve(&mut self, positions: usize, per_position: usize) {
+        let wanted = positions.div_ceil(CACHE_STEP) * CACHE_STEP * per_position;
+        for v in [&mut self.keys, &mut self.values] {
+            if v.capacity() < wanted {
+                v.reserve_exact(wanted - v.len());
+            }
+        }
+    }
 }
 
 impl SequenceCache {
@@ -161,15 +180,14 @@ impl Llama {
         let mut layers = Vec::with_capacity(config.layers);
         for i in 0..config.layers {
             let mut q = |name: &str| ct.tensor(reader, &format!("blk.{i}.{name}.weight"), device);
+            let qkv = Fused::new(vec![q("attn_q")?, q("attn_k")?, q("attn_v")?])?;
+            let gate_up = Fused::new(vec![q("ffn_gate")?, q("ffn_up")?])?;
             layers.push(Layer {
-                wq: Linear::new(q("attn_q")?)?,
-                wk: Linear::new(q("attn_k")?)?,
-                wv: Linear::new(q("attn_v")?)?,
+                qkv,
                 wo: Linear::new(q("attn_output")?)?,
                 attn_norm: RmsNorm::from_qtensor(q("attn_norm")?, config.rms_eps)?,
-                w1: Linear::new(q("ffn_gate")?)?,
+                gate_up,
                 w2: Linear::new(q("ffn_down")?)?,
-                w3: Linear::new(q("ffn_up")?)?,
                 ffn_norm: RmsNorm::from_qtensor(q("ffn_norm")?, config.rms_eps)?,
             });
         }
@@ -189,8 +207,8 @@ impl Llama {
             layers,
             norm,
             output: Linear::new(output)?,
-            cos: angles.cos()?,
-            sin: angles.sin()?,
+            cos: angles.cos()?.flatten_all()?.to_vec1()?,
+            sin: angles.sin()?.flatten_all()?.to_vec1()?,
             device: device.clone(),
         })
     }
@@ -211,7 +229,7 @@ impl Llama {
     pub fn new_cache(&self) -> SequenceCache {
         SequenceCache {
             layers: (0..self.config.layers)
-                .map(|_| KvCache::new(2, CACHE_STEP))
+                .map(|_| LayerCache::default())
                 .collect(),
             len: 0,
         }
@@ -240,70 +258,24 @@ impl Llama {
         let rows = tokens.len();
         let ids = Tensor::from_vec(tokens, rows, &self.device)?;
         let mut x = self.embed.forward(&ids)?;
-        let (h, kvh, hd) = (
-            self.config.heads,
-            self.config.kv_heads,
-            self.config.head_dim,
-        );
+        let (h, hd) = (self.config.heads, self.config.head_dim);
         for (index, layer) in self.layers.iter().enumerate() {
             let residual = x.clone();
             let normed = layer.attn_norm.forward(&x)?;
-            let q = layer.wq.forward(&normed)?;
-            let k = layer.wk.forward(&normed)?;
-            let v = layer.wv.forward(&normed)?;
-            let mut outputs = Vec::with_capacity(steps.len());
-            let mut row = 0;
-            for step in steps.iter_mut() {
-                let t = step.tokens.len();
-                if t == 0 {
-                    continue;
-                }
-                let pos = step.cache.len;
-                // [t, heads * head_dim] -> [1, heads, t, head_dim]
-                let shape = |x: &Tensor, heads: usize| -> Result<Tensor> {
-                    x.narrow(0, row, t)?
-                        .reshape((1, t, heads, hd))?
-                        .transpose(1, 2)?
-                        .contiguous()
-                };
-                let cos = self.cos.narrow(0, pos, t)?;
-                let sin = self.sin.narrow(0, pos, t)?;
-                let qs = candle_nn::rotary_emb::rope_i(&shape(&q, h)?, &cos, &sin)?;
-                let ks = candle_nn::rotary_emb::rope_i(&shape(&k, kvh)?, &cos, &sin)?;
-                let vs = shape(&v, kvh)?;
-                let (keys, values) = step.cache.layers[index].append(&ks, &vs)?;
-                let total = pos + t;
-                // Grouped-query attention without copying the keys per head: the query heads
-                // that share a key/value head become rows of one matrix product.
-                let group = h / kvh;
-                let qg = qs.reshape((kvh, group * t, hd))?;
-                // Views into the cache, not copies: the matrix products take strided rows.
-                let kg = keys.squeeze(0)?;
-                let vg = values.squeeze(0)?;
-                let scores = (qg.matmul(&kg.t()?)? / (hd as f64).sqrt())?;
-                let scores = if t > 1 {
-                    let mask = causal_mask(t, pos, &self.device)?;
-                    scores
-                        .reshape((kvh, group, t, total))?
-                        .broadcast_add(&mask)?
-                        .reshape((kvh, group * t, total))?
-                } else {
-                    scores
-                };
-                let weights = candle_nn::ops::softmax_last_dim(&scores)?;
-                let attended = weights.matmul(&vg)?; // [kvh, group * t, hd]
-                let attended = attended
-                    .reshape((h, t, hd))?
-                    .transpose(0, 1)?
-                    .reshape((t, h * hd))?;
-                outputs.push(attended);
-                row += t;
-            }
-            let attended = Tensor::cat(&outputs, 0)?;
+            // [rows, (heads + 2 kv heads) * head_dim]: queries, keys, values side by side.
+            let qkv: Vec<f32> = layer
+                .qkv
+                .forward_joined(&normed)?
+                .flatten_all()?
+                .to_vec1()?;
+            let mut attended = vec![0f32; rows * h * hd];
+            self.attend(index, steps, &qkv, &mut attended);
+            let attended = Tensor::from_vec(attended, (rows, h * hd), &self.device)?;
             let x1 = (layer.wo.forward(&attended)? + residual)?;
             let normed = layer.ffn_norm.forward(&x1)?;
-            let gate = candle_nn::ops::silu(&layer.w1.forward(&normed)?)?;
-            let up = layer.w3.forward(&normed)?;
+            let [gate, up] = layer.gate_up.forward::<2>(&normed)?;
+            let gate = candle_nn::ops::silu(&gate.contiguous()?)?;
+            let up = up.contiguous()?;
             x = (layer.w2.forward(&(gate * up)?)? + x1)?;
         }
         let mut wanted = Vec::new();
@@ -324,6 +296,139 @@ impl Llama {
         let logits = self.output.forward(&self.norm.forward(&last)?)?;
         Ok(Some(logits.to_dtype(DType::F32)?))
     }
+}
+
+impl Llama {
+    /// Attention of every step's new tokens at layer `index`: rotary embeddings on their
+    /// queries and keys, keys and values appended to the sequence's cache, and each query
+    /// against every cached position up to its own. `qkv` holds the projections of all
+    /// rows; `out` gets `[rows, heads * head_dim]`. Plain loops rather than tensor ops: per
+    /// sequence the work is small, and op dispatch would cost more than the arithmetic.
+    /// Sequences run in parallel, and so do the heads of a long prefill.
+    fn attend(&self, index: usize, steps: &mut [Step<'_>], qkv: &[f32], out: &mut [f32]) {
+        let (h, kvh, hd) = (
+            self.config.heads,
+            self.config.kv_heads,
+            self.config.head_dim,
+        );
+        let width = (h + 2 * kvh) * hd;
+        // Each step's rows of the input and of the output.
+        let mut work = Vec::with_capacity(steps.len());
+        let mut rest = out;
+        let mut row = 0;
+        for step in steps.iter_mut() {
+            let t = step.tokens.len();
+            let (mine, after) = rest.split_at_mut(t * h * hd);
+            rest = after;
+            work.push((step, &qkv[row * width..(row + t) * width], mine));
+            row += t;
+        }
+        work.par_iter_mut().for_each(|(step, input, output)| {
+            let t = step.tokens.len();
+            if t == 0 {
+                return;
+            }
+            let pos = step.cache.len;
+            let cache = &mut step.cache.layers[index];
+            cache.reserve(pos + t, kvh * hd);
+            let mut queries = Vec::with_capacity(t * h * hd);
+            for (i, row) in input.chunks_exact(width).enumerate() {
+                let (q, kv) = row.split_at(h * hd);
+                let (k, v) = kv.split_at(kvh * hd);
+                let mut q = q.to_vec();
+                let mut k = k.to_vec();
+                self.rope(&mut q, pos + i);
+                self.rope(&mut k, pos + i);
+                queries.extend_from_slice(&q);
+                cache.keys.extend_from_slice(&k);
+                cache.values.extend_from_slice(v);
+            }
+            let group = h / kvh;
+            let scale = 1.0 / (hd as f32).sqrt();
+            let head = |hh: usize, dst: &mut [f32]| {
+                let kv = hh / group;
+                let mut scores = Vec::with_capacity(pos + t);
+                for i in 0..t {
+                    let q = &queries[(i * h + hh) * hd..(i * h + hh + 1) * hd];
+                    let seen = pos + i + 1;
+                    scores.clear();
+                    for j in 0..seen {
+                        let k = &cache.keys[(j * kvh + kv) * hd..(j * kvh + kv + 1) * hd];
+                        scores.push(dot(q, k) * scale);
+                    }
+                    let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+                    let mut sum = 0.0;
+                    for s in scores.iter_mut() {
+                        *s = (*s - max).exp();
+                        sum += *s;
+                    }
+                    let o = &mut dst[i * hd..(i + 1) * hd];
+                    o.fill(0.0);
+                    for (j, &w) in scores.iter().enumerate() {
+                        let v = &cache.values[(j * kvh + kv) * hd..(j * kvh + kv + 1) * hd];
+                        let w = w / sum;
+                        for (o, &v) in o.iter_mut().zip(v) {
+                            *o += w * v;
+                        }
+                    }
+                }
+            };
+            // Per head: [t, head_dim], then into [t, heads * head_dim].
+            let per_head: Vec<Vec<f32>> = if t * (pos + t) > 4096 {
+                (0..h)
+                    .into_par_iter()
+                    .map(|hh| {
+                        let mut dst = vec![0f32; t * hd];
+                        head(hh, &mut dst);
+                        dst
+                    })
+                    .collect()
+            } else {
+                (0..h)
+                    .map(|hh| {
+                        let mut dst = vec![0f32; t * hd];
+                        head(hh, &mut dst);
+                        dst
+                    })
+                    .collect()
+            };
+            for (hh, values) in per_head.iter().enumerate() {
+                for i in 0..t {
+                    output[(i * h + hh) * hd..(i * h + hh + 1) * hd]
+                        .copy_from_slice(&values[i * hd..(i + 1) * hd]);
+                }
+            }
+        });
+    }
+
+    /// Rotary embedding of one row of heads at `position`, pairs interleaved (GGUF's llama
+    /// layout).
+    fn rope(&self, row: &mut [f32], position: usize) {
+        let half = self.config.head_dim / 2;
+        let cos = &self.cos[position * half..(position + 1) * half];
+        let sin = &self.sin[position * half..(position + 1) * half];
+        for head in row.chunks_exact_mut(self.config.head_dim) {
+            for (i, pair) in head.chunks_exact_mut(2).enumerate() {
+                let (x0, x1) = (pair[0], pair[1]);
+                pair[0] = x0 * cos[i] - x1 * sin[i];
+                pair[1] = x0 * sin[i] + x1 * cos[i];
+            }
+        }
+    }
+}
+
+/// A dot product in eight lanes (so that it vectorises).
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            lanes[i] += x[i] * y[i];
+        }
+    }
+    let tail: f32 = ra.iter().zip(rb).map(|(x, y)| x * y).sum();
+    lanes.iter().sum::<f32>() + tail
 }
 
 /// A weight matrix: this crate's kernel where it applies (Q4_1 and Q8_0 on the CPU),
@@ -349,14 +454,66 @@ impl Linear {
     }
 }
 
-/// `[t, pos + t]`: 0 where a new token may look (itself, earlier ones, the cache), -inf
-/// after it.
-fn causal_mask(t: usize, pos: usize, device: &Device) -> Result<Tensor> {
-    let total = pos + t;
-    let mask: Vec<f32> = (0..t)
-        .flat_map(|i| (0..total).map(move |j| if j > pos + i { f32::NEG_INFINITY } else { 0.0 }))
-        .collect();
-    Tensor::from_vec(mask, (t, total), device)
+/// Weights that take the same input, multiplied as one matrix where the kernel allows
+/// (their outputs are then columns of one product), else one by one.
+enum Fused {
+    One(QuantMatmul, Vec<usize>),
+    Separate(Vec<Linear>),
+}
+
+impl Fused {
+    fn new(tensors: Vec<candle_core::quantized::QTensor>) -> Result<Self> {
+        let ours = tensors
+            .iter()
+            .map(QuantMatmul::new)
+            .collect::<Result<Option<Vec<_>>>>()?;
+        if let Some(parts) = ours {
+            let widths: Vec<usize> = parts.iter().map(QuantMatmul::columns_out).collect();
+            if let Some(all) = QuantMatmul::concat(parts) {
+                return Ok(Self::One(all, widths));
+            }
+        }
+        Ok(Self::Separate(
+            tensors
+                .into_iter()
+                .map(Linear::new)
+                .collect::<Result<_>>()?,
+        ))
+    }
+
+    /// The outputs side by side, `[rows, sum of widths]`, contiguous.
+    fn forward_joined(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::One(m, _) => m.forward(x),
+            Self::Separate(parts) => {
+                let outputs = parts
+                    .iter()
+                    .map(|p| p.forward(x))
+                    .collect::<Result<Vec<_>>>()?;
+                Tensor::cat(&outputs, D::Minus1)
+            }
+        }
+    }
+
+    /// The `N` outputs, each `[rows, width]`.
+    fn forward<const N: usize>(&self, x: &Tensor) -> Result<[Tensor; N]> {
+        let outputs: Vec<Tensor> = match self {
+            Self::One(m, widths) => {
+                let all = m.forward(x)?;
+                let mut start = 0;
+                let mut parts = Vec::with_capacity(widths.len());
+                for &w in widths {
+                    parts.push(all.narrow(D::Minus1, start, w)?);
+                    start += w;
+                }
+                parts
+            }
+            Self::Separate(parts) => parts.iter().map(|p| p.forward(x)).collect::<Result<_>>()?,
+        };
+        outputs
+            .try_into()
+            .map_err(|_| candle_core::Error::Msg(format!("expected {N} projections")))
+    }
 }
 
 /// The index of the largest value of each row of a `[n, vocab]` tensor.

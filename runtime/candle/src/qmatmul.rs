@@ -103,6 +103,45 @@ impl QuantMatmul {
         Ok(Some(Self { weights, n, k }))
     }
 
+    /// Several weights of the same input width and type as one, their outputs side by side
+    /// (a layer's query, key and value projections, say: the input is quantized once and
+    /// the threads are woken once). `None` when they differ in width or type.
+    pub fn concat(parts: Vec<Self>) -> Option<Self> {
+        let mut parts = parts.into_iter();
+        let mut all = parts.next()?;
+        for part in parts {
+            if part.k != all.k {
+                return None;
+            }
+            match (&mut all.weights, part.weights) {
+                (
+                    Weights::Q4_1 { d, m, qs },
+                    Weights::Q4_1 {
+                        d: d2,
+                        m: m2,
+                        qs: qs2,
+                    },
+                ) => {
+                    d.extend(d2);
+                    m.extend(m2);
+                    qs.extend(qs2);
+                }
+                (Weights::Q8_0 { d, qs }, Weights::Q8_0 { d: d2, qs: qs2 }) => {
+                    d.extend(d2);
+                    qs.extend(qs2);
+                }
+                _ => return None,
+            }
+            all.n += part.n;
+        }
+        Some(all)
+    }
+
+    /// Output columns.
+    pub fn columns_out(&self) -> usize {
+        self.n
+    }
+
     /// `x` (`[rows, k]`, f32) times the weight's transpose: `[rows, n]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         x.apply_op1_no_bwd(self)
@@ -132,7 +171,8 @@ fn quantize(x: &[f32]) -> Quantized {
         let mut q = [0i8; 32];
         let mut sum = 0i32;
         for (dst, &v) in q.iter_mut().zip(block) {
-            let level = (v * id).round_ties_even() as i32;
+            // Ties to even, as `_mm256_round_ps` (|v * id| <= 127, far below 2^22).
+            let level = ((v * id + 12_582_912.0) - 12_582_912.0) as i32;
             *dst = level as i8;
             sum += level;
         }
@@ -227,8 +267,6 @@ mod avx2 {
 
     use super::{BLOCK, QuantMatmul, Quantized, Weights};
 
-    const ROWS: usize = 4;
-
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     fn hsum(x: __m256) -> f32 {
@@ -246,6 +284,131 @@ mod avx2 {
         unsafe { _mm256_loadu_si256(bytes.as_ptr().cast()) }
     }
 
+    /// One row's blocks, cut to exactly `nb` so that indexing needs no checks.
+    struct Row<'a> {
+        qs: &'a [[i8; 32]],
+        d: &'a [f32],
+        s: &'a [f32],
+    }
+
+    /// Q4_1: `R` rows against columns `c` and `c + 1` (or `c` alone when `PAIR` is false):
+    /// each weight block is unpacked once for all rows, and each row's block is loaded
+    /// once for both columns.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn q4_tile<const R: usize, const PAIR: bool>(
+        d: &[f32],
+        mw: &[f32],
+        qs: &[[u8; 16]],
+        nb: usize,
+        c: usize,
+        rows: &[Row<'_>; R],
+    ) -> [[f32; R]; 2] {
+        let ones = _mm256_set1_epi16(1);
+        let low = _mm_set1_epi8(0x0F);
+        let cols = if PAIR { 2 } else { 1 };
+        let mut acc = [[_mm256_setzero_ps(); R]; 2];
+        let mut mins = [[0f32; R]; 2];
+        let span = c * nb..(c + cols) * nb;
+        let (d, mw, qs) = (&d[span.clone()], &mw[span.clone()], &qs[span]);
+        for b in 0..nb {
+            let mut w = [_mm256_setzero_si256(); 2];
+            let mut scale = [0f32; 2];
+            let mut min = [0f32; 2];
+            for j in 0..cols {
+                let at = j * nb + b;
+                // SAFETY: 16 readable bytes; the load is unaligned.
+                let packed = unsafe { _mm_loadu_si128(qs[at].as_ptr().cast()) };
+                let lo = _mm_and_si128(packed, low);
+                let hi = _mm_and_si128(_mm_srli_epi16(packed, 4), low);
+                w[j] = _mm256_set_m128i(hi, lo);
+                scale[j] = d[at];
+                min[j] = mw[at];
+            }
+            for r in 0..R {
+                let row = &rows[r];
+                let a = load(&row.qs[b]);
+                let (ad, asum) = (row.d[b], row.s[b]);
+                for j in 0..cols {
+                    let dot = _mm256_madd_epi16(_mm256_maddubs_epi16(w[j], a), ones);
+                    let sc = _mm256_set1_ps(scale[j] * ad);
+                    acc[j][r] = _mm256_fmadd_ps(sc, _mm256_cvtepi32_ps(dot), acc[j][r]);
+                    mins[j][r] += min[j] * asum;
+                }
+            }
+        }
+        let mut out = [[0f32; R]; 2];
+        for j in 0..cols {
+            for r in 0..R {
+                out[j][r] = hsum(acc[j][r]) + mins[j][r];
+            }
+        }
+        out
+    }
+
+    /// Q8_0: as [`q4_tile`].
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn q8_tile<const R: usize, const PAIR: bool>(
+        d: &[f32],
+        qs: &[[i8; 32]],
+        nb: usize,
+        c: usize,
+        rows: &[Row<'_>; R],
+    ) -> [[f32; R]; 2] {
+        let ones = _mm256_set1_epi16(1);
+        let cols = if PAIR { 2 } else { 1 };
+        let mut acc = [[_mm256_setzero_ps(); R]; 2];
+        let span = c * nb..(c + cols) * nb;
+        let (d, qs) = (&d[span.clone()], &qs[span]);
+        for b in 0..nb {
+            let mut w = [_mm256_setzero_si256(); 2];
+            let mut w_abs = [_mm256_setzero_si256(); 2];
+            let mut scale = [0f32; 2];
+            for j in 0..cols {
+                let at = j * nb + b;
+                w[j] = load(&qs[at]);
+                w_abs[j] = _mm256_sign_epi8(w[j], w[j]);
+                scale[j] = d[at];
+            }
+            for r in 0..R {
+                let row = &rows[r];
+                let a = load(&row.qs[b]);
+                let ad = row.d[b];
+                for j in 0..cols {
+                    let signed = _mm256_sign_epi8(a, w[j]);
+                    let dot = _mm256_madd_epi16(_mm256_maddubs_epi16(w_abs[j], signed), ones);
+                    let sc = _mm256_set1_ps(scale[j] * ad);
+                    acc[j][r] = _mm256_fmadd_ps(sc, _mm256_cvtepi32_ps(dot), acc[j][r]);
+                }
+            }
+        }
+        let mut out = [[0f32; R]; 2];
+        for j in 0..cols {
+            for r in 0..R {
+                out[j][r] = hsum(acc[j][r]);
+            }
+        }
+        out
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn tile<const R: usize>(
+        m: &QuantMatmul,
+        nb: usize,
+        c: usize,
+        pair: bool,
+        rows: &[Row<'_>; R],
+    ) -> [[f32; R]; 2] {
+        match (&m.weights, pair) {
+            (Weights::Q4_1 { d, m: mw, qs }, true) => q4_tile::<R, true>(d, mw, qs, nb, c, rows),
+            (Weights::Q4_1 { d, m: mw, qs }, false) => q4_tile::<R, false>(d, mw, qs, nb, c, rows),
+            (Weights::Q8_0 { d, qs }, true) => q8_tile::<R, true>(d, qs, nb, c, rows),
+            (Weights::Q8_0 { d, qs }, false) => q8_tile::<R, false>(d, qs, nb, c, rows),
+        }
+    }
+
     #[target_feature(enable = "avx2,fma")]
     pub(super) fn columns(
         m: &QuantMatmul,
@@ -255,46 +418,43 @@ mod avx2 {
     ) {
         let nb = m.k / BLOCK;
         let count = rows.len();
-        let ones = _mm256_set1_epi16(1);
-        let low = _mm_set1_epi8(0x0F);
-        for (i, c) in cols.enumerate() {
-            let dst = &mut out[i * count..(i + 1) * count];
-            for (t, tile) in rows.chunks(ROWS).enumerate() {
-                let mut acc = [_mm256_setzero_ps(); ROWS];
-                let mut mins = [0f32; ROWS];
-                for b in 0..nb {
-                    let at = c * nb + b;
-                    match &m.weights {
-                        Weights::Q4_1 { d, m: mw, qs } => {
-                            // SAFETY: 16 readable bytes; the load is unaligned.
-                            let packed = unsafe { _mm_loadu_si128(qs[at].as_ptr().cast()) };
-                            let lo = _mm_and_si128(packed, low);
-                            let hi = _mm_and_si128(_mm_srli_epi16(packed, 4), low);
-                            let w = _mm256_set_m128i(hi, lo);
-                            for (r, row) in tile.iter().enumerate() {
-                                let a = load(&row.qs[b]);
-                                let dot = _mm256_madd_epi16(_mm256_maddubs_epi16(w, a), ones);
-                                let scale = _mm256_set1_ps(d[at] * row.d[b]);
-                                acc[r] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(dot), acc[r]);
-                                mins[r] += mw[at] * row.s[b];
-                            }
+        let cut: Vec<Row<'_>> = rows
+            .iter()
+            .map(|r| Row {
+                qs: &r.qs[..nb],
+                d: &r.d[..nb],
+                s: &r.s[..nb],
+            })
+            .collect();
+        let first = cols.start;
+        let mut c = cols.start;
+        while c < cols.end {
+            let pair = c + 1 < cols.end;
+            let mut t = 0;
+            while t < count {
+                let left = count - t;
+                macro_rules! run {
+                    ($r:literal) => {{
+                        let tile_rows: &[Row<'_>; $r] = match cut[t..t + $r].try_into() {
+                            Ok(rows) => rows,
+                            Err(_) => return,
+                        };
+                        let got = tile::<$r>(m, nb, c, pair, tile_rows);
+                        for j in 0..(1 + usize::from(pair)) {
+                            let at = (c + j - first) * count + t;
+                            out[at..at + $r].copy_from_slice(&got[j]);
                         }
-                        Weights::Q8_0 { d, qs } => {
-                            let w = load(&qs[at]);
-                            let w_abs = _mm256_sign_epi8(w, w);
-                            for (r, row) in tile.iter().enumerate() {
-                                let a = _mm256_sign_epi8(load(&row.qs[b]), w);
-                                let dot = _mm256_madd_epi16(_mm256_maddubs_epi16(w_abs, a), ones);
-                                let scale = _mm256_set1_ps(d[at] * row.d[b]);
-                                acc[r] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(dot), acc[r]);
-                            }
-                        }
-                    }
+                        t += $r;
+                    }};
                 }
-                for r in 0..tile.len() {
-                    dst[t * ROWS + r] = hsum(acc[r]) + mins[r];
+                match left {
+                    1 => run!(1),
+                    2 => run!(2),
+                    3 => run!(3),
+                    _ => run!(4),
                 }
             }
+            c += 1 + usize::from(pair);
         }
     }
 }
@@ -337,12 +497,17 @@ impl CustomOp1 for QuantMatmul {
                 let end = (start + COLUMNS_PER_TASK).min(n);
                 self.run_columns(&rows, start..end, out);
             });
-        let mut result = vec![0f32; count * n];
-        for c in 0..n {
-            for r in 0..count {
-                result[r * n + c] = by_column[c * count + r];
+        let result = if count == 1 {
+            by_column
+        } else {
+            let mut result = vec![0f32; count * n];
+            for c in 0..n {
+                for r in 0..count {
+                    result[r * n + c] = by_column[c * count + r];
+                }
             }
-        }
+            result
+        };
         let mut shape = outer.to_vec();
         shape.push(n);
         Ok((CpuStorage::F32(result), Shape::from(shape)))

@@ -136,6 +136,22 @@ pub struct Metrics {
     pub tenant_model_seconds: Family<TenantLabels, Counter<f64, std::sync::atomic::AtomicU64>>,
     /// Tokens tenants' backends reported.
     pub tenant_tokens: Family<TenantLabels, Counter>,
+    /// Generation: time from a request's arrival at the backend to its first token.
+    pub ttft: Family<VersionLabels, Histogram>,
+    /// Generation: time per output token after the first (inter-token latency).
+    pub tpot: Family<VersionLabels, Histogram>,
+    /// Generation: prompt tokens read.
+    pub prompt_tokens: Family<VersionLabels, Counter>,
+    /// Generation: tokens generated (their rate is tokens per second).
+    pub completion_tokens: Family<VersionLabels, Counter>,
+    /// Generation: sequences in the running batches, refreshed at each scrape.
+    pub running_sequences: Family<VersionLabels, Gauge>,
+    /// Generation: sequences waiting for room, refreshed at each scrape.
+    pub waiting_sequences: Family<VersionLabels, Gauge>,
+    /// Generation: KV-cache bytes in use, refreshed at each scrape.
+    pub kv_cache_bytes: Family<VersionLabels, Gauge>,
+    /// Generation: KV-cache budget in bytes, refreshed at each scrape.
+    pub kv_cache_capacity: Family<VersionLabels, Gauge>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -277,8 +293,68 @@ impl Metrics {
             "Tokens a tenant's backends reported",
             tenant_tokens.clone(),
         );
+        let ttft = Family::<VersionLabels, Histogram>::new_with_constructor(
+            latency_histogram as fn() -> Histogram,
+        );
+        registry.register(
+            "generation_time_to_first_token_seconds",
+            "Time from a generation request's arrival at the backend to its first token",
+            ttft.clone(),
+        );
+        let tpot = Family::<VersionLabels, Histogram>::new_with_constructor(
+            latency_histogram as fn() -> Histogram,
+        );
+        registry.register(
+            "generation_time_per_output_token_seconds",
+            "Mean time per generated token after the first, per request",
+            tpot.clone(),
+        );
+        let prompt_tokens = Family::<VersionLabels, Counter>::default();
+        registry.register(
+            "generation_prompt_tokens",
+            "Prompt tokens read by generation backends",
+            prompt_tokens.clone(),
+        );
+        let completion_tokens = Family::<VersionLabels, Counter>::default();
+        registry.register(
+            "generation_completion_tokens",
+            "Tokens generated (their rate is tokens per second)",
+            completion_tokens.clone(),
+        );
+        let running_sequences = Family::<VersionLabels, Gauge>::default();
+        registry.register(
+            "generation_running_sequences",
+            "Sequences in the generation backends' running batches",
+            running_sequences.clone(),
+        );
+        let waiting_sequences = Family::<VersionLabels, Gauge>::default();
+        registry.register(
+            "generation_waiting_sequences",
+            "Sequences waiting for a running slot or KV-cache memory",
+            waiting_sequences.clone(),
+        );
+        let kv_cache_bytes = Family::<VersionLabels, Gauge>::default();
+        registry.register(
+            "generation_kv_cache_bytes",
+            "KV-cache memory in use by running sequences",
+            kv_cache_bytes.clone(),
+        );
+        let kv_cache_capacity = Family::<VersionLabels, Gauge>::default();
+        registry.register(
+            "generation_kv_cache_capacity_bytes",
+            "KV-cache memory budget of the generation backends",
+            kv_cache_capacity.clone(),
+        );
         Self {
             registry,
+            ttft,
+            tpot,
+            prompt_tokens,
+            completion_tokens,
+            running_sequences,
+            waiting_sequences,
+            kv_cache_bytes,
+            kv_cache_capacity,
             tenant_requests,
             tenant_guest_seconds,
             tenant_model_seconds,

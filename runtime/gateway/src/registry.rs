@@ -57,9 +57,44 @@ pub(crate) struct VersionMetrics {
     /// Recent mean latency in microseconds (an exponentially weighted average), for the
     /// spillover's estimate of a new request's wait.
     pub mean_us: std::sync::atomic::AtomicU64,
+    /// Generation: time to first token.
+    pub ttft: prometheus_client::metrics::histogram::Histogram,
+    /// Generation: time per output token.
+    pub tpot: prometheus_client::metrics::histogram::Histogram,
+    /// Generation: prompt tokens.
+    pub prompt_tokens: prometheus_client::metrics::counter::Counter,
+    /// Generation: completion tokens.
+    pub completion_tokens: prometheus_client::metrics::counter::Counter,
 }
 
 impl VersionMetrics {
+    /// Records a generation's figures from its last chunk's metadata (`prompt_tokens`,
+    /// `completion_tokens`, `ttft_ms`, `decode_ms`); other metadata is left alone.
+    pub fn observe_generation(&self, metadata: Option<&str>) {
+        let Some(text) = metadata.filter(|m| m.contains("completion_tokens")) else {
+            return;
+        };
+        let Ok(meta) = serde_json::from_str::<serde_json::Value>(text) else {
+            return;
+        };
+        let count = |key: &str| meta.get(key).and_then(serde_json::Value::as_u64);
+        let (Some(prompt), Some(completion)) = (count("prompt_tokens"), count("completion_tokens"))
+        else {
+            return;
+        };
+        self.prompt_tokens.inc_by(prompt);
+        self.completion_tokens.inc_by(completion);
+        let ms = |key: &str| meta.get(key).and_then(serde_json::Value::as_f64);
+        if let Some(ttft) = ms("ttft_ms") {
+            self.ttft.observe(ttft / 1e3);
+        }
+        if let Some(decode) = ms("decode_ms")
+            && completion > 1
+        {
+            self.tpot.observe(decode / 1e3 / (completion - 1) as f64);
+        }
+    }
+
     /// Folds one request's latency into the recent mean (weight 1/8).
     pub fn observe_mean(&self, us: u64) {
         use std::sync::atomic::Ordering;
@@ -87,6 +122,23 @@ impl DeployedVersion {
         self.usage
             .model_call(started.elapsed(), output.as_ref().ok());
         output
+    }
+}
+
+impl DeployedVersion {
+    /// Runs model input through a ready worker and hands back its chunks as they come,
+    /// with a guard that keeps the worker counted busy while the stream is read.
+    pub(crate) async fn infer_stream(
+        &self,
+        input: wasp_core::ModelInput,
+    ) -> Result<(wasp_backend::OutputStream, crate::workers::InFlight), BackendError> {
+        if !self.workers.has_model() {
+            return Err(BackendError::Unavailable(format!(
+                "version `{}` has no model backend",
+                self.name
+            )));
+        }
+        self.workers.infer_stream(input).await
     }
 }
 
@@ -1021,6 +1073,10 @@ impl Gateway {
                     workers
                 }
             };
+            let labels = crate::metrics::VersionLabels {
+                endpoint: spec.name.clone(),
+                version: v.name.clone(),
+            };
             versions.push(Arc::new(DeployedVersion {
                 name: v.name.clone(),
                 weight: spec.weight(i),
@@ -1041,15 +1097,16 @@ impl Gateway {
                             code: 200,
                         })
                         .clone(),
-                    latency: self
-                        .metrics
-                        .latency
-                        .get_or_create(&crate::metrics::VersionLabels {
-                            endpoint: spec.name.clone(),
-                            version: v.name.clone(),
-                        })
-                        .clone(),
+                    latency: self.metrics.latency.get_or_create(&labels).clone(),
                     mean_us: std::sync::atomic::AtomicU64::new(0),
+                    ttft: self.metrics.ttft.get_or_create(&labels).clone(),
+                    tpot: self.metrics.tpot.get_or_create(&labels).clone(),
+                    prompt_tokens: self.metrics.prompt_tokens.get_or_create(&labels).clone(),
+                    completion_tokens: self
+                        .metrics
+                        .completion_tokens
+                        .get_or_create(&labels)
+                        .clone(),
                 },
             }));
         }

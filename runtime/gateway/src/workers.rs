@@ -46,6 +46,15 @@ pub struct Worker {
     gpus: Mutex<Vec<u32>>,
 }
 
+/// A request (or stream) counted in flight on a worker until dropped.
+pub(crate) struct InFlight(Arc<Worker>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 impl Worker {
     fn new(id: u64) -> Self {
         Self {
@@ -509,6 +518,47 @@ impl WorkerSet {
         let result = batcher.infer(input).await;
         worker.in_flight.fetch_sub(1, Ordering::Relaxed);
         result
+    }
+
+    /// Runs model input through a ready worker and hands back its output chunks as they
+    /// come (a generation backend's tokens). The worker counts the stream as in flight
+    /// until the returned guard is dropped, so that it is not drained away mid-stream.
+    pub(crate) async fn infer_stream(
+        self: &Arc<Self>,
+        input: wasp_core::ModelInput,
+    ) -> Result<(wasp_backend::OutputStream, InFlight), BackendError> {
+        let worker = self.pick().await.map_err(|e| match e {
+            WakeError::Timeout(t) => BackendError::Unavailable(format!(
+                "no worker became ready within the cold-start timeout ({}s)",
+                t.as_secs()
+            )),
+            WakeError::Failed(reason) => {
+                BackendError::Unavailable(format!("the worker failed to start: {reason}"))
+            }
+        })?;
+        let batcher = worker
+            .batcher()
+            .ok_or_else(|| BackendError::Unavailable("the worker has no model".into()))?;
+        worker.in_flight.fetch_add(1, Ordering::Relaxed);
+        let guard = InFlight(worker);
+        let stream = batcher.infer_stream(input).await?;
+        Ok((stream, guard))
+    }
+
+    /// What the version's self-scheduling backends (generation) are doing, summed over its
+    /// workers; `None` when its backend batches whole requests.
+    pub fn generation_load(&self) -> Option<wasp_backend::GenerationLoad> {
+        let mut total: Option<wasp_backend::GenerationLoad> = None;
+        for worker in self.read().iter() {
+            if let Some(load) = worker.batcher().and_then(|b| b.backend().load()) {
+                let sum = total.get_or_insert_with(Default::default);
+                sum.running += load.running;
+                sum.waiting += load.waiting;
+                sum.kv_cache_bytes += load.kv_cache_bytes;
+                sum.kv_cache_capacity += load.kv_cache_capacity;
+            }
+        }
+        total
     }
 
     /// A request is waiting and no worker is live: decide at once rather than at the next

@@ -2,6 +2,7 @@
 //! v2 inference protocol. Every request picks a version by weight, runs through its
 //! processor (and model backend), and is counted in the request metrics.
 
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
@@ -24,7 +25,7 @@ use crate::registry::DeployedVersion;
 use crate::workers::WakeError;
 
 /// Largest body of the OpenAI-compatible routes before the endpoint (and its limit) is known.
-const MAX_OPENAI_BYTES: u64 = 64 * 1024 * 1024;
+pub(crate) const MAX_OPENAI_BYTES: u64 = 64 * 1024 * 1024;
 
 /// Headers a processor never sees: the gateway's own credentials.
 const HIDDEN_HEADERS: [&str; 2] = ["authorization", "x-wasp-api-key"];
@@ -332,6 +333,19 @@ pub(crate) async fn embeddings(
     headers: HeaderMap,
     Payload(body): Payload<MAX_OPENAI_BYTES>,
 ) -> Result<Response, ApiError> {
+    openai(gateway, caller, id, headers, body, "/v1/embeddings").await
+}
+
+/// An OpenAI-style request: `model` names the caller's endpoint, whose processor sees the
+/// request at `path` (`/v1/embeddings`, `/v1/chat/completions`, ...).
+pub(crate) async fn openai(
+    gateway: AppState,
+    caller: crate::tenants::Caller,
+    id: Option<axum::Extension<super::RequestId>>,
+    headers: HeaderMap,
+    body: bytes::Bytes,
+    path: &str,
+) -> Result<Response, ApiError> {
     let started = Instant::now();
     let visible = visible_headers(&headers);
     #[derive(serde::Deserialize)]
@@ -368,7 +382,7 @@ pub(crate) async fn embeddings(
     }
     let request = Request {
         method: "POST".into(),
-        path: "/v1/embeddings".to_owned(),
+        path: path.to_owned(),
         headers: visible,
         body: body.to_vec(),
     };
@@ -530,36 +544,160 @@ impl Failure {
     }
 }
 
-/// Runs one request through a version: the processor alone (backend `none`), or
-/// pre-process, the backend's batcher, and post-process.
+/// A processor's answer whose body may still be coming: the response to the first (or
+/// only) model output chunk, and the bodies of the chunks after it, one post-process call
+/// each (a generation backend's tokens).
+pub(crate) struct Answer {
+    pub head: wasp_wasm::Response,
+    pub rest: Option<Chunks>,
+}
+
+/// The bodies of a stream's later chunks, in order.
+pub(crate) type Chunks = futures_util::stream::BoxStream<'static, Result<Vec<u8>, Failure>>;
+
+/// Runs one request through a version and waits for the whole answer: a streamed body is
+/// gathered (status and headers are the first chunk's).
 pub(crate) async fn run(
-    version: &DeployedVersion,
+    version: &Arc<DeployedVersion>,
     request: Request,
 ) -> Result<wasp_wasm::Response, Failure> {
-    let _counted = version.workers.meter.enter();
+    let answer = run_streamed(version, request).await?;
+    let mut response = answer.head;
+    if let Some(mut rest) = answer.rest {
+        while let Some(chunk) = futures_util::StreamExt::next(&mut rest).await {
+            response.body.extend(chunk?);
+        }
+    }
+    Ok(response)
+}
+
+/// Counts a request in the version's meter until dropped (owned, so that a stream can
+/// carry it).
+struct Counted(Arc<DeployedVersion>);
+
+impl Counted {
+    fn enter(version: &Arc<DeployedVersion>) -> Self {
+        let meter = &version.workers.meter;
+        meter.begin_at(meter.elapsed());
+        Self(version.clone())
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        let meter = &self.0.workers.meter;
+        meter.end_at(meter.elapsed());
+    }
+}
+
+/// Records a finished model call: the tenant's usage, and generation figures.
+fn model_done(version: &DeployedVersion, started: Instant, last: &wasp_core::ModelOutput) {
+    version.usage.model_call(started.elapsed(), Some(last));
+    version.metrics.observe_generation(last.metadata.as_deref());
+}
+
+/// Runs one request through a version: the processor alone (backend `none`), or
+/// pre-process, the backend, and post-process for each output chunk as it comes.
+pub(crate) async fn run_streamed(
+    version: &Arc<DeployedVersion>,
+    request: Request,
+) -> Result<Answer, Failure> {
+    let counted = Counted::enter(version);
     version.usage.requests.fetch_add(1, Ordering::Relaxed);
     version.workers.wait_ready().await.map_err(Failure::Wake)?;
     if !version.workers.has_model() {
-        return version
+        let head = version
             .processor
             .handle(request)
             .await
-            .map_err(Failure::Processor);
+            .map_err(Failure::Processor)?;
+        return Ok(Answer { head, rest: None });
     }
     let prepared = version
         .processor
         .pre_process(request)
         .await
         .map_err(Failure::Processor)?;
-    let output = version
-        .infer(prepared.input.into())
+    let started = Instant::now();
+    let (mut stream, in_flight) = version
+        .infer_stream(prepared.input.into())
         .await
         .map_err(Failure::Backend)?;
-    version
-        .processor
-        .post_process(&prepared.context, output.into())
+    fn ended() -> Failure {
+        Failure::Backend(BackendError::Unavailable(
+            "the model's output ended before its last chunk".into(),
+        ))
+    }
+    let first = stream
+        .recv()
         .await
-        .map_err(Failure::Processor)
+        .ok_or_else(ended)?
+        .map_err(Failure::Backend)?;
+    let last = first.last;
+    if last {
+        model_done(version, started, &first);
+    }
+    let head = version
+        .processor
+        .post_process(&prepared.context, first.into())
+        .await
+        .map_err(Failure::Processor)?;
+    if last {
+        return Ok(Answer { head, rest: None });
+    }
+    // The rest of the chunks, post-processed as they come. Dropping the stream (a client
+    // that went away) drops the backend's receiver, which frees the sequence.
+    struct State {
+        version: Arc<DeployedVersion>,
+        stream: wasp_backend::OutputStream,
+        context: Vec<u8>,
+        started: Instant,
+        done: bool,
+        _in_flight: crate::workers::InFlight,
+        _counted: Counted,
+    }
+    let state = State {
+        version: version.clone(),
+        stream,
+        context: prepared.context,
+        started,
+        done: false,
+        _in_flight: in_flight,
+        _counted: counted,
+    };
+    let rest = futures_util::stream::unfold(state, |mut s| async move {
+        if s.done {
+            return None;
+        }
+        let chunk = match s.stream.recv().await {
+            Some(Ok(chunk)) => chunk,
+            Some(Err(e)) => {
+                s.done = true;
+                return Some((Err(Failure::Backend(e)), s));
+            }
+            None => {
+                s.done = true;
+                return Some((Err(ended()), s));
+            }
+        };
+        if chunk.last {
+            s.done = true;
+            model_done(&s.version, s.started, &chunk);
+        }
+        let body = s
+            .version
+            .processor
+            .post_process(&s.context, chunk.into())
+            .await
+            .map(|r| r.body)
+            .map_err(Failure::Processor);
+        s.done |= body.is_err();
+        Some((body, s))
+    });
+    Ok(Answer {
+        head,
+        rest: Some(Box::pin(rest)),
+    })
 }
 
 /// What a sampled request is recorded with: its endpoint's records settings and its id.
@@ -578,7 +716,7 @@ fn recording(deployment: &crate::Deployment, extensions: &axum::http::Extensions
 async fn serve(
     gateway: &Gateway,
     name: &str,
-    version: &DeployedVersion,
+    version: &Arc<DeployedVersion>,
     request: Request,
     started: Instant,
     recording: Recording,
@@ -608,8 +746,11 @@ async fn serve(
         };
         (spec, record)
     });
-    let response = match run(version, request).await {
-        Ok(response) => {
+    let response = match run_streamed(version, request).await {
+        Ok(Answer {
+            head: response,
+            rest,
+        }) => {
             if let Some((spec, mut record)) = kept {
                 record.status = response.status;
                 record.response_headers = crate::records::headers(&response.headers);
@@ -618,10 +759,12 @@ async fn serve(
                     record.response_body_base64,
                     record.response_body_truncated,
                 ) = crate::records::body(&response.body, spec.max_body_bytes);
+                // A streamed body is recorded up to its first chunk.
+                record.response_body_truncated |= rest.is_some();
                 record.latency_ms = started.elapsed().as_secs_f64() * 1e3;
                 gateway.recorder.record(name, spec, &record);
             }
-            processor_response(response, version)
+            processor_response(response, rest, version)
         }
         Err(failure) => {
             let error = failure.into_api();
@@ -743,14 +886,58 @@ pub(crate) fn check_processor_response(
 }
 
 /// Turns a processor's response into an HTTP response, refusing what HTTP cannot carry.
-fn processor_response(response: wasp_wasm::Response, version: &DeployedVersion) -> Response {
-    if let Err(e) = check_processor_response(&response, version.limits.max_response_bytes) {
+/// With `rest`, the body goes on with the later chunks' bodies as they come, within the
+/// version's `limits.max_response_bytes` in all; a failure mid-stream ends the body early
+/// (the status is sent by then), and is logged.
+fn processor_response(
+    response: wasp_wasm::Response,
+    rest: Option<Chunks>,
+    version: &DeployedVersion,
+) -> Response {
+    let limit = version.limits.max_response_bytes;
+    if let Err(e) = check_processor_response(&response, limit) {
         return e.into_response();
     }
     let Ok(status) = StatusCode::from_u16(response.status) else {
         return ApiError::new(502, "invalid_processor_response", "invalid status").into_response();
     };
-    let mut out = Response::new(Body::from(response.body));
+    let body = match rest {
+        None => Body::from(response.body),
+        Some(rest) => {
+            let first = response.body.len() as u64;
+            let version_name = version.name.clone();
+            let later = futures_util::StreamExt::scan(rest, first, move |sent, chunk| {
+                let item = match chunk {
+                    Ok(bytes) if *sent + bytes.len() as u64 > limit => {
+                        tracing::warn!(
+                            version = %version_name,
+                            "a streamed response passed limits.max_response_bytes ({limit}); \
+                             it was cut"
+                        );
+                        None
+                    }
+                    Ok(bytes) => {
+                        *sent += bytes.len() as u64;
+                        Some(Ok(bytes::Bytes::from(bytes)))
+                    }
+                    Err(failure) => {
+                        let e = failure.into_api();
+                        tracing::warn!(
+                            version = %version_name,
+                            "a streamed response failed: {}", e.message
+                        );
+                        Some(Err(std::io::Error::other(e.message)))
+                    }
+                };
+                std::future::ready(item)
+            });
+            let head = futures_util::stream::iter([Ok::<_, std::io::Error>(bytes::Bytes::from(
+                response.body,
+            ))]);
+            Body::from_stream(futures_util::StreamExt::chain(head, later))
+        }
+    };
+    let mut out = Response::new(body);
     *out.status_mut() = status;
     let headers = out.headers_mut();
     for (name, value) in response.headers {

@@ -13,6 +13,7 @@ mod control;
 pub(crate) mod data;
 pub(crate) mod error;
 mod jobs;
+mod openai;
 mod ops;
 
 use std::sync::Arc;
@@ -170,6 +171,9 @@ fn routes() -> OpenApiRouter<AppState> {
         .route(data::INVOKE, any(data::invoke))
         .route(data::INVOKE_BELOW, any(data::invoke_path))
         .routes(routes!(data::embeddings))
+        .routes(routes!(openai::chat_completions))
+        .routes(routes!(openai::completions))
+        .routes(routes!(openai::models))
         .routes(routes!(data::kserve_infer))
         .routes(routes!(data::kserve_ready))
         .routes(routes!(data::kserve_metadata))

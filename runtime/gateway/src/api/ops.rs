@@ -130,6 +130,21 @@ pub(crate) async fn metrics(State(gateway): State<AppState>) -> Response {
                 m.backend_queued
                     .get_or_create(&version)
                     .set(v.workers.backend_queued() as i64);
+                if let Some(load) = v.workers.generation_load() {
+                    let gauge = |family: &prometheus_client::metrics::family::Family<
+                        crate::metrics::VersionLabels,
+                        prometheus_client::metrics::gauge::Gauge,
+                    >,
+                                 value: u64| {
+                        family
+                            .get_or_create(&version)
+                            .set(i64::try_from(value).unwrap_or(i64::MAX));
+                    };
+                    gauge(&m.running_sequences, load.running as u64);
+                    gauge(&m.waiting_sequences, load.waiting as u64);
+                    gauge(&m.kv_cache_bytes, load.kv_cache_bytes);
+                    gauge(&m.kv_cache_capacity, load.kv_cache_capacity);
+                }
             }
         }
     }

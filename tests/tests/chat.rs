@@ -1,0 +1,477 @@
+//! Chat and text completions end to end: the real server, the chat processor compiled to
+//! wasm, the candle generation backend with the real SmolLM2 weights, streamed and not,
+//! checked by hand and with OpenAI's own Python client.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use wasp_tests::guests::{CHAT, TEXT_EMBEDDINGS};
+use wasp_tests::{TestServer, minilm_spec, smollm2_dir};
+
+/// A chat endpoint over SmolLM2 with at most `sequences` decoded together, and the
+/// processor's context cut to 512 tokens (so that "too long" is quick to reach).
+fn chat_spec(name: &str, sequences: u32) -> String {
+    format!(
+        r#"name = "{name}"
+[[versions]]
+name = "v1"
+backend = {{ kind = "candle", model = "SmolLM2-135M-Instruct", task = "generate", device = "cpu", max_sequences = {sequences}, kv_cache_mib = 256 }}
+[versions.processor]
+component = "{{COMPONENT}}"
+mounts = [{{ host = {host:?}, guest = "/model" }}]
+env = {{ CONTEXT_LENGTH = "512", DEFAULT_MAX_TOKENS = "64" }}
+[versions.limits]
+timeout_ms = 10000
+"#,
+        host = smollm2_dir().display().to_string()
+    )
+}
+
+fn ask(content: &str, extra: Value) -> Value {
+    let mut body = json!({
+        "model": "smol",
+        "messages": [{"role": "user", "content": content}],
+        "temperature": 0,
+    });
+    if let (Some(b), Some(e)) = (body.as_object_mut(), extra.as_object()) {
+        b.extend(e.clone());
+    }
+    body
+}
+
+/// The `data:` events of a server-sent event stream, in order.
+fn events(text: &str) -> Vec<String> {
+    text.split("\n\n")
+        .filter_map(|e| e.strip_prefix("data: "))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The content of a streamed chat answer, and its finish reason.
+fn streamed_content(text: &str) -> (String, Option<String>, Option<Value>) {
+    let events = events(text);
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"), "{text}");
+    let mut content = String::new();
+    let mut finish = None;
+    let mut usage = None;
+    for event in &events[..events.len() - 1] {
+        let chunk: Value = serde_json::from_str(event).unwrap();
+        assert_eq!(chunk["object"], "chat.completion.chunk");
+        assert!(chunk["id"].as_str().unwrap().starts_with("chatcmpl-"));
+        if let Some(u) = chunk.get("usage").filter(|u| !u.is_null()) {
+            usage = Some(u.clone());
+        }
+        let Some(choice) = chunk["choices"].get(0) else {
+            continue;
+        };
+        if let Some(text) = choice["delta"]["content"].as_str() {
+            content.push_str(text);
+        }
+        if let Some(reason) = choice["finish_reason"].as_str() {
+            finish = Some(reason.to_owned());
+        }
+    }
+    (content, finish, usage)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_streams_and_answers_whole_with_the_real_model() {
+    let t = TestServer::start().await;
+    let c = &t.client;
+    c.deploy_ok(CHAT, &chat_spec("smol", 8)).await;
+
+    // Whole: one chat.completion with usage.
+    let reply = c
+        .post_json(
+            "/v1/chat/completions",
+            &ask("What is the capital of France?", json!({"max_tokens": 24})),
+        )
+        .await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let whole = reply.json();
+    assert_eq!(whole["object"], "chat.completion");
+    assert_eq!(whole["model"], "smol");
+    let answer = whole["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(whole["choices"][0]["message"]["role"], "assistant");
+    // The 135M model answers greedily in French ("L'Étoile, ..."), as llama.cpp does.
+    assert!(answer.chars().count() > 10, "{answer}");
+    let usage = &whole["usage"];
+    let completion = usage["completion_tokens"].as_u64().unwrap();
+    assert!(completion > 0 && completion <= 24);
+    assert_eq!(
+        usage["total_tokens"].as_u64().unwrap(),
+        usage["prompt_tokens"].as_u64().unwrap() + completion
+    );
+
+    // Streamed with the same (greedy) settings: the same text, a chunk at a time, then
+    // the usage chunk and [DONE].
+    let reply = c
+        .post_json(
+            "/v1/chat/completions",
+            &ask(
+                "What is the capital of France?",
+                json!({"max_tokens": 24, "stream": true, "stream_options": {"include_usage": true}}),
+            ),
+        )
+        .await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(reply.header("content-type"), Some("text/event-stream"));
+    let text = reply.text();
+    assert!(events(&text).len() > 5, "{text}");
+    let (content, finish, usage) = streamed_content(&text);
+    assert_eq!(content, answer);
+    assert_eq!(
+        finish.as_deref(),
+        whole["choices"][0]["finish_reason"].as_str()
+    );
+    assert_eq!(usage.unwrap()["completion_tokens"], completion);
+
+    // max_tokens cuts with finish_reason `length`.
+    let reply = c
+        .post_json(
+            "/v1/chat/completions",
+            &ask("Tell me a long story.", json!({"max_tokens": 5})),
+        )
+        .await
+        .json();
+    assert_eq!(reply["choices"][0]["finish_reason"], "length");
+    assert_eq!(reply["usage"]["completion_tokens"], 5);
+
+    // A stop sequence ends the answer where it would begin, and is not in it.
+    let full = c
+        .post_json(
+            "/v1/chat/completions",
+            &ask("List three colours.", json!({"max_tokens": 40})),
+        )
+        .await
+        .json();
+    let full = full["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let stop = "2.";
+    let at = full
+        .find(stop)
+        .unwrap_or_else(|| panic!("no `{stop}` in {full:?}"));
+    for stream in [false, true] {
+        let reply = c
+            .post_json(
+                "/v1/chat/completions",
+                &ask(
+                    "List three colours.",
+                    json!({"max_tokens": 40, "stop": [stop], "stream": stream}),
+                ),
+            )
+            .await;
+        let (content, finish) = if stream {
+            let (content, finish, _) = streamed_content(&reply.text());
+            (content, finish.unwrap())
+        } else {
+            let body = reply.json();
+            (
+                body["choices"][0]["message"]["content"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned(),
+                body["choices"][0]["finish_reason"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned(),
+            )
+        };
+        assert_eq!(content, full[..at], "stream {stream}");
+        assert_eq!(finish, "stop");
+    }
+
+    // Legacy completions.
+    let reply = c
+        .post_json(
+            "/v1/completions",
+            &json!({"model": "smol", "prompt": "The capital of France is", "max_tokens": 8, "temperature": 0}),
+        )
+        .await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let body = reply.json();
+    assert_eq!(body["object"], "text_completion");
+    assert!(!body["choices"][0]["text"].as_str().unwrap().is_empty());
+
+    // /v1/models lists the endpoint.
+    let models = c.get("/v1/models").await.json();
+    assert_eq!(models["object"], "list");
+    assert!(
+        models["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["id"] == "smol")
+    );
+
+    // The generation metrics count what was generated.
+    let metrics = c.get("/metrics").await.text();
+    for name in [
+        "wasp_generation_time_to_first_token_seconds_count",
+        "wasp_generation_time_per_output_token_seconds_count",
+        "wasp_generation_completion_tokens_total",
+        "wasp_generation_prompt_tokens_total",
+        "wasp_generation_running_sequences",
+        "wasp_generation_kv_cache_capacity_bytes",
+    ] {
+        let line = metrics
+            .lines()
+            .find(|l| l.starts_with(name) && l.contains("endpoint=\"smol\""))
+            .unwrap_or_else(|| panic!("no {name} in\n{metrics}"));
+        if name.ends_with("_total") || name.ends_with("_count") || name.ends_with("capacity_bytes")
+        {
+            let value: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+            assert!(value > 0.0, "{line}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_name_their_field_in_openai_shape() {
+    let t = TestServer::start().await;
+    let c = &t.client;
+    c.deploy_ok(CHAT, &chat_spec("smol", 4)).await;
+    let long = "word ".repeat(700);
+    let cases = [
+        (ask(&long, json!({})), "messages"),
+        (ask("hi", json!({"temperature": 3})), "temperature"),
+        (ask("hi", json!({"top_p": 0})), "top_p"),
+        (ask("hi", json!({"max_tokens": 0})), "max_tokens"),
+        (ask("hi", json!({"max_tokens": 100000})), "max_tokens"),
+        (ask("hi", json!({"n": 2})), "n"),
+        (
+            ask("hi", json!({"stop": ["a", "b", "c", "d", "e"]})),
+            "stop",
+        ),
+        (ask("hi", json!({"stream": "yes"})), "stream"),
+        (
+            ask("hi", json!({"stream_options": {"include_usage": true}})),
+            "stream_options",
+        ),
+        (ask("hi", json!({"seed": -1})), "seed"),
+        (
+            ask("hi", json!({"frequency_penalty": 1.5})),
+            "frequency_penalty",
+        ),
+        (ask("hi", json!({"tools": []})), "tools"),
+        (json!({"model": "smol", "messages": []}), "messages"),
+        (
+            json!({"model": "smol", "messages": [{"role": "robot", "content": "x"}]}),
+            "messages[0].role",
+        ),
+        (
+            json!({"model": "smol", "messages": [{"role": "user"}]}),
+            "messages[0].content",
+        ),
+        (
+            json!({"messages": [{"role": "user", "content": "x"}]}),
+            "model",
+        ),
+    ];
+    for (body, field) in cases {
+        let reply = c.post_json("/v1/chat/completions", &body).await;
+        assert_eq!(reply.status, 400, "{field}: {}", reply.text());
+        let error = &reply.json()["error"];
+        assert_eq!(error["param"], field, "{}", reply.text());
+        assert_eq!(error["type"], "invalid_request_error");
+        assert!(error["message"].as_str().is_some_and(|m| !m.is_empty()));
+    }
+    let reply = c
+        .post_json(
+            "/v1/chat/completions",
+            &json!({"model": "nope", "messages": []}),
+        )
+        .await;
+    assert_eq!(reply.status, 404, "{}", reply.text());
+    assert_eq!(reply.json()["error"]["type"], "not_found_error");
+    // Not JSON.
+    let reply = c.post("/v1/chat/completions", "{").await;
+    assert_eq!(reply.status, 400);
+    assert!(reply.json()["error"]["message"].is_string());
+}
+
+/// Reads a streamed answer on a raw connection until `bytes` have come, then drops the
+/// connection.
+async fn read_then_drop(
+    addr: std::net::SocketAddr,
+    key: &str,
+    body: &Value,
+    bytes: usize,
+) -> String {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let body = body.to_string();
+    let request = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {key}\r\n\
+         content-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while seen.len() < bytes {
+        let n = stream.read(&mut buf).await.unwrap();
+        assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8_lossy(&seen).into_owned()
+}
+
+fn gauge(metrics: &str, name: &str) -> f64 {
+    metrics
+        .lines()
+        .find(|l| l.starts_with(name) && l.contains("endpoint=\"smol\""))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(-1.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_goes_away_frees_its_sequence() {
+    let t = TestServer::start().await;
+    let c = &t.client;
+    c.deploy_ok(CHAT, &chat_spec("smol", 4)).await;
+    let long = ask(
+        "Write a very long essay about the history of bread.",
+        json!({"max_tokens": 400, "stream": true, "temperature": 0.8, "seed": 1}),
+    );
+    let head = read_then_drop(t.server.local_addr(), c.key().unwrap(), &long, 600).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(head.contains("chat.completion.chunk"), "{head}");
+    // The sequence leaves the batch at once, long before its 400 tokens.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let metrics = c.get("/metrics").await.text();
+        let running = gauge(&metrics, "wasp_generation_running_sequences");
+        let kv = gauge(&metrics, "wasp_generation_kv_cache_bytes");
+        if running == 0.0 && kv == 0.0 {
+            let generated = gauge(&metrics, "wasp_generation_completion_tokens_total");
+            assert!(generated < 400.0, "{generated}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "running {running}, kv {kv}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eight_concurrent_streams_are_each_correct() {
+    let t = TestServer::start().await;
+    let c = &t.client;
+    c.deploy_ok(CHAT, &chat_spec("smol", 8)).await;
+    let questions = [
+        "What is the capital of France?",
+        "List three colours.",
+        "What is 2 + 2?",
+        "Name a fruit.",
+        "Say hello.",
+        "What colour is the sky?",
+        "Name an animal.",
+        "What is water made of?",
+    ];
+    // Each alone first: the reference answers.
+    let mut alone = Vec::new();
+    for q in questions {
+        let body = c
+            .post_json("/v1/chat/completions", &ask(q, json!({"max_tokens": 20})))
+            .await
+            .json();
+        alone.push(
+            body["choices"][0]["message"]["content"]
+                .as_str()
+                .unwrap()
+                .to_owned(),
+        );
+    }
+    // All eight at once, streamed: each gets its own answer, whole.
+    let tasks: Vec<_> = questions
+        .iter()
+        .map(|q| {
+            let c = c.clone();
+            let body = ask(q, json!({"max_tokens": 20, "stream": true}));
+            tokio::spawn(async move { c.post_json("/v1/chat/completions", &body).await })
+        })
+        .collect();
+    for (task, expected) in tasks.into_iter().zip(&alone) {
+        let reply = task.await.unwrap();
+        assert_eq!(reply.status, 200, "{}", reply.text());
+        let (content, _, _) = streamed_content(&reply.text());
+        assert_eq!(&content, expected);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openai_python_client_streams_chat_and_embeds() {
+    let python =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/tools/clients/bin/python");
+    assert!(
+        python.exists(),
+        "{} is missing: run `scripts/toolchain clients` (./x test does)",
+        python.display()
+    );
+    let t = TestServer::start().await;
+    let c = &t.client;
+    c.deploy_ok(CHAT, &chat_spec("smol", 4)).await;
+    c.deploy_ok(TEXT_EMBEDDINGS, &minilm_spec("minilm", ""))
+        .await;
+    let script = r#"
+import json, sys
+from openai import OpenAI, BadRequestError
+client = OpenAI(base_url=sys.argv[1] + "/v1", api_key=sys.argv[2])
+stream = client.chat.completions.create(
+    model="smol", messages=[{"role": "user", "content": "What is the capital of France?"}],
+    max_tokens=24, temperature=0, stream=True, stream_options={"include_usage": True})
+parts, usage, finish = [], None, None
+for chunk in stream:
+    if chunk.usage:
+        usage = chunk.usage.completion_tokens
+    for choice in chunk.choices:
+        if choice.delta.content:
+            parts.append(choice.delta.content)
+        if choice.finish_reason:
+            finish = choice.finish_reason
+whole = client.chat.completions.create(
+    model="smol", messages=[{"role": "user", "content": "What is the capital of France?"}],
+    max_tokens=24, temperature=0)
+emb = client.embeddings.create(model="minilm", input=["hello", "world"])
+try:
+    client.chat.completions.create(model="smol", messages=[{"role": "user", "content": "x"}], temperature=5)
+    error = None
+except BadRequestError as e:
+    error = e.body.get("param") if isinstance(e.body, dict) else str(e.body)
+print(json.dumps({"streamed": "".join(parts), "usage": usage, "finish": finish,
+    "whole": whole.choices[0].message.content, "dims": [len(d.embedding) for d in emb.data],
+    "error_param": error}))
+"#;
+    let base = format!("http://{}", t.server.local_addr());
+    let key = c.key().unwrap().to_owned();
+    let output = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(python)
+            .args(["-c", script, &base, &key])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let result: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert!(
+        result["streamed"].as_str().unwrap().chars().count() > 10,
+        "{result}"
+    );
+    assert_eq!(result["streamed"], result["whole"]);
+    assert!(result["usage"].as_u64().unwrap() > 0);
+    assert!(result["finish"].is_string());
+    assert_eq!(result["dims"], json!([384, 384]));
+    assert_eq!(result["error_param"], "temperature");
+}
