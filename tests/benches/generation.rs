@@ -14,10 +14,9 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -26,53 +25,16 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use plotters::prelude::*;
 use serde_json::json;
+use wasp_tests::process::{Process, free_port, release_wasp, root, start_wasp, wait_for};
 
 /// Tokens asked of every answer.
 const MAX_TOKENS: u64 = 64;
 /// Requests each client sends in a concurrency step.
 const PER_CLIENT: usize = 3;
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
-
-/// A server process, killed when dropped.
-struct Process(Child);
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn wait_for(addr: SocketAddr, secs: u64) {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while std::net::TcpStream::connect(addr).is_err() {
-        assert!(Instant::now() < deadline, "nothing listens on {addr}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 /// wasp with two chat endpoints over the same model: batching on and off.
 fn wasp_serve(dir: &Path) -> (Process, SocketAddr, String) {
-    let wasp = root().join("target/release/wasp");
-    assert!(
-        wasp.exists(),
-        "{} is missing: `cargo build --release -p wasp` (./x bench does)",
-        wasp.display()
-    );
+    let wasp = release_wasp();
     let model = wasp_tests::smollm2_dir();
     let mut deploys = Vec::new();
     for (name, sequences) in [("batched", 16), ("serial", 1)] {
@@ -103,25 +65,7 @@ fn wasp_serve(dir: &Path) -> (Process, SocketAddr, String) {
     for spec in &deploys {
         command.arg("--deploy").arg(spec);
     }
-    let mut child = command
-        .env("WASP_LOG", "warn")
-        .env("WASP_CREDENTIALS", dir.join("credentials.toml"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr: SocketAddr = line
-        .trim()
-        .strip_prefix("wasp listening on http://")
-        .unwrap_or_else(|| panic!("wasp did not start: {line}"))
-        .parse()
-        .unwrap();
-    let key = std::fs::read_to_string(dir.join("data/operator.key")).unwrap();
-    (Process(child), addr, key.trim().to_owned())
+    start_wasp(command, dir)
 }
 
 /// llama-cpp-python's OpenAI server on the same GGUF file, if it is installed.
@@ -157,7 +101,7 @@ fn llama_serve() -> Option<(Process, SocketAddr)> {
         .unwrap();
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let process = Process(child);
-    wait_for(addr, 120);
+    wait_for(addr, Duration::from_secs(120));
     Some((process, addr))
 }
 
@@ -299,13 +243,7 @@ async fn single(http: &Http, addr: SocketAddr, key: &str, model: &str) -> (f64, 
 }
 
 fn plot(path: &Path, series: &[(String, Vec<(usize, f64)>)]) -> anyhow::Result<()> {
-    std::fs::create_dir_all(path.parent().unwrap())?;
-    plotters::style::register_font(
-        "sans-serif",
-        FontStyle::Normal,
-        epaint_default_fonts::UBUNTU_LIGHT,
-    )
-    .map_err(|_| anyhow::anyhow!("the plot font did not load"))?;
+    wasp_tests::prepare_plot(path)?;
     let area = BitMapBackend::new(path, (900, 560)).into_drawing_area();
     area.fill(&WHITE)?;
     let top = series

@@ -14,57 +14,20 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use bytes::Bytes;
 use wasp_tests::load::{Report, authorize, run};
-
-/// The workspace root.
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
+use wasp_tests::process::{Process, free_port, release_wasp, root, start_wasp, wait_for};
 
 /// The core the servers share: the last one (counted before the load generator pins
 /// itself to the others).
 fn server_core() -> usize {
     static CORE: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     *CORE.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()) - 1)
-}
-
-/// A server process, killed when dropped.
-struct Process(Child);
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Waits until `addr` accepts connections.
-fn wait_for(addr: SocketAddr) {
-    for _ in 0..600 {
-        if std::net::TcpStream::connect(addr).is_ok() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!("nothing listens on {addr}");
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// How `wasmtime serve` allocates instances.
@@ -116,17 +79,11 @@ fn wasmtime_serve(wasmtime: &Path, peer: Peer) -> (Process, SocketAddr) {
         .spawn()
         .unwrap();
     let process = Process(child);
-    wait_for(addr);
+    wait_for(addr, Duration::from_secs(30));
     (process, addr)
 }
 
 fn wasp_serve(data: &Path, isolation: &str) -> (Process, SocketAddr) {
-    let wasp = root().join("target/release/wasp");
-    assert!(
-        wasp.exists(),
-        "{} is missing: `cargo build --release -p wasp` (./x bench does)",
-        wasp.display()
-    );
     let spec = data.join("hello.toml");
     std::fs::write(
         &spec,
@@ -137,32 +94,17 @@ fn wasp_serve(data: &Path, isolation: &str) -> (Process, SocketAddr) {
         ),
     )
     .unwrap();
-    let mut child = Command::new("taskset")
+    let mut command = Command::new("taskset");
+    command
         .args(["-c", &server_core().to_string()])
-        .arg(&wasp)
+        .arg(release_wasp())
         .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
         .arg(data.join("data"))
         .arg("--deploy")
-        .arg(&spec)
-        .env("WASP_LOG", "warn")
-        .env("WASP_CREDENTIALS", data.join("credentials.toml"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr: SocketAddr = line
-        .trim()
-        .strip_prefix("wasp listening on http://")
-        .unwrap_or_else(|| panic!("wasp did not start: {line}"))
-        .parse()
-        .unwrap();
-    let key = std::fs::read_to_string(data.join("data/operator.key")).unwrap();
-    authorize(addr, key.trim());
-    (Process(child), addr)
+        .arg(&spec);
+    let (process, addr, key) = start_wasp(command, data);
+    authorize(addr, &key);
+    (process, addr)
 }
 
 async fn measure(addr: SocketAddr, path: &str, connections: usize, secs: u64) -> Report {

@@ -15,17 +15,11 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use wasp_core::Limits;
+use wasp_tests::process::{release_wasp, root};
 use wasp_tests::{NoModels, Summary, TestServer, load, spec, time};
 use wasp_wasm::{LogBuffer, Processor, ProcessorSettings, Request, Role, Runtime, RuntimeConfig};
 
 const BODY: &str = r#"{"text":"mail jane.doe@example.co.uk or call +44 20 7946 0958, card 4111 1111 1111 1111, host 192.168.1.20"}"#;
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
 
 /// Builds a processor with the release `wasp` (after installing its toolchain).
 fn build(dir: &str) -> PathBuf {
@@ -35,12 +29,7 @@ fn build(dir: &str) -> PathBuf {
         .output()
         .unwrap();
     assert!(tools.status.success(), "scripts/toolchain failed");
-    let wasp = root().join("target/release/wasp");
-    assert!(
-        wasp.exists(),
-        "{} is missing: `cargo build --release -p wasp` (./x bench does)",
-        wasp.display()
-    );
+    let wasp = release_wasp();
     let name = Path::new(dir).file_name().unwrap().to_str().unwrap();
     let out = root().join(format!("target/polyglot/{name}.wasm"));
     let built = Command::new(wasp)

@@ -258,13 +258,7 @@ fn main() {
 
 /// Clients and workers over time above, p99 below.
 fn plot(path: &std::path::Path, samples: &[Sample], seconds: f64) -> anyhow::Result<()> {
-    std::fs::create_dir_all(path.parent().unwrap())?;
-    plotters::style::register_font(
-        "sans-serif",
-        FontStyle::Normal,
-        epaint_default_fonts::UBUNTU_LIGHT,
-    )
-    .map_err(|_| anyhow::anyhow!("the plot font did not load"))?;
+    wasp_tests::prepare_plot(path)?;
     let root = BitMapBackend::new(path, (1000, 700)).into_drawing_area();
     root.fill(&WHITE)?;
     let (upper, lower) = root.split_vertically(420);

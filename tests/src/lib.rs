@@ -16,6 +16,21 @@ use wasp_gateway::{RuntimeConfig, Server, ServerConfig};
 
 pub mod flood;
 pub mod load;
+pub mod process;
+
+/// Readies a benchmark's plot at `path`: its directory made, and the font the plots use
+/// (one that ships in a crate, so that no system font is needed) registered.
+pub fn prepare_plot(path: &Path) -> anyhow::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    plotters::style::register_font(
+        "sans-serif",
+        plotters::style::FontStyle::Normal,
+        epaint_default_fonts::UBUNTU_LIGHT,
+    )
+    .map_err(|_| anyhow::anyhow!("the plot font did not load"))
+}
 
 /// Paths of the guest components, built once by `build.rs`.
 pub mod guests {

@@ -160,29 +160,9 @@ fn integer(body: &Value, field: &str) -> Result<Option<u64>, Error> {
     }
 }
 
-const CHAT_FIELDS: &[&str] = &[
+/// Request fields both routes take.
+const COMMON_FIELDS: &[&str] = &[
     "model",
-    "messages",
-    "max_tokens",
-    "max_completion_tokens",
-    "temperature",
-    "top_p",
-    "top_k",
-    "repetition_penalty",
-    "frequency_penalty",
-    "presence_penalty",
-    "seed",
-    "stop",
-    "stream",
-    "stream_options",
-    "n",
-    "user",
-    "logprobs",
-    "response_format",
-];
-const TEXT_FIELDS: &[&str] = &[
-    "model",
-    "prompt",
     "max_tokens",
     "temperature",
     "top_p",
@@ -197,9 +177,11 @@ const TEXT_FIELDS: &[&str] = &[
     "n",
     "user",
     "logprobs",
-    "echo",
-    "suffix",
 ];
+/// Fields of chat requests only.
+const CHAT_FIELDS: &[&str] = &["messages", "max_completion_tokens", "response_format"];
+/// Fields of text completion requests only.
+const TEXT_FIELDS: &[&str] = &["prompt", "echo", "suffix"];
 
 /// The prompt text of a chat request: its messages through the chat template.
 fn chat_prompt(settings: &Settings, messages: &Value) -> Result<String, Error> {
@@ -312,12 +294,13 @@ fn prepare(request: &Request) -> Result<Prepared, Error> {
     let Some(fields) = body.as_object() else {
         return Err(Error::bad_request("the body must be a JSON object"));
     };
-    let known = if kind == Kind::Chat {
+    let own = if kind == Kind::Chat {
         CHAT_FIELDS
     } else {
         TEXT_FIELDS
     };
-    if let Some(unknown) = fields.keys().find(|k| !known.contains(&k.as_str())) {
+    let known = |k: &str| COMMON_FIELDS.contains(&k) || own.contains(&k);
+    if let Some(unknown) = fields.keys().find(|k| !known(k.as_str())) {
         return Err(bad(
             unknown,
             format!("unrecognized request argument `{unknown}`"),

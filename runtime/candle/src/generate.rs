@@ -663,11 +663,6 @@ struct Engine {
     running: Vec<Sequence>,
 }
 
-/// Bytes of cache `positions` take, in the cache's own allocation steps.
-fn cache_bytes(positions: usize, per_token: u64) -> u64 {
-    positions.div_ceil(256).max(1) as u64 * 256 * per_token
-}
-
 impl Engine {
     fn run(mut self) {
         loop {
@@ -697,9 +692,8 @@ impl Engine {
             if let Err(e) = self.step() {
                 // A failed forward pass fails the sequences in it; the engine goes on.
                 tracing::error!("generation step failed: {e}");
-                for mut seq in self.running.drain(..) {
+                for seq in self.running.drain(..) {
                     let _ = seq.tx.send(Err(BackendError::Inference(e.to_string())));
-                    seq.cache = None;
                 }
             }
             self.publish();
@@ -746,12 +740,12 @@ impl Engine {
     }
 
     fn publish(&self) {
-        let per = self.model.config().kv_bytes_per_token();
+        let config = self.model.config();
         let used: u64 = self
             .running
             .iter()
             .filter_map(|s| s.cache.as_ref())
-            .map(|c| cache_bytes(c.len(), per))
+            .map(|c| config.kv_bytes(c.len()))
             .sum();
         self.shared.kv_bytes.store(used, Ordering::Relaxed);
         self.shared
@@ -768,9 +762,9 @@ impl Engine {
         // Clients that went away free their sequences at once.
         self.running.retain(|s| !s.tx.is_closed());
         self.waiting.retain(|s| !s.tx.is_closed());
-        let per = self.model.config().kv_bytes_per_token();
+        let config = self.model.config();
         let budget = self.limits.kv_cache_bytes;
-        let need = |s: &Sequence| cache_bytes(s.positions_needed(), per);
+        let need = |s: &Sequence| config.kv_bytes(s.positions_needed());
         // Preempt the youngest running sequences while the batch would overflow the cache.
         while self.running.len() > 1 && self.running.iter().map(need).sum::<u64>() > budget {
             if let Some(mut seq) = self.running.pop() {

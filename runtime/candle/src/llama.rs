@@ -45,9 +45,11 @@ pub struct LlamaConfig {
 }
 
 impl LlamaConfig {
-    /// Bytes of KV cache one token takes (keys and values, every layer, f32).
-    pub fn kv_bytes_per_token(&self) -> u64 {
-        (2 * self.layers * self.kv_heads * self.head_dim * 4) as u64
+    /// Bytes of KV cache a sequence of `positions` holds: keys and values, every layer,
+    /// f32, in the cache's allocation steps.
+    pub fn kv_bytes(&self, positions: usize) -> u64 {
+        let per_token = (2 * self.layers * self.kv_heads * self.head_dim * 4) as u64;
+        (positions.div_ceil(CACHE_STEP).max(1) * CACHE_STEP) as u64 * per_token
     }
 }
 

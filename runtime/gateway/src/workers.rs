@@ -497,11 +497,9 @@ impl WorkerSet {
             .map(|(w, _)| w)
     }
 
-    /// Runs model input through a ready worker.
-    pub(crate) async fn infer(
-        self: &Arc<Self>,
-        input: wasp_core::ModelInput,
-    ) -> Result<wasp_core::ModelOutput, BackendError> {
+    /// A ready worker's batcher (waking the version if none is ready), counted in flight
+    /// on that worker until the guard is dropped.
+    async fn ready_batcher(self: &Arc<Self>) -> Result<(Arc<Batcher>, InFlight), BackendError> {
         let worker = self.pick().await.map_err(|e| match e {
             WakeError::Timeout(t) => BackendError::Unavailable(format!(
                 "no worker became ready within the cold-start timeout ({}s)",
@@ -515,9 +513,16 @@ impl WorkerSet {
             .batcher()
             .ok_or_else(|| BackendError::Unavailable("the worker has no model".into()))?;
         worker.in_flight.fetch_add(1, Ordering::Relaxed);
-        let result = batcher.infer(input).await;
-        worker.in_flight.fetch_sub(1, Ordering::Relaxed);
-        result
+        Ok((batcher, InFlight(worker)))
+    }
+
+    /// Runs model input through a ready worker.
+    pub(crate) async fn infer(
+        self: &Arc<Self>,
+        input: wasp_core::ModelInput,
+    ) -> Result<wasp_core::ModelOutput, BackendError> {
+        let (batcher, _in_flight) = self.ready_batcher().await?;
+        batcher.infer(input).await
     }
 
     /// Runs model input through a ready worker and hands back its output chunks as they
@@ -527,20 +532,7 @@ impl WorkerSet {
         self: &Arc<Self>,
         input: wasp_core::ModelInput,
     ) -> Result<(wasp_backend::OutputStream, InFlight), BackendError> {
-        let worker = self.pick().await.map_err(|e| match e {
-            WakeError::Timeout(t) => BackendError::Unavailable(format!(
-                "no worker became ready within the cold-start timeout ({}s)",
-                t.as_secs()
-            )),
-            WakeError::Failed(reason) => {
-                BackendError::Unavailable(format!("the worker failed to start: {reason}"))
-            }
-        })?;
-        let batcher = worker
-            .batcher()
-            .ok_or_else(|| BackendError::Unavailable("the worker has no model".into()))?;
-        worker.in_flight.fetch_add(1, Ordering::Relaxed);
-        let guard = InFlight(worker);
+        let (batcher, guard) = self.ready_batcher().await?;
         let stream = batcher.infer_stream(input).await?;
         Ok((stream, guard))
     }
