@@ -231,6 +231,14 @@ async fn chat_streams_and_answers_whole_with_the_real_model() {
             assert!(value > 0.0, "{line}");
         }
     }
+    // The tenant's usage counts the generated tokens (from the last chunk's `usage`).
+    let tokens: f64 = metrics
+        .lines()
+        .find(|l| l.starts_with("wasp_tenant_tokens_total"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no wasp_tenant_tokens_total in\n{metrics}"));
+    assert!(tokens > 0.0, "{tokens}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

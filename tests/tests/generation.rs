@@ -270,3 +270,46 @@ fn a_dropped_stream_frees_its_sequence_and_bad_input_is_named() {
         .unwrap_err();
     assert!(err.to_string().contains("context"), "{err}");
 }
+
+/// Beyond `max_sequences`, and beyond the KV-cache budget, requests wait rather than
+/// join the batch; they run when room comes.
+#[test]
+fn sequences_beyond_the_caps_wait_for_room() {
+    let fixture = fixture();
+    let prompt = ids(&fixture["prompts"][0]["prompt_ids"]);
+    let long = serde_json::json!({"stream": true, "max_tokens": 200, "ignore_eos": true});
+    let wait_until = |generator: &Generator, running: usize, waiting: usize| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            let load = generator.load().unwrap();
+            if load.running == running && load.waiting == waiting {
+                return;
+            }
+            assert!(std::time::Instant::now() < deadline, "{load:?}");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    };
+    // One running sequence at most.
+    let one = generator(1);
+    let first = one.stream(input(&prompt, long.clone())).unwrap();
+    let second = one.stream(input(&prompt, long.clone())).unwrap();
+    wait_until(&one, 1, 1);
+    drop(first);
+    wait_until(&one, 1, 0);
+    drop(second);
+    // Room for one sequence's cache (256 positions of SmolLM2: about 11.3 MiB).
+    let small = Generator::load(
+        &wasp_tests::smollm2_dir(),
+        candle_core_cpu(),
+        EngineLimits {
+            max_running: 8,
+            kv_cache_bytes: 12 << 20,
+        },
+    )
+    .unwrap();
+    let first = small.stream(input(&prompt, long.clone())).unwrap();
+    let _second = small.stream(input(&prompt, long)).unwrap();
+    wait_until(&small, 1, 1);
+    drop(first);
+    wait_until(&small, 1, 0);
+}

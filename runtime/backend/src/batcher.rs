@@ -335,6 +335,35 @@ mod tests {
         assert!(rows.sizes.lock().unwrap().iter().all(|&s| s <= 2));
     }
 
+    #[test]
+    fn chunks_merge_along_their_first_axis() {
+        let chunk = |ids: &[i64], meta: &str, index: u32, last: bool| ModelOutput {
+            tensors: vec![Tensor::from_i64("token_ids", vec![ids.len() as u64], ids)],
+            metadata: Some(meta.into()),
+            index,
+            last,
+        };
+        let merged = merge_chunks(vec![
+            chunk(&[1, 2], "{\"n\":2}", 0, false),
+            chunk(&[3], "{\"n\":3}", 1, true),
+        ]);
+        assert_eq!(merged.tensors.len(), 1);
+        assert_eq!(merged.tensors[0].shape, [3]);
+        assert_eq!(merged.tensors[0].to_i64().unwrap(), [1, 2, 3]);
+        assert_eq!(merged.metadata.as_deref(), Some("{\"n\":3}"));
+        assert!(merged.last && merged.index == 0);
+        // Tensors that cannot be joined: the newest wins.
+        let a = ModelOutput {
+            tensors: vec![Tensor::from_f32("x", vec![1, 2], &[1.0, 2.0])],
+            ..Default::default()
+        };
+        let b = ModelOutput {
+            tensors: vec![Tensor::from_f32("x", vec![1, 3], &[3.0, 4.0, 5.0])],
+            ..Default::default()
+        };
+        assert_eq!(merge_chunks(vec![a, b]).tensors[0].shape, [1, 3]);
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_single_stream_does_not_wait_out_the_window() {
         let echo = Arc::new(Echo {

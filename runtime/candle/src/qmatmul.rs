@@ -555,6 +555,40 @@ mod tests {
         }
     }
 
+    /// The portable loop (CPUs without AVX2) and the AVX2 kernel give the same products.
+    #[test]
+    fn the_portable_and_avx2_paths_agree() {
+        let device = Device::Cpu;
+        let (n, k) = (9, 96);
+        let w: Vec<f32> = (0..n * k)
+            .map(|i| ((i * 31) % 23) as f32 / 7.0 - 1.5)
+            .collect();
+        let w = Tensor::from_vec(w, (n, k), &device).unwrap();
+        let rows: Vec<Quantized> = (0..6)
+            .map(|r| {
+                let x: Vec<f32> = (0..k)
+                    .map(|i| ((i * 17 + r * 5) % 29) as f32 / 9.0 - 1.4)
+                    .collect();
+                quantize(&x)
+            })
+            .collect();
+        for dtype in [GgmlDType::Q4_1, GgmlDType::Q8_0] {
+            let m = QuantMatmul::new(&QTensor::quantize(&w, dtype).unwrap())
+                .unwrap()
+                .unwrap();
+            let mut portable = vec![0f32; n * rows.len()];
+            m.columns(&rows, 0..n, &mut portable);
+            let mut dispatched = vec![0f32; n * rows.len()];
+            m.run_columns(&rows, 0..n, &mut dispatched);
+            for (a, b) in portable.iter().zip(&dispatched) {
+                assert!(
+                    (a - b).abs() <= 1e-4 * a.abs().max(1.0),
+                    "{dtype:?}: {a} {b}"
+                );
+            }
+        }
+    }
+
     #[test]
     fn activations_round_ties_to_even_like_llama_cpp() {
         // amax 127 makes the scale 1: 0.5 rounds to 0 and 1.5 to 2, as _mm256_round_ps
