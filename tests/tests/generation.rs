@@ -72,12 +72,26 @@ fn collect(mut rx: wasp_backend::OutputStream) -> Vec<(Vec<u32>, ChunkMeta, bool
     out
 }
 
+/// A logit lead under which llama.cpp disagrees with itself: evaluating the same tokens in
+/// one batch and one by one moves its top logits by up to ~0.6, so two tokens this close
+/// are a tie to any independent implementation (scripts/make-llm-reference.py says more).
+const NEAR_TIE: f64 = 0.25;
+
+fn margins(v: &Value) -> Vec<f64> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m.as_f64().unwrap())
+        .collect()
+}
+
 #[test]
 fn teacher_forced_argmax_agrees_with_llama_cpp() {
     let fixture = fixture();
     let tf = &fixture["teacher_forced"];
     let tokens = ids(&tf["ids"]);
     let reference = ids(&tf["argmax"]);
+    let lead = margins(&tf["margins"]);
     let model = Llama::open(
         &wasp_tests::smollm2_dir().join("model.gguf"),
         &candle_core_cpu(),
@@ -86,6 +100,7 @@ fn teacher_forced_argmax_agrees_with_llama_cpp() {
     // Token by token through the cache, and the whole text at once: both must agree.
     let mut cache = model.new_cache();
     let mut stepped = Vec::new();
+    let mut clear_misses = Vec::new();
     for t in &tokens {
         let mut steps = [Step {
             tokens: std::slice::from_ref(t),
@@ -93,14 +108,16 @@ fn teacher_forced_argmax_agrees_with_llama_cpp() {
             logits: true,
         }];
         let logits = model.forward(&mut steps).unwrap().unwrap();
-        let row: Vec<f32> = logits.to_vec2::<f32>().unwrap().remove(0);
         let best = wasp_candle::llama::argmax_rows(&logits).unwrap()[0];
         let i = stepped.len();
         if best != reference[i] {
             eprintln!(
-                "position {i}: wasp {best} ({}) llama.cpp {} ({})",
-                row[best as usize], reference[i], row[reference[i] as usize]
+                "position {i}: wasp {best}, llama.cpp {} by a lead of {}",
+                reference[i], lead[i]
             );
+            if lead[i] >= NEAR_TIE {
+                clear_misses.push(i);
+            }
         }
         stepped.push(best);
     }
@@ -109,15 +126,24 @@ fn teacher_forced_argmax_agrees_with_llama_cpp() {
         .zip(&reference)
         .filter(|(a, b)| a == b)
         .count();
-    let share = agree as f64 / reference.len() as f64;
+    let own = tf["stepped_agreement"].as_u64().unwrap() as usize;
     eprintln!(
-        "teacher-forced argmax: {agree}/{} agree with llama.cpp",
+        "teacher-forced argmax: {agree}/{} agree with llama.cpp (llama.cpp batched against \
+         itself token by token: {own})",
         reference.len()
     );
-    // The issue's bar is 98%; this implementation reaches about 91% (see the README): the
-    // gap is rounding inside attention that this test does not yet pin down. The bound
-    // guards against regressions, not a claim of the bar.
-    assert!(share >= 0.90, "{agree}/{} agree", reference.len());
+    // Wherever llama.cpp's choice is clear, wasp makes it too.
+    assert!(
+        clear_misses.is_empty(),
+        "wasp differs where llama.cpp leads by >= {NEAR_TIE}: positions {clear_misses:?}"
+    );
+    // And the near ties go wasp's way no more often than llama.cpp's own two schedules
+    // disagree (one position of slack: which side of a tie wins is a coin toss).
+    assert!(
+        agree + 1 >= own,
+        "{agree}/{} agree; llama.cpp agrees with itself at {own}",
+        reference.len()
+    );
     // A prefill of the whole text ends at the same next token as the last step.
     let mut cache = model.new_cache();
     let mut steps = [Step {
@@ -134,8 +160,8 @@ fn teacher_forced_argmax_agrees_with_llama_cpp() {
 }
 
 /// Greedy tokens of every prompt: the same alone and batched with the others (continuous
-/// batching must not change a sequence's tokens), and the same as llama.cpp's for as long
-/// as the two implementations' rounding keeps the same token on top.
+/// batching must not change a sequence's tokens), and the same as llama.cpp's for 16
+/// tokens, or up to a step where llama.cpp itself had a near tie on top.
 #[test]
 fn greedy_tokens_are_the_same_alone_and_batched_and_follow_llama_cpp() {
     let fixture = fixture();
@@ -148,7 +174,8 @@ fn greedy_tokens_are_the_same_alone_and_batched_and_follow_llama_cpp() {
         .map(|p| (ids(&p["prompt_ids"]), ids(&p["greedy_ids"])))
         .collect();
     let mut alone = Vec::new();
-    for (prompt, reference) in &prompts {
+    for ((prompt, reference), p) in prompts.iter().zip(fixture["prompts"].as_array().unwrap()) {
+        let lead = margins(&p["greedy_margins"]);
         let chunks = collect(generator.stream(input(prompt, greedy.clone())).unwrap());
         let tokens: Vec<u32> = chunks.iter().flat_map(|c| c.0.clone()).collect();
         let same = tokens
@@ -157,7 +184,14 @@ fn greedy_tokens_are_the_same_alone_and_batched_and_follow_llama_cpp() {
             .take_while(|(a, b)| a == b)
             .count();
         eprintln!("greedy: the first {same} tokens are llama.cpp's");
-        assert!(same >= 4, "{tokens:?} against llama.cpp's {reference:?}");
+        if same < 16 {
+            assert!(
+                lead[same] < NEAR_TIE,
+                "step {same}: wasp {tokens:?} against llama.cpp's {reference:?}, whose lead \
+                 there was {}",
+                lead[same]
+            );
+        }
         let (_, meta, last) = chunks.last().unwrap();
         assert!(last);
         assert_eq!(meta.prompt_tokens as usize, prompt.len());
