@@ -267,10 +267,18 @@ impl wasp_wasm::ModelRouter for NoModels {
     }
 }
 
-/// The backends of the real binary.
-pub fn backends() -> wasp_backend::Registry {
+/// The backends of the real binary, with containers run by the `process` driver (records
+/// in `DATA_DIR/containers`) and volumes allowed below the temporary directory.
+pub fn backends(data_dir: &Path) -> wasp_backend::Registry {
     let mut registry = wasp_backend::Registry::new();
     registry.register(std::sync::Arc::new(wasp_candle::CandleFactory));
+    let driver = wasp_container::ProcessDriver::new(data_dir.join("containers")).unwrap();
+    let containers = wasp_container::ContainerFactory::new(
+        std::sync::Arc::new(driver),
+        vec![std::env::temp_dir()],
+    );
+    containers.reclaim();
+    registry.register(std::sync::Arc::new(containers));
     registry
 }
 
@@ -296,6 +304,39 @@ backend = {{ kind = "candle", model = "all-MiniLM-L6-v2", task = "embeddings", d
 component = "{{COMPONENT}}"
 mounts = [{{ host = {host:?}, guest = "/model" }}]
 "#,
+        host = minilm_dir().display().to_string()
+    )
+}
+
+/// An embeddings endpoint whose model runs in a container: the KServe v2 model server
+/// `model_server` (tests/src/bin/model-server.rs, run by the process driver) over
+/// all-MiniLM-L6-v2, with `server_args` on its command line, `backend` extra keys of the
+/// backend table and `extra` TOML lines inside the version; the `text-embeddings`
+/// processor's component is `{COMPONENT}`.
+pub fn model_server_spec(
+    model_server: &str,
+    name: &str,
+    server_args: &str,
+    backend: &str,
+    extra: &str,
+) -> String {
+    format!(
+        r#"name = "{name}"
+[[versions]]
+name = "v1"
+[versions.backend]
+kind = "container"
+image = "local/model-server"
+command = "exec {model_server} --model {model} {server_args}"
+port = 8080
+grace_period_s = 10
+{backend}
+{extra}
+[versions.processor]
+component = "{{COMPONENT}}"
+mounts = [{{ host = {host:?}, guest = "/model" }}]
+"#,
+        model = minilm_dir().display(),
         host = minilm_dir().display().to_string()
     )
 }
@@ -415,7 +456,7 @@ impl TestServer {
                 max_total_instances: 200,
                 ..RuntimeConfig::default()
             },
-            backends: backends(),
+            backends: backends(data_dir),
             models_dir: Some(models_dir()),
             http: wasp_gateway::HttpLimits::default(),
             gpus: std::sync::Arc::new(wasp_gateway::Inventory::default()),

@@ -108,11 +108,50 @@ pub trait Backend: Send + Sync + 'static {
     }
 }
 
+/// Where a backend's own output lines go (a container's stdout and stderr, its restarts):
+/// the endpoint's logs. Called with `true` for lines that are errors.
+pub type LogSink = Arc<dyn Fn(bool, String) + Send + Sync>;
+
 /// What a factory may use while loading.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct LoadContext {
     /// Where named models are cached (`<data dir>/models`).
     pub models_dir: PathBuf,
+    /// The endpoint the backend serves (empty outside a deployment).
+    pub endpoint: String,
+    /// Its version.
+    pub version: String,
+    /// The endpoint's logs.
+    pub log: Option<LogSink>,
+}
+
+impl std::fmt::Debug for LoadContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoadContext")
+            .field("models_dir", &self.models_dir)
+            .field("endpoint", &self.endpoint)
+            .field("version", &self.version)
+            .finish_non_exhaustive()
+    }
+}
+
+impl LoadContext {
+    /// A context with only a models directory (tools and tests).
+    pub fn new(models_dir: PathBuf) -> Self {
+        Self {
+            models_dir,
+            endpoint: String::new(),
+            version: String::new(),
+            log: None,
+        }
+    }
+
+    /// Writes a line to the endpoint's logs, if it has any.
+    pub fn log(&self, error: bool, line: String) {
+        if let Some(sink) = &self.log {
+            sink(error, line);
+        }
+    }
 }
 
 /// Loads backends of one kind.
@@ -123,6 +162,15 @@ pub trait BackendFactory: Send + Sync + 'static {
     /// Loads a backend for `spec` (blocking: model files are read and weights placed on
     /// the device; call it from a blocking thread).
     fn load(&self, spec: &BackendSpec, context: &LoadContext) -> Result<Arc<dyn Backend>>;
+
+    /// Checks at deploy time what the spec alone cannot tell (the server's own policies,
+    /// such as where volumes may come from), so that a bad spec is refused with the field at
+    /// fault before any worker starts. [`BackendError::BadInput`] names the field below
+    /// `backend`.
+    fn check(&self, spec: &BackendSpec) -> Result<()> {
+        let _ = spec;
+        Ok(())
+    }
 }
 
 /// The backend kinds this build can serve.

@@ -236,6 +236,10 @@ enum Command {
         /// besides the system's trusted roots (repeatable).
         #[arg(long = "webhook-ca", value_name = "FILE")]
         webhook_ca: Vec<PathBuf>,
+        /// A host directory container backends may mount volumes from (repeatable); with
+        /// none, only named engine volumes are allowed.
+        #[arg(long = "volume-root", value_name = "DIR")]
+        volume_roots: Vec<PathBuf>,
     },
     /// Deploys (creates or replaces) the endpoint a TOML spec describes, uploading the
     /// components it names by path.
@@ -679,12 +683,20 @@ async fn run(cli: Cli) -> Result<()> {
             allow_hosts,
             cpu_turns,
             webhook_ca,
+            volume_roots,
         } => {
             let gpus = if gpus == "auto" {
                 detect_gpus()
             } else {
                 wasp_gateway::Inventory::parse(&gpus).map_err(|e| anyhow::anyhow!("--gpus: {e}"))?
             };
+            let registry = backends(
+                &data_dir,
+                volume_roots
+                    .iter()
+                    .map(|r| r.canonicalize().unwrap_or_else(|_| r.clone()))
+                    .collect(),
+            )?;
             let config = ServerConfig {
                 listen,
                 data_dir,
@@ -694,7 +706,7 @@ async fn run(cli: Cli) -> Result<()> {
                     cpu_turns,
                     ..Default::default()
                 },
-                backends: backends(),
+                backends: registry,
                 models_dir,
                 http: wasp_gateway::HttpLimits {
                     request_timeout: std::time::Duration::from_secs(request_timeout_s),
@@ -984,11 +996,25 @@ async fn store_backup(client: &Client, path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The model backends compiled into this binary.
-fn backends() -> wasp_backend::Registry {
+/// The model backends compiled into this binary. Containers run through the `process`
+/// driver, whose records live in `DATA_DIR/containers`; what a crashed earlier run left
+/// there is stopped first.
+fn backends(
+    data_dir: &std::path::Path,
+    volume_roots: Vec<PathBuf>,
+) -> Result<wasp_backend::Registry> {
     let mut registry = wasp_backend::Registry::new();
     registry.register(std::sync::Arc::new(wasp_candle::CandleFactory));
-    registry
+    let driver = wasp_container::ProcessDriver::new(data_dir.join("containers"))
+        .with_context(|| format!("cannot use {}", data_dir.join("containers").display()))?;
+    let containers =
+        wasp_container::ContainerFactory::new(std::sync::Arc::new(driver), volume_roots);
+    let reclaimed = containers.reclaim();
+    if reclaimed > 0 {
+        tracing::warn!("stopped {reclaimed} container processes an earlier run left behind");
+    }
+    registry.register(std::sync::Arc::new(containers));
+    Ok(registry)
 }
 
 async fn serve(config: ServerConfig, deploy: Vec<PathBuf>) -> Result<()> {

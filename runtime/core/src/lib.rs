@@ -7,12 +7,13 @@
 
 pub mod credentials;
 pub mod files;
+pub mod kserve;
 pub mod spec;
 pub mod tensor;
 
 pub use spec::{
     BackendSpec, BatchingSpec, CandleBackend, ComponentRef, ContainerBackend, EndpointSpec,
-    Isolation, JobsSpec, Limits, Mount, ProcessorSpec, RateLimit, RecordsSpec, RolloutSpec,
+    Isolation, JobsSpec, Limits, Mount, Probe, ProcessorSpec, RateLimit, RecordsSpec, RolloutSpec,
     ScalingSpec, Schedule, SchedulePolicy, SpecError, StepChange, StepPolicy, VersionSpec,
     WorkerCount,
 };

@@ -472,7 +472,7 @@ pub enum BackendSpec {
     /// A native candle model.
     Candle(CandleBackend),
     /// An OCI container that listens on one HTTP port.
-    Container(ContainerBackend),
+    Container(Box<ContainerBackend>),
 }
 
 impl BackendSpec {
@@ -513,33 +513,214 @@ fn default_device() -> String {
     "auto".to_owned()
 }
 
-/// An OCI container backend.
+/// An OCI container backend: each worker is one container (or, with the server's `process`
+/// driver, one local process) that answers HTTP on one port.
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ContainerBackend {
-    /// Image reference.
+    /// Image reference (`registry/name:tag` or `name@sha256:...`). The `process` driver
+    /// runs `command` on the host instead and ignores it.
     pub image: String,
-    /// Start command; the image's entrypoint when left out.
+    /// Start command, run by `shell -c`; the image's entrypoint when left out.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub command: Option<String>,
     /// Shell that runs `command`.
     #[serde(default = "default_shell")]
     pub shell: String,
-    /// The one HTTP port the container listens on.
-    pub port: u16,
+    /// The one HTTP port the container listens on (1-65535). The `process` driver picks a
+    /// free port and passes it as `PORT`.
+    pub port: u32,
     /// Environment variables of the container.
     #[serde(default)]
     pub env: BTreeMap<String, String>,
-    /// A persistent volume to mount.
+    /// A volume to mount: an absolute host path under the server's allowed roots
+    /// (`wasp serve --volume-root`), or the name of an engine volume.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub volume: Option<String>,
-    /// Where the volume is mounted in the container.
+    /// Where the volume is mounted in the container (absolute).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mount_path: Option<String>,
-    /// HTTP path polled to decide that the container is healthy.
+    /// Memory limit of each container, in MiB.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub health_check: Option<String>,
+    pub memory_mib: Option<u32>,
+    /// CPU limit of each container, in cores (fractions allowed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpus: Option<f64>,
+    /// When to pull the image: `missing` (default), `always` or `never`.
+    #[serde(default = "default_pull")]
+    pub pull: String,
+    /// The probe that gates the worker's `ready`: requests reach the container only once
+    /// it answers 2xx.
+    #[serde(default)]
+    pub readiness: Probe,
+    /// A probe that restarts the container after `failure_threshold` failures in a row;
+    /// none when left out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub liveness: Option<Probe>,
+    /// Longest a container may take to become ready, in seconds, before the worker fails
+    /// with its last log lines. Default 120.
+    #[serde(default = "default_start_timeout")]
+    pub start_timeout_s: u64,
+    /// Seconds between SIGTERM and SIGKILL when a worker stops. Default 30.
+    #[serde(default = "default_grace")]
+    pub grace_period_s: u64,
+    /// Where a processor's model input is POSTed, as a KServe v2 inference request.
+    #[serde(default = "default_inference_path")]
+    pub inference_path: String,
+}
+
+/// An HTTP probe of a container.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Probe {
+    /// Path answered with 2xx when healthy.
+    pub path: String,
+    /// Wait before the first probe, in milliseconds.
+    pub initial_delay_ms: u64,
+    /// Time between probes, in milliseconds.
+    pub period_ms: u64,
+    /// Longest one probe may take, in milliseconds.
+    pub timeout_ms: u64,
+    /// Failures in a row that count (liveness: restart the container).
+    pub failure_threshold: u32,
+}
+
+impl Default for Probe {
+    fn default() -> Self {
+        Self {
+            path: "/v2/health/ready".to_owned(),
+            initial_delay_ms: 0,
+            period_ms: 200,
+            timeout_ms: 1000,
+            failure_threshold: 3,
+        }
+    }
+}
+
+fn default_pull() -> String {
+    "missing".to_owned()
+}
+
+fn default_start_timeout() -> u64 {
+    120
+}
+
+fn default_grace() -> u64 {
+    30
+}
+
+fn default_inference_path() -> String {
+    "/v2/models/model/infer".to_owned()
+}
+
+impl ContainerBackend {
+    fn validate(&self, at: &dyn Fn(&str) -> String) -> Result<(), SpecError> {
+        if self.image.trim().is_empty() {
+            return Err(SpecError::invalid(at("backend.image"), "required"));
+        }
+        if !(1..=65535).contains(&self.port) {
+            return Err(SpecError::invalid(
+                at("backend.port"),
+                format!("{} is not a port: use 1-65535", self.port),
+            ));
+        }
+        if !matches!(self.pull.as_str(), "missing" | "always" | "never") {
+            return Err(SpecError::invalid(
+                at("backend.pull"),
+                format!("`{}` is not `missing`, `always` or `never`", self.pull),
+            ));
+        }
+        if self.command.as_deref().is_some_and(|c| c.trim().is_empty()) {
+            return Err(SpecError::invalid(
+                at("backend.command"),
+                "is empty: leave it out to run the image's entrypoint",
+            ));
+        }
+        match (&self.volume, &self.mount_path) {
+            (Some(_), None) => {
+                return Err(SpecError::invalid(
+                    at("backend.mount_path"),
+                    "a volume needs the path to mount it at",
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(SpecError::invalid(
+                    at("backend.volume"),
+                    "mount_path is set but there is no volume",
+                ));
+            }
+            (Some(_), Some(path)) if !path.starts_with('/') => {
+                return Err(SpecError::invalid(
+                    at("backend.mount_path"),
+                    "must be an absolute path",
+                ));
+            }
+            _ => {}
+        }
+        if self.memory_mib == Some(0) {
+            return Err(SpecError::invalid(
+                at("backend.memory_mib"),
+                "must be at least 1",
+            ));
+        }
+        if let Some(cpus) = self.cpus
+            && !(cpus.is_finite() && cpus > 0.0 && cpus <= 1024.0)
+        {
+            return Err(SpecError::invalid(
+                at("backend.cpus"),
+                "must be more than 0 and at most 1024",
+            ));
+        }
+        if !self.inference_path.starts_with('/') {
+            return Err(SpecError::invalid(
+                at("backend.inference_path"),
+                "must start with `/`",
+            ));
+        }
+        if !(1..=3600).contains(&self.start_timeout_s) {
+            return Err(SpecError::invalid(
+                at("backend.start_timeout_s"),
+                "must be between 1 and 3600",
+            ));
+        }
+        if self.grace_period_s > 3600 {
+            return Err(SpecError::invalid(
+                at("backend.grace_period_s"),
+                "must be at most 3600",
+            ));
+        }
+        let probes = std::iter::once(("readiness", &self.readiness))
+            .chain(self.liveness.iter().map(|p| ("liveness", p)));
+        for (name, probe) in probes {
+            if !probe.path.starts_with('/') {
+                return Err(SpecError::invalid(
+                    at(&format!("backend.{name}.path")),
+                    "must start with `/`",
+                ));
+            }
+            if !(10..=600_000).contains(&probe.period_ms) {
+                return Err(SpecError::invalid(
+                    at(&format!("backend.{name}.period_ms")),
+                    "must be between 10 and 600000",
+                ));
+            }
+            if !(1..=600_000).contains(&probe.timeout_ms) {
+                return Err(SpecError::invalid(
+                    at(&format!("backend.{name}.timeout_ms")),
+                    "must be between 1 and 600000",
+                ));
+            }
+            if probe.failure_threshold == 0 {
+                return Err(SpecError::invalid(
+                    at(&format!("backend.{name}.failure_threshold")),
+                    "must be at least 1",
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 fn default_shell() -> String {
@@ -1017,6 +1198,9 @@ impl VersionSpec {
                 at("processor"),
                 "a version with backend `none` needs a processor to answer requests",
             ));
+        }
+        if let BackendSpec::Container(container) = &self.backend {
+            container.validate(at)?;
         }
         if let Some(processor) = &self.processor {
             if let ComponentRef::Digest(hex) = &processor.component

@@ -2,8 +2,9 @@
 //! tensors, model tensors to response outputs.
 
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
-use wasp_core::{DType, ModelInput, ModelOutput, Tensor};
+use serde_json::Value;
+use wasp_core::kserve::{ElementError, tensor_from_json, tensor_to_json};
+use wasp_core::{ModelInput, ModelOutput};
 
 /// A request that does not fit the protocol, with the field at fault.
 #[derive(Debug, PartialEq, Eq)]
@@ -104,46 +105,23 @@ pub fn parse(body: &[u8]) -> Result<Request, Invalid> {
     }
     let mut tensors = Vec::with_capacity(request.inputs.len());
     for (i, input) in request.inputs.into_iter().enumerate() {
-        let at = |f: &str| format!("inputs[{i}].{f}");
-        let dtype = DType::from_kserve_name(&input.datatype).ok_or_else(|| {
-            let hint = if input.datatype == "BYTES" {
-                "BYTES tensors (text) go through the endpoint's processor: use its invoke route"
-            } else {
-                "use FP32, FP64, INT64, INT32, UINT32, UINT8 or BOOL"
-            };
-            invalid(
-                at("datatype"),
-                format!("`{}` is not supported here: {hint}", input.datatype),
-            )
-        })?;
-        let mut flat = Vec::new();
-        flatten(&input.data, &mut flat);
-        let expected: u64 = input.shape.iter().product();
-        if flat.len() as u64 != expected {
-            return Err(invalid(
-                at("data"),
-                format!(
-                    "{} elements for shape {:?} ({expected} expected)",
-                    flat.len(),
-                    input.shape
-                ),
-            ));
-        }
-        let mut data = Vec::with_capacity(flat.len() * dtype.size());
-        for (j, value) in flat.iter().enumerate() {
-            encode(value, dtype, &mut data).ok_or_else(|| {
-                invalid(
-                    at("data"),
-                    format!("element {j} ({value}) is not a valid {}", input.datatype),
-                )
+        let tensor = tensor_from_json(input.name, input.shape, &input.datatype, &input.data)
+            .map_err(|e| {
+                let field = format!("inputs[{i}].{}", e.field());
+                match e {
+                    ElementError::Datatype(name) => {
+                        let hint = if name == "BYTES" {
+                            "BYTES tensors (text) go through the endpoint's processor: use its \
+                             invoke route"
+                        } else {
+                            "use FP32, FP64, INT64, INT32, UINT32, UINT8 or BOOL"
+                        };
+                        invalid(field, format!("`{name}` is not supported here: {hint}"))
+                    }
+                    other => invalid(field, other.to_string()),
+                }
             })?;
-        }
-        tensors.push(Tensor {
-            name: input.name,
-            dtype,
-            shape: input.shape,
-            data,
-        });
+        tensors.push(tensor);
     }
     Ok(Request {
         id: request.id,
@@ -151,64 +129,6 @@ pub fn parse(body: &[u8]) -> Result<Request, Invalid> {
             tensors,
             parameters: request.parameters.map(|p| Value::Object(p).to_string()),
         },
-    })
-}
-
-fn flatten<'a>(value: &'a Value, out: &mut Vec<&'a Value>) {
-    match value {
-        Value::Array(items) => items.iter().for_each(|v| flatten(v, out)),
-        other => out.push(other),
-    }
-}
-
-fn encode(value: &Value, dtype: DType, out: &mut Vec<u8>) -> Option<()> {
-    match dtype {
-        DType::F32 => out.extend((value.as_f64()? as f32).to_le_bytes()),
-        DType::F64 => out.extend(value.as_f64()?.to_le_bytes()),
-        DType::I64 => out.extend(value.as_i64()?.to_le_bytes()),
-        DType::I32 => out.extend(i32::try_from(value.as_i64()?).ok()?.to_le_bytes()),
-        DType::U32 => out.extend(u32::try_from(value.as_u64()?).ok()?.to_le_bytes()),
-        DType::U8 => out.push(u8::try_from(value.as_u64()?).ok()?),
-        DType::Bool => out.push(match value {
-            Value::Bool(b) => u8::from(*b),
-            other => match other.as_u64()? {
-                0 => 0,
-                1 => 1,
-                _ => return None,
-            },
-        }),
-        DType::F16 | DType::BF16 => return None,
-    }
-    Some(())
-}
-
-/// The JSON values of a tensor's elements (16-bit floats are not decoded: `None`).
-fn decode(tensor: &Tensor) -> Option<Vec<Value>> {
-    let n = tensor.dtype.size();
-    if tensor.data.len() != tensor.elements() * n {
-        return None;
-    }
-    let chunks = tensor.data.chunks_exact(n);
-    let arr = |c: &[u8]| -> [u8; 8] {
-        let mut b = [0u8; 8];
-        b[..c.len()].copy_from_slice(c);
-        b
-    };
-    Some(match tensor.dtype {
-        DType::F32 => chunks
-            .map(|c| json!(f32::from_le_bytes([c[0], c[1], c[2], c[3]])))
-            .collect(),
-        DType::F64 => chunks.map(|c| json!(f64::from_le_bytes(arr(c)))).collect(),
-        DType::I64 => chunks.map(|c| json!(i64::from_le_bytes(arr(c)))).collect(),
-        DType::I32 => chunks
-            .map(|c| json!(i32::from_le_bytes([c[0], c[1], c[2], c[3]])))
-            .collect(),
-        DType::U32 => chunks
-            .map(|c| json!(u32::from_le_bytes([c[0], c[1], c[2], c[3]])))
-            .collect(),
-        DType::U8 => chunks.map(|c| json!(c[0])).collect(),
-        DType::Bool => chunks.map(|c| json!(c[0] != 0)).collect(),
-        DType::F16 | DType::BF16 => return None,
     })
 }
 
@@ -230,7 +150,7 @@ pub(crate) fn response(
                 name: t.name.clone(),
                 datatype: t.dtype.kserve_name(),
                 shape: t.shape.clone(),
-                data: decode(t).unwrap_or_default(),
+                data: tensor_to_json(t).unwrap_or_default(),
             })
             .collect(),
         parameters: output
@@ -243,6 +163,8 @@ pub(crate) fn response(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
+    use wasp_core::Tensor;
 
     #[test]
     fn parses_nested_and_flat_data() {

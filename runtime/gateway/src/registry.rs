@@ -10,8 +10,8 @@ use wasp_backend::{BackendError, LoadContext, Registry};
 use wasp_core::{BackendSpec, ComponentRef, EndpointSpec, Limits};
 use wasp_scaling::{Clock, Inventory, Policy, RolloutPlan, SystemClock};
 use wasp_wasm::{
-    BoxFuture, ErrorCode, GuestError, LogBuffer, ModelInput, ModelOutput, ModelRouter, Processor,
-    ProcessorSettings, Role, Runtime, RuntimeConfig,
+    BoxFuture, ErrorCode, GuestError, Level, LogBuffer, ModelInput, ModelOutput, ModelRouter,
+    Processor, ProcessorSettings, Role, Runtime, RuntimeConfig,
 };
 
 use crate::Error;
@@ -405,7 +405,7 @@ impl Gateway {
             control: tokio::sync::Mutex::new(()),
             models: Arc::new(RegistryModels(weak.clone())),
             backends,
-            load_context: LoadContext { models_dir },
+            load_context: LoadContext::new(models_dir),
             clock,
             inventory,
             jobs: Arc::new(jobs),
@@ -871,7 +871,12 @@ impl Gateway {
         webhook_secret: String,
     ) -> Result<(Deployment, Vec<Roll>), Error> {
         let mut rolls = Vec::new();
-        let logs = Arc::new(LogBuffer::new(LOG_CAPACITY));
+        // Logs and events outlive a redeploy: what the old version wrote while it drained
+        // (a container's last lines, say) stays readable.
+        let logs = previous
+            .as_ref()
+            .map(|d| d.logs.clone())
+            .unwrap_or_else(|| Arc::new(LogBuffer::new(LOG_CAPACITY)));
         let events = previous
             .as_ref()
             .map(|d| d.events.clone())
@@ -897,6 +902,20 @@ impl Gateway {
                         }
                     })?),
                 };
+            if let Some(factory) = &factory {
+                factory.check(&v.backend).map_err(|e| match e {
+                    BackendError::BadInput { message, field } => Error::Invalid {
+                        field: at(&format!("backend.{}", field.unwrap_or_default()))
+                            .trim_end_matches('.')
+                            .to_owned(),
+                        message,
+                    },
+                    other => Error::Invalid {
+                        field: at("backend"),
+                        message: other.to_string(),
+                    },
+                })?;
+            }
             let processor = v.processor.as_ref().ok_or_else(|| Error::Invalid {
                 field: at("processor"),
                 message: "required".into(),
@@ -1047,7 +1066,12 @@ impl Gateway {
                                 factory,
                                 v.backend.clone(),
                                 v.batching.clone(),
-                                self.load_context.clone(),
+                                LoadContext {
+                                    endpoint: spec.name.clone(),
+                                    version: v.name.clone(),
+                                    log: Some(backend_log(&logs, &spec.name, &v.name)),
+                                    ..self.load_context.clone()
+                                },
                             )
                         }),
                         policy,
@@ -1145,6 +1169,17 @@ impl Gateway {
     /// directory.
     pub fn close(&self) {
         self.running.stop_all();
+        // Workers go: container backends are told to stop (SIGTERM) as they are dropped.
+        for deployment in self
+            .endpoints
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+        {
+            for version in &deployment.versions {
+                version.workers.remove_all();
+            }
+        }
         if let Err(e) = self.usage.save(&self.store) {
             tracing::warn!("cannot save the usage counters: {e}");
         }
@@ -1164,6 +1199,15 @@ struct Roll {
 }
 
 /// A worker that could not start at deploy, as the deploy's error.
+/// The endpoint logs as a backend's sink: its lines are recorded under the version.
+fn backend_log(logs: &Arc<LogBuffer>, endpoint: &str, version: &str) -> wasp_backend::LogSink {
+    let (logs, endpoint, version) = (logs.clone(), endpoint.to_owned(), version.to_owned());
+    Arc::new(move |error, line| {
+        let level = if error { Level::Error } else { Level::Info };
+        logs.push(&endpoint, &version, level, line);
+    })
+}
+
 fn start_error(version: &str, e: StartError) -> Error {
     match e {
         StartError::Warm(source) => Error::Warm {

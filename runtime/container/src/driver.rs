@@ -1,0 +1,111 @@
+//! What runs a worker's container: a [`Driver`] launches [`Instance`]s. Drivers are
+//! blocking (they talk to an engine or fork processes); callers run them off the async
+//! workers.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use wasp_backend::{BackendError, LogSink};
+use wasp_core::ContainerBackend;
+
+/// Lines of a container's output kept for error messages.
+const TAIL_LINES: usize = 40;
+
+/// Longest line kept, in bytes.
+const MAX_LINE: usize = 4096;
+
+/// A worker's output: each line goes to the endpoint's logs, and the last few are kept to
+/// explain a failed start.
+pub struct Lines {
+    tail: Mutex<VecDeque<String>>,
+    sink: Option<LogSink>,
+}
+
+impl Lines {
+    /// Output lines that go to `sink`.
+    pub fn new(sink: Option<LogSink>) -> Arc<Self> {
+        Arc::new(Self {
+            tail: Mutex::new(VecDeque::with_capacity(TAIL_LINES)),
+            sink,
+        })
+    }
+
+    /// One line of output (`error` for stderr and the runtime's own complaints).
+    pub fn push(&self, error: bool, mut line: String) {
+        if line.len() > MAX_LINE {
+            let mut cut = MAX_LINE;
+            while !line.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            line.truncate(cut);
+        }
+        {
+            let mut tail = self.tail.lock().unwrap_or_else(|e| e.into_inner());
+            if tail.len() == TAIL_LINES {
+                tail.pop_front();
+            }
+            tail.push_back(line.clone());
+        }
+        if let Some(sink) = &self.sink {
+            sink(error, line);
+        }
+    }
+
+    /// The last `n` lines, oldest first, one per line.
+    pub fn tail(&self, n: usize) -> String {
+        let tail = self.tail.lock().unwrap_or_else(|e| e.into_inner());
+        let skip = tail.len().saturating_sub(n);
+        tail.iter()
+            .skip(skip)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+/// What one worker's container is launched from.
+pub struct Launch {
+    /// A name unique to this server: `wasp-<endpoint>-<version>-<n>`.
+    pub name: String,
+    /// Labels that say who owns it (endpoint, version, server).
+    pub labels: BTreeMap<String, String>,
+    /// The backend spec.
+    pub spec: ContainerBackend,
+    /// Where its output goes.
+    pub lines: Arc<Lines>,
+}
+
+/// Starts and reclaims containers.
+pub trait Driver: Send + Sync + 'static {
+    /// `process` or `engine`, for status pages and errors.
+    fn name(&self) -> &'static str;
+
+    /// Refuses what this driver cannot run, naming the field below `backend`.
+    fn check(&self, spec: &ContainerBackend) -> Result<(), BackendError>;
+
+    /// Starts one container; it need not be ready yet.
+    fn launch(&self, launch: Launch) -> Result<Box<dyn Instance>, BackendError>;
+
+    /// Stops and removes what an earlier run of this server left behind (after a crash or
+    /// `kill -9`). Returns how many it found.
+    fn reclaim(&self) -> usize;
+}
+
+/// One running container.
+pub trait Instance: Send + Sync {
+    /// Where its port answers, on the host.
+    fn address(&self) -> SocketAddr;
+
+    /// How it ended (`exit status 1`, `killed by signal 9`), once it has.
+    fn exited(&self) -> Option<String>;
+
+    /// Asks it to stop (SIGTERM).
+    fn terminate(&self);
+
+    /// Stops it now (SIGKILL).
+    fn kill(&self);
+
+    /// Forgets it once it has ended: removes the container or the ownership record.
+    fn remove(&self);
+}

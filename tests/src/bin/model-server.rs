@@ -1,0 +1,217 @@
+//! A KServe v2 model server for the container backend's tests and benchmark: serves one
+//! candle model (all-MiniLM-L6-v2 embeddings) over HTTP, as a model container would.
+//!
+//! ```text
+//! model-server --model DIR [--port N] [--ready-after-ms N]
+//! ```
+//!
+//! - `GET /v2/health/ready`: 200 once loaded and `--ready-after-ms` has passed, else 503.
+//! - `GET /v2/health/live`: 200 until `POST /admin/sick`, then 503 for good.
+//! - `POST /v2/models/<any>/infer`: a KServe v2 inference request; the answer's outputs are
+//!   the model's.
+//! - SIGTERM: stops accepting, finishes the requests in flight, exits 0.
+//!
+//! The port is `--port`, else `$PORT` (what wasp's process driver sets), else 8080.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+use serde_json::{Value, json};
+use wasp_backend::{Backend, BackendFactory, LoadContext};
+use wasp_core::kserve::{tensor_from_json, tensor_to_json};
+use wasp_core::{BackendSpec, CandleBackend, ModelInput};
+
+struct State {
+    model: Arc<dyn Backend>,
+    ready_at: Instant,
+    sick: AtomicBool,
+}
+
+fn reply(status: StatusCode, body: Value) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+fn input(body: &[u8]) -> Result<ModelInput, String> {
+    let request: Value = serde_json::from_slice(body).map_err(|e| format!("body: {e}"))?;
+    let inputs = request["inputs"].as_array().ok_or("inputs: missing")?;
+    let mut tensors = Vec::new();
+    for (i, t) in inputs.iter().enumerate() {
+        let shape = t["shape"]
+            .as_array()
+            .and_then(|d| d.iter().map(Value::as_u64).collect::<Option<Vec<_>>>())
+            .ok_or(format!("inputs[{i}].shape: not a list of sizes"))?;
+        let tensor = tensor_from_json(
+            t["name"].as_str().unwrap_or_default().to_owned(),
+            shape,
+            t["datatype"].as_str().unwrap_or_default(),
+            &t["data"],
+        )
+        .map_err(|e| format!("inputs[{i}].{}: {e}", e.field()))?;
+        tensors.push(tensor);
+    }
+    let parameters = match &request["parameters"] {
+        Value::Null => None,
+        other => Some(other.to_string()),
+    };
+    Ok(ModelInput {
+        tensors,
+        parameters,
+    })
+}
+
+async fn handle(state: Arc<State>, request: Request<Incoming>) -> Response<Full<Bytes>> {
+    let path = request.uri().path().to_owned();
+    match (request.method(), path.as_str()) {
+        (&Method::GET, "/v2/health/ready") => {
+            if Instant::now() >= state.ready_at {
+                reply(StatusCode::OK, json!({"ready": true}))
+            } else {
+                reply(StatusCode::SERVICE_UNAVAILABLE, json!({"ready": false}))
+            }
+        }
+        (&Method::GET, "/v2/health/live") => {
+            if state.sick.load(Ordering::Relaxed) {
+                reply(StatusCode::SERVICE_UNAVAILABLE, json!({"live": false}))
+            } else {
+                reply(StatusCode::OK, json!({"live": true}))
+            }
+        }
+        (&Method::POST, "/admin/sick") => {
+            state.sick.store(true, Ordering::Relaxed);
+            eprintln!("model-server: told to fail its liveness probe");
+            reply(StatusCode::OK, json!({"sick": true}))
+        }
+        (&Method::POST, p) if p.starts_with("/v2/models/") && p.ends_with("/infer") => {
+            let body = match request.into_body().collect().await {
+                Ok(b) => b.to_bytes(),
+                Err(e) => return reply(StatusCode::BAD_REQUEST, json!({"error": e.to_string()})),
+            };
+            let input = match input(&body) {
+                Ok(i) => i,
+                Err(e) => return reply(StatusCode::BAD_REQUEST, json!({"error": e})),
+            };
+            let model = state.model.clone();
+            let out = tokio::task::spawn_blocking(move || model.infer_batch(&[input])).await;
+            match out {
+                Ok(Ok(mut outputs)) if !outputs.is_empty() => {
+                    let output = outputs.remove(0);
+                    let tensors: Vec<Value> = output
+                        .tensors
+                        .iter()
+                        .map(|t| {
+                            json!({"name": t.name, "shape": t.shape,
+                                "datatype": t.dtype.kserve_name(),
+                                "data": tensor_to_json(t).unwrap_or_default()})
+                        })
+                        .collect();
+                    let mut body = json!({"model_name": "model", "outputs": tensors});
+                    if let Some(meta) = output
+                        .metadata
+                        .and_then(|m| serde_json::from_str::<Value>(&m).ok())
+                    {
+                        body["parameters"] = meta;
+                    }
+                    reply(StatusCode::OK, body)
+                }
+                Ok(Ok(_)) => reply(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    json!({"error": "no output"}),
+                ),
+                Ok(Err(wasp_backend::BackendError::BadInput { message, .. })) => {
+                    reply(StatusCode::BAD_REQUEST, json!({"error": message}))
+                }
+                Ok(Err(e)) => reply(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    json!({"error": e.to_string()}),
+                ),
+                Err(e) => reply(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    json!({"error": e.to_string()}),
+                ),
+            }
+        }
+        _ => reply(
+            StatusCode::NOT_FOUND,
+            json!({"error": format!("no route {path}")}),
+        ),
+    }
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let mut args = std::env::args().skip(1);
+    let (mut model, mut port, mut ready_after) = (None, None, 0u64);
+    while let Some(arg) = args.next() {
+        let mut value = || args.next().with_context(|| format!("{arg} needs a value"));
+        match arg.as_str() {
+            "--model" => model = Some(value()?),
+            "--port" => port = Some(value()?.parse::<u16>()?),
+            "--ready-after-ms" => ready_after = value()?.parse()?,
+            other => bail!("unknown argument `{other}`"),
+        }
+    }
+    let model = model.context("--model DIR is required")?;
+    let port = match port {
+        Some(p) => p,
+        None => std::env::var("PORT")
+            .ok()
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(8080),
+    };
+    let spec = BackendSpec::Candle(CandleBackend {
+        model,
+        task: "embeddings".into(),
+        device: "cpu".into(),
+        max_sequences: None,
+        kv_cache_mib: None,
+    });
+    let loaded = wasp_candle::CandleFactory
+        .load(&spec, &LoadContext::new(std::env::temp_dir()))
+        .context("loading the model")?;
+    let state = Arc::new(State {
+        model: loaded,
+        ready_at: Instant::now() + Duration::from_millis(ready_after),
+        sick: AtomicBool::new(false),
+    });
+    let listener = tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], port))).await?;
+    eprintln!("model-server: listening on {}", listener.local_addr()?);
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let Ok((stream, _)) = accepted else { continue };
+                let _ = stream.set_nodelay(true);
+                let state = state.clone();
+                let service = hyper::service::service_fn(move |r| {
+                    let state = state.clone();
+                    async move { Ok::<_, Infallible>(handle(state, r).await) }
+                });
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+                let conn = graceful.watch(conn);
+                tokio::spawn(conn);
+            }
+            _ = term.recv() => break,
+        }
+    }
+    eprintln!("model-server: SIGTERM, finishing the requests in flight");
+    drop(listener);
+    graceful.shutdown().await;
+    eprintln!("model-server: stopped");
+    Ok(())
+}

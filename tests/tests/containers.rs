@@ -1,0 +1,325 @@
+//! The container backend through the real server, with the `process` driver: a real KServe
+//! v2 model server (tests/src/bin/model-server.rs, real all-MiniLM-L6-v2 weights) as each
+//! worker's container. Readiness gating, liveness restarts, graceful exit under a rolling
+//! update, and the errors of containers that exit or never become ready.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use wasp_tests::guests::TEXT_EMBEDDINGS;
+use wasp_tests::{TestClient, TestServer, minilm_spec, model_server_spec};
+
+const MODEL_SERVER: &str = env!("CARGO_BIN_EXE_model-server");
+
+fn container_spec(name: &str, server_args: &str, backend: &str, extra: &str) -> String {
+    model_server_spec(MODEL_SERVER, name, server_args, backend, extra)
+}
+
+async fn embed(c: &TestClient, model: &str, input: &Value) -> Vec<Vec<f64>> {
+    let reply = c
+        .post(
+            "/v1/embeddings",
+            json!({ "model": model, "input": input }).to_string(),
+        )
+        .await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    reply.json()["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| {
+            d["embedding"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap())
+                .collect()
+        })
+        .collect()
+}
+
+async fn logs(c: &TestClient, endpoint: &str) -> String {
+    let body = c
+        .get(&format!("/api/v1/endpoints/{endpoint}/logs?limit=1000"))
+        .await
+        .json();
+    body["logs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["message"].as_str().unwrap_or_default().to_owned())
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+async fn until(what: &str, patience: Duration, mut check: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + patience;
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The container processes this server's process driver has on record.
+fn recorded(t: &TestServer) -> usize {
+    std::fs::read_dir(t.data_dir.join("containers"))
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .path()
+                .extension()
+                .is_some_and(|x| x == "json")
+        })
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_container_model_answers_what_the_candle_backend_answers() {
+    let t = TestServer::start().await;
+    let c = &t.client;
+    c.deploy_ok(TEXT_EMBEDDINGS, &minilm_spec("native", ""))
+        .await;
+    let started = Instant::now();
+    // Readiness gates the worker: the model server says ready only after 1.5 s.
+    let body = c
+        .deploy_ok(
+            TEXT_EMBEDDINGS,
+            &container_spec("boxed", "--ready-after-ms 1500", "", ""),
+        )
+        .await;
+    assert!(
+        started.elapsed() >= Duration::from_millis(1500),
+        "ready before the probe passed"
+    );
+    assert_eq!(body["versions"][0]["backend"], "container");
+    let status = c.get("/api/v1/endpoints/boxed").await.json();
+    assert_eq!(status["status"], "ready", "{status}");
+
+    let input = json!([
+        "The cat sat on the mat.",
+        "WebAssembly components, café",
+        "x"
+    ]);
+    let native = embed(c, "native", &input).await;
+    let boxed = embed(c, "boxed", &input).await;
+    assert_eq!(native.len(), 3);
+    for (a, b) in native.iter().zip(&boxed) {
+        assert_eq!(a.len(), 384);
+        let worst = a
+            .iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f64::max);
+        assert!(worst < 1e-5, "the vectors differ by {worst}");
+    }
+    // The container's output is in the endpoint's logs.
+    assert!(
+        logs(c, "boxed")
+            .await
+            .contains("model-server: listening on 127.0.0.1:")
+    );
+
+    // Deleting the endpoint stops its container: SIGTERM, a clean exit, no record left.
+    assert_eq!(
+        c.request("DELETE", "/api/v1/endpoints/boxed", "")
+            .await
+            .status,
+        204
+    );
+    until("the container to go", Duration::from_secs(20), async || {
+        recorded(&t) == 0
+    })
+    .await;
+    t.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn containers_that_exit_or_never_get_ready_fail_with_their_last_lines() {
+    let t = TestServer::start().await;
+    let c = &t.client;
+    let spec = |name: &str, command: &str, extra: &str| {
+        format!(
+            "name = \"{name}\"\n[[versions]]\nname = \"v1\"\n[versions.backend]\nkind = \
+             \"container\"\nimage = \"x\"\nport = 8080\ncommand = {command:?}\n{extra}\n\
+             [versions.processor]\ncomponent = \"{{COMPONENT}}\"\n"
+        )
+    };
+    let reply = c
+        .deploy(
+            TEXT_EMBEDDINGS,
+            &spec("quits", "echo starting; echo no GPU here >&2; exit 3", ""),
+        )
+        .await;
+    let text = reply.text();
+    assert!(reply.status >= 400, "{text}");
+    assert!(text.contains("exit status 3"), "{text}");
+    assert!(text.contains("no GPU here"), "{text}");
+
+    let started = Instant::now();
+    let reply = c
+        .deploy(
+            TEXT_EMBEDDINGS,
+            &spec(
+                "mute",
+                "echo waiting forever; exec sleep 600",
+                "start_timeout_s = 2",
+            ),
+        )
+        .await;
+    let text = reply.text();
+    assert!(reply.status >= 400, "{text}");
+    assert!(text.contains("not ready after 2 s"), "{text}");
+    assert!(text.contains("waiting forever"), "{text}");
+    assert!(started.elapsed() < Duration::from_secs(30));
+    // The sleeper was stopped, not left behind.
+    until("the sleeper to go", Duration::from_secs(20), async || {
+        recorded(&t) == 0
+    })
+    .await;
+
+    // Bad specs: each a 422 naming the field.
+    for (extra, field) in [
+        ("port = 70000", "versions[0].backend.port"),
+        (
+            "volume = \"/etc\"\nmount_path = \"/data\"",
+            "versions[0].backend.volume",
+        ),
+        (
+            "volume = \"/tmp/x/../../etc\"\nmount_path = \"/data\"",
+            "versions[0].backend.volume",
+        ),
+        ("pull = \"sometimes\"", "versions[0].backend.pull"),
+        (
+            "readiness = { path = \"health\" }",
+            "versions[0].backend.readiness.path",
+        ),
+    ] {
+        let body = spec("bad", "true", "").replace("port = 8080\n", "") + "";
+        let body = body.replace(
+            "[versions.processor]",
+            &format!(
+                "{}\n[versions.processor]",
+                if extra.starts_with("port") {
+                    extra.to_owned()
+                } else {
+                    format!("port = 8080\n{extra}")
+                }
+            ),
+        );
+        let reply = c.deploy(TEXT_EMBEDDINGS, &body).await;
+        assert_eq!(reply.status, 422, "{extra}: {}", reply.text());
+        assert_eq!(reply.json()["error"]["field"], field, "{}", reply.text());
+    }
+    // The process driver has no image entrypoint to run.
+    let no_command = spec("bare", "true", "").replace("command = \"true\"\n", "");
+    let reply = c.deploy(TEXT_EMBEDDINGS, &no_command).await;
+    assert_eq!(reply.status, 422, "{}", reply.text());
+    assert_eq!(
+        reply.json()["error"]["field"],
+        "versions[0].backend.command"
+    );
+    t.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_container_failing_its_liveness_probe_is_restarted() {
+    let t = TestServer::start().await;
+    let c = &t.client;
+    let liveness =
+        "liveness = { path = \"/v2/health/live\", period_ms = 200, failure_threshold = 2 }";
+    c.deploy_ok(TEXT_EMBEDDINGS, &container_spec("sick", "", liveness, ""))
+        .await;
+    let input = json!(["before"]);
+    embed(c, "sick", &input).await;
+    // Where the container listens, from its own log line.
+    let log = logs(c, "sick").await;
+    let port: u16 = log
+        .split("listening on 127.0.0.1:")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no port in {log}"));
+    let sick = TestClient::new(([127, 0, 0, 1], port).into());
+    assert_eq!(sick.post("/admin/sick", "").await.status, 200);
+    until("a restart", Duration::from_secs(30), async || {
+        logs(c, "sick")
+            .await
+            .contains("the container is ready again")
+    })
+    .await;
+    let log = logs(c, "sick").await;
+    assert!(
+        log.contains("the liveness probe failed 2 times in a row"),
+        "{log}"
+    );
+    // A new process: it answers again.
+    embed(c, "sick", &json!(["after"])).await;
+    t.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_update_under_load_fails_no_request() {
+    let t = TestServer::start().await;
+    let c = t.client.clone();
+    c.deploy_ok(TEXT_EMBEDDINGS, &container_spec("rolling", "", "", ""))
+        .await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut load = Vec::new();
+    for _ in 0..3 {
+        let (c, stop) = (c.clone(), stop.clone());
+        load.push(tokio::spawn(async move {
+            let (mut ok, mut failed) = (0, Vec::new());
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let reply = c
+                    .post(
+                        "/v1/embeddings",
+                        json!({"model": "rolling", "input": ["steady"]}).to_string(),
+                    )
+                    .await;
+                if reply.status == 200 {
+                    ok += 1;
+                } else {
+                    failed.push(format!("{} {}", reply.status, reply.text()));
+                }
+            }
+            (ok, failed)
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // A new version of the container (another environment): new workers start, the old
+    // one drains and gets SIGTERM.
+    c.deploy_ok(
+        TEXT_EMBEDDINGS,
+        &container_spec("rolling", "", "env = { GENERATION = \"2\" }", ""),
+    )
+    .await;
+    until(
+        "the old container to stop",
+        Duration::from_secs(30),
+        async || logs(&c, "rolling").await.contains("model-server: stopped"),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (mut ok, mut failed) = (0, Vec::new());
+    for l in load {
+        let (o, f) = l.await.unwrap();
+        ok += o;
+        failed.extend(f);
+    }
+    assert!(
+        failed.is_empty(),
+        "{} failed: {:?}",
+        failed.len(),
+        &failed[..failed.len().min(3)]
+    );
+    assert!(ok > 10, "only {ok} requests");
+    let log = logs(&c, "rolling").await;
+    assert!(
+        log.contains("SIGTERM, finishing the requests in flight"),
+        "{log}"
+    );
+    t.stop().await;
+}
