@@ -268,14 +268,23 @@ impl wasp_wasm::ModelRouter for NoModels {
 }
 
 /// The backends of the real binary, with containers run by the `process` driver (records
-/// in `DATA_DIR/containers`) and volumes allowed below the temporary directory.
+/// in `DATA_DIR/containers`) and volumes allowed below the temporary directory and the
+/// models directory.
 pub fn backends(data_dir: &Path) -> wasp_backend::Registry {
+    let driver = wasp_container::ProcessDriver::new(data_dir.join("containers")).unwrap();
+    backends_with(std::sync::Arc::new(driver))
+}
+
+/// The backends of the real binary, with containers run by `driver`.
+pub fn backends_with(driver: std::sync::Arc<dyn wasp_container::Driver>) -> wasp_backend::Registry {
     let mut registry = wasp_backend::Registry::new();
     registry.register(std::sync::Arc::new(wasp_candle::CandleFactory));
-    let driver = wasp_container::ProcessDriver::new(data_dir.join("containers")).unwrap();
     let containers = wasp_container::ContainerFactory::new(
-        std::sync::Arc::new(driver),
-        vec![std::env::temp_dir()],
+        driver,
+        vec![
+            std::env::temp_dir(),
+            models_dir().canonicalize().unwrap_or_else(|_| models_dir()),
+        ],
     );
     containers.reclaim();
     registry.register(std::sync::Arc::new(containers));
@@ -339,6 +348,26 @@ mounts = [{{ host = {host:?}, guest = "/model" }}]
         model = minilm_dir().display(),
         host = minilm_dir().display().to_string()
     )
+}
+
+/// The socket of the Podman service `scripts/toolchain engine` starts
+/// (`WASP_TEST_ENGINE` overrides it), if it answers; `None` (and a line saying what is
+/// skipped) otherwise.
+pub fn test_engine(skipping: &str) -> Option<String> {
+    let socket = std::env::var("WASP_TEST_ENGINE").unwrap_or_else(|_| {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../target/tools/podman/podman.sock")
+            .display()
+            .to_string()
+    });
+    let answers = std::os::unix::net::UnixStream::connect(&socket).is_ok();
+    if !answers {
+        eprintln!(
+            "SKIPPED {skipping}: no container engine answers at {socket} \
+             (`scripts/toolchain engine` starts one, as root)"
+        );
+    }
+    answers.then_some(socket)
 }
 
 /// The all-MiniLM-L6-v2 directory; panics with the command that fetches it when missing.

@@ -323,3 +323,162 @@ async fn a_rolling_update_under_load_fails_no_request() {
     );
     t.stop().await;
 }
+
+/// A minimal image of the model server, made offline: the binary and the shared libraries
+/// it links (as `ldd` lists them) in an otherwise empty root, imported into the engine.
+fn model_server_image() -> String {
+    let tag = "localhost/wasp-model-server:test";
+    let root = tempfile::tempdir().unwrap();
+    let mut files = vec![std::path::PathBuf::from(MODEL_SERVER)];
+    let ldd = std::process::Command::new("ldd")
+        .arg(MODEL_SERVER)
+        .output()
+        .unwrap();
+    for line in String::from_utf8_lossy(&ldd.stdout).lines() {
+        if let Some(path) = line.split_whitespace().find(|w| w.starts_with('/')) {
+            files.push(path.into());
+        }
+    }
+    for file in &files {
+        let target = if file.as_os_str() == MODEL_SERVER {
+            root.path().join("model-server")
+        } else {
+            root.path().join(file.strip_prefix("/").unwrap())
+        };
+        std::fs::create_dir_all(target.parent().unwrap()).unwrap();
+        std::fs::copy(file, &target).unwrap();
+    }
+    let tar = root.path().with_extension("tar");
+    assert!(
+        std::process::Command::new("tar")
+            .arg("-C")
+            .arg(root.path())
+            .arg("-cf")
+            .arg(&tar)
+            .arg(".")
+            .status()
+            .unwrap()
+            .success()
+    );
+    let imported = std::process::Command::new("podman")
+        .args([
+            "import",
+            "--change",
+            r#"ENTRYPOINT ["/model-server", "--host", "0.0.0.0", "--port", "8080", "--model", "/models/all-MiniLM-L6-v2"]"#,
+        ])
+        .arg(&tar)
+        .arg(tag)
+        .output()
+        .unwrap();
+    assert!(
+        imported.status.success(),
+        "{}",
+        String::from_utf8_lossy(&imported.stderr)
+    );
+    let _ = std::fs::remove_file(&tar);
+    tag.to_owned()
+}
+
+/// This engine's containers labelled with `endpoint`.
+fn engine_containers(socket: &str, endpoint: &str) -> usize {
+    let filters = format!("{{\"label\":[\"wasp.endpoint={endpoint}\"]}}");
+    let out = std::process::Command::new("curl")
+        .args([
+            "-s",
+            "-G",
+            "--unix-socket",
+            socket,
+            "http://engine/v1.41/containers/json",
+        ])
+        .args(["--data-urlencode", "all=true", "--data-urlencode"])
+        .arg(format!("filters={filters}"))
+        .output()
+        .unwrap();
+    serde_json::from_slice::<Value>(&out.stdout)
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .len()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn through_a_real_engine_an_image_answers_what_candle_answers() {
+    let Some(socket) = wasp_tests::test_engine("the container-engine tests") else {
+        return;
+    };
+    let image = model_server_image();
+    let engine_socket = socket.clone();
+    let t = TestServer::start_configured(move |config| {
+        // The default registry's process driver holds the state directory: let it go.
+        config.backends = wasp_backend::Registry::new();
+        let driver =
+            wasp_container::EngineDriver::open(&engine_socket, &config.data_dir.join("containers"))
+                .unwrap();
+        config.backends = wasp_tests::backends_with(std::sync::Arc::new(driver));
+    })
+    .await;
+    let c = &t.client;
+    c.deploy_ok(TEXT_EMBEDDINGS, &minilm_spec("native", ""))
+        .await;
+    let spec = |name: &str, image: &str| {
+        format!(
+            "name = \"{name}\"\n[[versions]]\nname = \"v1\"\n[versions.backend]\n\
+             kind = \"container\"\nimage = \"{image}\"\nport = 8080\npull = \"never\"\n\
+             memory_mib = 1024\nvolume = {models:?}\nmount_path = \"/models\"\n\
+             grace_period_s = 10\n[versions.processor]\ncomponent = \"{{COMPONENT}}\"\n\
+             mounts = [{{ host = {host:?}, guest = \"/model\" }}]\n",
+            models = wasp_tests::models_dir()
+                .canonicalize()
+                .unwrap()
+                .display()
+                .to_string(),
+            host = wasp_tests::minilm_dir().display().to_string()
+        )
+    };
+    c.deploy_ok(TEXT_EMBEDDINGS, &spec("imaged", &image)).await;
+    let input = json!(["The cat sat on the mat.", "naïve résumé"]);
+    let native = embed(c, "native", &input).await;
+    let imaged = embed(c, "imaged", &input).await;
+    for (a, b) in native.iter().zip(&imaged) {
+        let worst = a
+            .iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f64::max);
+        assert!(worst < 1e-5, "the vectors differ by {worst}");
+    }
+    assert!(
+        logs(c, "imaged")
+            .await
+            .contains("listening on 0.0.0.0:8080")
+    );
+    assert_eq!(engine_containers(&socket, "imaged"), 1);
+
+    // An image the engine does not have, with pull = never: a clear error naming it.
+    let reply = c
+        .deploy(
+            TEXT_EMBEDDINGS,
+            &spec("missing", "localhost/no-such-image:1"),
+        )
+        .await;
+    let text = reply.text();
+    assert!(reply.status >= 400, "{text}");
+    assert!(text.contains("localhost/no-such-image:1"), "{text}");
+
+    // Deleting the endpoint removes its container from the engine.
+    assert_eq!(
+        c.request("DELETE", "/api/v1/endpoints/imaged", "")
+            .await
+            .status,
+        204
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while engine_containers(&socket, "imaged") > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the container is still in the engine"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    t.stop().await;
+}

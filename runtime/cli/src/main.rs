@@ -161,6 +161,8 @@ enum BatchCommand {
     },
 }
 
+// Parsed once at start: the size of `serve`'s flags costs nothing worth boxing them for.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Runs the server.
@@ -240,6 +242,11 @@ enum Command {
         /// none, only named engine volumes are allowed.
         #[arg(long = "volume-root", value_name = "DIR")]
         volume_roots: Vec<PathBuf>,
+        /// Run container backends through this container engine's Docker API socket
+        /// (`unix:///run/podman/podman.sock`, `unix:///var/run/docker.sock`); without it,
+        /// through the unsandboxed `process` driver.
+        #[arg(long, env = "WASP_CONTAINER_ENGINE", value_name = "unix:///PATH")]
+        container_engine: Option<String>,
     },
     /// Deploys (creates or replaces) the endpoint a TOML spec describes, uploading the
     /// components it names by path.
@@ -684,6 +691,7 @@ async fn run(cli: Cli) -> Result<()> {
             cpu_turns,
             webhook_ca,
             volume_roots,
+            container_engine,
         } => {
             let gpus = if gpus == "auto" {
                 detect_gpus()
@@ -692,6 +700,7 @@ async fn run(cli: Cli) -> Result<()> {
             };
             let registry = backends(
                 &data_dir,
+                container_engine.as_deref(),
                 volume_roots
                     .iter()
                     .map(|r| r.canonicalize().unwrap_or_else(|_| r.clone()))
@@ -996,22 +1005,35 @@ async fn store_backup(client: &Client, path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The model backends compiled into this binary. Containers run through the `process`
-/// driver, whose records live in `DATA_DIR/containers`; what a crashed earlier run left
-/// there is stopped first.
+/// The model backends compiled into this binary. Containers run through the engine at
+/// `engine` (a Docker Engine API socket), else through the `process` driver; their state
+/// lives in `DATA_DIR/containers`, and what a crashed earlier run left is stopped first.
 fn backends(
     data_dir: &std::path::Path,
+    engine: Option<&str>,
     volume_roots: Vec<PathBuf>,
 ) -> Result<wasp_backend::Registry> {
     let mut registry = wasp_backend::Registry::new();
     registry.register(std::sync::Arc::new(wasp_candle::CandleFactory));
-    let driver = wasp_container::ProcessDriver::new(data_dir.join("containers"))
-        .with_context(|| format!("cannot use {}", data_dir.join("containers").display()))?;
-    let containers =
-        wasp_container::ContainerFactory::new(std::sync::Arc::new(driver), volume_roots);
+    let state = data_dir.join("containers");
+    let driver: std::sync::Arc<dyn wasp_container::Driver> = match engine {
+        Some(socket) => {
+            let engine = wasp_container::EngineDriver::open(socket, &state)
+                .with_context(|| format!("cannot use {}", state.display()))?;
+            if let Err(e) = engine.ping() {
+                tracing::warn!("{e}; container workers will fail until it answers");
+            }
+            std::sync::Arc::new(engine)
+        }
+        None => std::sync::Arc::new(
+            wasp_container::ProcessDriver::new(&state)
+                .with_context(|| format!("cannot use {}", state.display()))?,
+        ),
+    };
+    let containers = wasp_container::ContainerFactory::new(driver, volume_roots);
     let reclaimed = containers.reclaim();
     if reclaimed > 0 {
-        tracing::warn!("stopped {reclaimed} container processes an earlier run left behind");
+        tracing::warn!("stopped {reclaimed} containers an earlier run left behind");
     }
     registry.register(std::sync::Arc::new(containers));
     Ok(registry)

@@ -3,6 +3,7 @@
 //! workers.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::io::Read;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
@@ -108,4 +109,41 @@ pub trait Instance: Send + Sync {
 
     /// Forgets it once it has ended: removes the container or the ownership record.
     fn remove(&self);
+}
+
+/// Creates `dir` if missing and takes its lock (`flock` on `dir/lock`), held while the
+/// returned file is open: one server owns a state directory. The kernel drops the lock when
+/// the server exits, `kill -9` included.
+pub(crate) fn lock_state_dir(dir: &std::path::Path) -> std::io::Result<std::fs::File> {
+    use std::os::fd::AsRawFd;
+    std::fs::create_dir_all(dir)?;
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join("lock"))?;
+    // SAFETY: flock(2) on a descriptor this function owns.
+    if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Err(std::io::Error::other(format!(
+            "{} is in use by another wasp server",
+            dir.display()
+        )));
+    }
+    Ok(lock)
+}
+
+/// This server's owner id in `dir/owner` (made once, random): the label that marks its
+/// containers in a shared engine.
+pub(crate) fn owner_id(dir: &std::path::Path) -> std::io::Result<String> {
+    let path = dir.join("owner");
+    if let Ok(id) = std::fs::read_to_string(&path)
+        && !id.trim().is_empty()
+    {
+        return Ok(id.trim().to_owned());
+    }
+    let mut bytes = [0u8; 8];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+    let id: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    std::fs::write(&path, &id)?;
+    Ok(id)
 }

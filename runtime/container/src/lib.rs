@@ -13,6 +13,7 @@
 #![deny(missing_docs)]
 
 mod driver;
+mod engine;
 mod http;
 mod process;
 
@@ -32,6 +33,7 @@ use wasp_core::kserve::{tensor_from_json, tensor_to_json};
 use wasp_core::{BackendSpec, ContainerBackend, ModelInput, ModelOutput, Probe};
 
 pub use driver::{Driver, Instance, Launch, Lines};
+pub use engine::EngineDriver;
 pub use process::ProcessDriver;
 
 use crate::http::Http;

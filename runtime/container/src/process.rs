@@ -43,22 +43,8 @@ impl ProcessDriver {
     /// A driver keeping its ownership records in `state_dir` (created if missing). Fails
     /// when another live driver holds the directory.
     pub fn new(state_dir: impl Into<PathBuf>) -> std::io::Result<Self> {
-        use std::os::fd::AsRawFd;
         let state_dir = state_dir.into();
-        std::fs::create_dir_all(&state_dir)?;
-        let lock = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(state_dir.join("lock"))?;
-        // SAFETY: flock(2) on a descriptor this function owns; the kernel drops the lock
-        // when the file closes or the process dies.
-        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            return Err(std::io::Error::other(format!(
-                "{} is in use by another wasp server",
-                state_dir.display()
-            )));
-        }
+        let lock = crate::driver::lock_state_dir(&state_dir)?;
         Ok(Self {
             state_dir,
             _lock: lock,

@@ -2,7 +2,7 @@
 //! candle model (all-MiniLM-L6-v2 embeddings) over HTTP, as a model container would.
 //!
 //! ```text
-//! model-server --model DIR [--port N] [--ready-after-ms N]
+//! model-server --model DIR [--host 127.0.0.1] [--port N] [--ready-after-ms N]
 //! ```
 //!
 //! - `GET /v2/health/ready`: 200 once loaded and `--ready-after-ms` has passed, else 503.
@@ -155,12 +155,14 @@ async fn handle(state: Arc<State>, request: Request<Incoming>) -> Response<Full<
 async fn main() -> Result<()> {
     let mut args = std::env::args().skip(1);
     let (mut model, mut port, mut ready_after) = (None, None, 0u64);
+    let mut host = std::net::IpAddr::from([127, 0, 0, 1]);
     while let Some(arg) = args.next() {
         let mut value = || args.next().with_context(|| format!("{arg} needs a value"));
         match arg.as_str() {
             "--model" => model = Some(value()?),
             "--port" => port = Some(value()?.parse::<u16>()?),
             "--ready-after-ms" => ready_after = value()?.parse()?,
+            "--host" => host = value()?.parse()?,
             other => bail!("unknown argument `{other}`"),
         }
     }
@@ -187,7 +189,7 @@ async fn main() -> Result<()> {
         ready_at: Instant::now() + Duration::from_millis(ready_after),
         sick: AtomicBool::new(false),
     });
-    let listener = tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], port))).await?;
+    let listener = tokio::net::TcpListener::bind(SocketAddr::from((host, port))).await?;
     eprintln!("model-server: listening on {}", listener.local_addr()?);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();

@@ -1,0 +1,497 @@
+//! The `engine` driver: containers through the Docker Engine API of whichever engine the
+//! operator runs — Docker, or Podman's compatible service (`podman system service`) — on a
+//! unix socket. Each worker is one container, labelled with its endpoint, version and the
+//! server that owns it, its port published on 127.0.0.1 only.
+//!
+//! The calls are few and small, so they are plain blocking HTTP/1.1 over a fresh
+//! connection each (`Connection: close`); only a container's log stream stays open.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use wasp_backend::BackendError;
+use wasp_core::ContainerBackend;
+
+use crate::driver::{Driver, Instance, Launch, Lines};
+
+/// The API version asked for (Docker 20.10; Podman's compatible service answers it).
+const API: &str = "/v1.41";
+
+/// Longest answer read from the engine for a control call.
+const MAX_ANSWER: usize = 16 << 20;
+
+/// Talks to a container engine's Docker-compatible API.
+pub struct EngineDriver {
+    socket: PathBuf,
+    /// The `wasp.owner` label of this server's containers.
+    owner: String,
+    /// Held while this driver lives (see [`crate::driver::lock_state_dir`]).
+    _lock: Option<Arc<std::fs::File>>,
+}
+
+/// An engine answer.
+struct Answer {
+    status: u16,
+    body: Vec<u8>,
+}
+
+impl Answer {
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or(Value::Null)
+    }
+
+    /// The engine's own words for a failure (`{"message": ...}`), or the body.
+    fn message(&self) -> String {
+        match self.json()["message"].as_str() {
+            Some(m) => m.to_owned(),
+            None => String::from_utf8_lossy(&self.body[..self.body.len().min(512)]).into_owned(),
+        }
+    }
+}
+
+fn unavailable(socket: &std::path::Path, e: impl std::fmt::Display) -> BackendError {
+    BackendError::Unavailable(format!(
+        "the container engine at unix://{} does not answer: {e}",
+        socket.display()
+    ))
+}
+
+/// Reads an HTTP/1.1 response head; returns the status and whether the body is chunked
+/// (else its length, if given).
+fn read_head(reader: &mut impl BufRead) -> std::io::Result<(u16, bool, Option<usize>)> {
+    let mut line = String::new();
+    reader.read_line(&mut line)?;
+    let status = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("not an HTTP answer: {line:?}")))?;
+    let (mut chunked, mut length) = (false, None);
+    loop {
+        line.clear();
+        if reader.read_line(&mut line)? == 0 || line == "\r\n" || line == "\n" {
+            break;
+        }
+        if let Some((name, value)) = line.split_once(':') {
+            let value = value.trim();
+            if name.eq_ignore_ascii_case("transfer-encoding") && value.contains("chunked") {
+                chunked = true;
+            } else if name.eq_ignore_ascii_case("content-length") {
+                length = value.parse().ok();
+            }
+        }
+    }
+    Ok((status, chunked, length))
+}
+
+/// A chunked body as a reader of its content.
+struct Chunked<R> {
+    inner: R,
+    left: usize,
+    done: bool,
+}
+
+impl<R: BufRead> Read for Chunked<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.done {
+            return Ok(0);
+        }
+        if self.left == 0 {
+            let mut line = String::new();
+            if self.inner.read_line(&mut line)? == 0 {
+                self.done = true;
+                return Ok(0);
+            }
+            let size = line.trim().split(';').next().unwrap_or_default();
+            self.left = usize::from_str_radix(size, 16)
+                .map_err(|_| std::io::Error::other(format!("bad chunk size {line:?}")))?;
+            if self.left == 0 {
+                self.done = true;
+                return Ok(0);
+            }
+        }
+        let want = buf.len().min(self.left);
+        let n = self.inner.read(&mut buf[..want])?;
+        if n == 0 {
+            self.done = true;
+            return Ok(0);
+        }
+        self.left -= n;
+        if self.left == 0 {
+            let mut crlf = String::new();
+            self.inner.read_line(&mut crlf)?;
+        }
+        Ok(n)
+    }
+}
+
+impl EngineDriver {
+    /// A driver for the engine at `socket` (`unix:///run/podman/podman.sock` or a plain
+    /// path) whose server state (its lock, its owner id) is in `state_dir`. Fails when
+    /// another live server holds `state_dir`.
+    pub fn open(socket: &str, state_dir: &std::path::Path) -> std::io::Result<Self> {
+        let lock = crate::driver::lock_state_dir(state_dir)?;
+        let owner = crate::driver::owner_id(state_dir)?;
+        Ok(Self {
+            socket: PathBuf::from(socket.strip_prefix("unix://").unwrap_or(socket)),
+            owner,
+            _lock: Some(Arc::new(lock)),
+        })
+    }
+
+    /// The same engine and owner, for one container's own calls.
+    fn handle(&self) -> Self {
+        Self {
+            socket: self.socket.clone(),
+            owner: self.owner.clone(),
+            _lock: None,
+        }
+    }
+
+    /// Whether the engine answers.
+    pub fn ping(&self) -> Result<(), BackendError> {
+        let answer = self.call("GET", "/_ping", None)?;
+        if answer.status == 200 {
+            Ok(())
+        } else {
+            Err(unavailable(
+                &self.socket,
+                format!("ping answered {}", answer.status),
+            ))
+        }
+    }
+
+    /// Opens a request and returns the response head and a reader of its body.
+    fn request(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&Value>,
+        timeout: Option<Duration>,
+    ) -> Result<(u16, Box<dyn Read + Send>), BackendError> {
+        let stream = UnixStream::connect(&self.socket).map_err(|e| unavailable(&self.socket, e))?;
+        stream
+            .set_read_timeout(timeout)
+            .map_err(|e| unavailable(&self.socket, e))?;
+        let payload = body.map(Value::to_string).unwrap_or_default();
+        let mut request = format!(
+            "{method} {API}{path} HTTP/1.1\r\nHost: engine\r\nConnection: close\r\n\
+             Content-Length: {}\r\n",
+            payload.len()
+        );
+        if body.is_some() {
+            request.push_str("Content-Type: application/json\r\n");
+        }
+        request.push_str("\r\n");
+        request.push_str(&payload);
+        (&stream)
+            .write_all(request.as_bytes())
+            .map_err(|e| unavailable(&self.socket, e))?;
+        let mut reader = BufReader::new(stream);
+        let (status, chunked, length) =
+            read_head(&mut reader).map_err(|e| unavailable(&self.socket, e))?;
+        let body: Box<dyn Read + Send> = if chunked {
+            Box::new(Chunked {
+                inner: reader,
+                left: 0,
+                done: false,
+            })
+        } else if let Some(n) = length {
+            Box::new(reader.take(n as u64))
+        } else {
+            Box::new(reader)
+        };
+        Ok((status, body))
+    }
+
+    fn call(&self, method: &str, path: &str, body: Option<&Value>) -> Result<Answer, BackendError> {
+        let (status, reader) = self.request(method, path, body, Some(Duration::from_secs(600)))?;
+        let mut bytes = Vec::new();
+        reader
+            .take(MAX_ANSWER as u64)
+            .read_to_end(&mut bytes)
+            .map_err(|e| unavailable(&self.socket, e))?;
+        Ok(Answer {
+            status,
+            body: bytes,
+        })
+    }
+
+    /// Makes sure the image is there, pulling it as `pull` says.
+    fn ensure_image(&self, spec: &ContainerBackend) -> Result<(), BackendError> {
+        let image = &spec.image;
+        let encoded = percent(image);
+        let present = self
+            .call("GET", &format!("/images/{encoded}/json"), None)?
+            .status
+            == 200;
+        match (spec.pull.as_str(), present) {
+            ("never", false) => Err(BackendError::bad_input(
+                format!("image `{image}` is not in the engine, and `pull` is `never`"),
+                "image",
+            )),
+            ("missing", true) | ("never", true) => Ok(()),
+            _ => {
+                let answer =
+                    self.call("POST", &format!("/images/create?fromImage={encoded}"), None)?;
+                // The engine streams progress; an error shows as a status or an `error` line.
+                let text = String::from_utf8_lossy(&answer.body);
+                let failed = text
+                    .lines()
+                    .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+                    .find_map(|v| v["error"].as_str().map(str::to_owned));
+                match (answer.status, failed) {
+                    (200, None) => Ok(()),
+                    (_, Some(e)) => Err(BackendError::Load(format!("cannot pull `{image}`: {e}"))),
+                    (status, None) => Err(BackendError::Load(format!(
+                        "cannot pull `{image}` ({status}): {}",
+                        answer.message()
+                    ))),
+                }
+            }
+        }
+    }
+
+    /// Follows a container's output into `lines` (stdout and stderr, multiplexed in
+    /// 8-byte-headed frames as the API sends them without a TTY).
+    fn follow_logs(&self, id: &str, lines: Arc<Lines>) {
+        let Ok((200, mut body)) = self.request(
+            "GET",
+            &format!("/containers/{id}/logs?follow=true&stdout=true&stderr=true"),
+            None,
+            None,
+        ) else {
+            return;
+        };
+        std::thread::spawn(move || {
+            let mut partial: [Vec<u8>; 2] = [Vec::new(), Vec::new()];
+            let mut header = [0u8; 8];
+            while body.read_exact(&mut header).is_ok() {
+                let stream = usize::from(header[0] == 2);
+                let size = u32::from_be_bytes([header[4], header[5], header[6], header[7]]);
+                let mut frame = vec![0u8; size as usize];
+                if body.read_exact(&mut frame).is_err() {
+                    break;
+                }
+                let buf = &mut partial[stream];
+                buf.extend_from_slice(&frame);
+                while let Some(end) = buf.iter().position(|&b| b == b'\n') {
+                    let line: Vec<u8> = buf.drain(..=end).collect();
+                    let text = String::from_utf8_lossy(&line);
+                    lines.push(stream == 1, text.trim_end_matches(['\n', '\r']).to_owned());
+                }
+            }
+            for (stream, rest) in partial.iter().enumerate() {
+                if !rest.is_empty() {
+                    lines.push(stream == 1, String::from_utf8_lossy(rest).into_owned());
+                }
+            }
+        });
+    }
+}
+
+/// Percent-encodes a path segment or query value.
+fn percent(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+impl Driver for EngineDriver {
+    fn name(&self) -> &'static str {
+        "engine"
+    }
+
+    fn check(&self, _spec: &ContainerBackend) -> Result<(), BackendError> {
+        Ok(())
+    }
+
+    fn launch(&self, launch: Launch) -> Result<Box<dyn Instance>, BackendError> {
+        let spec = &launch.spec;
+        self.ensure_image(spec)?;
+        let port = format!("{}/tcp", spec.port);
+        let mut labels = launch.labels.clone();
+        labels.insert("wasp.owner".into(), self.owner.clone());
+        let mut host = json!({
+            "PortBindings": { &port: [{ "HostIp": "127.0.0.1", "HostPort": "" }] },
+        });
+        if let Some(mib) = spec.memory_mib {
+            host["Memory"] = json!(u64::from(mib) << 20);
+        }
+        if let Some(cpus) = spec.cpus {
+            host["NanoCpus"] = json!((cpus * 1e9) as u64);
+        }
+        if let (Some(volume), Some(path)) = (&spec.volume, &spec.mount_path) {
+            host["Binds"] = json!([format!("{volume}:{path}")]);
+        }
+        let mut body = json!({
+            "Image": spec.image,
+            "Env": spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>(),
+            "ExposedPorts": { &port: {} },
+            "Labels": labels,
+            "HostConfig": host,
+        });
+        if let Some(command) = &spec.command {
+            body["Entrypoint"] = json!([spec.shell, "-c"]);
+            body["Cmd"] = json!([command]);
+        }
+        let name = percent(&launch.name);
+        // A container of that name left from before (this server's own, by its name):
+        // gone first.
+        let _ = self.call("DELETE", &format!("/containers/{name}?force=true"), None);
+        let created = self.call(
+            "POST",
+            &format!("/containers/create?name={name}"),
+            Some(&body),
+        )?;
+        if created.status != 201 {
+            let message = created.message();
+            return Err(if created.status == 404 {
+                BackendError::bad_input(format!("image `{}`: {message}", spec.image), "image")
+            } else {
+                BackendError::Load(format!(
+                    "the engine refused the container ({}): {message}",
+                    created.status
+                ))
+            });
+        }
+        let id = created.json()["Id"].as_str().unwrap_or_default().to_owned();
+        let container = Container {
+            engine: self.handle(),
+            id: id.clone(),
+            address: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+        };
+        let started = self.call("POST", &format!("/containers/{id}/start"), None)?;
+        if !matches!(started.status, 204 | 304) {
+            container.remove();
+            return Err(BackendError::Load(format!(
+                "the engine could not start the container ({}): {}",
+                started.status,
+                started.message()
+            )));
+        }
+        self.follow_logs(&id, launch.lines.clone());
+        let inspected = self
+            .call("GET", &format!("/containers/{id}/json"), None)?
+            .json();
+        let host_port = inspected["NetworkSettings"]["Ports"][&port][0]["HostPort"]
+            .as_str()
+            .and_then(|p| p.parse::<u16>().ok());
+        let Some(host_port) = host_port else {
+            let state = inspected["State"]["Status"]
+                .as_str()
+                .unwrap_or("unknown")
+                .to_owned();
+            // It may have exited at once: let the readiness wait say so, with its lines.
+            if state == "exited" {
+                return Ok(Box::new(container));
+            }
+            container.remove();
+            return Err(BackendError::Load(format!(
+                "the engine published no host port for {port} (container {state})"
+            )));
+        };
+        tracing::info!(name = %launch.name, id = %id, host_port, "started container");
+        Ok(Box::new(Container {
+            address: SocketAddr::from((Ipv4Addr::LOCALHOST, host_port)),
+            ..container
+        }))
+    }
+
+    fn reclaim(&self) -> usize {
+        let filters =
+            percent(&json!({ "label": [format!("wasp.owner={}", self.owner)] }).to_string());
+        let Ok(answer) = self.call(
+            "GET",
+            &format!("/containers/json?all=true&filters={filters}"),
+            None,
+        ) else {
+            return 0;
+        };
+        let mut found = 0;
+        for c in answer.json().as_array().into_iter().flatten() {
+            if let Some(id) = c["Id"].as_str() {
+                tracing::warn!(id, "removing a container a previous run left behind");
+                let _ = self.call("DELETE", &format!("/containers/{id}?force=true"), None);
+                found += 1;
+            }
+        }
+        found
+    }
+}
+
+/// One engine container.
+struct Container {
+    engine: EngineDriver,
+    id: String,
+    address: SocketAddr,
+}
+
+impl Container {
+    fn signal(&self, signal: &str) {
+        let _ = self.engine.call(
+            "POST",
+            &format!("/containers/{}/kill?signal={signal}", self.id),
+            None,
+        );
+    }
+}
+
+impl Instance for Container {
+    fn address(&self) -> SocketAddr {
+        self.address
+    }
+
+    fn exited(&self) -> Option<String> {
+        let answer = match self
+            .engine
+            .call("GET", &format!("/containers/{}/json", self.id), None)
+        {
+            Ok(a) => a,
+            Err(e) => return Some(e.to_string()),
+        };
+        if answer.status == 404 {
+            return Some("removed from the engine".into());
+        }
+        let state = answer.json()["State"].clone();
+        match state["Status"].as_str() {
+            Some("exited" | "dead" | "stopped") => Some(format!(
+                "exit status {}{}",
+                state["ExitCode"],
+                if state["OOMKilled"] == true {
+                    ", out of memory"
+                } else {
+                    ""
+                }
+            )),
+            _ => None,
+        }
+    }
+
+    fn terminate(&self) {
+        self.signal("SIGTERM");
+    }
+
+    fn kill(&self) {
+        self.signal("SIGKILL");
+    }
+
+    fn remove(&self) {
+        let _ = self.engine.call(
+            "DELETE",
+            &format!("/containers/{}?force=true", self.id),
+            None,
+        );
+    }
+}
