@@ -7,7 +7,7 @@
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use wasp_tests::guests::TEXT_EMBEDDINGS;
+use wasp_tests::guests::{HOSTILE, TEXT_EMBEDDINGS};
 use wasp_tests::{TestClient, TestServer, minilm_spec, model_server_spec};
 
 const MODEL_SERVER: &str = env!("CARGO_BIN_EXE_model-server");
@@ -480,5 +480,26 @@ async fn through_a_real_engine_an_image_answers_what_candle_answers() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    t.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_container_worker_sees_only_the_gpus_it_owns() {
+    let gpus = wasp_gateway::Inventory::parse("fake:2").unwrap();
+    let t = TestServer::start_with_gpus(gpus).await;
+    let c = &t.client;
+    let spec = "name = \"gpu\"\n[[versions]]\nname = \"v1\"\n[versions.backend]\n\
+        kind = \"container\"\nimage = \"python\"\nport = 8000\n\
+        command = \"echo gpus=$CUDA_VISIBLE_DEVICES; exec python3 -m http.server $PORT --bind 127.0.0.1\"\n\
+        readiness = { path = \"/\" }\n[versions.scaling]\ngpus_per_worker = 1\n\
+        [versions.processor]\ncomponent = \"{COMPONENT}\"\n";
+    c.deploy_ok(HOSTILE, spec).await;
+    until("its first line", Duration::from_secs(10), async || {
+        logs(c, "gpu").await.contains("gpus=")
+    })
+    .await;
+    let log = logs(c, "gpu").await;
+    assert!(log.contains("gpus=0") || log.contains("gpus=1"), "{log}");
+    assert!(!log.contains("gpus=0,1"), "{log}");
     t.stop().await;
 }

@@ -6,6 +6,7 @@
 //! The calls are few and small, so they are plain blocking HTTP/1.1 over a fresh
 //! connection each (`Connection: close`); only a container's log stream stays open.
 
+use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::os::unix::net::UnixStream;
@@ -295,6 +296,44 @@ impl EngineDriver {
     }
 }
 
+/// The engine's create request for `spec`, and the port key (`8080/tcp`) it publishes.
+fn create_body(spec: &ContainerBackend, labels: &BTreeMap<String, String>) -> (Value, String) {
+    let port = format!("{}/tcp", spec.port);
+    let mut host = json!({
+        "PortBindings": { &port: [{ "HostIp": "127.0.0.1", "HostPort": "" }] },
+    });
+    if let Some(mib) = spec.memory_mib {
+        host["Memory"] = json!(u64::from(mib) << 20);
+    }
+    if let Some(cpus) = spec.cpus {
+        host["NanoCpus"] = json!((cpus * 1e9) as u64);
+    }
+    if let (Some(volume), Some(path)) = (&spec.volume, &spec.mount_path) {
+        host["Binds"] = json!([format!("{volume}:{path}")]);
+    }
+    if !spec.gpus.is_empty() {
+        // The engine's GPU runtime shows the container these devices only (numbered from
+        // 0 inside), as `docker run --gpus '"device=1,3"'` does.
+        host["DeviceRequests"] = json!([{
+            "Driver": "nvidia",
+            "DeviceIDs": spec.gpus.iter().map(u32::to_string).collect::<Vec<_>>(),
+            "Capabilities": [["gpu"]],
+        }]);
+    }
+    let mut body = json!({
+        "Image": spec.image,
+        "Env": spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>(),
+        "ExposedPorts": { &port: {} },
+        "Labels": labels,
+        "HostConfig": host,
+    });
+    if let Some(command) = &spec.command {
+        body["Entrypoint"] = json!([spec.shell, "-c"]);
+        body["Cmd"] = json!([command]);
+    }
+    (body, port)
+}
+
 /// Percent-encodes a path segment or query value.
 fn percent(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
@@ -320,32 +359,9 @@ impl Driver for EngineDriver {
     fn launch(&self, launch: Launch) -> Result<Box<dyn Instance>, BackendError> {
         let spec = &launch.spec;
         self.ensure_image(spec)?;
-        let port = format!("{}/tcp", spec.port);
         let mut labels = launch.labels.clone();
         labels.insert("wasp.owner".into(), self.owner.clone());
-        let mut host = json!({
-            "PortBindings": { &port: [{ "HostIp": "127.0.0.1", "HostPort": "" }] },
-        });
-        if let Some(mib) = spec.memory_mib {
-            host["Memory"] = json!(u64::from(mib) << 20);
-        }
-        if let Some(cpus) = spec.cpus {
-            host["NanoCpus"] = json!((cpus * 1e9) as u64);
-        }
-        if let (Some(volume), Some(path)) = (&spec.volume, &spec.mount_path) {
-            host["Binds"] = json!([format!("{volume}:{path}")]);
-        }
-        let mut body = json!({
-            "Image": spec.image,
-            "Env": spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>(),
-            "ExposedPorts": { &port: {} },
-            "Labels": labels,
-            "HostConfig": host,
-        });
-        if let Some(command) = &spec.command {
-            body["Entrypoint"] = json!([spec.shell, "-c"]);
-            body["Cmd"] = json!([command]);
-        }
+        let (body, port) = create_body(spec, &labels);
         let name = percent(&launch.name);
         // A container of that name left from before (this server's own, by its name):
         // gone first.
@@ -493,5 +509,66 @@ impl Instance for Container {
             &format!("/containers/{}?force=true", self.id),
             None,
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> ContainerBackend {
+        serde_json::from_value(json!({
+            "image": "registry.example/minilm:1", "port": 8080, "command": "serve --fast",
+            "env": {"A": "1"}, "memory_mib": 512, "cpus": 1.5,
+            "volume": "/srv/models", "mount_path": "/models"
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn the_create_request_says_what_the_spec_says() {
+        let mut spec = spec();
+        spec.gpus = vec![1, 3];
+        let labels = BTreeMap::from([("wasp.endpoint".to_owned(), "e".to_owned())]);
+        let (body, port) = create_body(&spec, &labels);
+        assert_eq!(port, "8080/tcp");
+        assert_eq!(body["Image"], "registry.example/minilm:1");
+        assert_eq!(body["Entrypoint"], json!(["/bin/sh", "-c"]));
+        assert_eq!(body["Cmd"], json!(["serve --fast"]));
+        assert_eq!(body["Env"], json!(["A=1"]));
+        assert_eq!(body["Labels"]["wasp.endpoint"], "e");
+        let host = &body["HostConfig"];
+        assert_eq!(host["PortBindings"]["8080/tcp"][0]["HostIp"], "127.0.0.1");
+        assert_eq!(host["Memory"], 512u64 << 20);
+        assert_eq!(host["NanoCpus"], 1_500_000_000u64);
+        assert_eq!(host["Binds"], json!(["/srv/models:/models"]));
+        assert_eq!(host["DeviceRequests"][0]["DeviceIDs"], json!(["1", "3"]));
+        assert_eq!(host["DeviceRequests"][0]["Capabilities"], json!([["gpu"]]));
+    }
+
+    #[test]
+    fn without_a_command_the_image_entrypoint_runs_and_no_gpu_is_asked() {
+        let mut spec = spec();
+        spec.command = None;
+        let (body, _) = create_body(&spec, &BTreeMap::new());
+        assert!(body.get("Entrypoint").is_none() && body.get("Cmd").is_none());
+        assert!(body["HostConfig"].get("DeviceRequests").is_none());
+    }
+
+    #[test]
+    fn chunked_answers_are_read_whole() {
+        let raw = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n";
+        let mut reader = BufReader::new(&raw[..]);
+        let (status, chunked, _) = read_head(&mut reader).unwrap();
+        assert_eq!((status, chunked), (200, true));
+        let mut body = String::new();
+        Chunked {
+            inner: reader,
+            left: 0,
+            done: false,
+        }
+        .read_to_string(&mut body)
+        .unwrap();
+        assert_eq!(body, "hello world");
     }
 }

@@ -137,6 +137,10 @@ impl Driver for ProcessDriver {
             )
             .envs(&launch.spec.env)
             .env("PORT", port.to_string())
+            .envs((!launch.spec.gpus.is_empty()).then(|| {
+                let ids: Vec<String> = launch.spec.gpus.iter().map(u32::to_string).collect();
+                ("CUDA_VISIBLE_DEVICES", ids.join(","))
+            }))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

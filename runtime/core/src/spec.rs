@@ -568,6 +568,11 @@ pub struct ContainerBackend {
     /// Where a processor's model input is POSTed, as a KServe v2 inference request.
     #[serde(default = "default_inference_path")]
     pub inference_path: String,
+    /// The GPUs of the server's inventory this worker owns (`scaling.gpus_per_worker`), set
+    /// by the server for each worker, never by a spec.
+    #[serde(skip)]
+    #[cfg_attr(feature = "openapi", schema(ignore))]
+    pub gpus: Vec<u32>,
 }
 
 /// An HTTP probe of a container.

@@ -821,10 +821,10 @@ impl WorkerSet {
             model.context.clone(),
         );
         // The worker sees only its own devices.
-        if let (BackendSpec::Candle(candle), Some(gpu)) =
-            (&mut spec, worker.gpus().first().copied())
-        {
-            candle.device = format!("cuda:{gpu}");
+        match (&mut spec, worker.gpus().first().copied()) {
+            (BackendSpec::Candle(candle), Some(gpu)) => candle.device = format!("cuda:{gpu}"),
+            (BackendSpec::Container(container), Some(_)) => container.gpus = worker.gpus(),
+            _ => {}
         }
         let backend = tokio::task::spawn_blocking(move || factory.load(&spec, &context))
             .await
