@@ -503,3 +503,35 @@ async fn a_container_worker_sees_only_the_gpus_it_owns() {
     assert!(!log.contains("gpus=0,1"), "{log}");
     t.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_engine_that_is_down_is_a_clear_error() {
+    let t = TestServer::start_configured(|config| {
+        config.backends = wasp_backend::Registry::new();
+        let driver = wasp_container::EngineDriver::open(
+            "unix:///nonexistent/engine.sock",
+            &config.data_dir.join("containers"),
+        )
+        .unwrap();
+        config.backends = wasp_tests::backends_with(std::sync::Arc::new(driver));
+    })
+    .await;
+    let c = &t.client;
+    let spec = "name = \"nowhere\"\n[[versions]]\nname = \"v1\"\n[versions.backend]\n\
+        kind = \"container\"\nimage = \"python\"\nport = 8000\n\
+        [versions.processor]\ncomponent = \"{COMPONENT}\"\n";
+    let reply = c.deploy(HOSTILE, spec).await;
+    let text = reply.text();
+    assert_eq!(reply.status, 503, "{text}");
+    assert!(
+        text.contains("the container engine at unix:///nonexistent/engine.sock does not answer"),
+        "{text}"
+    );
+    let status = c.get("/api/v1/endpoints/nowhere").await;
+    assert!(
+        status.status == 404 || status.text().contains("does not answer"),
+        "{}",
+        status.text()
+    );
+    t.stop().await;
+}

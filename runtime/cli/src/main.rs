@@ -243,10 +243,13 @@ enum Command {
         #[arg(long = "volume-root", value_name = "DIR")]
         volume_roots: Vec<PathBuf>,
         /// Run container backends through this container engine's Docker API socket
-        /// (`unix:///run/podman/podman.sock`, `unix:///var/run/docker.sock`); without it,
-        /// through the unsandboxed `process` driver.
+        /// (`unix:///run/podman/podman.sock`, `unix:///var/run/docker.sock`).
         #[arg(long, env = "WASP_CONTAINER_ENGINE", value_name = "unix:///PATH")]
         container_engine: Option<String>,
+        /// Without an engine, run container backends' commands as local, unsandboxed
+        /// processes: only where everyone who may deploy may also run commands on this host.
+        #[arg(long, conflicts_with = "container_engine")]
+        process_containers: bool,
     },
     /// Deploys (creates or replaces) the endpoint a TOML spec describes, uploading the
     /// components it names by path.
@@ -692,6 +695,7 @@ async fn run(cli: Cli) -> Result<()> {
             webhook_ca,
             volume_roots,
             container_engine,
+            process_containers,
         } => {
             let gpus = if gpus == "auto" {
                 detect_gpus()
@@ -701,6 +705,7 @@ async fn run(cli: Cli) -> Result<()> {
             let registry = backends(
                 &data_dir,
                 container_engine.as_deref(),
+                process_containers,
                 volume_roots
                     .iter()
                     .map(|r| r.canonicalize().unwrap_or_else(|_| r.clone()))
@@ -1006,18 +1011,20 @@ async fn store_backup(client: &Client, path: &Path) -> Result<()> {
 }
 
 /// The model backends compiled into this binary. Containers run through the engine at
-/// `engine` (a Docker Engine API socket), else through the `process` driver; their state
-/// lives in `DATA_DIR/containers`, and what a crashed earlier run left is stopped first.
+/// `engine` (a Docker Engine API socket), or, when the operator asks for it, as local
+/// processes; with neither, the `container` kind is not offered. Their state lives in
+/// `DATA_DIR/containers`, and what a crashed earlier run left is stopped first.
 fn backends(
     data_dir: &std::path::Path,
     engine: Option<&str>,
+    process_containers: bool,
     volume_roots: Vec<PathBuf>,
 ) -> Result<wasp_backend::Registry> {
     let mut registry = wasp_backend::Registry::new();
     registry.register(std::sync::Arc::new(wasp_candle::CandleFactory));
     let state = data_dir.join("containers");
-    let driver: std::sync::Arc<dyn wasp_container::Driver> = match engine {
-        Some(socket) => {
+    let driver: std::sync::Arc<dyn wasp_container::Driver> = match (engine, process_containers) {
+        (Some(socket), _) => {
             let engine = wasp_container::EngineDriver::open(socket, &state)
                 .with_context(|| format!("cannot use {}", state.display()))?;
             if let Err(e) = engine.ping() {
@@ -1025,10 +1032,17 @@ fn backends(
             }
             std::sync::Arc::new(engine)
         }
-        None => std::sync::Arc::new(
-            wasp_container::ProcessDriver::new(&state)
-                .with_context(|| format!("cannot use {}", state.display()))?,
-        ),
+        (None, true) => {
+            tracing::warn!(
+                "container backends run as local processes: whoever may deploy can run \
+                 commands on this host"
+            );
+            std::sync::Arc::new(
+                wasp_container::ProcessDriver::new(&state)
+                    .with_context(|| format!("cannot use {}", state.display()))?,
+            )
+        }
+        (None, false) => return Ok(registry),
     };
     let containers = wasp_container::ContainerFactory::new(driver, volume_roots);
     let reclaimed = containers.reclaim();

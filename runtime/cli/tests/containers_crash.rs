@@ -36,6 +36,11 @@ fn alive(pid: u32) -> bool {
         .unwrap_or(false)
 }
 
+/// `wasp serve` with container backends as local processes.
+fn start(data: &Path) -> Serve {
+    Serve::try_start(data, &["--process-containers"]).unwrap()
+}
+
 fn until(what: &str, mut check: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(30);
     while !check() {
@@ -47,7 +52,7 @@ fn until(what: &str, mut check: impl FnMut() -> bool) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_after_kill_9_leaves_no_orphaned_container() {
     let data = tempfile::tempdir().unwrap();
-    let server = Serve::start(data.path());
+    let server = start(data.path());
     let spec = "name = \"web\"\n[[versions]]\nname = \"v1\"\n[versions.backend]\n\
         kind = \"container\"\nimage = \"python\"\nport = 8000\n\
         command = \"exec python3 -m http.server $PORT --bind 127.0.0.1\"\n\
@@ -62,7 +67,7 @@ async fn a_restart_after_kill_9_leaves_no_orphaned_container() {
     std::thread::sleep(Duration::from_millis(300));
     assert!(alive(first[0]), "the container died with the server");
 
-    let server = Serve::start(data.path());
+    let server = start(data.path());
     until("the orphan to be stopped", || !alive(first[0]));
     // The endpoint came back with a container of its own.
     let status = server.client().get("/api/v1/endpoints/web").await.json();
@@ -77,4 +82,32 @@ async fn a_restart_after_kill_9_leaves_no_orphaned_container() {
     until("the container to stop with the server", || {
         !alive(second[0])
     });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn containers_are_offered_only_when_the_operator_says_how_to_run_them() {
+    let data = tempfile::tempdir().unwrap();
+    let server = Serve::start(data.path());
+    let spec = "name = \"web\"\n[[versions]]\nname = \"v1\"\n[versions.backend]\n\
+        kind = \"container\"\nimage = \"python\"\nport = 8000\ncommand = \"true\"\n\
+        [versions.processor]\ncomponent = \"{COMPONENT}\"\n";
+    let reply = server.client().deploy(HOSTILE, spec).await;
+    let text = reply.text();
+    assert_eq!(reply.status, 422, "{text}");
+    assert_eq!(
+        reply.json()["error"]["field"],
+        "versions[0].backend.kind",
+        "{text}"
+    );
+    assert!(text.contains("--container-engine"), "{text}");
+    // Nothing ran.
+    assert!(recorded_or_none(data.path()).is_empty());
+}
+
+fn recorded_or_none(data: &Path) -> Vec<u32> {
+    if data.join("containers").is_dir() {
+        recorded(data)
+    } else {
+        Vec::new()
+    }
 }

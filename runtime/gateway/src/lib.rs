@@ -208,6 +208,11 @@ impl Error {
     pub fn status(&self) -> u16 {
         match self {
             Self::Spec(SpecError::Parse(_)) => 400,
+            // Something the backend needs is down (a container engine): try again later.
+            Self::Backend {
+                source: wasp_backend::BackendError::Unavailable(_),
+                ..
+            } => 503,
             Self::Spec(SpecError::Invalid { .. })
             | Self::Invalid { .. }
             | Self::UnknownComponent(_)

@@ -891,13 +891,19 @@ impl Gateway {
                         Error::Invalid {
                             field: at("backend.kind"),
                             message: format!(
-                                "backend `{}` is not available in this build (available: none{})",
+                                "backend `{}` is not offered by this server (available: none{}){}",
                                 other.kind(),
                                 self.backends
                                     .kinds()
                                     .iter()
                                     .map(|k| format!(", {k}"))
-                                    .collect::<String>()
+                                    .collect::<String>(),
+                                if other.kind() == "container" {
+                                    "; containers need `wasp serve --container-engine` (or \
+                                     --process-containers)"
+                                } else {
+                                    ""
+                                }
                             ),
                         }
                     })?),
