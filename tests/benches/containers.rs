@@ -3,7 +3,10 @@
 //! server of tests/src/bin/model-server.rs, run by the process driver), side by side:
 //!
 //! 1. cold start from zero workers to the first response (the container started, its
-//!    model loaded, its readiness probe passed; the candle worker loads the same weights);
+//!    model loaded, its readiness probe passed; the candle worker loads the same weights),
+//!    as a local process and, where a Podman service runs (`scripts/toolchain engine`), as
+//!    an image (the model server's binary and libraries, nothing else) started by the
+//!    engine;
 //! 2. warm request latency at concurrency 1, and what the container hop adds at p50.
 //!
 //! Run with `./x bench` (or `cargo bench -p wasp-tests --bench containers`).
@@ -89,6 +92,41 @@ async fn main() {
          container {boxed_cold:.0} ms ({:+.0} ms)",
         boxed_cold - native_cold
     );
+
+    if let Some(socket) = wasp_tests::test_engine("the engine's cold start") {
+        let image = wasp_tests::model_server_image(MODEL_SERVER);
+        let engined = TestServer::start_configured(move |config| {
+            config.backends = wasp_backend::Registry::new();
+            let driver =
+                wasp_container::EngineDriver::open(&socket, &config.data_dir.join("containers"))
+                    .unwrap();
+            config.backends = wasp_tests::backends_with(std::sync::Arc::new(driver));
+        })
+        .await;
+        let e = &engined.client;
+        let spec = format!(
+            "name = \"imaged\"\n[[versions]]\nname = \"v1\"\n[versions.backend]\n\
+             kind = \"container\"\nimage = \"{image}\"\nport = 8080\npull = \"never\"\n\
+             volume = {models:?}\nmount_path = \"/models\"\ngrace_period_s = 5\n\
+             readiness = {{ path = \"/v2/health/ready\", period_ms = 10 }}\n{AT_ZERO}\n\
+             [versions.processor]\ncomponent = \"{{COMPONENT}}\"\n\
+             mounts = [{{ host = {host:?}, guest = \"/model\" }}]\n",
+            models = wasp_tests::models_dir()
+                .canonicalize()
+                .unwrap()
+                .display()
+                .to_string(),
+            host = wasp_tests::minilm_dir().display().to_string()
+        );
+        e.deploy_ok(TEXT_EMBEDDINGS, &spec).await;
+        let imaged_cold = cold_start(e, "imaged", rounds).await;
+        println!(
+            "  the same model server as an image started by Podman (runc): {imaged_cold:.0} ms \
+             ({:+.0} ms on the process)",
+            imaged_cold - boxed_cold
+        );
+        engined.stop().await;
+    }
 
     // Warm: keep a worker of each while timing.
     for name in ["native", "boxed"] {

@@ -370,6 +370,63 @@ pub fn test_engine(skipping: &str) -> Option<String> {
     answers.then_some(socket)
 }
 
+/// A minimal image of the model server at `model_server` (the `model-server` binary),
+/// made offline: the binary and the shared libraries it links (as `ldd` lists them) in an
+/// otherwise empty root, imported into the engine as `localhost/wasp-model-server:test`,
+/// its entrypoint serving `/models/all-MiniLM-L6-v2` on port 8080.
+pub fn model_server_image(model_server: &str) -> String {
+    let tag = "localhost/wasp-model-server:test";
+    let root = tempfile::tempdir().unwrap();
+    let mut files = vec![std::path::PathBuf::from(model_server)];
+    let ldd = std::process::Command::new("ldd")
+        .arg(model_server)
+        .output()
+        .unwrap();
+    for line in String::from_utf8_lossy(&ldd.stdout).lines() {
+        if let Some(path) = line.split_whitespace().find(|w| w.starts_with('/')) {
+            files.push(path.into());
+        }
+    }
+    for file in &files {
+        let target = if file.as_os_str() == model_server {
+            root.path().join("model-server")
+        } else {
+            root.path().join(file.strip_prefix("/").unwrap())
+        };
+        std::fs::create_dir_all(target.parent().unwrap()).unwrap();
+        std::fs::copy(file, &target).unwrap();
+    }
+    let tar = root.path().with_extension("tar");
+    assert!(
+        std::process::Command::new("tar")
+            .arg("-C")
+            .arg(root.path())
+            .arg("-cf")
+            .arg(&tar)
+            .arg(".")
+            .status()
+            .unwrap()
+            .success()
+    );
+    let imported = std::process::Command::new("podman")
+        .args([
+            "import",
+            "--change",
+            r#"ENTRYPOINT ["/model-server", "--host", "0.0.0.0", "--port", "8080", "--model", "/models/all-MiniLM-L6-v2"]"#,
+        ])
+        .arg(&tar)
+        .arg(tag)
+        .output()
+        .unwrap();
+    assert!(
+        imported.status.success(),
+        "{}",
+        String::from_utf8_lossy(&imported.stderr)
+    );
+    let _ = std::fs::remove_file(&tar);
+    tag.to_owned()
+}
+
 /// The all-MiniLM-L6-v2 directory; panics with the command that fetches it when missing.
 pub fn minilm_dir() -> PathBuf {
     let dir = models_dir().join("all-MiniLM-L6-v2");

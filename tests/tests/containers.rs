@@ -39,6 +39,20 @@ async fn embed(c: &TestClient, model: &str, input: &Value) -> Vec<Vec<f64>> {
         .collect()
 }
 
+/// The same embeddings, to rounding: 384 floats each, none off by 1e-5 or more.
+fn assert_same_vectors(a: &[Vec<f64>], b: &[Vec<f64>]) {
+    assert_eq!(a.len(), b.len());
+    for (x, y) in a.iter().zip(b) {
+        assert_eq!(x.len(), 384);
+        let worst = x
+            .iter()
+            .zip(y)
+            .map(|(p, q)| (p - q).abs())
+            .fold(0.0, f64::max);
+        assert!(worst < 1e-5, "the vectors differ by {worst}");
+    }
+}
+
 async fn logs(c: &TestClient, endpoint: &str) -> String {
     let body = c
         .get(&format!("/api/v1/endpoints/{endpoint}/logs?limit=1000"))
@@ -105,15 +119,7 @@ async fn a_container_model_answers_what_the_candle_backend_answers() {
     let native = embed(c, "native", &input).await;
     let boxed = embed(c, "boxed", &input).await;
     assert_eq!(native.len(), 3);
-    for (a, b) in native.iter().zip(&boxed) {
-        assert_eq!(a.len(), 384);
-        let worst = a
-            .iter()
-            .zip(b)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0.0, f64::max);
-        assert!(worst < 1e-5, "the vectors differ by {worst}");
-    }
+    assert_same_vectors(&native, &boxed);
     // The container's output is in the endpoint's logs.
     assert!(
         logs(c, "boxed")
@@ -324,61 +330,6 @@ async fn a_rolling_update_under_load_fails_no_request() {
     t.stop().await;
 }
 
-/// A minimal image of the model server, made offline: the binary and the shared libraries
-/// it links (as `ldd` lists them) in an otherwise empty root, imported into the engine.
-fn model_server_image() -> String {
-    let tag = "localhost/wasp-model-server:test";
-    let root = tempfile::tempdir().unwrap();
-    let mut files = vec![std::path::PathBuf::from(MODEL_SERVER)];
-    let ldd = std::process::Command::new("ldd")
-        .arg(MODEL_SERVER)
-        .output()
-        .unwrap();
-    for line in String::from_utf8_lossy(&ldd.stdout).lines() {
-        if let Some(path) = line.split_whitespace().find(|w| w.starts_with('/')) {
-            files.push(path.into());
-        }
-    }
-    for file in &files {
-        let target = if file.as_os_str() == MODEL_SERVER {
-            root.path().join("model-server")
-        } else {
-            root.path().join(file.strip_prefix("/").unwrap())
-        };
-        std::fs::create_dir_all(target.parent().unwrap()).unwrap();
-        std::fs::copy(file, &target).unwrap();
-    }
-    let tar = root.path().with_extension("tar");
-    assert!(
-        std::process::Command::new("tar")
-            .arg("-C")
-            .arg(root.path())
-            .arg("-cf")
-            .arg(&tar)
-            .arg(".")
-            .status()
-            .unwrap()
-            .success()
-    );
-    let imported = std::process::Command::new("podman")
-        .args([
-            "import",
-            "--change",
-            r#"ENTRYPOINT ["/model-server", "--host", "0.0.0.0", "--port", "8080", "--model", "/models/all-MiniLM-L6-v2"]"#,
-        ])
-        .arg(&tar)
-        .arg(tag)
-        .output()
-        .unwrap();
-    assert!(
-        imported.status.success(),
-        "{}",
-        String::from_utf8_lossy(&imported.stderr)
-    );
-    let _ = std::fs::remove_file(&tar);
-    tag.to_owned()
-}
-
 /// This engine's containers labelled with `endpoint`.
 fn engine_containers(socket: &str, endpoint: &str) -> usize {
     let filters = format!("{{\"label\":[\"wasp.endpoint={endpoint}\"]}}");
@@ -406,7 +357,7 @@ async fn through_a_real_engine_an_image_answers_what_candle_answers() {
     let Some(socket) = wasp_tests::test_engine("the container-engine tests") else {
         return;
     };
-    let image = model_server_image();
+    let image = wasp_tests::model_server_image(MODEL_SERVER);
     let engine_socket = socket.clone();
     let t = TestServer::start_configured(move |config| {
         // The default registry's process driver holds the state directory: let it go.
@@ -439,14 +390,7 @@ async fn through_a_real_engine_an_image_answers_what_candle_answers() {
     let input = json!(["The cat sat on the mat.", "naïve résumé"]);
     let native = embed(c, "native", &input).await;
     let imaged = embed(c, "imaged", &input).await;
-    for (a, b) in native.iter().zip(&imaged) {
-        let worst = a
-            .iter()
-            .zip(b)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0.0, f64::max);
-        assert!(worst < 1e-5, "the vectors differ by {worst}");
-    }
+    assert_same_vectors(&native, &imaged);
     assert!(
         logs(c, "imaged")
             .await

@@ -29,7 +29,7 @@ use serde_json::{Value, json};
 use tokio::runtime::Handle;
 use tokio::sync::watch;
 use wasp_backend::{Backend, BackendError, BackendFactory, LoadContext, Result};
-use wasp_core::kserve::{tensor_from_json, tensor_to_json};
+use wasp_core::kserve::{tensor_from_object, tensor_object};
 use wasp_core::{BackendSpec, ContainerBackend, ModelInput, ModelOutput, Probe};
 
 pub use driver::{Driver, Instance, Launch, Lines};
@@ -475,24 +475,21 @@ impl Drop for ContainerModel {
 
 /// The KServe v2 request body for a model input.
 fn request_body(input: &ModelInput) -> Result<Bytes> {
-    let mut inputs = Vec::with_capacity(input.tensors.len());
-    for t in &input.tensors {
-        let data = tensor_to_json(t).ok_or_else(|| {
-            BackendError::bad_input(
-                format!(
-                    "tensor `{}` ({:?}) has no KServe v2 JSON encoding",
-                    t.name, t.dtype
-                ),
-                t.name.clone(),
-            )
-        })?;
-        inputs.push(json!({
-            "name": t.name,
-            "shape": t.shape,
-            "datatype": t.dtype.kserve_name(),
-            "data": data,
-        }));
-    }
+    let inputs = input
+        .tensors
+        .iter()
+        .map(|t| {
+            tensor_object(t).ok_or_else(|| {
+                BackendError::bad_input(
+                    format!(
+                        "tensor `{}` ({:?}) has no KServe v2 JSON encoding",
+                        t.name, t.dtype
+                    ),
+                    t.name.clone(),
+                )
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
     let mut body = json!({ "inputs": inputs });
     if let Some(parameters) = &input.parameters
         && let Ok(Value::Object(map)) = serde_json::from_str::<Value>(parameters)
@@ -536,22 +533,13 @@ fn parse_answer(status: u16, body: &[u8]) -> Result<ModelOutput> {
     let outputs = value["outputs"]
         .as_array()
         .ok_or_else(|| bad("no `outputs` list".into()))?;
-    let mut tensors = Vec::with_capacity(outputs.len());
-    for (i, out) in outputs.iter().enumerate() {
-        let name = out["name"]
-            .as_str()
-            .ok_or_else(|| bad(format!("outputs[{i}].name is missing")))?;
-        let datatype = out["datatype"]
-            .as_str()
-            .ok_or_else(|| bad(format!("outputs[{i}].datatype is missing")))?;
-        let shape = out["shape"]
-            .as_array()
-            .and_then(|dims| dims.iter().map(Value::as_u64).collect::<Option<Vec<_>>>())
-            .ok_or_else(|| bad(format!("outputs[{i}].shape is not a list of sizes")))?;
-        let tensor = tensor_from_json(name.to_owned(), shape, datatype, &out["data"])
-            .map_err(|e| bad(format!("outputs[{i}].{}: {e}", e.field())))?;
-        tensors.push(tensor);
-    }
+    let tensors = outputs
+        .iter()
+        .enumerate()
+        .map(|(i, out)| {
+            tensor_from_object(out).map_err(|(field, e)| bad(format!("outputs[{i}].{field}: {e}")))
+        })
+        .collect::<Result<Vec<_>>>()?;
     let metadata = match &value["parameters"] {
         Value::Null => None,
         other => Some(other.to_string()),

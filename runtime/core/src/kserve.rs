@@ -80,6 +80,33 @@ pub fn tensor_from_json(
     })
 }
 
+/// A tensor from a KServe tensor object (`{"name", "shape", "datatype", "data"}`); the
+/// error is the field at fault (`name`, `shape`, `datatype`, `data`) and what is wrong.
+pub fn tensor_from_object(object: &Value) -> Result<Tensor, (&'static str, String)> {
+    let name = object["name"]
+        .as_str()
+        .ok_or(("name", "missing".to_owned()))?;
+    let shape = object["shape"]
+        .as_array()
+        .and_then(|dims| dims.iter().map(Value::as_u64).collect::<Option<Vec<_>>>())
+        .ok_or(("shape", "not a list of sizes".to_owned()))?;
+    let datatype = object["datatype"]
+        .as_str()
+        .ok_or(("datatype", "missing".to_owned()))?;
+    tensor_from_json(name.to_owned(), shape, datatype, &object["data"])
+        .map_err(|e| (e.field(), e.to_string()))
+}
+
+/// A tensor as a KServe tensor object, its data flat (`None` for 16-bit floats).
+pub fn tensor_object(tensor: &Tensor) -> Option<Value> {
+    Some(json!({
+        "name": tensor.name,
+        "shape": tensor.shape,
+        "datatype": tensor.dtype.kserve_name(),
+        "data": tensor_to_json(tensor)?,
+    }))
+}
+
 /// The JSON values of a tensor's elements, flat (16-bit floats and tensors whose bytes do
 /// not fill their shape are not decoded: `None`).
 pub fn tensor_to_json(tensor: &Tensor) -> Option<Vec<Value>> {

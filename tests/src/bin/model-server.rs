@@ -26,7 +26,7 @@ use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use serde_json::{Value, json};
 use wasp_backend::{Backend, BackendFactory, LoadContext};
-use wasp_core::kserve::{tensor_from_json, tensor_to_json};
+use wasp_core::kserve::{tensor_from_object, tensor_object};
 use wasp_core::{BackendSpec, CandleBackend, ModelInput};
 
 struct State {
@@ -48,21 +48,13 @@ fn reply(status: StatusCode, body: Value) -> Response<Full<Bytes>> {
 fn input(body: &[u8]) -> Result<ModelInput, String> {
     let request: Value = serde_json::from_slice(body).map_err(|e| format!("body: {e}"))?;
     let inputs = request["inputs"].as_array().ok_or("inputs: missing")?;
-    let mut tensors = Vec::new();
-    for (i, t) in inputs.iter().enumerate() {
-        let shape = t["shape"]
-            .as_array()
-            .and_then(|d| d.iter().map(Value::as_u64).collect::<Option<Vec<_>>>())
-            .ok_or(format!("inputs[{i}].shape: not a list of sizes"))?;
-        let tensor = tensor_from_json(
-            t["name"].as_str().unwrap_or_default().to_owned(),
-            shape,
-            t["datatype"].as_str().unwrap_or_default(),
-            &t["data"],
-        )
-        .map_err(|e| format!("inputs[{i}].{}: {e}", e.field()))?;
-        tensors.push(tensor);
-    }
+    let tensors = inputs
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            tensor_from_object(t).map_err(|(field, e)| format!("inputs[{i}].{field}: {e}"))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     let parameters = match &request["parameters"] {
         Value::Null => None,
         other => Some(other.to_string()),
@@ -109,15 +101,8 @@ async fn handle(state: Arc<State>, request: Request<Incoming>) -> Response<Full<
             match out {
                 Ok(Ok(mut outputs)) if !outputs.is_empty() => {
                     let output = outputs.remove(0);
-                    let tensors: Vec<Value> = output
-                        .tensors
-                        .iter()
-                        .map(|t| {
-                            json!({"name": t.name, "shape": t.shape,
-                                "datatype": t.dtype.kserve_name(),
-                                "data": tensor_to_json(t).unwrap_or_default()})
-                        })
-                        .collect();
+                    let tensors: Vec<Value> =
+                        output.tensors.iter().filter_map(tensor_object).collect();
                     let mut body = json!({"model_name": "model", "outputs": tensors});
                     if let Some(meta) = output
                         .metadata
