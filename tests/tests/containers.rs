@@ -260,6 +260,20 @@ async fn a_container_failing_its_liveness_probe_is_restarted() {
         log.contains("the liveness probe failed 2 times in a row"),
         "{log}"
     );
+    // The worker left `ready` with the reason while its container restarted, and came back:
+    // both are events.
+    until(
+        "the worker to be ready again",
+        Duration::from_secs(10),
+        async || {
+            let events = c.get("/api/v1/endpoints/sick/events").await.text();
+            events.contains("worker_recovered")
+        },
+    )
+    .await;
+    let events = c.get("/api/v1/endpoints/sick/events").await.text();
+    assert!(events.contains("worker_restarting"), "{events}");
+    assert!(events.contains("the liveness probe failed"), "{events}");
     // A new process: it answers again.
     embed(c, "sick", &json!(["after"])).await;
     t.stop().await;

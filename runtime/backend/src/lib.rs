@@ -106,6 +106,13 @@ pub trait Backend: Send + Sync + 'static {
     fn load(&self) -> Option<GenerationLoad> {
         None
     }
+
+    /// Why this backend cannot serve now although it loaded (a container being restarted
+    /// after failing its liveness probe), if it cannot. The gateway takes such a worker out
+    /// of `ready` until it can again.
+    fn unhealthy(&self) -> Option<String> {
+        None
+    }
 }
 
 /// Where a backend's own output lines go (a container's stdout and stderr, its restarts):

@@ -591,6 +591,14 @@ impl Backend for ContainerModel {
             .collect()
     }
 
+    fn unhealthy(&self) -> Option<String> {
+        match &*self.worker.state.lock().unwrap_or_else(|e| e.into_inner()) {
+            State::Running(_) => None,
+            State::Restarting(reason) => Some(format!("the container is restarting: {reason}")),
+            State::Stopped => Some("the container stopped".into()),
+        }
+    }
+
     fn describe(&self) -> String {
         format!(
             "{} ({} driver)",

@@ -176,7 +176,9 @@ pub struct ScaleEvent {
     /// Workers after.
     pub to: u32,
     /// The policy that decided: `target_tracking`, `panic`, `step[i]`, `bounds`,
-    /// `schedule[i]`, `wake`, `worker_failed`, or `rollout` (a rolling update).
+    /// `schedule[i]`, `wake`, `worker_failed`, `worker_restarting` and `worker_recovered`
+    /// (a backend that stopped serving on its own, and its return), or `rollout` (a rolling
+    /// update).
     pub trigger: String,
     /// Why, for people.
     pub reason: String,
@@ -587,6 +589,7 @@ impl WorkerSet {
     /// One autoscaler step: reads the meter (and the version's share of the endpoint's
     /// job backlog), decides, and applies the decision.
     pub(crate) fn tick(self: &Arc<Self>, waiting: bool, backlog: u64) {
+        self.follow_backends();
         if self.rolling.load(Ordering::Acquire) || self.retiring.load(Ordering::Acquire) {
             return;
         }
@@ -836,6 +839,54 @@ impl WorkerSet {
             Duration::from_millis(model.batching.max_batch_delay_ms),
         )));
         Ok(())
+    }
+
+    /// Follows backends that stopped serving on their own (a container restarted after
+    /// failing its liveness probe): such a worker leaves `ready` for `starting`, with the
+    /// backend's reason, until its backend serves again; each change is an event.
+    fn follow_backends(&self) {
+        const RESTARTING: &str = "restarting: ";
+        let mut changed = false;
+        for worker in self.read().iter() {
+            let Some(batcher) = worker.batcher() else {
+                continue;
+            };
+            let (state, reason, _) = worker.state();
+            let (trigger, why) = match (batcher.backend().unhealthy(), state) {
+                (Some(why), WorkerState::Ready) => {
+                    let why = format!("{RESTARTING}{why}");
+                    if !worker.transition_with(
+                        WorkerState::Ready,
+                        WorkerState::Starting,
+                        Some(why.clone()),
+                    ) {
+                        continue;
+                    }
+                    ("worker_restarting", why)
+                }
+                (None, WorkerState::Starting)
+                    if reason.as_deref().is_some_and(|r| r.starts_with(RESTARTING)) =>
+                {
+                    if !worker.transition(WorkerState::Starting, WorkerState::Ready) {
+                        continue;
+                    }
+                    ("worker_recovered", "its backend serves again".to_owned())
+                }
+                _ => continue,
+            };
+            changed = true;
+            self.events.push(ScaleEvent {
+                at_ms: now_ms(),
+                version: self.version.clone(),
+                from: self.desired(),
+                to: self.desired(),
+                trigger: trigger.into(),
+                reason: format!("worker {}: {why}", worker.id),
+            });
+        }
+        if changed {
+            self.publish();
+        }
     }
 
     /// Makes the processor's warm instances what the live workers need.
