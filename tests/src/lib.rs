@@ -371,30 +371,45 @@ pub fn test_engine(skipping: &str) -> Option<String> {
 }
 
 /// A minimal image of the model server at `model_server` (the `model-server` binary),
-/// made offline: the binary and the shared libraries it links (as `ldd` lists them) in an
-/// otherwise empty root, imported into the engine as `localhost/wasp-model-server:test`,
-/// its entrypoint serving `/models/all-MiniLM-L6-v2` on port 8080.
+/// imported into the engine as `localhost/wasp-model-server:test` (see
+/// [`image_from_binary`]), its entrypoint serving `/models/all-MiniLM-L6-v2` on port 8080.
 pub fn model_server_image(model_server: &str) -> String {
-    let tag = "localhost/wasp-model-server:test";
+    image_from_binary(
+        model_server,
+        "localhost/wasp-model-server:test",
+        &[
+            "--host",
+            "0.0.0.0",
+            "--port",
+            "8080",
+            "--model",
+            "/models/all-MiniLM-L6-v2",
+        ],
+    )
+}
+
+/// A minimal image made offline from one program: `binary` as `/<its name>` and the shared
+/// libraries it links (as `ldd` lists them) in an otherwise empty root, imported into the
+/// engine as `tag`, with that program and `args` as its entrypoint. Returns `tag`.
+pub fn image_from_binary(binary: &str, tag: &str, args: &[&str]) -> String {
     let root = tempfile::tempdir().unwrap();
-    let mut files = vec![std::path::PathBuf::from(model_server)];
+    let name = Path::new(binary)
+        .file_name()
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_owned();
+    std::fs::copy(binary, root.path().join(&name)).unwrap();
     let ldd = std::process::Command::new("ldd")
-        .arg(model_server)
+        .arg(binary)
         .output()
         .unwrap();
     for line in String::from_utf8_lossy(&ldd.stdout).lines() {
         if let Some(path) = line.split_whitespace().find(|w| w.starts_with('/')) {
-            files.push(path.into());
+            let target = root.path().join(path.trim_start_matches('/'));
+            std::fs::create_dir_all(target.parent().unwrap()).unwrap();
+            std::fs::copy(path, &target).unwrap();
         }
-    }
-    for file in &files {
-        let target = if file.as_os_str() == model_server {
-            root.path().join("model-server")
-        } else {
-            root.path().join(file.strip_prefix("/").unwrap())
-        };
-        std::fs::create_dir_all(target.parent().unwrap()).unwrap();
-        std::fs::copy(file, &target).unwrap();
     }
     let tar = root.path().with_extension("tar");
     assert!(
@@ -408,23 +423,29 @@ pub fn model_server_image(model_server: &str) -> String {
             .unwrap()
             .success()
     );
-    let imported = std::process::Command::new("podman")
-        .args([
-            "import",
-            "--change",
-            r#"ENTRYPOINT ["/model-server", "--host", "0.0.0.0", "--port", "8080", "--model", "/models/all-MiniLM-L6-v2"]"#,
-        ])
-        .arg(&tar)
-        .arg(tag)
+    let entrypoint: Vec<String> = std::iter::once(format!("/{name}"))
+        .chain(args.iter().map(|a| (*a).to_owned()))
+        .collect();
+    let change = format!("ENTRYPOINT {}", serde_json::to_string(&entrypoint).unwrap());
+    podman(&["import", "--change", &change, tar.to_str().unwrap(), tag]);
+    let _ = std::fs::remove_file(&tar);
+    // The image this tag named before, now untagged.
+    podman(&["image", "prune", "-f"]);
+    tag.to_owned()
+}
+
+/// Runs the podman CLI (the engine's own tool, for what an image's author does by hand);
+/// panics with its error output when it fails.
+pub fn podman(args: &[&str]) {
+    let out = std::process::Command::new("podman")
+        .args(args)
         .output()
         .unwrap();
     assert!(
-        imported.status.success(),
-        "{}",
-        String::from_utf8_lossy(&imported.stderr)
+        out.status.success(),
+        "podman {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
     );
-    let _ = std::fs::remove_file(&tar);
-    tag.to_owned()
 }
 
 /// The all-MiniLM-L6-v2 directory; panics with the command that fetches it when missing.

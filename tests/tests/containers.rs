@@ -423,6 +423,24 @@ async fn through_a_real_engine_an_image_answers_what_candle_answers() {
     assert!(reply.status >= 400, "{text}");
     assert!(text.contains("localhost/no-such-image:1"), "{text}");
 
+    // From the loopback registry: pushed there, absent from the engine, pulled at deploy.
+    if std::net::TcpStream::connect("127.0.0.1:5555").is_ok() {
+        let remote = "127.0.0.1:5555/wasp-model-server:test";
+        wasp_tests::podman(&["push", "--tls-verify=false", &image, remote]);
+        let _ = std::process::Command::new("podman")
+            .args(["rmi", "-f", remote])
+            .output();
+        let pulled_spec = spec("pulled", remote).replace("pull = \"never\"", "pull = \"missing\"");
+        c.deploy_ok(TEXT_EMBEDDINGS, &pulled_spec).await;
+        let pulled = embed(c, "pulled", &input).await;
+        assert_eq!(pulled, imaged);
+    } else {
+        eprintln!(
+            "SKIPPED pulling from a registry: none listens on 127.0.0.1:5555 \
+             (`scripts/toolchain engine` starts one, as root)"
+        );
+    }
+
     // Deleting the endpoint removes its container from the engine.
     assert_eq!(
         c.request("DELETE", "/api/v1/endpoints/imaged", "")

@@ -702,7 +702,7 @@ async fn run(cli: Cli) -> Result<()> {
             } else {
                 wasp_gateway::Inventory::parse(&gpus).map_err(|e| anyhow::anyhow!("--gpus: {e}"))?
             };
-            let registry = backends(
+            let (registry, containers) = backends(
                 &data_dir,
                 container_engine.as_deref(),
                 process_containers,
@@ -744,7 +744,7 @@ async fn run(cli: Cli) -> Result<()> {
                 allow_hosts,
                 credentials: wasp_core::credentials::default_path(),
             };
-            serve(config, deploy).await
+            serve(config, deploy, containers).await
         }
         Command::Deploy { spec } => {
             let (spec, components) = load_spec(&spec)?;
@@ -1010,6 +1010,9 @@ async fn store_backup(client: &Client, path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The container backend, kept to stop its containers at shutdown.
+type Containers = std::sync::Arc<wasp_container::ContainerFactory>;
+
 /// The model backends compiled into this binary. Containers run through the engine at
 /// `engine` (a Docker Engine API socket), or, when the operator asks for it, as local
 /// processes; with neither, the `container` kind is not offered. Their state lives in
@@ -1019,7 +1022,7 @@ fn backends(
     engine: Option<&str>,
     process_containers: bool,
     volume_roots: Vec<PathBuf>,
-) -> Result<wasp_backend::Registry> {
+) -> Result<(wasp_backend::Registry, Option<Containers>)> {
     let mut registry = wasp_backend::Registry::new();
     registry.register(std::sync::Arc::new(wasp_candle::CandleFactory));
     let state = data_dir.join("containers");
@@ -1042,18 +1045,23 @@ fn backends(
                     .with_context(|| format!("cannot use {}", state.display()))?,
             )
         }
-        (None, false) => return Ok(registry),
+        (None, false) => return Ok((registry, None)),
     };
-    let containers = wasp_container::ContainerFactory::new(driver, volume_roots);
+    let containers =
+        std::sync::Arc::new(wasp_container::ContainerFactory::new(driver, volume_roots));
     let reclaimed = containers.reclaim();
     if reclaimed > 0 {
         tracing::warn!("stopped {reclaimed} containers an earlier run left behind");
     }
-    registry.register(std::sync::Arc::new(containers));
-    Ok(registry)
+    registry.register(containers.clone());
+    Ok((registry, Some(containers)))
 }
 
-async fn serve(config: ServerConfig, deploy: Vec<PathBuf>) -> Result<()> {
+async fn serve(
+    config: ServerConfig,
+    deploy: Vec<PathBuf>,
+    containers: Option<Containers>,
+) -> Result<()> {
     let server = Server::start(config).await?;
     for path in deploy {
         let (spec, components) = load_spec(&path)?;
@@ -1082,6 +1090,10 @@ async fn serve(config: ServerConfig, deploy: Vec<PathBuf>) -> Result<()> {
     stop.await;
     tracing::info!("shutting down");
     server.shutdown().await;
+    if let Some(containers) = containers {
+        // Each container gets its SIGTERM and grace period before the server is gone.
+        let _ = tokio::task::spawn_blocking(move || containers.stop_all()).await;
+    }
     Ok(())
 }
 

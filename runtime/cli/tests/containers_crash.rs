@@ -111,3 +111,66 @@ fn recorded_or_none(data: &Path) -> Vec<u32> {
         Vec::new()
     }
 }
+
+/// The containers of this engine labelled with `endpoint`.
+fn engine_containers(socket: &str, endpoint: &str) -> Vec<String> {
+    let filters = format!("{{\"label\":[\"wasp.endpoint={endpoint}\"]}}");
+    let out = std::process::Command::new("curl")
+        .args(["-s", "-G", "--unix-socket", socket])
+        .arg("http://engine/v1.41/containers/json")
+        .args(["--data-urlencode", "all=true", "--data-urlencode"])
+        .arg(format!("filters={filters}"))
+        .output()
+        .unwrap();
+    serde_json::from_slice::<serde_json::Value>(&out.stdout)
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["Id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn through_an_engine_a_restart_after_kill_9_removes_the_orphan() {
+    let Some(socket) = wasp_tests::test_engine("the engine's kill -9 test") else {
+        return;
+    };
+    // The container: wasp itself, the simplest HTTP server at hand, as a minimal image.
+    let image = wasp_tests::image_from_binary(
+        common::WASP,
+        "localhost/wasp-as-container:test",
+        &["serve", "--listen", "0.0.0.0:8080", "--data-dir", "/data"],
+    );
+    let data = tempfile::tempdir().unwrap();
+    let engine = format!("unix://{socket}");
+    let start = || Serve::try_start(data.path(), &["--container-engine", &engine]).unwrap();
+    let server = start();
+    let endpoint = format!("orphan-{}", std::process::id());
+    let spec = format!(
+        "name = \"{endpoint}\"\n[[versions]]\nname = \"v1\"\n[versions.backend]\n\
+         kind = \"container\"\nimage = \"{image}\"\nport = 8080\npull = \"never\"\n\
+         readiness = {{ path = \"/healthz\" }}\n\
+         [versions.processor]\ncomponent = \"{{COMPONENT}}\"\n"
+    );
+    server.client().deploy_ok(HOSTILE, &spec).await;
+    let first = engine_containers(&socket, &endpoint);
+    assert_eq!(first.len(), 1, "{first:?}");
+
+    server.kill9();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        engine_containers(&socket, &endpoint),
+        first,
+        "the container went with the server"
+    );
+
+    let server = start();
+    let second = engine_containers(&socket, &endpoint);
+    assert_eq!(second.len(), 1, "{second:?}");
+    assert_ne!(second, first, "the orphan is still there");
+    assert!(server.terminate().success());
+    until("the container to go with the server", || {
+        engine_containers(&socket, &endpoint).is_empty()
+    });
+}

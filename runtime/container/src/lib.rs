@@ -50,7 +50,14 @@ pub struct ContainerFactory {
     volume_roots: Vec<PathBuf>,
     http: Http,
     launched: AtomicU64,
+    /// The workers this factory loaded (those still alive can be upgraded).
+    workers: Mutex<Vec<std::sync::Weak<Worker>>>,
+    /// Stops under way (a dropped worker's container being given its grace period).
+    stopping: Stopping,
 }
+
+/// The threads stopping containers, to wait for at shutdown.
+type Stopping = Arc<Mutex<Vec<std::thread::JoinHandle<()>>>>;
 
 impl ContainerFactory {
     /// A factory that starts containers through `driver` and allows host-path volumes
@@ -61,6 +68,48 @@ impl ContainerFactory {
             volume_roots,
             http: Http::new(),
             launched: AtomicU64::new(0),
+            workers: Mutex::new(Vec::new()),
+            stopping: Stopping::default(),
+        }
+    }
+
+    /// Stops every container this factory started, each with its grace period, and
+    /// returns once all have exited and are removed (blocking: call it at shutdown, off
+    /// the async workers).
+    pub fn stop_all(&self) {
+        let workers: Vec<Arc<Worker>> = self
+            .workers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain(..)
+            .filter_map(|w| w.upgrade())
+            .collect();
+        let mut running = Vec::new();
+        for worker in &workers {
+            let _ = worker.stop.send(true);
+            let previous = std::mem::replace(
+                &mut *worker.state.lock().unwrap_or_else(|e| e.into_inner()),
+                State::Stopped,
+            );
+            if let State::Running(instance) = previous {
+                instance.terminate();
+                running.push((instance, Duration::from_secs(worker.spec.grace_period_s)));
+            }
+        }
+        let mut threads: Vec<_> = running
+            .into_iter()
+            .map(|(instance, grace)| {
+                std::thread::spawn(move || finish_stop(instance.as_ref(), grace))
+            })
+            .collect();
+        threads.extend(
+            self.stopping
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .drain(..),
+        );
+        for thread in threads {
+            let _ = thread.join();
         }
     }
 
@@ -156,6 +205,7 @@ impl BackendFactory for ContainerFactory {
         let lines = Lines::new(context.log.clone());
         let (stop, stopped) = watch::channel(false);
         let worker = Arc::new(Worker {
+            stopping: self.stopping.clone(),
             driver: self.driver.clone(),
             http: self.http.clone(),
             spec,
@@ -174,6 +224,11 @@ impl BackendFactory for ContainerFactory {
         *worker.state.lock().unwrap_or_else(|e| e.into_inner()) =
             State::Running(Arc::from(instance));
         handle.spawn(worker.clone().watch(stopped));
+        {
+            let mut workers = self.workers.lock().unwrap_or_else(|e| e.into_inner());
+            workers.retain(|w| w.strong_count() > 0);
+            workers.push(Arc::downgrade(&worker));
+        }
         Ok(Arc::new(ContainerModel { worker }))
     }
 }
@@ -187,6 +242,8 @@ enum State {
 
 /// One worker's container and what it needs to restart it.
 struct Worker {
+    /// Where its stopping thread is left for [`ContainerFactory::stop_all`] to wait for.
+    stopping: Stopping,
     driver: Arc<dyn Driver>,
     http: Http,
     spec: ContainerBackend,
@@ -465,10 +522,17 @@ impl Drop for ContainerModel {
             instance.terminate();
             let grace = Duration::from_secs(self.worker.spec.grace_period_s);
             let name = self.worker.name.clone();
-            std::thread::spawn(move || {
+            let thread = std::thread::spawn(move || {
                 finish_stop(instance.as_ref(), grace);
                 tracing::info!(%name, "container stopped");
             });
+            let mut stopping = self
+                .worker
+                .stopping
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            stopping.retain(|t| !t.is_finished());
+            stopping.push(thread);
         }
     }
 }
