@@ -95,14 +95,7 @@ async fn main() {
 
     if let Some(socket) = wasp_tests::test_engine("the engine's cold start") {
         let image = wasp_tests::model_server_image(MODEL_SERVER);
-        let engined = TestServer::start_configured(move |config| {
-            config.backends = wasp_backend::Registry::new();
-            let driver =
-                wasp_container::EngineDriver::open(&socket, &config.data_dir.join("containers"))
-                    .unwrap();
-            config.backends = wasp_tests::backends_with(std::sync::Arc::new(driver));
-        })
-        .await;
+        let engined = TestServer::start_with_engine(&socket).await;
         let e = &engined.client;
         let spec = format!(
             "name = \"imaged\"\n[[versions]]\nname = \"v1\"\n[versions.backend]\n\

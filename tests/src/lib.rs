@@ -526,6 +526,21 @@ impl TestServer {
         server
     }
 
+    /// Starts a server on a fresh data directory whose container backends run through the
+    /// container engine at `socket` (a Docker Engine API socket).
+    pub async fn start_with_engine(socket: &str) -> Self {
+        let socket = socket.to_owned();
+        Self::start_configured(move |config| {
+            // The default registry's process driver holds the state directory: let it go.
+            config.backends = wasp_backend::Registry::new();
+            let driver =
+                wasp_container::EngineDriver::open(&socket, &config.data_dir.join("containers"))
+                    .unwrap();
+            config.backends = backends_with(std::sync::Arc::new(driver));
+        })
+        .await
+    }
+
     /// Starts a server on a fresh data directory with the test settings changed by
     /// `configure`.
     pub async fn start_configured(configure: impl FnOnce(&mut ServerConfig)) -> Self {

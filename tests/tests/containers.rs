@@ -372,16 +372,7 @@ async fn through_a_real_engine_an_image_answers_what_candle_answers() {
         return;
     };
     let image = wasp_tests::model_server_image(MODEL_SERVER);
-    let engine_socket = socket.clone();
-    let t = TestServer::start_configured(move |config| {
-        // The default registry's process driver holds the state directory: let it go.
-        config.backends = wasp_backend::Registry::new();
-        let driver =
-            wasp_container::EngineDriver::open(&engine_socket, &config.data_dir.join("containers"))
-                .unwrap();
-        config.backends = wasp_tests::backends_with(std::sync::Arc::new(driver));
-    })
-    .await;
+    let t = TestServer::start_with_engine(&socket).await;
     let c = &t.client;
     c.deploy_ok(TEXT_EMBEDDINGS, &minilm_spec("native", ""))
         .await;
@@ -482,16 +473,7 @@ async fn a_container_worker_sees_only_the_gpus_it_owns() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_engine_that_is_down_is_a_clear_error() {
-    let t = TestServer::start_configured(|config| {
-        config.backends = wasp_backend::Registry::new();
-        let driver = wasp_container::EngineDriver::open(
-            "unix:///nonexistent/engine.sock",
-            &config.data_dir.join("containers"),
-        )
-        .unwrap();
-        config.backends = wasp_tests::backends_with(std::sync::Arc::new(driver));
-    })
-    .await;
+    let t = TestServer::start_with_engine("unix:///nonexistent/engine.sock").await;
     let c = &t.client;
     let spec = "name = \"nowhere\"\n[[versions]]\nname = \"v1\"\n[versions.backend]\n\
         kind = \"container\"\nimage = \"python\"\nport = 8000\n\
