@@ -493,3 +493,30 @@ async fn an_engine_that_is_down_is_a_clear_error() {
     );
     t.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_run_through_a_container_as_through_any_backend() {
+    let t = TestServer::start().await;
+    let c = &t.client;
+    c.deploy_ok(TEXT_EMBEDDINGS, &container_spec("boxed-jobs", "", "", ""))
+        .await;
+    let direct = embed(c, "boxed-jobs", &json!(["queued, not lost"])).await;
+    let reply = c
+        .post_json(
+            "/endpoints/boxed-jobs/runsync",
+            &json!({ "input": { "input": ["queued, not lost"] } }),
+        )
+        .await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let job = reply.json();
+    assert_eq!(job["status"], "COMPLETED", "{job:#}");
+    let output = &job["output"]["data"][0]["embedding"];
+    let vector: Vec<f64> = output
+        .as_array()
+        .unwrap_or_else(|| panic!("{job:#}"))
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect();
+    assert_same_vectors(&direct, &[vector]);
+    t.stop().await;
+}
