@@ -41,6 +41,15 @@ fn start(data: &Path) -> Serve {
     Serve::try_start(data, &["--process-containers"]).unwrap()
 }
 
+/// [`until`], printing the server's log if it times out.
+fn until_or(log: &str, what: &str, check: impl FnMut() -> bool) {
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| until(what, check)));
+    if let Err(e) = result {
+        eprintln!("the server's log:\n{log}");
+        std::panic::resume_unwind(e);
+    }
+}
+
 fn until(what: &str, mut check: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(30);
     while !check() {
@@ -144,7 +153,14 @@ async fn through_an_engine_a_restart_after_kill_9_removes_the_orphan() {
     );
     let data = tempfile::tempdir().unwrap();
     let engine = format!("unix://{socket}");
-    let start = || Serve::try_start(data.path(), &["--container-engine", &engine]).unwrap();
+    let start = || {
+        Serve::try_start_with_env(
+            data.path(),
+            &["--container-engine", &engine],
+            &[("WASP_LOG", "info")],
+        )
+        .unwrap()
+    };
     let server = start();
     let endpoint = format!("orphan-{}", std::process::id());
     let spec = format!(
@@ -169,8 +185,18 @@ async fn through_an_engine_a_restart_after_kill_9_removes_the_orphan() {
     let second = engine_containers(&socket, &endpoint);
     assert_eq!(second.len(), 1, "{second:?}");
     assert_ne!(second, first, "the orphan is still there");
-    assert!(server.terminate().success());
-    until("the container to go with the server", || {
+    // SIGTERM; the server is kept (not waited for) so that its log can be read.
+    let pid = server.pid();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    until("the server to exit", || !alive(pid));
+    let log = server.stderr();
+    until_or(&log, "the container to go with the server", || {
         engine_containers(&socket, &endpoint).is_empty()
     });
 }

@@ -73,9 +73,9 @@ impl ContainerFactory {
         }
     }
 
-    /// Stops every container this factory started, each with its grace period, and
-    /// returns once all have exited and are removed (blocking: call it at shutdown, off
-    /// the async workers).
+    /// Stops every container this factory started, each with its grace period, then
+    /// removes whatever this server still owns, and returns once all are gone (blocking:
+    /// call it at shutdown, off the async workers).
     pub fn stop_all(&self) {
         let workers: Vec<Arc<Worker>> = self
             .workers
@@ -110,6 +110,12 @@ impl ContainerFactory {
         );
         for thread in threads {
             let _ = thread.join();
+        }
+        // Whatever a worker dropped while this ran left behind (its stopping thread not yet
+        // listed), and anything else this server owns: gone before the server is.
+        let swept = self.driver.reclaim();
+        if swept > 0 {
+            tracing::warn!("removed {swept} containers at shutdown that had not stopped yet");
         }
     }
 
