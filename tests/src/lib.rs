@@ -352,7 +352,7 @@ mounts = [{{ host = {host:?}, guest = "/model" }}]
 
 /// The socket of the Podman service `scripts/toolchain engine` starts
 /// (`WASP_TEST_ENGINE` overrides it), if it answers; `None` (and a line saying what is
-/// skipped) otherwise.
+/// skipped) otherwise, except under CI (`CI` set), where no engine is a failure.
 pub fn test_engine(skipping: &str) -> Option<String> {
     let socket = std::env::var("WASP_TEST_ENGINE").unwrap_or_else(|_| {
         Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -361,6 +361,13 @@ pub fn test_engine(skipping: &str) -> Option<String> {
             .to_string()
     });
     let answers = std::os::unix::net::UnixStream::connect(&socket).is_ok();
+    // CI installs and starts the engine (`./x test` runs `scripts/toolchain all`): there,
+    // a missing engine is a failure, not a skip.
+    assert!(
+        answers || std::env::var_os("CI").is_none(),
+        "no container engine answers at {socket}, and CI must run {skipping}: \
+         see target/tools/podman/service.log (`scripts/toolchain engine`)"
+    );
     if !answers {
         eprintln!(
             "SKIPPED {skipping}: no container engine answers at {socket} \
