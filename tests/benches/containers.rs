@@ -97,19 +97,12 @@ async fn main() {
         let image = wasp_tests::model_server_image(MODEL_SERVER);
         let engined = TestServer::start_with_engine(&socket).await;
         let e = &engined.client;
-        let spec = format!(
-            "name = \"imaged\"\n[[versions]]\nname = \"v1\"\n[versions.backend]\n\
-             kind = \"container\"\nimage = \"{image}\"\nport = 8080\npull = \"never\"\n\
-             volume = {models:?}\nmount_path = \"/models\"\ngrace_period_s = 5\n\
-             readiness = {{ path = \"/v2/health/ready\", period_ms = 10 }}\n{AT_ZERO}\n\
-             [versions.processor]\ncomponent = \"{{COMPONENT}}\"\n\
-             mounts = [{{ host = {host:?}, guest = \"/model\" }}]\n",
-            models = wasp_tests::models_dir()
-                .canonicalize()
-                .unwrap()
-                .display()
-                .to_string(),
-            host = wasp_tests::minilm_dir().display().to_string()
+        let spec = wasp_tests::model_image_spec(
+            "imaged",
+            &image,
+            "pull = \"never\"\ngrace_period_s = 5\n\
+             readiness = { path = \"/v2/health/ready\", period_ms = 10 }",
+            AT_ZERO,
         );
         e.deploy_ok(TEXT_EMBEDDINGS, &spec).await;
         let imaged_cold = cold_start(e, "imaged", rounds).await;

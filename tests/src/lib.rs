@@ -377,6 +377,26 @@ pub fn test_engine(skipping: &str) -> Option<String> {
     answers.then_some(socket)
 }
 
+/// An embeddings endpoint whose model is the image `image` of the model server (see
+/// [`model_server_image`]) run by a container engine, the models directory mounted at
+/// `/models`; `backend` holds extra keys of the backend table and `extra` TOML lines after
+/// it; the `text-embeddings` processor's component is `{COMPONENT}`.
+pub fn model_image_spec(name: &str, image: &str, backend: &str, extra: &str) -> String {
+    format!(
+        "name = \"{name}\"\n[[versions]]\nname = \"v1\"\n[versions.backend]\n\
+         kind = \"container\"\nimage = \"{image}\"\nport = 8080\n\
+         volume = {models:?}\nmount_path = \"/models\"\n{backend}\n{extra}\n\
+         [versions.processor]\ncomponent = \"{{COMPONENT}}\"\n\
+         mounts = [{{ host = {host:?}, guest = \"/model\" }}]\n",
+        models = models_dir()
+            .canonicalize()
+            .unwrap_or_else(|_| models_dir())
+            .display()
+            .to_string(),
+        host = minilm_dir().display().to_string()
+    )
+}
+
 /// A minimal image of the model server at `model_server` (the `model-server` binary),
 /// imported into the engine as `localhost/wasp-model-server:test` (see
 /// [`image_from_binary`]), its entrypoint serving `/models/all-MiniLM-L6-v2` on port 8080.
