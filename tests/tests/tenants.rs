@@ -390,6 +390,30 @@ async fn keys_act_by_role_and_requests_without_one_reach_public_endpoints_only()
     );
     assert_eq!(admin.get("/api/v1/endpoints").await.status, 401);
 
+    // The last operator key stays: without it nobody reaches the control plane again.
+    let own = operator.get("/api/v1/whoami").await.json()["key_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let last = operator
+        .request("DELETE", &format!("/api/v1/keys/{own}"), "")
+        .await;
+    assert_eq!(outcome(&last), (409, json!("last_operator_key")));
+    let second = operator
+        .post("/api/v1/keys", r#"{"role":"operator","name":"spare"}"#)
+        .await;
+    assert_eq!(second.status, 201, "{}", second.text());
+    assert_eq!(
+        operator
+            .request("DELETE", &format!("/api/v1/keys/{own}"), "")
+            .await
+            .status,
+        204
+    );
+    let spare = operator.as_key(second.json()["key"].as_str());
+    assert_eq!(spare.get("/api/v1/endpoints").await.status, 200);
+    let operator = spare;
+
     // A tenant with endpoints stays; without them it goes, and its keys with it.
     let in_use = operator.request("DELETE", "/api/v1/tenants/acme", "").await;
     assert_eq!(outcome(&in_use), (409, json!("tenant_in_use")));

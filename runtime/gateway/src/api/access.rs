@@ -564,6 +564,7 @@ pub(crate) async fn create_key(
         (status = 204, description = "Revoked"),
         (status = 403, description = "An invoker key", body = ErrorBody),
         (status = 404, description = "No such key", body = ErrorBody),
+        (status = 409, description = "The last operator key", body = ErrorBody),
     ))]
 pub(crate) async fn revoke_key(
     State(gateway): State<AppState>,
@@ -575,11 +576,26 @@ pub(crate) async fn revoke_key(
         .directory
         .key(&id)
         .filter(|k| caller.may(Role::Operator) || k.tenant == caller.tenant);
-    if visible.is_none() {
+    let Some(key) = visible else {
         return Err(ApiError::new(
             404,
             "key_not_found",
             format!("no key `{id}`"),
+        ));
+    };
+    let operators = gateway
+        .directory
+        .keys(None)
+        .iter()
+        .filter(|k| k.role == Role::Operator)
+        .count();
+    if key.role == Role::Operator && operators <= 1 {
+        // Without an operator key nobody could reach the control plane again short of
+        // editing the data directory by hand.
+        return Err(ApiError::new(
+            409,
+            "last_operator_key",
+            format!("`{id}` is the last operator key; make another before revoking it"),
         ));
     }
     gateway.directory.revoke(&gateway.store, &id)?;
