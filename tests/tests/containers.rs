@@ -396,6 +396,20 @@ async fn through_a_real_engine_an_image_answers_what_candle_answers() {
     );
     assert_eq!(engine_containers(&socket, "imaged"), 1);
 
+    // The same image without a processor: requests reach it as they are.
+    let raw = spec("imaged-raw", &image);
+    c.deploy_ok(
+        TEXT_EMBEDDINGS,
+        raw.split("[versions.processor]").next().unwrap(),
+    )
+    .await;
+    let echoed = c
+        .post("/endpoints/imaged-raw/invoke/echo?via=engine", "as is")
+        .await;
+    assert_eq!(echoed.status, 201, "{}", echoed.text());
+    assert_eq!(echoed.json()["path"], "/echo?via=engine");
+    assert_eq!(echoed.json()["body"], "as is");
+
     // An image the engine does not have, with pull = never: a clear error naming it.
     let reply = c
         .deploy(
@@ -517,5 +531,118 @@ async fn jobs_run_through_a_container_as_through_any_backend() {
         .map(|x| x.as_f64().unwrap())
         .collect();
     assert_same_vectors(&direct, &[vector]);
+    t.stop().await;
+}
+
+/// Reads from a raw connection until `needle` shows, within `patience`.
+async fn read_until(
+    stream: &mut tokio::net::TcpStream,
+    needle: &str,
+    patience: Duration,
+) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    let deadline = Instant::now() + patience;
+    while !String::from_utf8_lossy(&seen).contains(needle) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let n = tokio::time::timeout(left, stream.read(&mut buf))
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "no `{needle}` within {patience:?}: {}",
+                    String::from_utf8_lossy(&seen)
+                )
+            })
+            .unwrap();
+        assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8_lossy(&seen).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_processor_requests_pass_through_to_the_container_as_they_are() {
+    use tokio::io::AsyncWriteExt;
+    let t = TestServer::start().await;
+    let c = &t.client;
+    let spec = container_spec("raw", "", "", "");
+    let spec = spec.split("[versions.processor]").next().unwrap();
+    let body = c.deploy_ok(TEXT_EMBEDDINGS, spec).await;
+    assert_eq!(body["versions"][0]["backend"], "container");
+    let status = c.get("/api/v1/endpoints/raw").await.json();
+    assert_eq!(status["status"], "ready", "{status}");
+    assert!(status["versions"][0].get("component").is_none(), "{status}");
+
+    // Method, path with its query, headers and body reach the container as they came; the
+    // gateway's credentials do not. Its status, headers and body come back as it sent them.
+    let reply = c
+        .request_with(
+            "PUT",
+            "/endpoints/raw/invoke/echo/a%20b?x=1&y=two",
+            &[("x-custom", "yes"), ("content-type", "text/plain")],
+            "hello, container",
+        )
+        .await;
+    assert_eq!(reply.status, 201, "{}", reply.text());
+    assert_eq!(reply.header("x-model-server"), Some("echo"));
+    let echoed = reply.json();
+    assert_eq!(echoed["method"], "PUT");
+    assert_eq!(echoed["path"], "/echo/a%20b?x=1&y=two");
+    assert_eq!(echoed["headers"]["x-custom"], "yes");
+    assert_eq!(echoed["headers"]["content-type"], "text/plain");
+    assert!(echoed["headers"].get("authorization").is_none(), "{echoed}");
+    assert_eq!(echoed["body"], "hello, container");
+
+    // The container's own routes and errors, as they are: its KServe v2 inference, and its 404.
+    let infer = c
+        .post_json(
+            "/endpoints/raw/invoke/v2/models/m/infer",
+            &json!({"inputs": [{"name": "input_ids", "datatype": "INT64", "shape": [1, 3],
+                               "data": [101, 7592, 102]}]}),
+        )
+        .await;
+    assert_eq!(infer.status, 200, "{}", infer.text());
+    assert!(
+        infer.json()["outputs"]
+            .as_array()
+            .is_some_and(|o| !o.is_empty())
+    );
+    let missing = c.get("/endpoints/raw/invoke/nowhere").await;
+    assert_eq!(missing.status, 404);
+    assert_eq!(missing.json()["error"], "no route /nowhere");
+
+    // A streamed answer streams: the first event arrives while the second is 30 s away.
+    let mut stream = tokio::net::TcpStream::connect(t.server.local_addr())
+        .await
+        .unwrap();
+    let request = format!(
+        "GET /endpoints/raw/invoke/stream?n=2&ms=30000 HTTP/1.1\r\nhost: x\r\n\
+         authorization: Bearer {}\r\n\r\n",
+        c.key().unwrap()
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let head = read_until(&mut stream, "data: 0", Duration::from_secs(10)).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(head.contains("text/event-stream"), "{head}");
+    drop(stream);
+
+    // A job through the same endpoint reaches the container at the job's path.
+    let job = c
+        .post_json(
+            "/endpoints/raw/runsync",
+            &json!({ "input": { "say": "queued" }, "path": "/echo/job" }),
+        )
+        .await;
+    assert_eq!(job.status, 200, "{}", job.text());
+    let job = job.json();
+    assert_eq!(job["status"], "COMPLETED", "{job:#}");
+    assert_eq!(job["output"]["path"], "/echo/job", "{job:#}");
+    assert_eq!(job["output"]["method"], "POST", "{job:#}");
+    assert_eq!(
+        serde_json::from_str::<Value>(job["output"]["body"].as_str().unwrap()).unwrap(),
+        json!({ "say": "queued" }),
+        "{job:#}"
+    );
     t.stop().await;
 }

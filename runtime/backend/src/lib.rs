@@ -58,6 +58,36 @@ pub type Result<T, E = BackendError> = std::result::Result<T, E>;
 /// the receiver cancels the work (a client that went away frees its sequence).
 pub type OutputStream = tokio::sync::mpsc::UnboundedReceiver<Result<ModelOutput>>;
 
+/// An HTTP request handed to a backend as the client sent it: a container endpoint
+/// without a processor (an image deployment) answers requests itself.
+#[derive(Debug, Clone, Default)]
+pub struct RawRequest {
+    /// HTTP method.
+    pub method: String,
+    /// Path below the endpoint's invoke route, with the query string (`/` when none).
+    pub path: String,
+    /// Request headers, minus the gateway's own credentials and hop-by-hop headers.
+    pub headers: Vec<(String, Vec<u8>)>,
+    /// Request body.
+    pub body: Vec<u8>,
+}
+
+/// A backend's answer to a [`RawRequest`]: its head at once, its body as it comes.
+#[derive(Debug)]
+pub struct RawResponse {
+    /// Status code.
+    pub status: u16,
+    /// Response headers, minus hop-by-hop headers and the length (the body streams).
+    pub headers: Vec<(String, Vec<u8>)>,
+    /// The body's chunks, in order; the channel closes after the last. Dropping the
+    /// receiver abandons the rest (a client that went away).
+    pub body: tokio::sync::mpsc::Receiver<Result<Vec<u8>>>,
+}
+
+/// A [`RawResponse`] on its way.
+pub type Forwarded =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<RawResponse>> + Send + 'static>>;
+
 /// What a backend that schedules its own work (text generation) is doing now.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct GenerationLoad {
@@ -105,6 +135,20 @@ pub trait Backend: Send + Sync + 'static {
     /// What a self-scheduling backend is doing now, for metrics and scaling.
     fn load(&self) -> Option<GenerationLoad> {
         None
+    }
+
+    /// Whether this backend answers HTTP requests as they are ([`Backend::forward`]), so
+    /// that a version may leave out its processor.
+    fn forwards(&self) -> bool {
+        false
+    }
+
+    /// Sends `request` as it came to the model and hands back its answer. Only backends
+    /// whose [`Backend::forwards`] is true implement it.
+    fn forward(&self, request: RawRequest) -> Forwarded {
+        let _ = request;
+        let message = format!("{} does not take requests as they are", self.describe());
+        Box::pin(async move { Err(BackendError::Unavailable(message)) })
     }
 
     /// Why this backend cannot serve now although it loaded (a container being restarted

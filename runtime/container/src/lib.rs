@@ -262,6 +262,17 @@ struct Worker {
 }
 
 impl Worker {
+    /// Where the running container answers; why it cannot now, if it cannot.
+    fn address(&self) -> Result<SocketAddr> {
+        match &*self.state.lock().unwrap_or_else(|e| e.into_inner()) {
+            State::Running(instance) => Ok(instance.address()),
+            State::Restarting(reason) => Err(BackendError::Unavailable(format!(
+                "the container is restarting: {reason}"
+            ))),
+            State::Stopped => Err(BackendError::Unavailable("the container stopped".into())),
+        }
+    }
+
     fn launch(&self) -> Result<Box<dyn Instance>> {
         self.driver.launch(Launch {
             name: self.name.clone(),
@@ -625,17 +636,7 @@ fn parse_answer(status: u16, body: &[u8]) -> Result<ModelOutput> {
 impl Backend for ContainerModel {
     fn infer_batch(&self, inputs: &[ModelInput]) -> Result<Vec<ModelOutput>> {
         let worker = &self.worker;
-        let address = match &*worker.state.lock().unwrap_or_else(|e| e.into_inner()) {
-            State::Running(instance) => instance.address(),
-            State::Restarting(reason) => {
-                return Err(BackendError::Unavailable(format!(
-                    "the container is restarting: {reason}"
-                )));
-            }
-            State::Stopped => {
-                return Err(BackendError::Unavailable("the container stopped".into()));
-            }
-        };
+        let address = worker.address()?;
         let bodies = inputs
             .iter()
             .map(request_body)
@@ -659,6 +660,24 @@ impl Backend for ContainerModel {
             .block_on(futures_util::future::join_all(calls))
             .into_iter()
             .collect()
+    }
+
+    fn forwards(&self) -> bool {
+        true
+    }
+
+    fn forward(&self, request: wasp_backend::RawRequest) -> wasp_backend::Forwarded {
+        let worker = self.worker.clone();
+        Box::pin(async move {
+            let address = worker.address()?;
+            worker
+                .http
+                .forward(address, request, Duration::from_secs(600))
+                .await
+                .map_err(|e| {
+                    BackendError::Unavailable(format!("the container did not answer: {e}"))
+                })
+        })
     }
 
     fn unhealthy(&self) -> Option<String> {

@@ -265,7 +265,8 @@ pub struct VersionSpec {
     /// What does the model work; `none` lets the processor answer alone.
     #[serde(default)]
     pub backend: BackendSpec,
-    /// The Wasm processor; required when the backend is `none`.
+    /// The Wasm processor; required unless the backend is a container, which then takes
+    /// requests as they come (method, path, headers, body) and answers them itself.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub processor: Option<ProcessorSpec>,
     /// Per-request limits.

@@ -29,14 +29,14 @@ pub struct DeployedVersion {
     pub name: String,
     /// Share of traffic, in percent.
     pub weight: u32,
-    /// Its processor.
-    pub processor: Processor,
+    /// Its processor; none when requests pass through to a container as they are.
+    pub processor: Option<Processor>,
     /// Whether its component came from the compiled cache.
     pub from_cache: bool,
     /// Its limits.
     pub limits: Limits,
-    /// Content digest of its component.
-    pub digest: String,
+    /// Content digest of its component, if it has one.
+    pub digest: Option<String>,
     /// The backend kind (`none`, `candle`...).
     pub backend: &'static str,
     /// Its workers, in-flight meter and autoscaler.
@@ -105,6 +105,14 @@ impl VersionMetrics {
 }
 
 impl DeployedVersion {
+    /// Its processor's pool figures (all zero without a processor).
+    pub fn processor_stats(&self) -> wasp_wasm::PoolStats {
+        self.processor
+            .as_ref()
+            .map(Processor::stats)
+            .unwrap_or_default()
+    }
+
     /// Runs model input through a ready worker's batcher, waking the version if it has
     /// none.
     pub async fn infer(
@@ -140,6 +148,13 @@ impl DeployedVersion {
         }
         self.workers.infer_stream(input).await
     }
+}
+
+/// A version's processor as built at deploy.
+struct BuiltProcessor {
+    processor: Processor,
+    from_cache: bool,
+    digest: String,
 }
 
 /// A deployed endpoint.
@@ -861,6 +876,114 @@ impl Gateway {
         deployment
     }
 
+    /// Loads (from the compiled cache, or compiles) the processor of version `i` of
+    /// `endpoint` and makes its pool; the processor, whether it came from the cache, and its
+    /// component's digest.
+    async fn build_processor(
+        self: &Arc<Self>,
+        endpoint: &str,
+        i: usize,
+        v: &wasp_core::VersionSpec,
+        processor: &wasp_core::ProcessorSpec,
+        logs: &Arc<LogBuffer>,
+        has_model: bool,
+    ) -> Result<BuiltProcessor, Error> {
+        let at = |field: &str| format!("versions[{i}].{field}");
+        let digest = match &processor.component {
+            ComponentRef::Digest(hex) => hex.clone(),
+            ComponentRef::Path(path) => {
+                return Err(Error::Invalid {
+                    field: at("processor.component"),
+                    message: format!(
+                        "`{}` is a path; upload the component (PUT /api/v1/components, or \
+                         `wasp deploy`, which does it) and name it by `sha256:` digest",
+                        path.display()
+                    ),
+                });
+            }
+        };
+        let tenant = crate::tenants::tenant_of(endpoint);
+        let owned = {
+            let (this, digest, tenant) = (self.clone(), digest.clone(), tenant.to_owned());
+            blocking(move || this.store.owns_component(&digest, &tenant)).await?
+        };
+        if !owned {
+            // Another tenant's component is as unknown as one never uploaded.
+            return Err(Error::Invalid {
+                field: at("processor.component"),
+                message: Error::UnknownComponent(digest).to_string(),
+            });
+        }
+        let bytes = self
+            .download_component(&digest)
+            .await
+            .map_err(|e| match e {
+                Error::UnknownComponent(_) | Error::CorruptComponent(_) => Error::Invalid {
+                    field: at("processor.component"),
+                    message: e.to_string(),
+                },
+                other => other,
+            })?;
+        // Compiling is CPU-bound for up to seconds: keep it off the async workers.
+        let (this, key) = (self.clone(), digest.clone());
+        let loaded = tokio::task::spawn_blocking(move || this.runtime.load_component(&key, &bytes))
+            .await
+            .map_err(|e| Error::Store(format!("compile task failed: {e}")))?
+            .map_err(|source| Error::Component {
+                version: v.name.clone(),
+                source,
+            })?;
+        if loaded.from_cache {
+            self.metrics.cache_hits.inc();
+        } else {
+            self.metrics.compiles.inc();
+        }
+        if loaded.discarded_cache.is_some() {
+            self.integrity_failure("compiled_component");
+        }
+        for (j, mount) in processor.mounts.iter().enumerate() {
+            if !mount.host.is_dir() {
+                return Err(Error::Invalid {
+                    field: at(&format!("processor.mounts[{j}].host")),
+                    message: format!("{} is not a directory", mount.host.display()),
+                });
+            }
+        }
+        let settings = ProcessorSettings {
+            endpoint: endpoint.to_owned(),
+            version: v.name.clone(),
+            env: processor.env.clone(),
+            mounts: processor.mounts.clone(),
+            allow_hosts: processor.allow_hosts.clone(),
+            limits: v.limits.clone(),
+            logs: logs.clone(),
+            models: self.models.clone(),
+            group: crate::tenants::tenant_of(endpoint).to_owned(),
+            guest_nanos: self
+                .usage
+                .meter(crate::tenants::tenant_of(endpoint))
+                .guest_nanos
+                .clone(),
+        };
+        let role = if has_model {
+            Role::Transform
+        } else {
+            Role::Service
+        };
+        let built = self
+            .runtime
+            .processor(&loaded, role, settings)
+            .map_err(|source| Error::Component {
+                version: v.name.clone(),
+                source,
+            })?;
+        Ok(BuiltProcessor {
+            processor: built,
+            from_cache: loaded.from_cache,
+            digest,
+        })
+    }
+
     /// Builds every version of `spec`; versions to roll over from `previous` come back as
     /// [`Roll`]s, their new workers not yet started.
     async fn build(
@@ -922,99 +1045,13 @@ impl Gateway {
                     },
                 })?;
             }
-            let processor = v.processor.as_ref().ok_or_else(|| Error::Invalid {
-                field: at("processor"),
-                message: "required".into(),
-            })?;
-            let digest = match &processor.component {
-                ComponentRef::Digest(hex) => hex.clone(),
-                ComponentRef::Path(path) => {
-                    return Err(Error::Invalid {
-                        field: at("processor.component"),
-                        message: format!(
-                            "`{}` is a path; upload the component (PUT /api/v1/components, or \
-                             `wasp deploy`, which does it) and name it by `sha256:` digest",
-                            path.display()
-                        ),
-                    });
-                }
+            let processor = match &v.processor {
+                Some(processor) => Some(
+                    self.build_processor(&spec.name, i, v, processor, &logs, factory.is_some())
+                        .await?,
+                ),
+                None => None,
             };
-            let tenant = crate::tenants::tenant_of(&spec.name);
-            let owned = {
-                let (this, digest, tenant) = (self.clone(), digest.clone(), tenant.to_owned());
-                blocking(move || this.store.owns_component(&digest, &tenant)).await?
-            };
-            if !owned {
-                // Another tenant's component is as unknown as one never uploaded.
-                return Err(Error::Invalid {
-                    field: at("processor.component"),
-                    message: Error::UnknownComponent(digest).to_string(),
-                });
-            }
-            let bytes = self
-                .download_component(&digest)
-                .await
-                .map_err(|e| match e {
-                    Error::UnknownComponent(_) | Error::CorruptComponent(_) => Error::Invalid {
-                        field: at("processor.component"),
-                        message: e.to_string(),
-                    },
-                    other => other,
-                })?;
-            // Compiling is CPU-bound for up to seconds: keep it off the async workers.
-            let (this, key) = (self.clone(), digest.clone());
-            let loaded =
-                tokio::task::spawn_blocking(move || this.runtime.load_component(&key, &bytes))
-                    .await
-                    .map_err(|e| Error::Store(format!("compile task failed: {e}")))?
-                    .map_err(|source| Error::Component {
-                        version: v.name.clone(),
-                        source,
-                    })?;
-            if loaded.from_cache {
-                self.metrics.cache_hits.inc();
-            } else {
-                self.metrics.compiles.inc();
-            }
-            if loaded.discarded_cache.is_some() {
-                self.integrity_failure("compiled_component");
-            }
-            for (j, mount) in processor.mounts.iter().enumerate() {
-                if !mount.host.is_dir() {
-                    return Err(Error::Invalid {
-                        field: at(&format!("processor.mounts[{j}].host")),
-                        message: format!("{} is not a directory", mount.host.display()),
-                    });
-                }
-            }
-            let settings = ProcessorSettings {
-                endpoint: spec.name.clone(),
-                version: v.name.clone(),
-                env: processor.env.clone(),
-                mounts: processor.mounts.clone(),
-                allow_hosts: processor.allow_hosts.clone(),
-                limits: v.limits.clone(),
-                logs: logs.clone(),
-                models: self.models.clone(),
-                group: crate::tenants::tenant_of(&spec.name).to_owned(),
-                guest_nanos: self
-                    .usage
-                    .meter(crate::tenants::tenant_of(&spec.name))
-                    .guest_nanos
-                    .clone(),
-            };
-            let role = if factory.is_some() {
-                Role::Transform
-            } else {
-                Role::Service
-            };
-            let built = self
-                .runtime
-                .processor(&loaded, role, settings)
-                .map_err(|source| Error::Component {
-                    version: v.name.clone(),
-                    source,
-                })?;
             if let Some(gpus) = v.scaling.gpus_per_worker {
                 let total = self.inventory.total();
                 if total == 0 {
@@ -1057,7 +1094,11 @@ impl Gateway {
             let workers = match kept {
                 Some(workers) => {
                     workers
-                        .replace_feed(built.clone(), policy, &v.rollout)
+                        .replace_feed(
+                            processor.as_ref().map(|p| p.processor.clone()),
+                            policy,
+                            &v.rollout,
+                        )
                         .await
                         .map_err(|e| start_error(&v.name, e))?;
                     workers
@@ -1066,7 +1107,7 @@ impl Gateway {
                     let workers = WorkerSet::new(WorkerSetConfig {
                         endpoint: spec.name.clone(),
                         version: v.name.clone(),
-                        processor: built.clone(),
+                        processor: processor.as_ref().map(|p| p.processor.clone()),
                         model: factory.map(|factory| {
                             (
                                 factory,
@@ -1110,10 +1151,10 @@ impl Gateway {
             versions.push(Arc::new(DeployedVersion {
                 name: v.name.clone(),
                 weight: spec.weight(i),
-                processor: built,
-                from_cache: loaded.from_cache,
+                from_cache: processor.as_ref().is_some_and(|p| p.from_cache),
+                digest: processor.as_ref().map(|p| p.digest.clone()),
+                processor: processor.map(|p| p.processor),
                 limits: v.limits.clone(),
-                digest,
                 backend: v.backend.kind(),
                 workers,
                 usage: self.usage.meter(crate::tenants::tenant_of(&spec.name)),

@@ -280,18 +280,35 @@ pub struct WorkerSet {
 /// What feeds a version's workers: its processor and the instances kept per worker.
 #[derive(Clone)]
 struct Feed {
-    processor: Processor,
+    processor: Option<Processor>,
     instances_per_worker: u32,
     cold_start_timeout: Duration,
     /// How long a draining worker may finish what it holds.
     grace: Duration,
 }
 
+impl Feed {
+    /// Drops idle instances beyond `keep` that have been idle for `idle`.
+    fn trim(&self, keep: usize, idle: Duration) {
+        if let Some(processor) = &self.processor {
+            processor.trim(keep, idle);
+        }
+    }
+
+    /// Makes `count` instances warm.
+    async fn warm(&self, count: u32) -> Result<(), StartError> {
+        match &self.processor {
+            Some(processor) => processor.warm(count).await.map_err(StartError::Warm),
+            None => Ok(()),
+        }
+    }
+}
+
 /// What a version needs to build its workers.
 pub(crate) struct WorkerSetConfig {
     pub endpoint: String,
     pub version: String,
-    pub processor: Processor,
+    pub processor: Option<Processor>,
     pub model: Option<(
         Arc<dyn BackendFactory>,
         BackendSpec,
@@ -539,6 +556,18 @@ impl WorkerSet {
         Ok((stream, guard))
     }
 
+    /// Sends an HTTP request as it came to a ready worker's backend (a container without a
+    /// processor). The worker counts it as in flight until the returned guard is dropped,
+    /// so that it is not drained away while the answer streams.
+    pub(crate) async fn forward(
+        self: &Arc<Self>,
+        request: wasp_backend::RawRequest,
+    ) -> Result<(wasp_backend::RawResponse, InFlight), BackendError> {
+        let (batcher, guard) = self.ready_batcher().await?;
+        let response = batcher.backend().forward(request).await?;
+        Ok((response, guard))
+    }
+
     /// What the version's self-scheduling backends (generation) are doing, summed over its
     /// workers; `None` when its backend batches whole requests.
     pub fn generation_load(&self) -> Option<wasp_backend::GenerationLoad> {
@@ -602,7 +631,7 @@ impl WorkerSet {
         self.retry_pending();
         if self.desired() == 0 {
             // Nothing is left to feed: no warm instances either.
-            self.feed().processor.trim(0, Duration::ZERO);
+            self.feed().trim(0, Duration::ZERO);
         }
     }
 
@@ -654,7 +683,7 @@ impl WorkerSet {
         }
         let feed = self.feed();
         let keep = self.live_workers() * feed.instances_per_worker;
-        feed.processor.trim(keep as usize, Duration::ZERO);
+        feed.trim(keep as usize, Duration::ZERO);
     }
 
     /// Waits until the worker holds nothing (at most the grace period), then drops it. The
@@ -892,10 +921,8 @@ impl WorkerSet {
     /// Makes the processor's warm instances what the live workers need.
     async fn warm_live(&self) -> Result<(), StartError> {
         let feed = self.feed();
-        feed.processor
-            .warm(self.live_workers() * feed.instances_per_worker)
+        feed.warm(self.live_workers() * feed.instances_per_worker)
             .await
-            .map_err(StartError::Warm)
     }
 
     /// Workers starting or ready.
@@ -925,7 +952,7 @@ impl WorkerSet {
         self.write().clear();
         self.desired.store(0, Ordering::Relaxed);
         self.lock_scaler().reset(0, self.clock.now());
-        self.feed().processor.trim(0, Duration::ZERO);
+        self.feed().trim(0, Duration::ZERO);
         self.publish();
     }
 
@@ -944,7 +971,7 @@ impl WorkerSet {
     pub(crate) async fn housekeep(&self) {
         let feed = self.feed();
         let keep = self.live_workers() * feed.instances_per_worker;
-        feed.processor.trim(keep as usize, Duration::from_secs(60));
+        feed.trim(keep as usize, Duration::from_secs(60));
         if let Err(e) = self.warm_live().await {
             tracing::warn!(endpoint = %self.endpoint, version = %self.version, "cannot re-warm: {e}");
         }
@@ -970,13 +997,15 @@ impl WorkerSet {
     /// every request; requests in flight finish on the old one.
     pub(crate) async fn replace_feed(
         &self,
-        processor: Processor,
+        processor: Option<Processor>,
         policy: Policy,
         rollout: &RolloutSpec,
     ) -> Result<(), StartError> {
         let spec = policy.spec().clone();
         let target = self.live_workers() * spec.instances_per_worker;
-        processor.warm(target).await.map_err(StartError::Warm)?;
+        if let Some(processor) = &processor {
+            processor.warm(target).await.map_err(StartError::Warm)?;
+        }
         let old = {
             let mut feed = self.feed.write().unwrap_or_else(|e| e.into_inner());
             std::mem::replace(
@@ -991,7 +1020,7 @@ impl WorkerSet {
         };
         self.lock_scaler().set_policy(policy);
         // Idle instances of the old processor go now; busy ones finish and go with it.
-        old.processor.trim(0, Duration::ZERO);
+        old.trim(0, Duration::ZERO);
         Ok(())
     }
 

@@ -9,6 +9,9 @@
 //! - `GET /v2/health/live`: 200 until `POST /admin/sick`, then 503 for good.
 //! - `POST /v2/models/<any>/infer`: a KServe v2 inference request; the answer's outputs are
 //!   the model's.
+//! - `/echo...`, any method: `201` and `x-model-server: echo`, with the request as it
+//!   arrived as JSON (`method`, `path` with the query, `headers`, `body`).
+//! - `GET /stream?n=N&ms=M`: `N` server-sent events (`data: <i>`), `M` ms apart.
 //! - SIGTERM: stops accepting, finishes the requests in flight, exits 0.
 //!
 //! The port is `--port`, else `$PORT` (what wasp's process driver sets), else 8080.
@@ -21,7 +24,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use serde_json::{Value, json};
@@ -35,8 +39,10 @@ struct State {
     sick: AtomicBool,
 }
 
-fn reply(status: StatusCode, body: Value) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
+type Body = BoxBody<Bytes, Infallible>;
+
+fn reply(status: StatusCode, body: Value) -> Response<Body> {
+    let mut response = Response::new(Full::new(Bytes::from(body.to_string())).boxed());
     *response.status_mut() = status;
     response.headers_mut().insert(
         hyper::header::CONTENT_TYPE,
@@ -65,9 +71,74 @@ fn input(body: &[u8]) -> Result<ModelInput, String> {
     })
 }
 
-async fn handle(state: Arc<State>, request: Request<Incoming>) -> Response<Full<Bytes>> {
+/// The request as it arrived, as JSON.
+async fn echo(request: Request<Incoming>) -> Response<Body> {
+    let method = request.method().to_string();
+    let path = request
+        .uri()
+        .path_and_query()
+        .map_or("/".to_owned(), |p| p.to_string());
+    let headers: serde_json::Map<String, Value> = request
+        .headers()
+        .iter()
+        .map(|(name, value)| {
+            (
+                name.to_string(),
+                Value::from(String::from_utf8_lossy(value.as_bytes()).into_owned()),
+            )
+        })
+        .collect();
+    let body = request
+        .into_body()
+        .collect()
+        .await
+        .map(|b| String::from_utf8_lossy(&b.to_bytes()).into_owned())
+        .unwrap_or_default();
+    let mut response = reply(
+        StatusCode::CREATED,
+        json!({"method": method, "path": path, "headers": headers, "body": body}),
+    );
+    response.headers_mut().insert(
+        "x-model-server",
+        hyper::header::HeaderValue::from_static("echo"),
+    );
+    response
+}
+
+/// `n` server-sent events, `ms` milliseconds apart.
+fn events(query: &str) -> Response<Body> {
+    let param = |key: &str, default: u64| {
+        query
+            .split('&')
+            .filter_map(|kv| kv.split_once('='))
+            .find(|(k, _)| *k == key)
+            .and_then(|(_, v)| v.parse().ok())
+            .unwrap_or(default)
+    };
+    let (n, ms) = (param("n", 3), param("ms", 10));
+    let stream = futures_util::stream::unfold(0u64, move |i| async move {
+        if i >= n {
+            return None;
+        }
+        if i > 0 {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+        }
+        let frame = hyper::body::Frame::data(Bytes::from(format!("data: {i}\n\n")));
+        Some((Ok::<_, Infallible>(frame), i + 1))
+    });
+    let mut response = Response::new(BodyExt::boxed(StreamBody::new(stream)));
+    response.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("text/event-stream"),
+    );
+    response
+}
+
+async fn handle(state: Arc<State>, request: Request<Incoming>) -> Response<Body> {
     let path = request.uri().path().to_owned();
     match (request.method(), path.as_str()) {
+        (_, p) if p.starts_with("/echo") => echo(request).await,
+        (&Method::GET, "/stream") => events(request.uri().query().unwrap_or("")),
         (&Method::GET, "/v2/health/ready") => {
             if Instant::now() >= state.ready_at {
                 reply(StatusCode::OK, json!({"ready": true}))

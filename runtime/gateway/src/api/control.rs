@@ -110,8 +110,9 @@ pub struct VersionDetail {
     /// traffic until each drains).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub outgoing_workers: Vec<WorkerDetail>,
-    /// Its component, `sha256:<hex>`.
-    pub component: String,
+    /// Its component, `sha256:<hex>`; absent when requests pass through to a container.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub component: Option<String>,
     /// Whether the component was loaded from the compiled cache.
     pub compiled_from_cache: bool,
     /// Its processor instances.
@@ -233,7 +234,7 @@ fn detail(d: &Deployment) -> EndpointDetail {
         .versions
         .iter()
         .map(|v| {
-            let s = v.processor.stats();
+            let s = v.processor_stats();
             VersionDetail {
                 name: v.name.clone(),
                 weight: v.weight,
@@ -248,7 +249,7 @@ fn detail(d: &Deployment) -> EndpointDetail {
                         .map(|w| worker_detail(w))
                         .collect()
                 }),
-                component: format!("sha256:{}", v.digest),
+                component: v.digest.as_ref().map(|d| format!("sha256:{d}")),
                 compiled_from_cache: v.from_cache,
                 instances: InstanceCounts {
                     idle: s.idle,

@@ -171,7 +171,11 @@ fn would_wait(version: &DeployedVersion) -> bool {
     if version.workers.ready_now() == 0 {
         return true;
     }
-    let s = version.processor.stats();
+    if version.processor.is_none() {
+        // Requests pass through to the container, which queues them itself.
+        return false;
+    }
+    let s = version.processor_stats();
     if s.busy < s.max as usize {
         return false;
     }
@@ -605,16 +609,17 @@ pub(crate) async fn run_streamed(
     let counted = Counted::enter(version);
     version.usage.requests.fetch_add(1, Ordering::Relaxed);
     version.workers.wait_ready().await.map_err(Failure::Wake)?;
+    let Some(processor) = &version.processor else {
+        return forward(version, request, counted).await;
+    };
     if !version.workers.has_model() {
-        let head = version
-            .processor
+        let head = processor
             .handle(request)
             .await
             .map_err(Failure::Processor)?;
         return Ok(Answer { head, rest: None });
     }
-    let prepared = version
-        .processor
+    let prepared = processor
         .pre_process(request)
         .await
         .map_err(Failure::Processor)?;
@@ -637,8 +642,7 @@ pub(crate) async fn run_streamed(
     if last {
         model_done(version, started, &first);
     }
-    let head = version
-        .processor
+    let head = processor
         .post_process(&prepared.context, first.into())
         .await
         .map_err(Failure::Processor)?;
@@ -684,19 +688,67 @@ pub(crate) async fn run_streamed(
             s.done = true;
             model_done(&s.version, s.started, &chunk);
         }
-        let body = s
-            .version
-            .processor
-            .post_process(&s.context, chunk.into())
-            .await
-            .map(|r| r.body)
-            .map_err(Failure::Processor);
+        let body = match &s.version.processor {
+            Some(processor) => processor
+                .post_process(&s.context, chunk.into())
+                .await
+                .map(|r| r.body)
+                .map_err(Failure::Processor),
+            None => Err(ended()),
+        };
         s.done |= body.is_err();
         Some((body, s))
     });
     Ok(Answer {
         head,
         rest: Some(Box::pin(rest)),
+    })
+}
+
+/// Passes a request as it came to a version's container (no processor) and streams back
+/// its answer.
+async fn forward(
+    version: &Arc<DeployedVersion>,
+    request: Request,
+    counted: Counted,
+) -> Result<Answer, Failure> {
+    let raw = wasp_backend::RawRequest {
+        method: request.method,
+        path: request.path,
+        headers: request
+            .headers
+            .into_iter()
+            .map(|(name, value)| (name, value.into_bytes()))
+            .collect(),
+        body: request.body,
+    };
+    let started = Instant::now();
+    let (response, in_flight) = version
+        .workers
+        .forward(raw)
+        .await
+        .map_err(Failure::Backend)?;
+    version.usage.model_call(started.elapsed(), None);
+    let head = wasp_wasm::Response {
+        status: response.status,
+        // Header values that are not text cannot be answered through the gateway.
+        headers: response
+            .headers
+            .into_iter()
+            .filter_map(|(name, value)| Some((name, String::from_utf8(value).ok()?)))
+            .collect(),
+        body: Vec::new(),
+    };
+    let chunks = futures_util::stream::unfold(
+        (response.body, in_flight, counted),
+        |(mut body, in_flight, counted)| async move {
+            let chunk = body.recv().await?;
+            Some((chunk.map_err(Failure::Backend), (body, in_flight, counted)))
+        },
+    );
+    Ok(Answer {
+        head,
+        rest: Some(Box::pin(chunks)),
     })
 }
 

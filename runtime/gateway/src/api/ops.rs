@@ -72,7 +72,7 @@ pub(crate) async fn metrics(State(gateway): State<AppState>) -> Response {
             })
             .set(gateway.jobs.backlog(name).scaling as i64);
         for v in &d.versions {
-            let s = v.processor.stats();
+            let s = v.processor_stats();
             let labels = |state: &str| InstanceLabels {
                 endpoint: d.spec.name.clone(),
                 version: v.name.clone(),
