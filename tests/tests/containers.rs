@@ -646,3 +646,113 @@ async fn without_a_processor_requests_pass_through_to_the_container_as_they_are(
     );
     t.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn through_a_real_engine_private_images_need_the_tenants_own_login() {
+    let Some(socket) = wasp_tests::test_engine("the private-registry test") else {
+        return;
+    };
+    // CI starts this registry with the engine (`scripts/toolchain engine`).
+    let up = std::net::TcpStream::connect("127.0.0.1:5556").is_ok();
+    assert!(
+        up || std::env::var_os("CI").is_none(),
+        "no registry listens on 127.0.0.1:5556, and CI must pull from one"
+    );
+    if !up {
+        eprintln!("SKIPPED the private-registry test: nothing listens on 127.0.0.1:5556");
+        return;
+    }
+    let image = wasp_tests::model_server_image(MODEL_SERVER);
+    let private = "127.0.0.1:5556/wasp/private-model:test";
+    let creds = "wasp:wasp-registry-test";
+    wasp_tests::podman(&[
+        "push",
+        "--tls-verify=false",
+        "--creds",
+        creds,
+        &image,
+        private,
+    ]);
+    let _ = std::process::Command::new("podman")
+        .args(["rmi", "-f", private])
+        .output();
+
+    let t = TestServer::start_with_engine(&socket).await;
+    let operator = &t.client;
+    let mut admins = Vec::new();
+    for name in ["acme", "bravo"] {
+        operator
+            .post_json("/api/v1/tenants", &json!({ "name": name }))
+            .await;
+        let made = operator
+            .post_json("/api/v1/keys", &json!({ "tenant": name, "role": "admin" }))
+            .await;
+        admins.push(operator.as_key(made.json()["key"].as_str()));
+    }
+    let (acme, bravo) = (&admins[0], &admins[1]);
+    // Pass-through endpoints: no processor, so no host mount for the tenants to be granted.
+    let spec = |name: &str, pull: &str| {
+        let full = wasp_tests::model_image_spec(
+            name,
+            private,
+            &format!("pull = \"{pull}\"\ngrace_period_s = 5"),
+            "",
+        );
+        full.split("[versions.processor]")
+            .next()
+            .unwrap()
+            .to_owned()
+    };
+    let login =
+        |user: &str, password: &str| json!({ "username": user, "password": password }).to_string();
+    async fn put_login(c: &TestClient, body: String) {
+        let set = c
+            .request_with(
+                "PUT",
+                "/api/v1/registries/127.0.0.1:5556",
+                &[("content-type", "application/json")],
+                body,
+            )
+            .await;
+        assert!(set.status == 201 || set.status == 200, "{}", set.text());
+    }
+
+    // Without a login the registry refuses, and the error says what to do.
+    let refused = acme
+        .deploy(TEXT_EMBEDDINGS, &spec("private", "missing"))
+        .await;
+    let text = refused.text();
+    assert!(refused.status >= 400, "{text}");
+    assert!(
+        text.contains("PUT /api/v1/registries/127.0.0.1:5556"),
+        "{text}"
+    );
+    // With the tenant's login it pulls and runs.
+    put_login(acme, login("wasp", "wasp-registry-test")).await;
+    acme.deploy_ok(TEXT_EMBEDDINGS, &spec("private", "missing"))
+        .await;
+    let echoed = acme.post("/endpoints/private/invoke/echo", "mine").await;
+    assert_eq!(echoed.status, 201, "{}", echoed.text());
+
+    // The engine now has the image, but another tenant gets no use of it: not by asking
+    // the engine's copy (`pull = "never"`), not with a wrong login.
+    let never = bravo
+        .deploy(TEXT_EMBEDDINGS, &spec("borrowed", "never"))
+        .await;
+    let text = never.text();
+    assert!(
+        never.status >= 400,
+        "bravo ran acme's private image: {text}"
+    );
+    assert!(
+        text.contains("unauthorized") || text.contains("authentication required"),
+        "{text}"
+    );
+    put_login(bravo, login("wasp", "wrong-password")).await;
+    let wrong = bravo
+        .deploy(TEXT_EMBEDDINGS, &spec("borrowed", "missing"))
+        .await;
+    assert!(wrong.status >= 400, "{}", wrong.text());
+    assert_eq!(engine_containers(&socket, "bravo/borrowed"), 0);
+    t.stop().await;
+}

@@ -562,3 +562,141 @@ async fn processors_reach_only_the_host_their_tenant_was_granted() {
     assert_eq!(field(&bad).as_deref(), Some("allow_hosts[0]"));
     t.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registry_logins_are_each_tenants_own_and_never_answered() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = TestServer::start_in(dir.path()).await;
+    let operator = &t.client;
+    for name in ["acme", "bravo"] {
+        operator
+            .post_json("/api/v1/tenants", &json!({ "name": name }))
+            .await;
+    }
+    let acme = operator.as_key(Some(&key(operator, "acme", "admin").await));
+    let bravo = operator.as_key(Some(&key(operator, "bravo", "admin").await));
+    let invoker = operator.as_key(Some(&key(operator, "acme", "invoker").await));
+    let login = json!({ "username": "robot", "password": "s3cret-token" });
+
+    let set = acme
+        .request_with(
+            "PUT",
+            "/api/v1/registries/registry.example.com:5000",
+            &[("content-type", "application/json")],
+            login.to_string(),
+        )
+        .await;
+    assert_eq!(set.status, 201, "{}", set.text());
+    assert_eq!(set.json()["registry"], "registry.example.com:5000");
+    assert!(!set.text().contains("s3cret"), "{}", set.text());
+    let again = acme
+        .request_with(
+            "PUT",
+            "/api/v1/registries/registry.example.com:5000",
+            &[("content-type", "application/json")],
+            json!({ "username": "robot2", "password": "newer" }).to_string(),
+        )
+        .await;
+    assert_eq!(again.status, 200, "{}", again.text());
+
+    // Listed for its tenant, without the password; another tenant sees none of it.
+    let listed = acme.get("/api/v1/registries").await;
+    assert_eq!(listed.status, 200);
+    assert_eq!(
+        listed.json()["registries"][0]["username"],
+        "robot2",
+        "{}",
+        listed.text()
+    );
+    assert!(!listed.text().contains("newer"));
+    assert_eq!(
+        bravo.get("/api/v1/registries").await.json()["registries"],
+        json!([])
+    );
+    assert_eq!(
+        outcome(
+            &bravo
+                .request("DELETE", "/api/v1/registries/registry.example.com:5000", "")
+                .await
+        ),
+        (404, json!("registry_login_not_found"))
+    );
+    // An operator reaches a tenant's through its prefix.
+    let through = operator.get("/t/acme/api/v1/registries").await.json();
+    assert_eq!(through["registries"].as_array().unwrap().len(), 1);
+
+    // Invokers may not; bad hosts and empty fields are named.
+    assert_eq!(
+        outcome(&invoker.get("/api/v1/registries").await),
+        (403, json!("forbidden"))
+    );
+    for (host, body, field) in [
+        ("not a host", login.clone(), "registry"),
+        ("host:99999", login.clone(), "registry"),
+        ("-bad.example", login.clone(), "registry"),
+        (
+            "ok.example",
+            json!({ "username": "", "password": "p" }),
+            "username",
+        ),
+        (
+            "ok.example",
+            json!({ "username": "u", "password": "a\nb" }),
+            "password",
+        ),
+    ] {
+        let reply = acme
+            .request_with(
+                "PUT",
+                &format!("/api/v1/registries/{}", host.replace(' ', "%20")),
+                &[("content-type", "application/json")],
+                body.to_string(),
+            )
+            .await;
+        assert_eq!(reply.status, 422, "{host}: {}", reply.text());
+        assert_eq!(reply.json()["error"]["field"], field, "{}", reply.text());
+    }
+    let missing = acme
+        .request_with(
+            "PUT",
+            "/api/v1/registries/ok.example",
+            &[("content-type", "application/json")],
+            r#"{"username":"u"}"#,
+        )
+        .await;
+    assert_eq!(missing.status, 400, "{}", missing.text());
+
+    // Kept across a restart; gone with its tenant.
+    t.stop().await;
+    let t = TestServer::start_in(dir.path()).await;
+    let acme = t.client.as_key(acme.key());
+    assert_eq!(
+        acme.get("/api/v1/registries").await.json()["registries"][0]["registry"],
+        "registry.example.com:5000"
+    );
+    assert_eq!(
+        t.client
+            .request("DELETE", "/api/v1/tenants/acme", "")
+            .await
+            .status,
+        204
+    );
+    // A new tenant of the same name starts with none, now and after a restart.
+    t.client
+        .post_json("/api/v1/tenants", &json!({ "name": "acme" }))
+        .await;
+    let reborn = t
+        .client
+        .as_key(Some(&key(&t.client, "acme", "admin").await));
+    assert_eq!(
+        reborn.get("/api/v1/registries").await.json()["registries"],
+        json!([])
+    );
+    t.stop().await;
+    let t = TestServer::start_in(dir.path()).await;
+    assert_eq!(
+        t.client.get("/t/acme/api/v1/registries").await.json()["registries"],
+        json!([])
+    );
+    t.stop().await;
+}

@@ -163,6 +163,10 @@ pub trait Backend: Send + Sync + 'static {
 /// the endpoint's logs. Called with `true` for lines that are errors.
 pub type LogSink = Arc<dyn Fn(bool, String) + Send + Sync>;
 
+/// Looks up the deploying tenant's login to an image registry, by the registry's host:
+/// its user name and password.
+pub type RegistryLogins = Arc<dyn Fn(&str) -> Option<(String, String)> + Send + Sync>;
+
 /// What a factory may use while loading.
 #[derive(Clone)]
 pub struct LoadContext {
@@ -174,6 +178,8 @@ pub struct LoadContext {
     pub version: String,
     /// The endpoint's logs.
     pub log: Option<LogSink>,
+    /// The endpoint's tenant's registry logins (container images).
+    pub registry_logins: Option<RegistryLogins>,
 }
 
 impl std::fmt::Debug for LoadContext {
@@ -194,6 +200,7 @@ impl LoadContext {
             endpoint: String::new(),
             version: String::new(),
             log: None,
+            registry_logins: None,
         }
     }
 

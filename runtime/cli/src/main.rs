@@ -340,6 +340,11 @@ enum Command {
         #[command(subcommand)]
         action: KeyCommand,
     },
+    /// Your tenant's image registry logins, for container images (admin and operator keys).
+    Registry {
+        #[command(subcommand)]
+        action: RegistryCommand,
+    },
     /// Metered usage: requests, guest CPU time, model time, tokens, stored bytes (your
     /// tenant's; an operator's key sees every tenant's).
     Usage {
@@ -485,6 +490,25 @@ enum KeyCommand {
     Revoke {
         /// Its id.
         id: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum RegistryCommand {
+    /// Sets the login to a registry; the password is read from standard input (one line).
+    Login {
+        /// The registry's host, as image references name it (`ghcr.io`, `host:5000`).
+        registry: String,
+        /// User name.
+        #[arg(long, short)]
+        username: String,
+    },
+    /// Lists the logins (never their passwords).
+    Ls,
+    /// Forgets the login to a registry.
+    Logout {
+        /// The registry's host.
+        registry: String,
     },
 }
 
@@ -777,6 +801,7 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Tenant { action } => tenants(&client, &print, action).await,
         Command::Key { action } => keys(&client, &print, action).await,
+        Command::Registry { action } => registries(&client, &print, action).await,
         Command::Usage { tenant } => {
             let path = match tenant {
                 Some(t) => format!("/api/v1/usage?tenant={}", client::query_value(&t)),
@@ -1441,6 +1466,57 @@ async fn tenants(client: &Client, print: &output::Printer, action: TenantCommand
                 .delete(&format!("/api/v1/tenants/{}", client::query_value(&name)))
                 .await?;
             println!("removed tenant `{name}`");
+        }
+    }
+    Ok(())
+}
+
+async fn registries(
+    client: &Client,
+    print: &output::Printer,
+    action: RegistryCommand,
+) -> Result<()> {
+    match action {
+        RegistryCommand::Login { registry, username } => {
+            let mut password = String::new();
+            std::io::stdin()
+                .read_line(&mut password)
+                .context("reading the password from standard input")?;
+            let password = password.trim_end_matches(['\r', '\n']);
+            anyhow::ensure!(!password.is_empty(), "no password on standard input");
+            let body = serde_json::json!({ "username": username, "password": password });
+            let set = client
+                .put_body(
+                    &format!("/api/v1/registries/{}", client::query_value(&registry)),
+                    "application/json",
+                    body.to_string().into_bytes(),
+                )
+                .await?;
+            if !print.json(&set) {
+                println!("logged in to `{registry}` as `{username}`");
+            }
+        }
+        RegistryCommand::Ls => {
+            let all = client.get("/api/v1/registries").await?;
+            if !print.json(&all) {
+                println!("{:<40} USERNAME", "REGISTRY");
+                for l in all["registries"].as_array().into_iter().flatten() {
+                    println!(
+                        "{:<40} {}",
+                        l["registry"].as_str().unwrap_or("?"),
+                        l["username"].as_str().unwrap_or("?")
+                    );
+                }
+            }
+        }
+        RegistryCommand::Logout { registry } => {
+            client
+                .delete(&format!(
+                    "/api/v1/registries/{}",
+                    client::query_value(&registry)
+                ))
+                .await?;
+            println!("logged out of `{registry}`");
         }
     }
     Ok(())

@@ -459,6 +459,25 @@ fn tenants_keys_and_login_from_the_cli() {
         keys.contains("acme") && !keys.contains("operator"),
         "{keys}"
     );
+    // Registry logins: the password from standard input, never printed back.
+    let logged = ok(plain(
+        &["registry", "login", "ghcr.io", "--username", "robot"],
+        None,
+        "tok3n-secret\n",
+    ));
+    assert!(
+        logged.contains("logged in to `ghcr.io` as `robot`"),
+        "{logged}"
+    );
+    let logins = ok(plain(&["registry", "ls"], None, ""));
+    assert!(
+        logins.contains("ghcr.io") && logins.contains("robot") && !logins.contains("tok3n"),
+        "{logins}"
+    );
+    ok(plain(&["registry", "logout", "ghcr.io"], None, ""));
+    assert!(!ok(plain(&["registry", "ls"], None, "")).contains("ghcr.io"));
+    let empty = plain(&["registry", "login", "ghcr.io", "-u", "robot"], None, "");
+    assert!(!empty.status.success());
     let forbidden = plain(&["tenant", "ls"], None, "");
     assert!(!forbidden.status.success());
     assert!(String::from_utf8_lossy(&forbidden.stderr).contains("403"));

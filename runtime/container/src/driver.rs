@@ -75,6 +75,34 @@ pub struct Launch {
     pub spec: ContainerBackend,
     /// Where its output goes.
     pub lines: Arc<Lines>,
+    /// The deploying tenant's login to the image's registry, if it has one.
+    pub login: Option<Login>,
+}
+
+/// A login to an image registry.
+#[derive(Clone)]
+pub struct Login {
+    /// User name.
+    pub username: String,
+    /// Password or token.
+    pub password: String,
+}
+
+impl std::fmt::Debug for Login {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Login")
+            .field("username", &self.username)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The registry host an image reference names: its first component when that looks like a
+/// host (has a `.` or a `:`, or is `localhost`), else Docker Hub's `docker.io`.
+pub fn registry_of(image: &str) -> &str {
+    match image.split_once('/') {
+        Some((first, _)) if first.contains(['.', ':']) || first == "localhost" => first,
+        _ => "docker.io",
+    }
 }
 
 /// Starts and reclaims containers.

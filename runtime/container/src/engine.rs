@@ -6,19 +6,21 @@
 //! The calls are few and small, so they are plain blocking HTTP/1.1 over a fresh
 //! connection each (`Connection: close`); only a container's log stream stays open.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use base64::Engine as _;
 
 use serde_json::{Value, json};
 use wasp_backend::BackendError;
 use wasp_core::ContainerBackend;
 
-use crate::driver::{Driver, Instance, Launch, Lines};
+use crate::driver::{Driver, Instance, Launch, Lines, Login};
 
 /// The API version asked for (Docker 20.10; Podman's compatible service answers it).
 const API: &str = "/v1.41";
@@ -33,6 +35,60 @@ pub struct EngineDriver {
     owner: String,
     /// Held while this driver lives (see [`crate::driver::lock_state_dir`]).
     _lock: Option<Arc<std::fs::File>>,
+    /// Ids of the images this server pulled with a registry login, and where that list is
+    /// kept (`<state dir>/private-images`).
+    private: Arc<PrivateImages>,
+}
+
+/// The images pulled with a registry login. The engine keeps one copy of an image for
+/// everyone, so such an image is pulled again, with the deployer's own login or none,
+/// before each container is made from it: the registry, not the engine's cache, decides
+/// who may run it.
+struct PrivateImages {
+    ids: Mutex<BTreeSet<String>>,
+    file: PathBuf,
+}
+
+impl PrivateImages {
+    fn load(file: PathBuf) -> Self {
+        let ids = std::fs::read_to_string(&file)
+            .unwrap_or_default()
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(str::to_owned)
+            .collect();
+        Self {
+            ids: Mutex::new(ids),
+            file,
+        }
+    }
+
+    fn contains(&self, id: &str) -> bool {
+        self.ids
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(id)
+    }
+
+    fn insert(&self, id: &str) -> std::io::Result<()> {
+        let mut ids = self.ids.lock().unwrap_or_else(|e| e.into_inner());
+        if ids.insert(id.to_owned()) {
+            let text: String = ids.iter().map(|i| format!("{i}\n")).collect();
+            wasp_core::files::write_atomic(&self.file, text.as_bytes())?;
+        }
+        Ok(())
+    }
+}
+
+/// The `X-Registry-Auth` header of a pull with `login`: base64url of its JSON.
+fn registry_auth(login: &Login, registry: &str) -> String {
+    let json = json!({
+        "username": login.username,
+        "password": login.password,
+        "serveraddress": registry,
+    });
+    base64::engine::general_purpose::URL_SAFE.encode(json.to_string())
 }
 
 /// An engine answer.
@@ -142,6 +198,7 @@ impl EngineDriver {
             socket: PathBuf::from(socket.strip_prefix("unix://").unwrap_or(socket)),
             owner,
             _lock: Some(Arc::new(lock)),
+            private: Arc::new(PrivateImages::load(state_dir.join("private-images"))),
         })
     }
 
@@ -151,6 +208,7 @@ impl EngineDriver {
             socket: self.socket.clone(),
             owner: self.owner.clone(),
             _lock: None,
+            private: self.private.clone(),
         }
     }
 
@@ -174,6 +232,7 @@ impl EngineDriver {
         path: &str,
         body: Option<&Value>,
         timeout: Option<Duration>,
+        auth: Option<&str>,
     ) -> Result<(u16, Box<dyn Read + Send>), BackendError> {
         let stream = UnixStream::connect(&self.socket).map_err(|e| unavailable(&self.socket, e))?;
         stream
@@ -187,6 +246,9 @@ impl EngineDriver {
         );
         if body.is_some() {
             request.push_str("Content-Type: application/json\r\n");
+        }
+        if let Some(auth) = auth {
+            request.push_str(&format!("X-Registry-Auth: {auth}\r\n"));
         }
         request.push_str("\r\n");
         request.push_str(&payload);
@@ -211,7 +273,18 @@ impl EngineDriver {
     }
 
     fn call(&self, method: &str, path: &str, body: Option<&Value>) -> Result<Answer, BackendError> {
-        let (status, reader) = self.request(method, path, body, Some(Duration::from_secs(600)))?;
+        self.call_with(method, path, body, None)
+    }
+
+    fn call_with(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&Value>,
+        auth: Option<&str>,
+    ) -> Result<Answer, BackendError> {
+        let (status, reader) =
+            self.request(method, path, body, Some(Duration::from_secs(600)), auth)?;
         let mut bytes = Vec::new();
         reader
             .take(MAX_ANSWER as u64)
@@ -223,39 +296,89 @@ impl EngineDriver {
         })
     }
 
-    /// Makes sure the image is there, pulling it as `pull` says.
-    fn ensure_image(&self, spec: &ContainerBackend) -> Result<(), BackendError> {
+    /// The id of the image `encoded` names, if the engine has it.
+    fn image_id(&self, encoded: &str) -> Result<Option<String>, BackendError> {
+        let answer = self.call("GET", &format!("/images/{encoded}/json"), None)?;
+        Ok((answer.status == 200)
+            .then(|| answer.json()["Id"].as_str().map(str::to_owned))
+            .flatten())
+    }
+
+    /// Makes sure the image is there, pulling it as `pull` says (with `login`, if the
+    /// deployer has one for its registry). An image this server pulled with a login is
+    /// pulled again whatever `pull` says, so that the registry decides whether this
+    /// deployer may have it.
+    fn ensure_image(
+        &self,
+        spec: &ContainerBackend,
+        login: Option<&Login>,
+    ) -> Result<(), BackendError> {
         let image = &spec.image;
         let encoded = percent(image);
-        let present = self
-            .call("GET", &format!("/images/{encoded}/json"), None)?
-            .status
-            == 200;
-        match (spec.pull.as_str(), present) {
-            ("never", false) => Err(BackendError::bad_input(
-                format!("image `{image}` is not in the engine, and `pull` is `never`"),
-                "image",
-            )),
-            ("missing", true) | ("never", true) => Ok(()),
-            _ => {
-                let answer =
-                    self.call("POST", &format!("/images/create?fromImage={encoded}"), None)?;
-                // The engine streams progress; an error shows as a status or an `error` line.
-                let text = String::from_utf8_lossy(&answer.body);
-                let failed = text
-                    .lines()
-                    .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-                    .find_map(|v| v["error"].as_str().map(str::to_owned));
-                match (answer.status, failed) {
-                    (200, None) => Ok(()),
-                    (_, Some(e)) => Err(BackendError::Load(format!("cannot pull `{image}`: {e}"))),
-                    (status, None) => Err(BackendError::Load(format!(
-                        "cannot pull `{image}` ({status}): {}",
-                        answer.message()
-                    ))),
-                }
+        let id = self.image_id(&encoded)?;
+        let private = id.as_deref().is_some_and(|id| self.private.contains(id));
+        match (spec.pull.as_str(), id.is_some()) {
+            _ if private => {}
+            ("never", false) => {
+                return Err(BackendError::bad_input(
+                    format!("image `{image}` is not in the engine, and `pull` is `never`"),
+                    "image",
+                ));
+            }
+            ("missing", true) | ("never", true) => return Ok(()),
+            _ => {}
+        }
+        let registry = crate::driver::registry_of(image);
+        let auth = login.map(|l| registry_auth(l, registry));
+        let answer = self.call_with(
+            "POST",
+            &format!("/images/create?fromImage={encoded}"),
+            None,
+            auth.as_deref(),
+        )?;
+        // The engine streams progress; an error shows as a status or an `error` line.
+        let text = String::from_utf8_lossy(&answer.body);
+        let failed = text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .find_map(|v| v["error"].as_str().map(str::to_owned));
+        let refused = ["unauthorized", "authentication", "denied"]
+            .iter()
+            .any(|w| text.to_ascii_lowercase().contains(w));
+        let hint = if !refused {
+            String::new()
+        } else if login.is_none() && private {
+            format!(
+                " (the image came from a registry login; this endpoint's tenant has none for \
+                 `{registry}`: PUT /api/v1/registries/{registry})"
+            )
+        } else if login.is_none() {
+            format!(" (a private image needs a login: PUT /api/v1/registries/{registry})")
+        } else {
+            String::new()
+        };
+        match (answer.status, failed) {
+            (200, None) => {}
+            (_, Some(e)) => {
+                return Err(BackendError::Load(format!(
+                    "cannot pull `{image}`: {e}{hint}"
+                )));
+            }
+            (status, None) => {
+                return Err(BackendError::Load(format!(
+                    "cannot pull `{image}` ({status}): {}{hint}",
+                    answer.message()
+                )));
             }
         }
+        if login.is_some()
+            && let Some(id) = self.image_id(&encoded)?
+        {
+            self.private.insert(&id).map_err(|e| {
+                BackendError::Load(format!("cannot record `{image}` as private: {e}"))
+            })?;
+        }
+        Ok(())
     }
 
     /// Follows a container's output into `lines` (stdout and stderr, multiplexed in
@@ -264,6 +387,7 @@ impl EngineDriver {
         let Ok((200, mut body)) = self.request(
             "GET",
             &format!("/containers/{id}/logs?follow=true&stdout=true&stderr=true"),
+            None,
             None,
             None,
         ) else {
@@ -358,7 +482,7 @@ impl Driver for EngineDriver {
 
     fn launch(&self, launch: Launch) -> Result<Box<dyn Instance>, BackendError> {
         let spec = &launch.spec;
-        self.ensure_image(spec)?;
+        self.ensure_image(spec, launch.login.as_ref())?;
         let mut labels = launch.labels.clone();
         labels.insert("wasp.owner".into(), self.owner.clone());
         let (body, port) = create_body(spec, &labels);
@@ -515,6 +639,50 @@ impl Instance for Container {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn images_name_their_registry_as_docker_does() {
+        use crate::driver::registry_of;
+        assert_eq!(registry_of("ghcr.io/org/model:1"), "ghcr.io");
+        assert_eq!(registry_of("127.0.0.1:5556/wasp/m:test"), "127.0.0.1:5556");
+        assert_eq!(registry_of("localhost/m"), "localhost");
+        assert_eq!(registry_of("library/busybox"), "docker.io");
+        assert_eq!(registry_of("busybox:1.36"), "docker.io");
+    }
+
+    #[test]
+    fn the_registry_auth_header_is_base64url_json() {
+        let login = Login {
+            username: "robot".into(),
+            password: "p?a>ss".into(),
+        };
+        let header = registry_auth(&login, "ghcr.io");
+        assert!(!header.contains(['+', '/']));
+        let decoded = base64::engine::general_purpose::URL_SAFE
+            .decode(header)
+            .unwrap();
+        let value: Value = serde_json::from_slice(&decoded).unwrap();
+        assert_eq!(
+            value,
+            json!({"username": "robot", "password": "p?a>ss", "serveraddress": "ghcr.io"})
+        );
+        // Never in a log line.
+        assert!(!format!("{login:?}").contains("p?a>ss"));
+    }
+
+    #[test]
+    fn images_pulled_with_a_login_stay_recorded() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("private-images");
+        let private = PrivateImages::load(file.clone());
+        assert!(!private.contains("sha256:aa"));
+        private.insert("sha256:aa").unwrap();
+        private.insert("sha256:aa").unwrap();
+        assert!(private.contains("sha256:aa"));
+        let again = PrivateImages::load(file);
+        assert!(again.contains("sha256:aa"));
+        assert!(!again.contains("sha256:bb"));
+    }
 
     fn spec() -> ContainerBackend {
         serde_json::from_value(json!({

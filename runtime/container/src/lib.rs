@@ -32,7 +32,7 @@ use wasp_backend::{Backend, BackendError, BackendFactory, LoadContext, Result};
 use wasp_core::kserve::{tensor_from_object, tensor_object};
 use wasp_core::{BackendSpec, ContainerBackend, ModelInput, ModelOutput, Probe};
 
-pub use driver::{Driver, Instance, Launch, Lines};
+pub use driver::{Driver, Instance, Launch, Lines, Login, registry_of};
 pub use engine::EngineDriver;
 pub use process::ProcessDriver;
 
@@ -221,6 +221,7 @@ impl BackendFactory for ContainerFactory {
             state: Mutex::new(State::Restarting("starting".to_owned())),
             handle: handle.clone(),
             stop,
+            registry_logins: context.registry_logins.clone(),
         });
         let instance = worker.launch()?;
         if let Err(e) = handle.block_on(worker.until_ready(instance.as_ref(), &stopped)) {
@@ -259,6 +260,8 @@ struct Worker {
     state: Mutex<State>,
     handle: Handle,
     stop: watch::Sender<bool>,
+    /// The deploying tenant's registry logins, looked up at each launch.
+    registry_logins: Option<wasp_backend::RegistryLogins>,
 }
 
 impl Worker {
@@ -279,6 +282,11 @@ impl Worker {
             labels: self.labels.clone(),
             spec: self.spec.clone(),
             lines: self.lines.clone(),
+            login: self
+                .registry_logins
+                .as_ref()
+                .and_then(|logins| logins(crate::driver::registry_of(&self.spec.image)))
+                .map(|(username, password)| crate::driver::Login { username, password }),
         })
     }
 

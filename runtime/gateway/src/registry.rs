@@ -984,6 +984,14 @@ impl Gateway {
         })
     }
 
+    /// The registry logins of `endpoint`'s tenant, looked up as each worker pulls (a login
+    /// set or changed later counts from the next pull).
+    fn registry_logins(self: &Arc<Self>, endpoint: &str) -> wasp_backend::RegistryLogins {
+        let gateway = Arc::downgrade(self);
+        let tenant = crate::tenants::tenant_of(endpoint).to_owned();
+        Arc::new(move |registry: &str| gateway.upgrade()?.directory.login(&tenant, registry))
+    }
+
     /// Builds every version of `spec`; versions to roll over from `previous` come back as
     /// [`Roll`]s, their new workers not yet started.
     async fn build(
@@ -1117,6 +1125,7 @@ impl Gateway {
                                     endpoint: spec.name.clone(),
                                     version: v.name.clone(),
                                     log: Some(backend_log(&logs, &spec.name, &v.name)),
+                                    registry_logins: Some(self.registry_logins(&spec.name)),
                                     ..self.load_context.clone()
                                 },
                             )

@@ -39,6 +39,7 @@ const TENANTS: TableDefinition<&str, &[u8]> = TableDefinition::new("tenants");
 const API_KEYS: TableDefinition<&str, &[u8]> = TableDefinition::new("api_keys");
 const USAGE: TableDefinition<&str, &[u8]> = TableDefinition::new("usage");
 const AUDIT: TableDefinition<&str, &[u8]> = TableDefinition::new("audit");
+const REGISTRY_LOGINS: TableDefinition<&str, &[u8]> = TableDefinition::new("registry_logins");
 const COMPONENT_OWNERS: TableDefinition<(&str, &str), ()> =
     TableDefinition::new("component_owners");
 
@@ -55,6 +56,8 @@ pub(crate) enum Records {
     Usage,
     /// The audit log, by zero-padded sequence number.
     Audit,
+    /// Image registry logins, by tenant and registry host.
+    RegistryLogins,
 }
 
 impl Records {
@@ -65,6 +68,7 @@ impl Records {
             Self::ApiKeys => API_KEYS,
             Self::Usage => USAGE,
             Self::Audit => AUDIT,
+            Self::RegistryLogins => REGISTRY_LOGINS,
         }
     }
 }
@@ -221,7 +225,7 @@ impl Store {
             .map_err(|e| db_err("opening the store", e))?;
         tx.open_table(TENANTS)
             .map_err(|e| db_err("opening the store", e))?;
-        for table in [API_KEYS, USAGE, AUDIT] {
+        for table in [API_KEYS, USAGE, AUDIT, REGISTRY_LOGINS] {
             tx.open_table(table)
                 .map_err(|e| db_err("opening the store", e))?;
         }
@@ -563,7 +567,15 @@ impl Store {
             let snapshot = db.begin_read().map_err(|e| db_err(WHAT, e))?;
             let copy = Database::create(&tmp).map_err(|e| db_err(WHAT, e))?;
             let tx = copy.begin_write().map_err(|e| db_err(WHAT, e))?;
-            for table in [ENDPOINTS, BATCHES, TENANTS, API_KEYS, USAGE, AUDIT] {
+            for table in [
+                ENDPOINTS,
+                BATCHES,
+                TENANTS,
+                API_KEYS,
+                USAGE,
+                AUDIT,
+                REGISTRY_LOGINS,
+            ] {
                 let from = snapshot.open_table(table).map_err(|e| db_err(WHAT, e))?;
                 let mut to = tx.open_table(table).map_err(|e| db_err(WHAT, e))?;
                 for row in from.iter().map_err(|e| db_err(WHAT, e))? {

@@ -218,10 +218,61 @@ pub(crate) fn local_name(qualified: &str) -> &str {
     qualified.split_once('/').map_or(qualified, |(_, n)| n)
 }
 
+/// A tenant's login to an image registry, as stored. The password is kept as given (a
+/// pull needs it), in the store only, and never answered.
+#[derive(Clone, Serialize, Deserialize)]
+pub(crate) struct StoredLogin {
+    /// The tenant it belongs to.
+    pub tenant: String,
+    /// The registry's host (`ghcr.io`, `registry.example.com:5000`).
+    pub registry: String,
+    /// User name.
+    pub username: String,
+    /// Password or token.
+    pub password: String,
+    /// When it was last set, in ms since the epoch.
+    pub updated_ms: u64,
+}
+
+impl std::fmt::Debug for StoredLogin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoredLogin")
+            .field("tenant", &self.tenant)
+            .field("registry", &self.registry)
+            .field("username", &self.username)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Whether `host` is a registry host as image references name one: a DNS name or an IP
+/// address, with an optional port, at most 255 characters.
+pub(crate) fn valid_registry(host: &str) -> bool {
+    let (name, port) = match host.rsplit_once(':') {
+        Some((name, port)) => (name, Some(port)),
+        None => (host, None),
+    };
+    !name.is_empty()
+        && host.len() <= 255
+        && port.is_none_or(|p| p.parse::<u16>().is_ok_and(|p| p > 0))
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        })
+}
+
+fn login_key(tenant: &str, registry: &str) -> String {
+    format!("{tenant} {registry}")
+}
+
 /// Tenants and keys, in memory (the store holds them durably).
 #[derive(Default)]
 pub(crate) struct Directory {
     keys: RwLock<HashMap<String, StoredKey>>,
+    /// Registry logins, by tenant and registry host.
+    logins: RwLock<BTreeMap<(String, String), StoredLogin>>,
     tenants: RwLock<BTreeMap<String, StoredTenant>>,
     /// The default tenant's grant: the server's `--mount-root` and `--allow-host`.
     default_policy: RwLock<AccessPolicy>,
@@ -241,6 +292,16 @@ impl Directory {
                 }
             }
         }
+        for (key, bytes) in store.records(Records::RegistryLogins)? {
+            match serde_json::from_slice::<StoredLogin>(&bytes) {
+                Ok(login) => {
+                    directory
+                        .write_logins()
+                        .insert((login.tenant.clone(), login.registry.clone()), login);
+                }
+                Err(e) => tracing::error!(login = %key, "a registry login record is corrupt ({e})"),
+            }
+        }
         for (name, bytes) in store.records(Records::Tenants)? {
             match serde_json::from_slice::<StoredTenant>(&bytes) {
                 Ok(tenant) => {
@@ -256,6 +317,69 @@ impl Directory {
 
     fn write_keys(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, StoredKey>> {
         self.keys.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write_logins(
+        &self,
+    ) -> std::sync::RwLockWriteGuard<'_, BTreeMap<(String, String), StoredLogin>> {
+        self.logins.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Sets `tenant`'s login to `registry` (replacing one there was); `true` when new.
+    pub fn set_login(
+        &self,
+        store: &Store,
+        tenant: &str,
+        registry: &str,
+        username: &str,
+        password: &str,
+    ) -> Result<bool, Error> {
+        let login = StoredLogin {
+            tenant: tenant.to_owned(),
+            registry: registry.to_owned(),
+            username: username.to_owned(),
+            password: password.to_owned(),
+            updated_ms: crate::workers::now_ms(),
+        };
+        let bytes = serde_json::to_vec(&login).map_err(|e| Error::Store(e.to_string()))?;
+        store.put_record(
+            Records::RegistryLogins,
+            &login_key(tenant, registry),
+            &bytes,
+        )?;
+        Ok(self
+            .write_logins()
+            .insert((tenant.to_owned(), registry.to_owned()), login)
+            .is_none())
+    }
+
+    /// Forgets `tenant`'s login to `registry`; `false` when there was none.
+    pub fn remove_login(&self, store: &Store, tenant: &str, registry: &str) -> Result<bool, Error> {
+        store.delete_record(Records::RegistryLogins, &login_key(tenant, registry))?;
+        Ok(self
+            .write_logins()
+            .remove(&(tenant.to_owned(), registry.to_owned()))
+            .is_some())
+    }
+
+    /// `tenant`'s registry logins, by registry.
+    pub fn logins(&self, tenant: &str) -> Vec<StoredLogin> {
+        self.logins
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .filter(|l| l.tenant == tenant)
+            .cloned()
+            .collect()
+    }
+
+    /// `tenant`'s user name and password for `registry`, if it has a login there.
+    pub fn login(&self, tenant: &str, registry: &str) -> Option<(String, String)> {
+        self.logins
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&(tenant.to_owned(), registry.to_owned()))
+            .map(|l| (l.username.clone(), l.password.clone()))
     }
 
     fn write_tenants(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<String, StoredTenant>> {
@@ -456,6 +580,9 @@ impl Directory {
             .collect();
         for id in ids {
             self.revoke(store, &id)?;
+        }
+        for login in self.logins(name) {
+            self.remove_login(store, name, &login.registry)?;
         }
         store.delete_record(Records::Tenants, name)?;
         self.write_tenants().remove(name);

@@ -603,3 +603,159 @@ pub(crate) async fn revoke_key(
     tracing::info!(key = %id, by = ?caller.key_id, "API key revoked");
     Ok(StatusCode::NO_CONTENT)
 }
+
+/// A registry login, as answered (never its password).
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct RegistryLogin {
+    /// The registry's host, as image references name it (`ghcr.io`, `host:5000`).
+    pub registry: String,
+    /// The user name.
+    pub username: String,
+    /// When it was last set, in milliseconds since the Unix epoch.
+    pub updated_at_ms: u64,
+}
+
+/// The caller's tenant's registry logins.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct RegistryLoginList {
+    /// The logins, by registry.
+    pub registries: Vec<RegistryLogin>,
+}
+
+/// A login to set.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewRegistryLogin {
+    /// User name.
+    pub username: String,
+    /// Password or access token.
+    pub password: String,
+}
+
+fn registry_login(login: &crate::tenants::StoredLogin) -> RegistryLogin {
+    RegistryLogin {
+        registry: login.registry.clone(),
+        username: login.username.clone(),
+        updated_at_ms: login.updated_ms,
+    }
+}
+
+fn registry_host(registry: &str) -> Result<(), ApiError> {
+    if crate::tenants::valid_registry(registry) {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            422,
+            "invalid_field",
+            format!(
+                "`{registry}` is not a registry host (a DNS name or IP address, with an \
+                 optional port: `ghcr.io`, `registry.example.com:5000`)"
+            ),
+        )
+        .with_field("registry"))
+    }
+}
+
+/// The tenant's image registry logins (without their passwords): container images from
+/// those registries are pulled with them.
+#[utoipa::path(get, path = "/api/v1/registries", tag = "access",
+    responses(
+        (status = 200, description = "The logins", body = RegistryLoginList),
+        (status = 403, description = "An invoker key", body = ErrorBody),
+    ))]
+pub(crate) async fn list_registries(
+    State(gateway): State<AppState>,
+    Who(caller): Who,
+) -> Result<Response, ApiError> {
+    admin_only(&caller)?;
+    let registries = gateway
+        .directory
+        .logins(&caller.tenant)
+        .iter()
+        .map(registry_login)
+        .collect();
+    Ok(json(StatusCode::OK, &RegistryLoginList { registries }))
+}
+
+/// Sets the tenant's login to an image registry (as `docker login` does): the tenant's
+/// container workers pull images from that registry with it. The password is stored as
+/// given (a pull needs it) and never answered.
+#[utoipa::path(put, path = "/api/v1/registries/{registry}", tag = "access",
+    params(("registry" = String, Path, description = "Registry host, as image references name it")),
+    request_body = NewRegistryLogin,
+    responses(
+        (status = 200, description = "Replaced", body = RegistryLogin),
+        (status = 201, description = "Set", body = RegistryLogin),
+        (status = 400, description = "Not a login as JSON", body = ErrorBody),
+        (status = 403, description = "An invoker key", body = ErrorBody),
+        (status = 422, description = "Not a registry host, or an empty or overlong user name or password (the error names the field)", body = ErrorBody),
+    ))]
+pub(crate) async fn set_registry(
+    State(gateway): State<AppState>,
+    Who(caller): Who,
+    Path(registry): Path<String>,
+    Payload(body): Payload<MAX_BODY>,
+) -> Result<Response, ApiError> {
+    admin_only(&caller)?;
+    registry_host(&registry)?;
+    let new: NewRegistryLogin = json_body(&body)?;
+    for (field, value) in [("username", &new.username), ("password", &new.password)] {
+        if value.is_empty() || value.len() > 4096 || value.chars().any(char::is_control) {
+            return Err(ApiError::new(
+                422,
+                "invalid_field",
+                format!("the {field} is 1 to 4096 characters, none of them control characters"),
+            )
+            .with_field(field));
+        }
+    }
+    let created = gateway.directory.set_login(
+        &gateway.store,
+        &caller.tenant,
+        &registry,
+        &new.username,
+        &new.password,
+    )?;
+    tracing::info!(tenant = %caller.tenant, %registry, by = ?caller.key_id, "registry login set");
+    let login = gateway
+        .directory
+        .logins(&caller.tenant)
+        .into_iter()
+        .find(|l| l.registry == registry)
+        .map(|l| registry_login(&l))
+        .ok_or_else(|| ApiError::new(500, "internal", "the login vanished as it was set"))?;
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok(json(status, &login))
+}
+
+/// Forgets the tenant's login to a registry; its workers that run go on running.
+#[utoipa::path(delete, path = "/api/v1/registries/{registry}", tag = "access",
+    params(("registry" = String, Path, description = "Registry host")),
+    responses(
+        (status = 204, description = "Forgotten"),
+        (status = 403, description = "An invoker key", body = ErrorBody),
+        (status = 404, description = "No login to that registry", body = ErrorBody),
+    ))]
+pub(crate) async fn remove_registry(
+    State(gateway): State<AppState>,
+    Who(caller): Who,
+    Path(registry): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    admin_only(&caller)?;
+    if !gateway
+        .directory
+        .remove_login(&gateway.store, &caller.tenant, &registry)?
+    {
+        return Err(ApiError::new(
+            404,
+            "registry_login_not_found",
+            format!("no login to `{registry}`"),
+        ));
+    }
+    tracing::info!(tenant = %caller.tenant, %registry, by = ?caller.key_id, "registry login removed");
+    Ok(StatusCode::NO_CONTENT)
+}

@@ -68,7 +68,7 @@ type AppState = Arc<Gateway>;
         (name = "jobs", description = "Durable async jobs of every endpoint"),
         (name = "openai", description = "OpenAI-compatible routes"),
         (name = "kserve", description = "The KServe v2 (Open Inference Protocol) routes"),
-        (name = "access", description = "Tenants, API keys and who a key is"),
+        (name = "access", description = "Tenants, API keys, registry logins and who a key is"),
         (name = "operations", description = "Health, metrics and this description"),
     )
 )]
@@ -203,7 +203,9 @@ fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(access::usage))
         .routes(routes!(access::audit))
         .routes(routes!(access::list_keys, access::create_key))
-        .routes(routes!(access::revoke_key));
+        .routes(routes!(access::revoke_key))
+        .routes(routes!(access::list_registries))
+        .routes(routes!(access::set_registry, access::remove_registry));
     let operations = OpenApiRouter::new()
         .routes(routes!(ops::healthz))
         .routes(routes!(ops::metrics))
