@@ -611,6 +611,7 @@ impl TestServer {
             gpus: std::sync::Arc::new(wasp_gateway::Inventory::default()),
             batch_mounts: vec![std::env::temp_dir()],
             webhook_ca: Vec::new(),
+            insecure_registries: Vec::new(),
             // The default tenant may mount temporary directories and the models, and reach
             // loopback: what the tests' specs ask for.
             mount_roots: vec![std::env::temp_dir(), models_dir()],

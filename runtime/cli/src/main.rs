@@ -238,6 +238,10 @@ enum Command {
         /// besides the system's trusted roots (repeatable).
         #[arg(long = "webhook-ca", value_name = "FILE")]
         webhook_ca: Vec<PathBuf>,
+        /// A registry (host[:port]) spoken to over plain HTTP when pulling processors
+        /// published as OCI artifacts (repeatable); loopback registries always are.
+        #[arg(long = "insecure-registry", value_name = "HOST")]
+        insecure_registries: Vec<String>,
         /// A host directory container backends may mount volumes from (repeatable); with
         /// none, only named engine volumes are allowed.
         #[arg(long = "volume-root", value_name = "DIR")]
@@ -574,6 +578,77 @@ enum ProcessorCommand {
         #[arg(long, env = "WASP_TOOLCHAINS")]
         toolchains: Option<PathBuf>,
     },
+    /// Publishes a component to an OCI registry in the Wasm OCI layout (as `wkg oci push`
+    /// does), for specs to name as `processor.component = "oci://REFERENCE"`; prints the
+    /// reference pinned to what was pushed.
+    Push {
+        /// The component (`wasp processor build` prints its path).
+        component: PathBuf,
+        /// Where: `registry/repository[:tag]` (`ghcr.io/org/pii-redact:1.0`).
+        reference: String,
+        /// A user name for the registry; the password is read from standard input.
+        #[arg(long, short)]
+        username: Option<String>,
+        /// A PEM file of CA certificates the registry's certificate may chain to, besides
+        /// the system's roots (repeatable).
+        #[arg(long = "ca-cert", value_name = "FILE")]
+        ca_certs: Vec<PathBuf>,
+        /// Speak plain HTTP to the registry (loopback registries always are).
+        #[arg(long)]
+        insecure: bool,
+    },
+}
+
+/// Publishes `component` as `reference`; returns the pinned `oci://` reference.
+fn push_processor(
+    component: &std::path::Path,
+    reference: &str,
+    username: Option<&str>,
+    ca_certs: &[PathBuf],
+    insecure: bool,
+) -> Result<String> {
+    let reference =
+        wasp_oci::Reference::parse(reference.strip_prefix("oci://").unwrap_or(reference))?;
+    let bytes =
+        std::fs::read(component).with_context(|| format!("cannot read {}", component.display()))?;
+    // A component's preamble: the magic, version 0x0d and layer 1 (a core module is layer 0).
+    if bytes.len() < 8 || bytes[..4] != *b"\0asm" || bytes[6..8] != [1, 0] {
+        bail!(
+            "{} is not a Wasm component (build one with `wasp processor build`)",
+            component.display()
+        );
+    }
+    let login = match username {
+        Some(username) => {
+            let mut password = String::new();
+            std::io::stdin()
+                .read_line(&mut password)
+                .context("reading the registry password from standard input")?;
+            let password = password.trim_end_matches(['\r', '\n']).to_owned();
+            anyhow::ensure!(!password.is_empty(), "no password on standard input");
+            Some(wasp_oci::Login {
+                username: username.to_owned(),
+                password,
+            })
+        }
+        None => None,
+    };
+    let tls =
+        wasp_gateway::tls_client_config(ca_certs).map_err(|e| anyhow::anyhow!("--ca-cert {e}"))?;
+    let mut client = wasp_oci::Client::new(tls);
+    if insecure {
+        client = client.with_insecure(vec![reference.registry.clone()]);
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let digest = runtime.block_on(client.push(&reference, bytes.into(), login.as_ref()))?;
+    let pinned = wasp_oci::Reference {
+        digest: Some(digest),
+        ..reference
+    };
+    Ok(format!("oci://{pinned}"))
 }
 
 fn processor_command(command: &ProcessorCommand) -> Result<()> {
@@ -615,6 +690,22 @@ fn processor_command(command: &ProcessorCommand) -> Result<()> {
             };
             let component = build::build(dir, &options)?;
             println!("{}", component.display());
+        }
+        ProcessorCommand::Push {
+            component,
+            reference,
+            username,
+            ca_certs,
+            insecure,
+        } => {
+            let pinned = push_processor(
+                component,
+                reference,
+                username.as_deref(),
+                ca_certs,
+                *insecure,
+            )?;
+            println!("{pinned}");
         }
     }
     Ok(())
@@ -717,6 +808,7 @@ async fn run(cli: Cli) -> Result<()> {
             allow_hosts,
             cpu_turns,
             webhook_ca,
+            insecure_registries,
             volume_roots,
             container_engine,
             process_containers,
@@ -761,6 +853,7 @@ async fn run(cli: Cli) -> Result<()> {
                 gpus: std::sync::Arc::new(gpus),
                 batch_mounts,
                 webhook_ca,
+                insecure_registries,
                 mount_roots: mount_roots
                     .iter()
                     .map(|r| r.canonicalize().unwrap_or_else(|_| r.clone()))

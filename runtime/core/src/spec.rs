@@ -774,14 +774,22 @@ pub enum ComponentRef {
     Digest(String),
     /// A file, relative to the spec's directory.
     Path(PathBuf),
+    /// A component published as an OCI artifact, `oci://registry/repository[:tag][@digest]`
+    /// (the reference without the scheme): the server pulls it at deploy, with the
+    /// tenant's login to that registry, and keeps it as if uploaded.
+    Oci(String),
 }
 
 impl ComponentRef {
-    /// Parses `sha256:<hex>` as a digest and anything else as a path.
+    /// Parses `sha256:<hex>` as a digest, `oci://<reference>` as an OCI artifact, and
+    /// anything else as a path.
     pub fn parse(s: &str) -> Self {
-        match s.strip_prefix("sha256:") {
-            Some(hex) => Self::Digest(hex.to_owned()),
-            None => Self::Path(PathBuf::from(s)),
+        if let Some(hex) = s.strip_prefix("sha256:") {
+            Self::Digest(hex.to_owned())
+        } else if let Some(reference) = s.strip_prefix("oci://") {
+            Self::Oci(reference.to_owned())
+        } else {
+            Self::Path(PathBuf::from(s))
         }
     }
 }
@@ -791,6 +799,7 @@ impl fmt::Display for ComponentRef {
         match self {
             Self::Digest(hex) => write!(f, "sha256:{hex}"),
             Self::Path(path) => write!(f, "{}", path.display()),
+            Self::Oci(reference) => write!(f, "oci://{reference}"),
         }
     }
 }

@@ -20,6 +20,9 @@ use crate::rollout::{self, RolloutError};
 use crate::store::{Store, StoredEndpoint};
 use crate::workers::{EventLog, StartError, WorkerSet, WorkerSetConfig};
 
+/// Largest processor pulled from a registry, in bytes (as large as an upload may be).
+const MAX_PULLED_COMPONENT: usize = 256 << 20;
+
 /// Log records kept per endpoint.
 const LOG_CAPACITY: usize = 1000;
 
@@ -304,6 +307,8 @@ pub struct Gateway {
     pub(crate) running: crate::jobs::Running,
     /// Sends job webhooks.
     pub(crate) webhooks: crate::webhooks::WebhookClient,
+    /// Pulls processors published as OCI artifacts.
+    oci: wasp_oci::Client,
     /// Batch jobs.
     pub(crate) batches: crate::batches::Batches,
     /// The data directory.
@@ -397,9 +402,15 @@ impl Gateway {
         models_dir: std::path::PathBuf,
         inventory: Arc<Inventory>,
         webhook_roots: &[std::path::PathBuf],
+        insecure_registries: &[String],
     ) -> Result<Arc<Self>, Error> {
         let webhooks = crate::webhooks::client(webhook_roots)
             .map_err(|e| Error::Setting(format!("--webhook-ca {e}")))?;
+        let oci = wasp_oci::Client::new(
+            crate::webhooks::tls_client_config(webhook_roots)
+                .map_err(|e| Error::Setting(format!("--webhook-ca {e}")))?,
+        )
+        .with_insecure(insecure_registries.to_vec());
         let store = Store::open(data_dir)?;
         let directory = crate::tenants::Directory::load(&store)?;
         let usage = crate::usage::Usage::load(&store)?;
@@ -426,6 +437,7 @@ impl Gateway {
             jobs: Arc::new(jobs),
             running: crate::jobs::Running::new(),
             webhooks,
+            oci,
             directory,
             usage,
             limiters: crate::limits::Limiters::default(),
@@ -614,9 +626,60 @@ impl Gateway {
             .unwrap_or_default()
             .check(&spec)?;
         let this = self.clone();
-        tokio::spawn(async move { this.deploy_now(spec, replace).await })
-            .await
-            .map_err(|e| Error::Store(format!("deploy task failed: {e}")))?
+        tokio::spawn(async move {
+            let mut spec = spec;
+            this.pull_components(&mut spec).await?;
+            this.deploy_now(spec, replace).await
+        })
+        .await
+        .map_err(|e| Error::Store(format!("deploy task failed: {e}")))?
+    }
+
+    /// Pulls the processors `spec` names as OCI artifacts (`oci://...`), with the tenant's
+    /// login to each registry, keeps them as the tenant's uploads, and names them by
+    /// digest in `spec`: the stored spec pins what was pulled, whatever the tag later
+    /// points at.
+    async fn pull_components(self: &Arc<Self>, spec: &mut EndpointSpec) -> Result<(), Error> {
+        let tenant = crate::tenants::tenant_of(&spec.name).to_owned();
+        for (i, v) in spec.versions.iter_mut().enumerate() {
+            let Some(processor) = v.processor.as_mut() else {
+                continue;
+            };
+            let ComponentRef::Oci(text) = &processor.component else {
+                continue;
+            };
+            let invalid = |message: String| Error::Invalid {
+                field: format!("versions[{i}].processor.component"),
+                message,
+            };
+            let reference = wasp_oci::Reference::parse(text).map_err(|e| invalid(e.to_string()))?;
+            let login = self
+                .directory
+                .login(&tenant, &reference.registry)
+                .map(|(username, password)| wasp_oci::Login { username, password });
+            let pulled = self
+                .oci
+                .pull(&reference, login.as_ref(), MAX_PULLED_COMPONENT)
+                .await
+                .map_err(|e| match e {
+                    wasp_oci::Error::Unauthorized(m) if login.is_none() => invalid(format!(
+                        "{m}; this tenant has no login to `{}` (PUT /api/v1/registries/{})",
+                        reference.registry, reference.registry
+                    )),
+                    other => invalid(other.to_string()),
+                })?;
+            let digest = self.upload_component(&tenant, pulled.bytes).await?;
+            tracing::info!(
+                endpoint = %spec.name,
+                version = %v.name,
+                reference = %reference,
+                manifest = %pulled.manifest_digest,
+                component = %format!("sha256:{digest}"),
+                "processor pulled"
+            );
+            processor.component = ComponentRef::Digest(digest);
+        }
+        Ok(())
     }
 
     async fn deploy_now(
@@ -891,6 +954,12 @@ impl Gateway {
         let at = |field: &str| format!("versions[{i}].{field}");
         let digest = match &processor.component {
             ComponentRef::Digest(hex) => hex.clone(),
+            ComponentRef::Oci(reference) => {
+                return Err(Error::Invalid {
+                    field: at("processor.component"),
+                    message: format!("`oci://{reference}` was not pulled"),
+                });
+            }
             ComponentRef::Path(path) => {
                 return Err(Error::Invalid {
                     field: at("processor.component"),

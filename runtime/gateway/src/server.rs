@@ -56,6 +56,9 @@ pub struct ServerConfig {
     /// PEM files of CA certificates that webhook receivers' certificates may chain to,
     /// besides the system's trusted roots (`--webhook-ca`).
     pub webhook_ca: Vec<PathBuf>,
+    /// Registries spoken to over plain HTTP when pulling processors published as OCI
+    /// artifacts (`--insecure-registry`); loopback ones always are.
+    pub insecure_registries: Vec<String>,
     /// Host directories the default tenant's processors may mount below (`--mount-root`);
     /// other tenants get what an operator grants them.
     pub mount_roots: Vec<PathBuf>,
@@ -178,6 +181,7 @@ impl Server {
             models_dir,
             config.gpus.clone(),
             &config.webhook_ca,
+            &config.insecure_registries,
         )
         .await?;
         for (k, entry) in config.allow_hosts.iter().enumerate() {

@@ -579,6 +579,7 @@ mod tests {
             dir.path().join("models"),
             Arc::default(),
             &[],
+            &[],
         )
         .await
         .unwrap();
