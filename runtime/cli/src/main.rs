@@ -254,6 +254,31 @@ enum Command {
         /// processes: only where everyone who may deploy may also run commands on this host.
         #[arg(long, conflicts_with = "container_engine")]
         process_containers: bool,
+        /// Join a cluster on NATS JetStream: its servers, comma-separated
+        /// (`nats://10.0.0.1:4222,nats://10.0.0.2:4222`). Endpoints deployed on any node
+        /// are served by all.
+        #[arg(long, env = "WASP_CLUSTER", value_name = "URLS")]
+        cluster: Option<String>,
+        /// This node's name in the cluster (default: the host name).
+        #[arg(long, env = "WASP_NODE_NAME", requires = "cluster")]
+        node_name: Option<String>,
+        /// NATS user name; the password is `WASP_CLUSTER_PASSWORD`.
+        #[arg(long, env = "WASP_CLUSTER_USER", requires = "cluster")]
+        cluster_user: Option<String>,
+        /// NATS token (from the environment, so that it is not in `ps`).
+        #[arg(
+            long,
+            env = "WASP_CLUSTER_TOKEN",
+            hide_env_values = true,
+            requires = "cluster"
+        )]
+        cluster_token: Option<String>,
+        /// A PEM file of the CA the NATS servers' certificates chain to (TLS).
+        #[arg(long, value_name = "FILE", requires = "cluster")]
+        cluster_ca: Option<PathBuf>,
+        /// Copies JetStream keeps of the cluster's buckets (the NATS cluster's size).
+        #[arg(long, default_value_t = 1, requires = "cluster")]
+        cluster_replicas: usize,
     },
     /// Deploys (creates or replaces) the endpoint a TOML spec describes, uploading the
     /// components it names by path.
@@ -334,6 +359,8 @@ enum Command {
     Login,
     /// Shows the tenant and role of the key in use.
     Whoami,
+    /// Lists the cluster's nodes: their API, endpoints, workers and GPUs (operator keys).
+    Nodes,
     /// Tenants (operator keys).
     Tenant {
         #[command(subcommand)]
@@ -812,7 +839,41 @@ async fn run(cli: Cli) -> Result<()> {
             volume_roots,
             container_engine,
             process_containers,
+            cluster,
+            node_name,
+            cluster_user,
+            cluster_token,
+            cluster_ca,
+            cluster_replicas,
         } => {
+            let cluster = match cluster {
+                Some(servers) => {
+                    let user_password = match cluster_user {
+                        Some(user) => Some((
+                            user,
+                            std::env::var("WASP_CLUSTER_PASSWORD")
+                                .context("--cluster-user needs WASP_CLUSTER_PASSWORD")?,
+                        )),
+                        None => None,
+                    };
+                    let node = match node_name {
+                        Some(n) => n,
+                        None => std::fs::read_to_string("/etc/hostname")
+                            .map(|h| h.trim().to_owned())
+                            .unwrap_or_default(),
+                    };
+                    Some(wasp_cluster::ClusterConfig {
+                        servers,
+                        node,
+                        url: String::new(),
+                        user_password,
+                        token: cluster_token,
+                        ca: cluster_ca,
+                        replicas: cluster_replicas,
+                    })
+                }
+                None => None,
+            };
             let gpus = if gpus == "auto" {
                 detect_gpus()
             } else {
@@ -861,7 +922,7 @@ async fn run(cli: Cli) -> Result<()> {
                 allow_hosts,
                 credentials: wasp_core::credentials::default_path(),
             };
-            serve(config, deploy, containers).await
+            serve(config, deploy, containers, cluster).await
         }
         Command::Deploy { spec } => {
             let (spec, components) = load_spec(&spec)?;
@@ -879,6 +940,32 @@ async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Login => login(&cli.server, &cli.ca_certs).await,
+        Command::Nodes => {
+            let all = client.get("/api/v1/nodes").await?;
+            if !print.json(&all) {
+                println!(
+                    "{:<20} {:<28} {:>9} {:>7} {:>9} SEEN",
+                    "NODE", "URL", "ENDPOINTS", "WORKERS", "GPUS FREE"
+                );
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as u64);
+                for n in all["nodes"].as_array().into_iter().flatten() {
+                    let seen = n["seen_at_ms"].as_u64().unwrap_or(0);
+                    println!(
+                        "{:<20} {:<28} {:>9} {:>7} {:>4}/{:<4} {:.1}s ago",
+                        n["name"].as_str().unwrap_or("?"),
+                        n["url"].as_str().unwrap_or("?"),
+                        n["endpoints"].as_u64().unwrap_or(0),
+                        n["workers"].as_u64().unwrap_or(0),
+                        n["gpus_free"].as_u64().unwrap_or(0),
+                        n["gpus"].as_u64().unwrap_or(0),
+                        now.saturating_sub(seen) as f64 / 1e3
+                    );
+                }
+            }
+            Ok(())
+        }
         Command::Whoami => {
             let me = client.get("/api/v1/whoami").await?;
             if !print.json(&me) {
@@ -1179,8 +1266,25 @@ async fn serve(
     config: ServerConfig,
     deploy: Vec<PathBuf>,
     containers: Option<Containers>,
+    cluster: Option<wasp_cluster::ClusterConfig>,
 ) -> Result<()> {
     let server = Server::start(config).await?;
+    if let Some(cluster) = cluster {
+        let node = cluster.node.clone();
+        let joined = wasp_cluster::join(
+            server.gateway().clone(),
+            wasp_cluster::ClusterConfig {
+                url: server.url(),
+                ..cluster
+            },
+        )
+        .await;
+        if let Err(e) = joined {
+            server.shutdown().await;
+            return Err(e.into());
+        }
+        tracing::info!(%node, "joined the cluster");
+    }
     for path in deploy {
         let (spec, components) = load_spec(&path)?;
         let gateway = server.gateway().clone();

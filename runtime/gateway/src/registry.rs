@@ -153,6 +153,45 @@ impl DeployedVersion {
     }
 }
 
+/// A node's view of the cluster it belongs to (cluster mode; see the `wasp-cluster`
+/// crate): told of every change this node makes to the endpoint registry, in order, and
+/// asked who the nodes are.
+pub trait Cluster: Send + Sync + 'static {
+    /// `record` was written here: a deploy, a replace, a stop or start, a new webhook
+    /// secret.
+    fn written(&self, record: StoredEndpoint);
+    /// Endpoint `name` was removed here.
+    fn removed(&self, name: &str);
+    /// The nodes that have sent a heartbeat lately, this one included.
+    fn nodes(&self) -> Vec<NodeInfo>;
+}
+
+/// A node of the cluster, as its heartbeat says.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct NodeInfo {
+    /// Its name (`wasp serve --node-name`).
+    pub name: String,
+    /// Where its API answers.
+    pub url: String,
+    /// When it started, in milliseconds since the Unix epoch.
+    pub started_at_ms: u64,
+    /// When its last heartbeat was sent.
+    pub seen_at_ms: u64,
+    /// The endpoints it serves.
+    pub endpoints: usize,
+    /// Its workers, starting or ready, over every version.
+    pub workers: u32,
+    /// Its GPUs, and how many of them no worker owns.
+    pub gpus: usize,
+    /// Its GPUs no worker owns.
+    pub gpus_free: usize,
+}
+
+tokio::task_local! {
+    /// Set while a change another node made is applied here: it is not sent back.
+    static FROM_PEER: ();
+}
+
 /// A version's processor as built at deploy.
 struct BuiltProcessor {
     processor: Processor,
@@ -309,10 +348,14 @@ pub struct Gateway {
     pub(crate) webhooks: crate::webhooks::WebhookClient,
     /// Pulls processors published as OCI artifacts.
     oci: wasp_oci::Client,
+    /// The cluster this node belongs to, in cluster mode.
+    cluster: std::sync::OnceLock<Arc<dyn Cluster>>,
     /// Batch jobs.
     pub(crate) batches: crate::batches::Batches,
     /// The data directory.
     pub(crate) data_dir: std::path::PathBuf,
+    /// When this node started, in milliseconds since the Unix epoch.
+    started_ms: u64,
     /// Tenants and API keys.
     pub(crate) directory: crate::tenants::Directory,
     /// Each tenant's metered usage.
@@ -438,6 +481,7 @@ impl Gateway {
             running: crate::jobs::Running::new(),
             webhooks,
             oci,
+            cluster: std::sync::OnceLock::new(),
             directory,
             usage,
             limiters: crate::limits::Limiters::default(),
@@ -445,6 +489,7 @@ impl Gateway {
             recorder: crate::records::Recorder::start(data_dir.join("records")),
             batches: crate::batches::Batches::default(),
             data_dir: data_dir.to_owned(),
+            started_ms: crate::workers::now_ms(),
         });
         for tenant in gateway.directory.tenants() {
             if let Some(weight) = tenant.quota.cpu_weight {
@@ -832,6 +877,11 @@ impl Gateway {
         let key = name.to_owned();
         blocking(move || this.store.delete_endpoint(&key)).await?;
         self.write().remove(name);
+        if let Some(cluster) = self.cluster.get()
+            && FROM_PEER.try_with(|_| ()).is_err()
+        {
+            cluster.removed(name);
+        }
         self.limiters.forget_endpoint(name);
         self.recorder.remove(name);
         // Its queued jobs cannot run any more.
@@ -927,8 +977,148 @@ impl Gateway {
             stopped: deployment.stopped,
             webhook_secret: deployment.webhook_secret.clone(),
         };
-        let this = self.clone();
-        blocking(move || this.store.put_endpoint(&record)).await
+        let (this, written) = (self.clone(), record.clone());
+        blocking(move || this.store.put_endpoint(&written)).await?;
+        if let Some(cluster) = self.cluster.get()
+            && FROM_PEER.try_with(|_| ()).is_err()
+        {
+            cluster.written(record);
+        }
+        Ok(())
+    }
+
+    /// Joins `cluster`: this node's changes go to it from now on. Once only.
+    pub fn join(&self, cluster: Arc<dyn Cluster>) {
+        if self.cluster.set(cluster).is_err() {
+            tracing::warn!("this node is in a cluster already");
+        }
+    }
+
+    /// The nodes of this node's cluster; this node alone outside cluster mode.
+    pub fn nodes(&self) -> Vec<NodeInfo> {
+        match self.cluster.get() {
+            Some(cluster) => cluster.nodes(),
+            None => vec![self.node_info("local", "")],
+        }
+    }
+
+    /// What this node's heartbeat says of it.
+    pub fn node_info(&self, name: &str, url: &str) -> NodeInfo {
+        let endpoints = self.endpoints();
+        let workers = endpoints
+            .iter()
+            .flat_map(|d| d.versions.iter())
+            .map(|v| v.workers.side().live)
+            .sum();
+        let now = crate::workers::now_ms();
+        NodeInfo {
+            name: name.to_owned(),
+            url: url.to_owned(),
+            started_at_ms: self.started_ms,
+            seen_at_ms: now,
+            endpoints: endpoints.len(),
+            workers,
+            gpus: self.inventory.total(),
+            gpus_free: self.inventory.free(),
+        }
+    }
+
+    /// Every endpoint record this node holds, as stored.
+    pub fn records(&self) -> Vec<StoredEndpoint> {
+        self.endpoints()
+            .iter()
+            .map(|d| StoredEndpoint {
+                spec: d.spec.clone(),
+                stopped: d.stopped,
+                webhook_secret: d.webhook_secret.clone(),
+            })
+            .collect()
+    }
+
+    /// Whether `tenant` has the component with this hex digest here.
+    pub async fn has_component(
+        self: &Arc<Self>,
+        tenant: &str,
+        digest: &str,
+    ) -> Result<bool, Error> {
+        let (this, digest, tenant) = (self.clone(), digest.to_owned(), tenant.to_owned());
+        blocking(move || {
+            Ok(this.store.owns_component(&digest, &tenant)?
+                && this.store.component(&digest).is_ok())
+        })
+        .await
+    }
+
+    /// Applies an endpoint record another node wrote (its components must be here
+    /// already): deploys or replaces it, stops or starts it, with that node's webhook
+    /// secret. Nothing is sent back to the cluster.
+    pub async fn apply_from_peer(self: &Arc<Self>, record: StoredEndpoint) -> Result<(), Error> {
+        FROM_PEER
+            .scope((), async {
+                let name = record.spec.name.clone();
+                let current = self.endpoint(&name);
+                let same_spec = current
+                    .as_ref()
+                    .is_some_and(|d| d.spec == record.spec && d.error.is_none());
+                if !same_spec {
+                    let _control = self.control.lock().await;
+                    let existing = self.endpoint(&name);
+                    let (deployment, rolls) = self
+                        .build(
+                            record.spec.clone(),
+                            record.stopped,
+                            existing,
+                            record.webhook_secret.clone(),
+                        )
+                        .await?;
+                    // The peer rolled its own workers; here the new ones take over at once.
+                    for roll in rolls {
+                        roll.old.workers.remove_all();
+                        let new = &deployment.versions[roll.index];
+                        let count = new.workers.initial();
+                        new.workers
+                            .start_initial(count)
+                            .await
+                            .map_err(|e| start_error(&new.name, e))?;
+                    }
+                    self.persist(&deployment).await?;
+                    self.insert(deployment);
+                }
+                let current = self.endpoint(&name);
+                if current
+                    .as_ref()
+                    .is_some_and(|d| d.webhook_secret != record.webhook_secret)
+                    && let Some(d) = current.as_ref()
+                {
+                    let _control = self.control.lock().await;
+                    let deployment = Deployment {
+                        webhook_secret: record.webhook_secret.clone(),
+                        ..d.settled()
+                    };
+                    self.persist(&deployment).await?;
+                    self.insert(deployment);
+                }
+                if self
+                    .endpoint(&name)
+                    .is_some_and(|d| d.stopped != record.stopped)
+                {
+                    self.set_stopped(&name, record.stopped).await?;
+                }
+                Ok(())
+            })
+            .await
+    }
+
+    /// Removes an endpoint another node removed (nothing if it is not here).
+    pub async fn remove_from_peer(self: &Arc<Self>, name: &str) -> Result<(), Error> {
+        FROM_PEER
+            .scope((), async {
+                match self.remove(name).await {
+                    Err(Error::NotFound(_)) => Ok(()),
+                    other => other,
+                }
+            })
+            .await
     }
 
     fn insert(self: &Arc<Self>, deployment: Deployment) -> Arc<Deployment> {

@@ -759,3 +759,32 @@ pub(crate) async fn remove_registry(
     tracing::info!(tenant = %caller.tenant, %registry, by = ?caller.key_id, "registry login removed");
     Ok(StatusCode::NO_CONTENT)
 }
+
+/// The nodes of the cluster.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct NodeList {
+    /// The nodes whose heartbeat is recent, by name; this node alone outside cluster mode.
+    pub nodes: Vec<crate::NodeInfo>,
+}
+
+/// The cluster's nodes: their API, endpoints, workers and GPUs (operator keys).
+#[utoipa::path(get, path = "/api/v1/nodes", tag = "access",
+    responses(
+        (status = 200, description = "The nodes", body = NodeList),
+        (status = 403, description = "Not an operator key", body = ErrorBody),
+    ))]
+pub(crate) async fn nodes(
+    State(gateway): State<AppState>,
+    Who(caller): Who,
+) -> Result<Response, ApiError> {
+    if !caller.may(Role::Operator) {
+        return Err(ApiError::new(
+            403,
+            "forbidden",
+            "only operator keys see the cluster's nodes",
+        ));
+    }
+    let mut nodes = gateway.nodes();
+    nodes.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(json(StatusCode::OK, &NodeList { nodes }))
+}

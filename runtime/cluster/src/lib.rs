@@ -1,0 +1,600 @@
+//! Cluster mode of wasp on NATS JetStream (`wasp serve --cluster nats://...`).
+//!
+//! Several nodes share one endpoint registry: each endpoint record (spec with components
+//! as digests, stopped state, webhook secret) is a key of the JetStream key-value bucket
+//! `wasp_endpoints`, and each component's bytes an object of the object store
+//! `wasp_components`, named by its digest. A node writes what changes on it (after its own
+//! store has it) and applies what the others write, in the bucket's order: a deploy on any
+//! node is served by all. Nodes send a heartbeat to the bucket `wasp_nodes`, whose entries
+//! expire, so the nodes listed are those alive.
+//!
+//! When a node joins, the bucket is the truth: its endpoints are applied, and endpoints
+//! this node holds that the bucket does not are removed, unless the bucket is empty (the
+//! first node of a new cluster), which then gets this node's endpoints.
+#![deny(missing_docs)]
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, kv, object_store};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
+use tokio::io::AsyncReadExt;
+use tokio::sync::mpsc;
+use wasp_gateway::{Gateway, NodeInfo, StoredEndpoint};
+
+/// The bucket of endpoint records.
+pub const ENDPOINTS_BUCKET: &str = "wasp_endpoints";
+/// The object store of components.
+pub const COMPONENTS_BUCKET: &str = "wasp_components";
+/// The bucket of node heartbeats.
+pub const NODES_BUCKET: &str = "wasp_nodes";
+
+/// How often a node sends its heartbeat.
+const HEARTBEAT: Duration = Duration::from_secs(2);
+/// How long a heartbeat keeps a node listed.
+const NODE_TTL: Duration = Duration::from_secs(10);
+
+/// How to reach the cluster, and who this node is.
+#[derive(Clone)]
+pub struct ClusterConfig {
+    /// NATS servers, comma-separated (`nats://10.0.0.1:4222,nats://10.0.0.2:4222`).
+    pub servers: String,
+    /// This node's name, unique in the cluster.
+    pub node: String,
+    /// Where this node's API answers, for the others and for `wasp nodes`.
+    pub url: String,
+    /// NATS user and password, if the servers want them.
+    pub user_password: Option<(String, String)>,
+    /// NATS token, if the servers want one.
+    pub token: Option<String>,
+    /// PEM file of the CA the NATS servers' certificates chain to (TLS).
+    pub ca: Option<PathBuf>,
+    /// Copies JetStream keeps of each bucket (the NATS cluster's size, up to 5).
+    pub replicas: usize,
+}
+
+impl std::fmt::Debug for ClusterConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterConfig")
+            .field("servers", &self.servers)
+            .field("node", &self.node)
+            .field("url", &self.url)
+            .field("replicas", &self.replicas)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why a node could not join.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    /// The settings are wrong.
+    #[error("{0}")]
+    Config(String),
+    /// No NATS server could be reached, or it refused the login.
+    #[error("cannot connect to NATS at {servers}: {reason}")]
+    Connect {
+        /// The servers tried.
+        servers: String,
+        /// Why.
+        reason: String,
+    },
+    /// The server has no JetStream.
+    #[error(
+        "the NATS server at {0} has no JetStream, which cluster mode needs: start it with \
+         `nats-server -js` (or `jetstream {{}}` in its configuration)"
+    )]
+    NoJetStream(String),
+    /// A bucket could not be made or opened.
+    #[error("cannot set up JetStream bucket `{bucket}`: {reason}")]
+    Bucket {
+        /// The bucket.
+        bucket: String,
+        /// Why.
+        reason: String,
+    },
+    /// The first sync of the registry failed.
+    #[error("cannot read the cluster's endpoints: {0}")]
+    Sync(String),
+}
+
+/// What a bucket entry of `wasp_endpoints` holds.
+#[derive(Debug, Serialize, Deserialize)]
+struct Entry {
+    /// The node that wrote it.
+    origin: String,
+    /// The record.
+    record: StoredEndpoint,
+}
+
+/// A change this node made, to be written to the cluster in order.
+enum Change {
+    Written(Box<StoredEndpoint>),
+    Removed(String),
+}
+
+/// This node's part of the cluster: what [`Gateway::join`] is given.
+struct Node {
+    changes: mpsc::UnboundedSender<Change>,
+    nodes: Mutex<BTreeMap<String, NodeInfo>>,
+}
+
+impl wasp_gateway::Cluster for Node {
+    fn written(&self, record: StoredEndpoint) {
+        let _ = self.changes.send(Change::Written(Box::new(record)));
+    }
+
+    fn removed(&self, name: &str) {
+        let _ = self.changes.send(Change::Removed(name.to_owned()));
+    }
+
+    fn nodes(&self) -> Vec<NodeInfo> {
+        let now = now_ms();
+        self.nodes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .filter(|n| now.saturating_sub(n.seen_at_ms) <= NODE_TTL.as_millis() as u64)
+            .cloned()
+            .collect()
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The bucket key of an endpoint: its name in hex (names hold `/` between tenant and
+/// name, and bucket keys are kept to a plain alphabet).
+fn key_of(name: &str) -> String {
+    name.bytes().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The endpoint name a bucket key stands for.
+fn name_of(key: &str) -> String {
+    (0..key.len())
+        .step_by(2)
+        .filter_map(|i| u8::from_str_radix(key.get(i..i + 2)?, 16).ok())
+        .map(char::from)
+        .collect()
+}
+
+/// The buckets, shared by the node's tasks.
+#[derive(Clone)]
+struct Buckets {
+    endpoints: kv::Store,
+    components: object_store::ObjectStore,
+    nodes: kv::Store,
+}
+
+/// The tenant of an endpoint by its qualified name.
+fn tenant_of(name: &str) -> &str {
+    name.split_once('/')
+        .map_or(wasp_gateway::DEFAULT_TENANT, |(t, _)| t)
+}
+
+/// The component digests (hex) a record's versions name.
+fn digests(record: &StoredEndpoint) -> Vec<String> {
+    record
+        .spec
+        .versions
+        .iter()
+        .filter_map(|v| v.processor.as_ref())
+        .filter_map(|p| match &p.component {
+            wasp_core::ComponentRef::Digest(hex) => Some(hex.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Connects, checks JetStream, opens (or makes) the buckets, syncs the registry both ways,
+/// and starts the node's tasks: its changes written in order, the others' applied, its
+/// heartbeat sent.
+pub async fn join(gateway: Arc<Gateway>, config: ClusterConfig) -> Result<(), ClusterError> {
+    if config.node.is_empty()
+        || !config
+            .node
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_'))
+    {
+        return Err(ClusterError::Config(format!(
+            "--node-name `{}` must be letters, digits, `-` and `_`",
+            config.node
+        )));
+    }
+    let connect_error = |reason: String| ClusterError::Connect {
+        servers: config.servers.clone(),
+        reason,
+    };
+    let addresses = config
+        .servers
+        .split(',')
+        .map(|s| s.trim().parse::<async_nats::ServerAddr>())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| ClusterError::Config(format!("--cluster `{}`: {e}", config.servers)))?;
+    let mut options = async_nats::ConnectOptions::new()
+        .name(format!("wasp {}", config.node))
+        .connection_timeout(Duration::from_secs(5));
+    if let Some((user, password)) = &config.user_password {
+        options = options.user_and_password(user.clone(), password.clone());
+    }
+    if let Some(token) = &config.token {
+        options = options.token(token.clone());
+    }
+    if let Some(ca) = &config.ca {
+        options = options.add_root_certificates(ca.clone()).require_tls(true);
+    }
+    let client = options
+        .connect(addresses)
+        .await
+        .map_err(|e| connect_error(e.to_string()))?;
+    let js = jetstream::new(client);
+    js.query_account()
+        .await
+        .map_err(|_| ClusterError::NoJetStream(config.servers.clone()))?;
+    let buckets = open_buckets(&js, config.replicas).await?;
+    let (changes, queued) = mpsc::unbounded_channel();
+    let node = Arc::new(Node {
+        changes,
+        nodes: Mutex::new(BTreeMap::new()),
+    });
+    let revisions = Arc::new(Mutex::new(HashMap::new()));
+    let from = sync(&gateway, &buckets, &revisions).await?;
+    gateway.join(node.clone());
+    tokio::spawn(write_changes(
+        gateway.clone(),
+        buckets.clone(),
+        config.node.clone(),
+        queued,
+        revisions.clone(),
+    ));
+    tokio::spawn(apply_changes(
+        gateway.clone(),
+        buckets.clone(),
+        from,
+        revisions,
+    ));
+    tokio::spawn(heartbeat(gateway, buckets, config, node));
+    Ok(())
+}
+
+async fn open_buckets(js: &jetstream::Context, replicas: usize) -> Result<Buckets, ClusterError> {
+    let bucket_error = |bucket: &str, e: &dyn std::fmt::Display| ClusterError::Bucket {
+        bucket: bucket.to_owned(),
+        reason: e.to_string(),
+    };
+    let replicas = replicas.clamp(1, 5);
+    let endpoints = match js.get_key_value(ENDPOINTS_BUCKET).await {
+        Ok(store) => store,
+        Err(_) => js
+            .create_key_value(kv::Config {
+                bucket: ENDPOINTS_BUCKET.into(),
+                description: "wasp endpoint records".into(),
+                history: 5,
+                storage: jetstream::stream::StorageType::File,
+                num_replicas: replicas,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| bucket_error(ENDPOINTS_BUCKET, &e))?,
+    };
+    let nodes = match js.get_key_value(NODES_BUCKET).await {
+        Ok(store) => store,
+        Err(_) => js
+            .create_key_value(kv::Config {
+                bucket: NODES_BUCKET.into(),
+                description: "wasp node heartbeats".into(),
+                max_age: NODE_TTL,
+                // On file, as the others: a NATS restart keeps the nodes listed.
+                storage: jetstream::stream::StorageType::File,
+                num_replicas: replicas,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| bucket_error(NODES_BUCKET, &e))?,
+    };
+    let components = match js.get_object_store(COMPONENTS_BUCKET).await {
+        Ok(store) => store,
+        Err(_) => js
+            .create_object_store(object_store::Config {
+                bucket: COMPONENTS_BUCKET.into(),
+                description: Some("wasp components, by SHA-256".into()),
+                storage: jetstream::stream::StorageType::File,
+                num_replicas: replicas,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| bucket_error(COMPONENTS_BUCKET, &e))?,
+    };
+    Ok(Buckets {
+        endpoints,
+        components,
+        nodes,
+    })
+}
+
+/// The first sync: the bucket's records applied here, and this node's records that the
+/// bucket lacks removed (or, into an empty bucket, written). Returns the revision to
+/// follow changes from.
+async fn sync(
+    gateway: &Arc<Gateway>,
+    buckets: &Buckets,
+    revisions: &Mutex<HashMap<String, u64>>,
+) -> Result<u64, ClusterError> {
+    let status = buckets
+        .endpoints
+        .status()
+        .await
+        .map_err(|e| ClusterError::Sync(e.to_string()))?;
+    let last = status.info.state.last_sequence;
+    let mut keys = buckets
+        .endpoints
+        .keys()
+        .await
+        .map_err(|e| ClusterError::Sync(e.to_string()))?;
+    let mut present = Vec::new();
+    while let Some(key) = keys.next().await {
+        let key = key.map_err(|e| ClusterError::Sync(e.to_string()))?;
+        let Some(entry) = buckets
+            .endpoints
+            .entry(key.clone())
+            .await
+            .map_err(|e| ClusterError::Sync(e.to_string()))?
+        else {
+            continue;
+        };
+        if !matches!(entry.operation, kv::Operation::Put) {
+            continue;
+        }
+        revisions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key, entry.revision);
+        match serde_json::from_slice::<Entry>(&entry.value) {
+            Ok(e) => present.push(e.record),
+            Err(e) => {
+                tracing::error!(key = %entry.key, "a cluster endpoint record is corrupt ({e}); left alone")
+            }
+        }
+    }
+    if present.is_empty() {
+        // The first node of a new cluster: what it has becomes the cluster's.
+        for record in gateway.records() {
+            publish(gateway, buckets, "", &record)
+                .await
+                .map_err(ClusterError::Sync)?;
+        }
+        return Ok(last + 1);
+    }
+    let names: Vec<String> = present.iter().map(|r| r.spec.name.clone()).collect();
+    for record in gateway.records() {
+        if !names.contains(&record.spec.name) {
+            tracing::warn!(endpoint = %record.spec.name, "not in the cluster's registry: removed here");
+            if let Err(e) = gateway.remove_from_peer(&record.spec.name).await {
+                tracing::error!(endpoint = %record.spec.name, "cannot remove: {e}");
+            }
+        }
+    }
+    for record in present {
+        apply(gateway, buckets, record).await;
+    }
+    Ok(last + 1)
+}
+
+/// Writes a record's components (those the store lacks) and then the record.
+async fn publish(
+    gateway: &Arc<Gateway>,
+    buckets: &Buckets,
+    origin: &str,
+    record: &StoredEndpoint,
+) -> Result<u64, String> {
+    let tenant = tenant_of(&record.spec.name);
+    for hex in digests(record) {
+        if buckets.components.info(&hex).await.is_ok() {
+            continue;
+        }
+        let bytes = gateway
+            .tenant_component(tenant, &hex)
+            .await
+            .map_err(|e| format!("component sha256:{hex}: {e}"))?;
+        let mut reader = bytes.as_slice();
+        buckets
+            .components
+            .put(hex.as_str(), &mut reader)
+            .await
+            .map_err(|e| format!("writing component sha256:{hex}: {e}"))?;
+    }
+    let entry = Entry {
+        origin: origin.to_owned(),
+        record: record.clone(),
+    };
+    let value = serde_json::to_vec(&entry).map_err(|e| e.to_string())?;
+    buckets
+        .endpoints
+        .put(key_of(&record.spec.name), Bytes::from(value))
+        .await
+        .map_err(|e| format!("writing endpoint `{}`: {e}", record.spec.name))
+}
+
+/// Fetches a record's components this node lacks, then applies the record.
+async fn apply(gateway: &Arc<Gateway>, buckets: &Buckets, record: StoredEndpoint) {
+    let name = record.spec.name.clone();
+    let tenant = tenant_of(&name).to_owned();
+    for hex in digests(&record) {
+        if gateway.has_component(&tenant, &hex).await.unwrap_or(false) {
+            continue;
+        }
+        let fetched = async {
+            let mut object = buckets
+                .components
+                .get(hex.as_str())
+                .await
+                .map_err(|e| e.to_string())?;
+            let mut bytes = Vec::new();
+            object
+                .read_to_end(&mut bytes)
+                .await
+                .map_err(|e| e.to_string())?;
+            let got = gateway
+                .upload_component(&tenant, bytes.into())
+                .await
+                .map_err(|e| e.to_string())?;
+            if got == hex {
+                Ok(())
+            } else {
+                Err(format!("its bytes are sha256:{got}"))
+            }
+        };
+        if let Err(e) = fetched.await {
+            tracing::error!(endpoint = %name, component = %hex, "cannot fetch the component from the cluster: {e}");
+            return;
+        }
+    }
+    if let Err(e) = gateway.apply_from_peer(record).await {
+        tracing::error!(endpoint = %name, "cannot apply the cluster's record: {e}");
+    }
+}
+
+/// Writes this node's changes to the cluster, in the order they were made.
+async fn write_changes(
+    gateway: Arc<Gateway>,
+    buckets: Buckets,
+    origin: String,
+    mut queued: mpsc::UnboundedReceiver<Change>,
+    revisions: Arc<Mutex<HashMap<String, u64>>>,
+) {
+    while let Some(change) = queued.recv().await {
+        // A NATS outage delays the change, it does not lose it.
+        let mut delay = Duration::from_millis(200);
+        loop {
+            let written = match &change {
+                Change::Written(record) => publish(&gateway, &buckets, &origin, record)
+                    .await
+                    .map(|revision| (key_of(&record.spec.name), revision)),
+                Change::Removed(name) => buckets
+                    .endpoints
+                    .delete(key_of(name))
+                    .await
+                    .map(|()| (key_of(name), 0))
+                    .map_err(|e| e.to_string()),
+            };
+            match written {
+                Ok((key, revision)) => {
+                    let mut known = revisions.lock().unwrap_or_else(|e| e.into_inner());
+                    let at = known.entry(key).or_insert(0);
+                    *at = (*at).max(revision);
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!("cannot write a change to the cluster (retrying): {e}");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+}
+
+/// Applies the changes the bucket sees from revision `from` on, following it again after
+/// a lost connection. An entry no newer than what this node wrote or applied for its key
+/// is skipped, so that the registry converges on the bucket's last word.
+async fn apply_changes(
+    gateway: Arc<Gateway>,
+    buckets: Buckets,
+    mut from: u64,
+    revisions: Arc<Mutex<HashMap<String, u64>>>,
+) {
+    loop {
+        let mut watch = match buckets.endpoints.watch_all_from_revision(from).await {
+            Ok(watch) => watch,
+            Err(e) => {
+                tracing::warn!("cannot follow the cluster's endpoints (retrying): {e}");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        while let Some(entry) = watch.next().await {
+            let entry = match entry {
+                Ok(entry) => entry,
+                Err(e) => {
+                    tracing::warn!("the cluster's endpoint feed broke ({e}); following it again");
+                    break;
+                }
+            };
+            from = entry.revision + 1;
+            let newer = {
+                let mut known = revisions.lock().unwrap_or_else(|e| e.into_inner());
+                let at = known.entry(entry.key.clone()).or_insert(0);
+                let newer = entry.revision > *at;
+                *at = (*at).max(entry.revision);
+                newer
+            };
+            if !newer {
+                continue;
+            }
+            match entry.operation {
+                kv::Operation::Put => match serde_json::from_slice::<Entry>(&entry.value) {
+                    Ok(e) => apply(&gateway, &buckets, e.record).await,
+                    Err(e) => {
+                        tracing::error!(key = %entry.key, "a cluster endpoint record is corrupt ({e}); left alone")
+                    }
+                },
+                kv::Operation::Delete | kv::Operation::Purge => {
+                    let name = name_of(&entry.key);
+                    if let Err(e) = gateway.remove_from_peer(&name).await {
+                        tracing::error!(endpoint = %name, "cannot remove: {e}");
+                    }
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Sends this node's heartbeat and reads the others'.
+async fn heartbeat(
+    gateway: Arc<Gateway>,
+    buckets: Buckets,
+    config: ClusterConfig,
+    node: Arc<Node>,
+) {
+    let mut tick = tokio::time::interval(HEARTBEAT);
+    loop {
+        tick.tick().await;
+        let info = gateway.node_info(&config.node, &config.url);
+        if let Ok(value) = serde_json::to_vec(&info)
+            && let Err(e) = buckets.nodes.put(&config.node, value.into()).await
+        {
+            tracing::warn!("cannot send this node's heartbeat: {e}");
+        }
+        let mut seen = BTreeMap::new();
+        seen.insert(info.name.clone(), info);
+        if let Ok(mut keys) = buckets.nodes.keys().await {
+            while let Some(Ok(key)) = keys.next().await {
+                if let Ok(Some(value)) = buckets.nodes.get(&key).await
+                    && let Ok(other) = serde_json::from_slice::<NodeInfo>(&value)
+                {
+                    seen.entry(other.name.clone()).or_insert(other);
+                }
+            }
+        }
+        *node.nodes.lock().unwrap_or_else(|e| e.into_inner()) = seen;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoint_keys_are_hex_and_come_back() {
+        let key = key_of("acme/embed-1");
+        assert!(key.bytes().all(|b| b.is_ascii_hexdigit()));
+        assert_eq!(name_of(&key), "acme/embed-1");
+    }
+}
