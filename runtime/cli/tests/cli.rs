@@ -360,28 +360,17 @@ fn tenants_keys_and_login_from_the_cli() {
     )
     .unwrap();
     let plain = |args: &[&str], key: Option<&str>, stdin: &str| {
-        use std::io::Write;
         let mut command = Command::new(WASP);
         command
             .arg("--server")
             .arg(&server.url)
             .args(args)
             .env("WASP_CREDENTIALS", &credentials)
-            .env_remove("WASP_API_KEY")
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped());
+            .env_remove("WASP_API_KEY");
         if let Some(key) = key {
             command.env("WASP_API_KEY", key);
         }
-        let mut child = command.spawn().unwrap();
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(stdin.as_bytes())
-            .unwrap();
-        child.wait_with_output().unwrap()
+        common::with_stdin(&mut command, stdin)
     };
     let me = ok(plain(&["whoami"], None, ""));
     assert!(me.contains("role operator"), "{me}");

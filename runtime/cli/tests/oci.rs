@@ -6,8 +6,7 @@
 
 mod common;
 
-use std::io::Write;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 
 use common::{Serve, WASP, ok};
 use serde_json::json;
@@ -34,21 +33,10 @@ fn registries() -> bool {
 
 /// `wasp processor push` with `stdin`.
 fn push(args: &[&str], stdin: &str) -> Output {
-    let mut child = Command::new(WASP)
-        .args(["processor", "push"])
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(stdin.as_bytes())
-        .unwrap();
-    child.wait_with_output().unwrap()
+    common::with_stdin(
+        Command::new(WASP).args(["processor", "push"]).args(args),
+        stdin,
+    )
 }
 
 fn spec(name: &str, component: &str) -> String {

@@ -80,21 +80,7 @@ pub struct Launch {
 }
 
 /// A login to an image registry.
-#[derive(Clone)]
-pub struct Login {
-    /// User name.
-    pub username: String,
-    /// Password or token.
-    pub password: String,
-}
-
-impl std::fmt::Debug for Login {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Login")
-            .field("username", &self.username)
-            .finish_non_exhaustive()
-    }
-}
+pub use wasp_core::credentials::RegistryLogin as Login;
 
 /// The registry host an image reference names: its first component when that looks like a
 /// host (has a `.` or a `:`, or is `localhost`), else Docker Hub's `docker.io`.

@@ -10,6 +10,7 @@ pub mod files;
 pub mod kserve;
 pub mod spec;
 pub mod tensor;
+pub mod time;
 
 pub use spec::{
     BackendSpec, BatchingSpec, CandleBackend, ComponentRef, ContainerBackend, EndpointSpec,

@@ -12,7 +12,7 @@
 
 mod reference;
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use base64::Engine as _;
 use bytes::Bytes;
@@ -73,22 +73,7 @@ pub enum Error {
 /// Result of registry operations.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// A login to a registry.
-#[derive(Clone)]
-pub struct Login {
-    /// User name.
-    pub username: String,
-    /// Password or token.
-    pub password: String,
-}
-
-impl std::fmt::Debug for Login {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Login")
-            .field("username", &self.username)
-            .finish_non_exhaustive()
-    }
-}
+pub use wasp_core::credentials::RegistryLogin as Login;
 
 /// A component pulled from a registry.
 #[derive(Debug, Clone)]
@@ -140,30 +125,6 @@ pub fn digest_of(bytes: &[u8]) -> String {
         out.push_str(&format!("{b:02x}"));
     }
     out
-}
-
-/// Now as RFC 3339 in UTC, to the second.
-fn now_rfc3339() -> String {
-    let secs = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let (days, rest) = ((secs / 86_400) as i64, secs % 86_400);
-    // Civil date from days since 1970-01-01 (H. Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
-        rest / 3600,
-        rest % 3600 / 60,
-        rest % 60
-    )
 }
 
 /// Talks to OCI registries.
@@ -293,6 +254,16 @@ impl Client {
         }
     }
 
+    /// A conversation with `reference`'s registry.
+    fn session<'a>(&'a self, reference: &Reference, login: Option<&'a Login>) -> Session<'a> {
+        Session {
+            client: self,
+            base: self.base(&reference.registry),
+            login,
+            authorization: None,
+        }
+    }
+
     /// Pulls the component `reference` names, with `login` if given; at most `max_bytes`.
     /// The manifest must be the Wasm OCI layout, match the reference's digest if it pins
     /// one, and the component must match the digest the manifest gives it.
@@ -302,18 +273,8 @@ impl Client {
         login: Option<&Login>,
         max_bytes: usize,
     ) -> Result<Pulled> {
-        let mut session = Session {
-            client: self,
-            base: self.base(&reference.registry),
-            login,
-            authorization: None,
-        };
-        let url = format!(
-            "{}/v2/{}/manifests/{}",
-            session.base,
-            reference.repository,
-            reference.target()
-        );
+        let mut session = self.session(reference, login);
+        let url = session.manifest_url(reference);
         let reply = session
             .send(
                 "GET",
@@ -394,15 +355,10 @@ impl Client {
                 reason: "a push names a tag, not a digest".into(),
             });
         }
-        let mut session = Session {
-            client: self,
-            base: self.base(&reference.registry),
-            login,
-            authorization: None,
-        };
+        let mut session = self.session(reference, login);
         let layer_digest = digest_of(&component);
         let config = serde_json::to_vec(&WasmConfig {
-            created: now_rfc3339(),
+            created: wasp_core::time::UtcTime::now().rfc3339(),
             architecture: "wasm",
             os: "wasip2",
             layer_digests: vec![layer_digest.clone()],
@@ -432,12 +388,7 @@ impl Client {
         let body =
             Bytes::from(serde_json::to_vec(&manifest).map_err(|e| Error::Registry(e.to_string()))?);
         let digest = digest_of(&body);
-        let url = format!(
-            "{}/v2/{}/manifests/{}",
-            session.base,
-            reference.repository,
-            reference.target()
-        );
+        let url = session.manifest_url(reference);
         let reply = session
             .send(
                 "PUT",
@@ -472,6 +423,16 @@ fn expect(reply: Reply, ok: &[u16], reference: &Reference) -> Result<Reply> {
 }
 
 impl Session<'_> {
+    /// Where `reference`'s manifest is.
+    fn manifest_url(&self, reference: &Reference) -> String {
+        format!(
+            "{}/v2/{}/manifests/{}",
+            self.base,
+            reference.repository,
+            reference.target()
+        )
+    }
+
     /// Uploads a blob unless the repository has it (a monolithic upload: POST, then PUT).
     async fn upload(&mut self, reference: &Reference, digest: &str, blob: Bytes) -> Result<()> {
         let repository = &reference.repository;
@@ -754,13 +715,6 @@ mod tests {
         assert_eq!(client.base("localhost:5000"), "http://localhost:5000");
         assert_eq!(client.base("registry.lan:5000"), "http://registry.lan:5000");
         assert_eq!(client.base("ghcr.io"), "https://ghcr.io");
-    }
-
-    #[test]
-    fn timestamps_are_rfc3339() {
-        let now = now_rfc3339();
-        assert_eq!(now.len(), 20, "{now}");
-        assert!(now.starts_with("20") && now.ends_with('Z'), "{now}");
     }
 
     #[test]

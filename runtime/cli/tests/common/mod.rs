@@ -36,6 +36,24 @@ pub fn wasp(server: &str, args: &[&str]) -> Output {
     command.output().unwrap()
 }
 
+/// Runs `command` with `stdin` on its standard input; its output.
+pub fn with_stdin(command: &mut Command, stdin: &str) -> Output {
+    use std::io::Write;
+    let mut child = command
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
 /// Asserts success and returns standard output.
 pub fn ok(output: Output) -> String {
     assert!(
