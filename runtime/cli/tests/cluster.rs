@@ -183,6 +183,36 @@ async fn a_deploy_on_one_node_is_served_by_every_node() {
     })
     .await;
 
+    // Tenants and keys are the cluster's: made on A, they work on B.
+    assert_eq!(
+        ca.post("/api/v1/tenants", r#"{"name":"acme"}"#)
+            .await
+            .status,
+        201
+    );
+    let made = ca
+        .post("/api/v1/keys", r#"{"tenant":"acme","role":"admin"}"#)
+        .await;
+    assert_eq!(made.status, 201, "{}", made.text());
+    let acme_key = made.json()["key"].as_str().unwrap().to_owned();
+    let acme_on = |s: &Serve| wasp_tests::TestClient::with_key(s.addr, &acme_key);
+    let acme_b = acme_on(&b);
+    until("acme's key on B", patience, async || {
+        acme_b.get("/api/v1/whoami").await.status == 200
+    })
+    .await;
+    // A tenant's endpoint deployed on B is served on C, with the same key.
+    acme_b.deploy_ok(HELLO, &spec("v1")).await;
+    let acme_c = acme_on(&c);
+    until("acme's endpoint on C", patience, async || {
+        acme_c
+            .invoke("greet", "", r#"{"name":"acme"}"#)
+            .await
+            .status
+            == 200
+    })
+    .await;
+
     // A node that joins later gets what the cluster has.
     let d = node(dirs[3].path(), &nats, "d");
     let cd = d.client();
@@ -208,7 +238,7 @@ async fn a_deploy_on_one_node_is_served_by_every_node() {
     .await;
     let nodes = ca.get("/api/v1/nodes").await.json();
     assert_eq!(nodes["nodes"][1]["url"], b.url);
-    assert_eq!(nodes["nodes"][0]["endpoints"], 1);
+    assert_eq!(nodes["nodes"][0]["endpoints"], 2);
     // Not for tenants' keys.
     let listed = wasp_tests::TestClient::with_key(a.addr, "wasp_0_nope")
         .get("/api/v1/nodes")
@@ -249,7 +279,30 @@ async fn a_deploy_on_one_node_is_served_by_every_node() {
         async || names().await == ["a", "b", "d"],
     )
     .await;
-    drop((a, b, d));
+
+    // A key revoked while C was down stays revoked when C comes back; everywhere else it
+    // stops at once.
+    let id = acme_key.split('_').nth(1).unwrap().to_owned();
+    assert_eq!(
+        ca.request("DELETE", &format!("/api/v1/keys/{id}"), "")
+            .await
+            .status,
+        204
+    );
+    until("the revocation on B", patience, async || {
+        acme_b.get("/api/v1/whoami").await.status == 401
+    })
+    .await;
+    let c = node(dirs[2].path(), &nats, "c");
+    assert_eq!(acme_on(&c).get("/api/v1/whoami").await.status, 401);
+    assert_eq!(
+        acme_on(&c)
+            .invoke("greet", "", r#"{"name":"x"}"#)
+            .await
+            .status,
+        401
+    );
+    drop((a, b, c, d));
 }
 
 #[test]

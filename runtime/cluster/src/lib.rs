@@ -24,7 +24,7 @@ use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncReadExt;
 use tokio::sync::mpsc;
-use wasp_gateway::{Gateway, NodeInfo, StoredEndpoint};
+use wasp_gateway::{AccessChange, Gateway, NodeInfo, StoredEndpoint};
 
 /// The bucket of endpoint records.
 pub const ENDPOINTS_BUCKET: &str = "wasp_endpoints";
@@ -32,6 +32,8 @@ pub const ENDPOINTS_BUCKET: &str = "wasp_endpoints";
 pub const COMPONENTS_BUCKET: &str = "wasp_components";
 /// The bucket of node heartbeats.
 pub const NODES_BUCKET: &str = "wasp_nodes";
+/// The bucket of access records: tenants, API keys (hashed), registry logins.
+pub const ACCESS_BUCKET: &str = "wasp_access";
 
 /// How often a node sends its heartbeat.
 const HEARTBEAT: Duration = Duration::from_secs(2);
@@ -114,6 +116,7 @@ struct Entry {
 enum Change {
     Written(Box<StoredEndpoint>),
     Removed(String),
+    Access(AccessChange),
 }
 
 /// This node's part of the cluster: what [`Gateway::join`] is given.
@@ -129,6 +132,10 @@ impl wasp_gateway::Cluster for Node {
 
     fn removed(&self, name: &str) {
         let _ = self.changes.send(Change::Removed(name.to_owned()));
+    }
+
+    fn access_changed(&self, change: AccessChange) {
+        let _ = self.changes.send(Change::Access(change));
     }
 
     fn nodes(&self) -> Vec<NodeInfo> {
@@ -155,6 +162,17 @@ fn key_of(name: &str) -> String {
     name.bytes().map(|b| format!("{b:02x}")).collect()
 }
 
+/// The bucket key of an access record: its table, a dot, its key in hex.
+fn access_key(change: &AccessChange) -> String {
+    format!("{}.{}", change.table, key_of(&change.key))
+}
+
+/// The table and record key an access bucket key stands for.
+fn access_of(key: &str) -> Option<(String, String)> {
+    let (table, hex) = key.split_once('.')?;
+    Some((table.to_owned(), name_of(hex)))
+}
+
 /// The endpoint name a bucket key stands for.
 fn name_of(key: &str) -> String {
     (0..key.len())
@@ -168,6 +186,7 @@ fn name_of(key: &str) -> String {
 #[derive(Clone)]
 struct Buckets {
     endpoints: kv::Store,
+    access: kv::Store,
     components: object_store::ObjectStore,
     nodes: kv::Store,
 }
@@ -244,6 +263,8 @@ pub async fn join(gateway: Arc<Gateway>, config: ClusterConfig) -> Result<(), Cl
         nodes: Mutex::new(BTreeMap::new()),
     });
     let revisions = Arc::new(Mutex::new(HashMap::new()));
+    // Tenants and keys first: the endpoints are theirs.
+    let access_from = sync_access(&gateway, &buckets, &revisions).await?;
     let from = sync(&gateway, &buckets, &revisions).await?;
     gateway.join(node.clone());
     tokio::spawn(write_changes(
@@ -251,6 +272,12 @@ pub async fn join(gateway: Arc<Gateway>, config: ClusterConfig) -> Result<(), Cl
         buckets.clone(),
         config.node.clone(),
         queued,
+        revisions.clone(),
+    ));
+    tokio::spawn(apply_access_changes(
+        gateway.clone(),
+        buckets.access.clone(),
+        access_from,
         revisions.clone(),
     ));
     tokio::spawn(apply_changes(
@@ -311,8 +338,23 @@ async fn open_buckets(js: &jetstream::Context, replicas: usize) -> Result<Bucket
             .await
             .map_err(|e| bucket_error(COMPONENTS_BUCKET, &e))?,
     };
+    let access = match js.get_key_value(ACCESS_BUCKET).await {
+        Ok(store) => store,
+        Err(_) => js
+            .create_key_value(kv::Config {
+                bucket: ACCESS_BUCKET.into(),
+                description: "wasp tenants, API keys and registry logins".into(),
+                history: 5,
+                storage: jetstream::stream::StorageType::File,
+                num_replicas: replicas,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| bucket_error(ACCESS_BUCKET, &e))?,
+    };
     Ok(Buckets {
         endpoints,
+        access,
         components,
         nodes,
     })
@@ -384,6 +426,146 @@ async fn sync(
         apply(gateway, buckets, record).await;
     }
     Ok(last + 1)
+}
+
+/// Writes (or removes) an access record in the bucket; the revision written.
+async fn write_access(bucket: &kv::Store, change: &AccessChange) -> Result<u64, String> {
+    let key = access_key(change);
+    match &change.value {
+        Some(value) => bucket
+            .put(&key, Bytes::from(value.clone()))
+            .await
+            .map_err(|e| format!("writing {}: {e}", change.table)),
+        None => bucket
+            .delete(&key)
+            .await
+            .map(|()| 0)
+            .map_err(|e| format!("removing from {}: {e}", change.table)),
+    }
+}
+
+/// The first sync of access records, as a union with tombstones: the bucket's records are
+/// applied here; this node's records the bucket has removed are removed here; the others
+/// this node has are written to the bucket. Returns the revision to follow from.
+async fn sync_access(
+    gateway: &Arc<Gateway>,
+    buckets: &Buckets,
+    revisions: &Mutex<HashMap<String, u64>>,
+) -> Result<u64, ClusterError> {
+    let sync_error = |e: &dyn std::fmt::Display| ClusterError::Sync(format!("access records: {e}"));
+    let bucket = &buckets.access;
+    let last = bucket
+        .status()
+        .await
+        .map_err(|e| sync_error(&e))?
+        .info
+        .state
+        .last_sequence;
+    let mut keys = bucket.keys().await.map_err(|e| sync_error(&e))?;
+    let mut present = std::collections::HashSet::new();
+    while let Some(key) = keys.next().await {
+        let key = key.map_err(|e| sync_error(&e))?;
+        let Some(entry) = bucket
+            .entry(key.clone())
+            .await
+            .map_err(|e| sync_error(&e))?
+        else {
+            continue;
+        };
+        let Some((table, record)) = access_of(&key) else {
+            continue;
+        };
+        if !matches!(entry.operation, kv::Operation::Put) {
+            continue;
+        }
+        present.insert(key.clone());
+        revisions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key, entry.revision);
+        let change = AccessChange {
+            table,
+            key: record,
+            value: Some(entry.value.to_vec()),
+        };
+        if let Err(e) = gateway.apply_access_from_peer(&change) {
+            tracing::error!("cannot apply the cluster's access record: {e}");
+        }
+    }
+    let local = gateway.access_records().map_err(|e| sync_error(&e))?;
+    for mut change in local {
+        let key = access_key(&change);
+        if present.contains(&key) {
+            continue;
+        }
+        let removed = bucket
+            .entry(key.clone())
+            .await
+            .map_err(|e| sync_error(&e))?
+            .is_some_and(|e| !matches!(e.operation, kv::Operation::Put));
+        if removed {
+            // Revoked (or removed) while this node was away: not brought back.
+            change.value = None;
+            if let Err(e) = gateway.apply_access_from_peer(&change) {
+                tracing::error!("cannot remove an access record the cluster removed: {e}");
+            }
+        } else {
+            let revision = write_access(bucket, &change)
+                .await
+                .map_err(|e| sync_error(&e))?;
+            revisions
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(key, revision);
+        }
+    }
+    Ok(last + 1)
+}
+
+/// Applies the access changes the bucket sees from revision `from` on.
+async fn apply_access_changes(
+    gateway: Arc<Gateway>,
+    bucket: kv::Store,
+    mut from: u64,
+    revisions: Arc<Mutex<HashMap<String, u64>>>,
+) {
+    loop {
+        let mut watch = match bucket.watch_all_from_revision(from).await {
+            Ok(watch) => watch,
+            Err(e) => {
+                tracing::warn!("cannot follow the cluster's access records (retrying): {e}");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        while let Some(entry) = watch.next().await {
+            let Ok(entry) = entry else {
+                break;
+            };
+            from = entry.revision + 1;
+            if !newer(&revisions, &entry.key, entry.revision) {
+                continue;
+            }
+            let Some((table, key)) = access_of(&entry.key) else {
+                continue;
+            };
+            let value = matches!(entry.operation, kv::Operation::Put).then(|| entry.value.to_vec());
+            if let Err(e) = gateway.apply_access_from_peer(&AccessChange { table, key, value }) {
+                tracing::error!("cannot apply the cluster's access record: {e}");
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Whether `revision` of `key` is newer than any this node wrote or applied (and if so,
+/// it is now the newest).
+fn newer(revisions: &Mutex<HashMap<String, u64>>, key: &str, revision: u64) -> bool {
+    let mut known = revisions.lock().unwrap_or_else(|e| e.into_inner());
+    let at = known.entry(key.to_owned()).or_insert(0);
+    let newer = revision > *at;
+    *at = (*at).max(revision);
+    newer
 }
 
 /// Writes a record's components (those the store lacks) and then the record.
@@ -482,6 +664,9 @@ async fn write_changes(
                     .await
                     .map(|()| (key_of(name), 0))
                     .map_err(|e| e.to_string()),
+                Change::Access(change) => write_access(&buckets.access, change)
+                    .await
+                    .map(|revision| (access_key(change), revision)),
             };
             match written {
                 Ok((key, revision)) => {
@@ -527,14 +712,7 @@ async fn apply_changes(
                 }
             };
             from = entry.revision + 1;
-            let newer = {
-                let mut known = revisions.lock().unwrap_or_else(|e| e.into_inner());
-                let at = known.entry(entry.key.clone()).or_insert(0);
-                let newer = entry.revision > *at;
-                *at = (*at).max(entry.revision);
-                newer
-            };
-            if !newer {
+            if !newer(&revisions, &entry.key, entry.revision) {
                 continue;
             }
             match entry.operation {

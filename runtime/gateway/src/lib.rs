@@ -30,7 +30,7 @@ pub use records::RequestRecord;
 pub use registry::{Cluster, DeployedVersion, Deployment, Gateway, NodeInfo};
 pub use server::{HttpLimits, OPERATOR_KEY_FILE, Server, ServerConfig};
 pub use store::StoredEndpoint;
-pub use tenants::DEFAULT as DEFAULT_TENANT;
+pub use tenants::{AccessChange, DEFAULT as DEFAULT_TENANT};
 pub use tls::TlsFiles;
 pub use wasp_backend::Registry as BackendRegistry;
 pub use wasp_scaling::Inventory;

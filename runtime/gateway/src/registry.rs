@@ -162,6 +162,8 @@ pub trait Cluster: Send + Sync + 'static {
     fn written(&self, record: StoredEndpoint);
     /// Endpoint `name` was removed here.
     fn removed(&self, name: &str);
+    /// An access record (tenant, API key, registry login) was written or removed here.
+    fn access_changed(&self, change: crate::tenants::AccessChange);
     /// The nodes that have sent a heartbeat lately, this one included.
     fn nodes(&self) -> Vec<NodeInfo>;
 }
@@ -989,9 +991,35 @@ impl Gateway {
 
     /// Joins `cluster`: this node's changes go to it from now on. Once only.
     pub fn join(&self, cluster: Arc<dyn Cluster>) {
+        let access = cluster.clone();
         if self.cluster.set(cluster).is_err() {
             tracing::warn!("this node is in a cluster already");
+            return;
         }
+        self.directory
+            .on_change(Box::new(move |change| access.access_changed(change)));
+    }
+
+    /// Every access record here (tenants, API keys, registry logins).
+    pub fn access_records(&self) -> Result<Vec<crate::tenants::AccessChange>, Error> {
+        self.directory.records(&self.store)
+    }
+
+    /// Applies an access record another node wrote or removed: a revoked key stops
+    /// working here at once, a tenant's CPU weight applies here too.
+    pub fn apply_access_from_peer(
+        &self,
+        change: &crate::tenants::AccessChange,
+    ) -> Result<(), Error> {
+        if let Some(revoked) = self.directory.apply(&self.store, change)? {
+            self.limiters.forget_key(&revoked);
+        }
+        if change.table == "tenants"
+            && let Some(weight) = self.directory.quota(&change.key).and_then(|q| q.cpu_weight)
+        {
+            self.runtime.set_cpu_weight(&change.key, weight);
+        }
+        Ok(())
     }
 
     /// The nodes of this node's cluster; this node alone outside cluster mode.

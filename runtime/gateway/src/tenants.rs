@@ -267,9 +267,33 @@ fn login_key(tenant: &str, registry: &str) -> String {
     format!("{tenant} {registry}")
 }
 
+/// A change of one access record (a tenant, an API key, a registry login), as the store
+/// keeps it: what a cluster's nodes share.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccessChange {
+    /// The kind: `tenants`, `api_keys` or `registry_logins`.
+    pub table: String,
+    /// The record's key in its table.
+    pub key: String,
+    /// The record (JSON), or `None` when it was removed.
+    pub value: Option<Vec<u8>>,
+}
+
+/// The tables of access records, by the name an [`AccessChange`] gives them.
+const ACCESS_TABLES: [(&str, Records); 3] = [
+    ("tenants", Records::Tenants),
+    ("api_keys", Records::ApiKeys),
+    ("registry_logins", Records::RegistryLogins),
+];
+
+/// Told of each access record written here (cluster mode).
+pub(crate) type AccessHook = Box<dyn Fn(AccessChange) + Send + Sync>;
+
 /// Tenants and keys, in memory (the store holds them durably).
 #[derive(Default)]
 pub(crate) struct Directory {
+    /// Told of each change made here.
+    hook: std::sync::OnceLock<AccessHook>,
     keys: RwLock<HashMap<String, StoredKey>>,
     /// Registry logins, by tenant and registry host.
     logins: RwLock<BTreeMap<(String, String), StoredLogin>>,
@@ -319,6 +343,110 @@ impl Directory {
         self.keys.write().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Writes an access record, and tells the hook.
+    fn put(&self, store: &Store, table: Records, key: &str, bytes: &[u8]) -> Result<(), Error> {
+        store.put_record(table, key, bytes)?;
+        self.emit(table, key, Some(bytes.to_vec()));
+        Ok(())
+    }
+
+    /// Removes an access record, and tells the hook.
+    fn delete(&self, store: &Store, table: Records, key: &str) -> Result<bool, Error> {
+        let existed = store.delete_record(table, key)?;
+        self.emit(table, key, None);
+        Ok(existed)
+    }
+
+    fn emit(&self, table: Records, key: &str, value: Option<Vec<u8>>) {
+        let Some(hook) = self.hook.get() else {
+            return;
+        };
+        if let Some((name, _)) = ACCESS_TABLES
+            .iter()
+            .find(|(_, t)| std::mem::discriminant(t) == std::mem::discriminant(&table))
+        {
+            hook(AccessChange {
+                table: (*name).to_owned(),
+                key: key.to_owned(),
+                value,
+            });
+        }
+    }
+
+    /// Tells `hook` of every access record written here from now on.
+    pub fn on_change(&self, hook: AccessHook) {
+        let _ = self.hook.set(hook);
+    }
+
+    /// Every access record, as changes that would make them.
+    pub fn records(&self, store: &Store) -> Result<Vec<AccessChange>, Error> {
+        let mut all = Vec::new();
+        for (name, table) in ACCESS_TABLES {
+            for (key, bytes) in store.records(table)? {
+                all.push(AccessChange {
+                    table: name.to_owned(),
+                    key,
+                    value: Some(bytes),
+                });
+            }
+        }
+        Ok(all)
+    }
+
+    /// Applies a change another node made (not told to the hook); an error names what is
+    /// wrong with it. Returns the id of a key it removed, if any.
+    pub fn apply(&self, store: &Store, change: &AccessChange) -> Result<Option<String>, Error> {
+        let table = ACCESS_TABLES
+            .iter()
+            .find(|(name, _)| *name == change.table)
+            .map(|(_, t)| *t)
+            .ok_or_else(|| Error::Store(format!("no access table `{}`", change.table)))?;
+        let bad =
+            |e: serde_json::Error| Error::Store(format!("{} `{}`: {e}", change.table, change.key));
+        match &change.value {
+            Some(bytes) => {
+                // Parsed before it is written: a record this node cannot read stays out.
+                match table {
+                    Records::Tenants => {
+                        let tenant: StoredTenant = serde_json::from_slice(bytes).map_err(bad)?;
+                        store.put_record(table, &change.key, bytes)?;
+                        self.write_tenants().insert(tenant.name.clone(), tenant);
+                    }
+                    Records::ApiKeys => {
+                        let key: StoredKey = serde_json::from_slice(bytes).map_err(bad)?;
+                        store.put_record(table, &change.key, bytes)?;
+                        self.write_keys().insert(key.id.clone(), key);
+                    }
+                    _ => {
+                        let login: StoredLogin = serde_json::from_slice(bytes).map_err(bad)?;
+                        store.put_record(table, &change.key, bytes)?;
+                        self.write_logins()
+                            .insert((login.tenant.clone(), login.registry.clone()), login);
+                    }
+                }
+                Ok(None)
+            }
+            None => {
+                store.delete_record(table, &change.key)?;
+                match table {
+                    Records::Tenants => {
+                        self.write_tenants().remove(&change.key);
+                        Ok(None)
+                    }
+                    Records::ApiKeys => {
+                        self.write_keys().remove(&change.key);
+                        Ok(Some(change.key.clone()))
+                    }
+                    _ => {
+                        self.write_logins()
+                            .retain(|(t, r), _| login_key(t, r) != change.key);
+                        Ok(None)
+                    }
+                }
+            }
+        }
+    }
+
     fn write_logins(
         &self,
     ) -> std::sync::RwLockWriteGuard<'_, BTreeMap<(String, String), StoredLogin>> {
@@ -342,7 +470,8 @@ impl Directory {
             updated_ms: crate::workers::now_ms(),
         };
         let bytes = serde_json::to_vec(&login).map_err(|e| Error::Store(e.to_string()))?;
-        store.put_record(
+        self.put(
+            store,
             Records::RegistryLogins,
             &login_key(tenant, registry),
             &bytes,
@@ -355,7 +484,7 @@ impl Directory {
 
     /// Forgets `tenant`'s login to `registry`; `false` when there was none.
     pub fn remove_login(&self, store: &Store, tenant: &str, registry: &str) -> Result<bool, Error> {
-        store.delete_record(Records::RegistryLogins, &login_key(tenant, registry))?;
+        self.delete(store, Records::RegistryLogins, &login_key(tenant, registry))?;
         Ok(self
             .write_logins()
             .remove(&(tenant.to_owned(), registry.to_owned()))
@@ -507,7 +636,7 @@ impl Directory {
         };
         change(&mut record);
         let bytes = serde_json::to_vec(&record).map_err(|e| Error::Store(e.to_string()))?;
-        store.put_record(Records::Tenants, tenant, &bytes)?;
+        self.put(store, Records::Tenants, tenant, &bytes)?;
         self.write_tenants()
             .insert(tenant.to_owned(), record.clone());
         Ok(Some(record))
@@ -560,7 +689,7 @@ impl Directory {
             quota: crate::limits::Quota::default(),
         };
         let bytes = serde_json::to_vec(&tenant).map_err(|e| Error::Store(e.to_string()))?;
-        store.put_record(Records::Tenants, name, &bytes)?;
+        self.put(store, Records::Tenants, name, &bytes)?;
         self.write_tenants().insert(name.to_owned(), tenant.clone());
         Ok(tenant)
     }
@@ -584,7 +713,7 @@ impl Directory {
         for login in self.logins(name) {
             self.remove_login(store, name, &login.registry)?;
         }
-        store.delete_record(Records::Tenants, name)?;
+        self.delete(store, Records::Tenants, name)?;
         self.write_tenants().remove(name);
         Ok(true)
     }
@@ -617,14 +746,14 @@ impl Directory {
             rate_limit,
         };
         let bytes = serde_json::to_vec(&key).map_err(|e| Error::Store(e.to_string()))?;
-        store.put_record(Records::ApiKeys, &id, &bytes)?;
+        self.put(store, Records::ApiKeys, &id, &bytes)?;
         self.write_keys().insert(id, key.clone());
         Ok((key, token))
     }
 
     /// Revokes a key; `false` when there was none.
     pub fn revoke(&self, store: &Store, id: &str) -> Result<bool, Error> {
-        let existed = store.delete_record(Records::ApiKeys, id)?;
+        let existed = self.delete(store, Records::ApiKeys, id)?;
         Ok(self.write_keys().remove(id).is_some() || existed)
     }
 
