@@ -17,6 +17,8 @@ use wasp_tests::guests::HELLO;
 struct Nats {
     child: Child,
     port: u16,
+    /// `nats://127.0.0.1:PORT`.
+    url: String,
     store: PathBuf,
     jetstream: bool,
 }
@@ -64,13 +66,10 @@ impl Nats {
         Some(Self {
             child,
             port,
+            url: format!("nats://127.0.0.1:{port}"),
             store: store.to_owned(),
             jetstream,
         })
-    }
-
-    fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
     }
 
     /// Stops it and starts it again on the same port and store.
@@ -92,7 +91,13 @@ impl Drop for Nats {
 }
 
 fn node(data: &Path, nats: &Nats, name: &str) -> Serve {
-    Serve::try_start(data, &["--cluster", &nats.url(), "--node-name", name])
+    node_with(data, nats, name, &[])
+}
+
+fn node_with(data: &Path, nats: &Nats, name: &str, extra: &[&str]) -> Serve {
+    let mut args = vec!["--cluster", &nats.url, "--node-name", name];
+    args.extend_from_slice(extra);
+    Serve::try_start(data, &args)
         .unwrap_or_else(|r| panic!("node {name} did not start ({}):\n{}", r.status, r.stderr))
 }
 
@@ -312,7 +317,7 @@ fn a_nats_server_without_jetstream_is_refused_clearly() {
         return;
     };
     let data = tempfile::tempdir().unwrap();
-    let refused = Serve::try_start(data.path(), &["--cluster", &nats.url(), "--node-name", "x"])
+    let refused = Serve::try_start(data.path(), &["--cluster", &nats.url, "--node-name", "x"])
         .err()
         .expect("a node joined a cluster without JetStream");
     assert!(
@@ -333,4 +338,57 @@ fn a_nats_server_without_jetstream_is_refused_clearly() {
         "{}",
         refused.stderr
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_for_an_endpoint_this_node_cannot_run_goes_to_one_that_can() {
+    let store = tempfile::tempdir().unwrap();
+    let Some(nats) = Nats::start(store.path(), true) else {
+        return;
+    };
+    let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let gpu = node_with(d1.path(), &nats, "gpu", &["--gpus", "fake:1"]);
+    let cpu = node_with(d2.path(), &nats, "cpu", &["--gpus", "none"]);
+    let (cg, cc) = (gpu.client(), cpu.client());
+    let patience = Duration::from_secs(20);
+    let spec = "name = \"big\"\n[[versions]]\nname = \"v1\"\n[versions.scaling]\n\
+                gpus_per_worker = 1\n[versions.processor]\ncomponent = \"{COMPONENT}\"\n";
+    cg.deploy_ok(HELLO, spec).await;
+
+    // The node without GPUs knows the endpoint and says why it cannot run it here.
+    until("the endpoint on the cpu node", patience, async || {
+        cc.get("/api/v1/endpoints/big").await.status == 200
+    })
+    .await;
+    let here = cc.get("/api/v1/endpoints/big").await.text();
+    assert!(here.contains("GPUs"), "{here}");
+
+    // Its requests go to the node that runs it, which the answer names.
+    until("a forwarded answer", patience, async || {
+        cc.invoke("big", "/x?y=1", r#"{"name":"far"}"#).await.status == 200
+    })
+    .await;
+    let reply = cc.invoke("big", "/x?y=1", r#"{"name":"far"}"#).await;
+    assert_eq!(reply.header("x-wasp-node"), Some("gpu"));
+    assert!(reply.text().contains("far"), "{}", reply.text());
+    let metrics = cc.get("/metrics").await.text();
+    assert!(
+        metrics.contains("wasp_forwarded_requests_total{endpoint=\"big\",node=\"gpu\"}"),
+        "{metrics}"
+    );
+    // Once only: a forwarded request is never forwarded again.
+    let again = cc
+        .request_with(
+            "POST",
+            "/endpoints/big/invoke",
+            &[("x-wasp-forwarded-by", "elsewhere")],
+            r#"{"name":"loop"}"#,
+        )
+        .await;
+    assert_eq!(again.status, 503, "{}", again.text());
+    // The node that runs it answers itself.
+    let local = cg.invoke("big", "", r#"{"name":"near"}"#).await;
+    assert_eq!(local.status, 200);
+    assert_eq!(local.header("x-wasp-node"), None);
+    drop((gpu, cpu, nats));
 }

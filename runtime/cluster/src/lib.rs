@@ -121,6 +121,7 @@ enum Change {
 
 /// This node's part of the cluster: what [`Gateway::join`] is given.
 struct Node {
+    name: String,
     changes: mpsc::UnboundedSender<Change>,
     nodes: Mutex<BTreeMap<String, NodeInfo>>,
 }
@@ -136,6 +137,10 @@ impl wasp_gateway::Cluster for Node {
 
     fn access_changed(&self, change: AccessChange) {
         let _ = self.changes.send(Change::Access(change));
+    }
+
+    fn node(&self) -> String {
+        self.name.clone()
     }
 
     fn nodes(&self) -> Vec<NodeInfo> {
@@ -259,6 +264,7 @@ pub async fn join(gateway: Arc<Gateway>, config: ClusterConfig) -> Result<(), Cl
     let buckets = open_buckets(&js, config.replicas).await?;
     let (changes, queued) = mpsc::unbounded_channel();
     let node = Arc::new(Node {
+        name: config.node.clone(),
         changes,
         nodes: Mutex::new(BTreeMap::new()),
     });

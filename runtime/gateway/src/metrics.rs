@@ -27,6 +27,15 @@ pub struct VersionLabels {
     pub version: String,
 }
 
+/// Labels of a request forwarded to another node.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ForwardLabels {
+    /// Endpoint name.
+    pub endpoint: String,
+    /// The node it went to.
+    pub node: String,
+}
+
 /// Labels of a processor failure.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct FailureLabels {
@@ -125,6 +134,8 @@ pub struct Metrics {
     pub desired_workers: Family<VersionLabels, Gauge>,
     /// Requests that woke a version with no ready worker (refreshed at each scrape).
     pub cold_starts: Family<VersionLabels, Counter>,
+    /// Requests this node forwarded to another node of its cluster.
+    pub forwarded: Family<ForwardLabels, Counter>,
     /// How long those requests waited for a worker.
     pub cold_start_seconds: Family<VersionLabels, Histogram>,
     /// Metered usage per tenant, refreshed at each scrape: requests, guest CPU seconds,
@@ -240,6 +251,12 @@ impl Metrics {
             "desired_workers",
             "Workers the autoscaler wants",
             desired_workers.clone(),
+        );
+        let forwarded = Family::<ForwardLabels, Counter>::default();
+        registry.register(
+            "forwarded_requests",
+            "Requests forwarded to another node of the cluster, which has a ready worker",
+            forwarded.clone(),
         );
         let cold_starts = Family::<VersionLabels, Counter>::default();
         registry.register(
@@ -376,6 +393,7 @@ impl Metrics {
             desired_workers,
             cold_starts,
             cold_start_seconds,
+            forwarded,
         }
     }
 

@@ -166,6 +166,8 @@ pub trait Cluster: Send + Sync + 'static {
     fn access_changed(&self, change: crate::tenants::AccessChange);
     /// The nodes that have sent a heartbeat lately, this one included.
     fn nodes(&self) -> Vec<NodeInfo>;
+    /// This node's name.
+    fn node(&self) -> String;
 }
 
 /// A node of the cluster, as its heartbeat says.
@@ -187,6 +189,9 @@ pub struct NodeInfo {
     pub gpus: usize,
     /// Its GPUs no worker owns.
     pub gpus_free: usize,
+    /// Its ready workers by endpoint (those with one or more).
+    #[serde(default)]
+    pub ready: BTreeMap<String, u32>,
 }
 
 tokio::task_local! {
@@ -1039,6 +1044,15 @@ impl Gateway {
             .map(|v| v.workers.side().live)
             .sum();
         let now = crate::workers::now_ms();
+        let ready = endpoints
+            .iter()
+            .filter(|d| !d.stopped && d.error.is_none())
+            .map(|d| {
+                let n: u32 = d.versions.iter().map(|v| v.workers.ready_now()).sum();
+                (d.spec.name.clone(), n)
+            })
+            .filter(|(_, n)| *n > 0)
+            .collect();
         NodeInfo {
             name: name.to_owned(),
             url: url.to_owned(),
@@ -1048,7 +1062,21 @@ impl Gateway {
             workers,
             gpus: self.inventory.total(),
             gpus_free: self.inventory.free(),
+            ready,
         }
+    }
+
+    /// This node's name in its cluster, and another node with a ready worker for
+    /// `endpoint` (the one with most), in cluster mode.
+    pub(crate) fn peer_for(&self, endpoint: &str) -> Option<(String, NodeInfo)> {
+        let cluster = self.cluster.get()?;
+        let me = cluster.node();
+        let peer = cluster
+            .nodes()
+            .into_iter()
+            .filter(|n| n.name != me && n.ready.get(endpoint).is_some_and(|r| *r > 0))
+            .max_by_key(|n| n.ready.get(endpoint).copied().unwrap_or(0))?;
+        Some((me, peer))
     }
 
     /// Every endpoint record this node holds, as stored.
@@ -1091,14 +1119,45 @@ impl Gateway {
                 if !same_spec {
                     let _control = self.control.lock().await;
                     let existing = self.endpoint(&name);
-                    let (deployment, rolls) = self
+                    let built = self
                         .build(
                             record.spec.clone(),
                             record.stopped,
-                            existing,
+                            existing.clone(),
                             record.webhook_secret.clone(),
                         )
-                        .await?;
+                        .await;
+                    let (deployment, rolls) = match built {
+                        Ok(built) => built,
+                        Err(e) => {
+                            // This node cannot run it (no GPUs, no container engine): it
+                            // knows of it, says why, and sends its requests to a node
+                            // that runs it.
+                            if let Some(old) = existing {
+                                for v in &old.versions {
+                                    v.workers.remove_all();
+                                }
+                            }
+                            let stored = StoredEndpoint {
+                                spec: record.spec.clone(),
+                                stopped: record.stopped,
+                                webhook_secret: record.webhook_secret.clone(),
+                            };
+                            let this = self.clone();
+                            blocking(move || this.store.put_endpoint(&stored)).await?;
+                            self.insert(Deployment {
+                                spec: record.spec.clone(),
+                                stopped: record.stopped,
+                                versions: Vec::new(),
+                                logs: Arc::new(LogBuffer::new(LOG_CAPACITY)),
+                                events: Arc::new(EventLog::default()),
+                                error: Some(e.to_string()),
+                                outgoing: Vec::new(),
+                                webhook_secret: record.webhook_secret.clone(),
+                            });
+                            return Err(e);
+                        }
+                    };
                     // The peer rolled its own workers; here the new ones take over at once.
                     for roll in rolls {
                         roll.old.workers.remove_all();

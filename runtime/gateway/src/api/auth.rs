@@ -155,11 +155,19 @@ pub(crate) fn authenticate(
             .into_response(),
         }));
     }
-    // A key's header is the server's business only: processors never see it.
-    request.headers_mut().remove(AUTHORIZATION);
+    // A key's header is the server's business only: processors never see it. It is kept
+    // aside for a request this node forwards to another node of its cluster.
+    if let Some(presented) = request.headers_mut().remove(AUTHORIZATION) {
+        request.extensions_mut().insert(Presented(presented));
+    }
     request.extensions_mut().insert(caller);
     Ok(())
 }
+
+/// The `Authorization` header a request came with (taken out of its headers), for a
+/// forward to another node of the cluster, which checks it again.
+#[derive(Clone)]
+pub(crate) struct Presented(pub(crate) axum::http::HeaderValue);
 
 /// Removes a leading `/t/{tenant}` from the request's path and returns the tenant; 404 when
 /// no such tenant exists.

@@ -259,13 +259,127 @@ pub(crate) async fn invoke_path(
     invoke_inner(gateway, name, request).await
 }
 
+/// The header a forwarded request carries: the node that forwarded it. A node never
+/// forwards a request that has it.
+const FORWARDED_BY: &str = "x-wasp-forwarded-by";
+
+/// Headers that concern one connection, not the request (RFC 9110 §7.6.1), and the
+/// length, which the side that sends the body sets: not passed on by a forward.
+const HOP_BY_HOP: [&str; 10] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "content-length",
+    "host",
+    "proxy-authorization",
+];
+
+/// Sends an invoke request as it came to `peer`, another node of the cluster with a ready
+/// worker for the endpoint, and streams back its answer with `x-wasp-node` naming it.
+async fn forward_to_peer(
+    gateway: &AppState,
+    name: &str,
+    me: &str,
+    peer: &crate::NodeInfo,
+    request: HttpRequest,
+) -> Result<Response, ApiError> {
+    let unavailable = |e: String| {
+        ApiError::new(
+            502,
+            "forward_failed",
+            format!(
+                "node `{}` did not answer a forwarded request: {e}",
+                peer.name
+            ),
+        )
+    };
+    let tenant = crate::tenants::tenant_of(name);
+    let prefix = if tenant == crate::tenants::DEFAULT {
+        String::new()
+    } else {
+        format!("/t/{tenant}")
+    };
+    let local = crate::tenants::local_name(name);
+    let full = request.uri().path();
+    let rest = full
+        .find("/invoke")
+        .map_or("", |i| &full[i + "/invoke".len()..]);
+    let query = request
+        .uri()
+        .query()
+        .map(|q| format!("?{q}"))
+        .unwrap_or_default();
+    let uri = format!(
+        "{}{prefix}/endpoints/{}/invoke{rest}{query}",
+        peer.url,
+        percent_encoding::utf8_percent_encode(local, percent_encoding::NON_ALPHANUMERIC)
+    );
+    let mut outgoing = hyper::Request::builder()
+        .method(request.method().clone())
+        .uri(&uri);
+    for (header, value) in request.headers() {
+        if !HOP_BY_HOP.contains(&header.as_str()) {
+            outgoing = outgoing.header(header, value);
+        }
+    }
+    outgoing = outgoing.header(FORWARDED_BY, me);
+    if let Some(super::auth::Presented(key)) = request.extensions().get() {
+        outgoing = outgoing.header(axum::http::header::AUTHORIZATION, key);
+    }
+    let limit = wasp_core::Limits::default().max_body_bytes;
+    let body = read_version_body(request.into_body(), limit).await?;
+    let outgoing = outgoing
+        .body(http_body_util::Full::new(body))
+        .map_err(|e| unavailable(e.to_string()))?;
+    let answer = tokio::time::timeout(
+        std::time::Duration::from_secs(600),
+        gateway.webhooks.request(outgoing),
+    )
+    .await
+    .map_err(|_| unavailable("no answer within 600 s".into()))?
+    .map_err(|e| unavailable(e.to_string()))?;
+    gateway
+        .metrics
+        .forwarded
+        .get_or_create(&crate::metrics::ForwardLabels {
+            endpoint: name.to_owned(),
+            node: peer.name.clone(),
+        })
+        .inc();
+    let (mut parts, incoming) = answer.into_parts();
+    for header in HOP_BY_HOP {
+        parts.headers.remove(header);
+    }
+    if let Ok(node) = HeaderValue::from_str(&peer.name) {
+        parts.headers.insert("x-wasp-node", node);
+    }
+    Ok(Response::from_parts(parts, axum::body::Body::new(incoming)))
+}
+
 async fn invoke_inner(
     gateway: AppState,
     Name(name): Name,
     request: HttpRequest,
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
-    let (deployment, version) = resolve_with(&gateway, &name, request.headers())?;
+    let (deployment, version) = match resolve_with(&gateway, &name, request.headers()) {
+        Ok(found) => found,
+        Err(e) => {
+            // Not runnable here (unknown to this node, or failed to load: no GPUs, say),
+            // but ready on another node of the cluster: sent there, once.
+            if e.status != 503 && e.status != 404 || request.headers().contains_key(FORWARDED_BY) {
+                return Err(e);
+            }
+            let Some((me, peer)) = gateway.peer_for(&name) else {
+                return Err(e);
+            };
+            return forward_to_peer(&gateway, &name, &me, &peer, request).await;
+        }
+    };
     let admitted = admit(
         &gateway,
         request.extensions().get::<crate::tenants::Caller>(),
