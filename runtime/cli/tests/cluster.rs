@@ -5,90 +5,13 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::Serve;
 use serde_json::Value;
+use wasp_tests::NatsServer as Nats;
 use wasp_tests::guests::HELLO;
-
-/// A `nats-server` on a loopback port; killed when dropped.
-struct Nats {
-    child: Child,
-    port: u16,
-    /// `nats://127.0.0.1:PORT`.
-    url: String,
-    store: PathBuf,
-    jetstream: bool,
-}
-
-fn nats_binary() -> Option<PathBuf> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/tools/bin/nats-server");
-    let found = path.exists();
-    assert!(
-        found || std::env::var_os("CI").is_none(),
-        "no nats-server at {}; CI installs it (scripts/toolchain nats)",
-        path.display()
-    );
-    if !found {
-        eprintln!("SKIPPED the cluster tests: no nats-server (scripts/toolchain nats installs it)");
-    }
-    found.then_some(path)
-}
-
-impl Nats {
-    fn start(store: &Path, jetstream: bool) -> Option<Self> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        Self::start_on(store, jetstream, port)
-    }
-
-    fn start_on(store: &Path, jetstream: bool, port: u16) -> Option<Self> {
-        let binary = nats_binary()?;
-        let mut command = Command::new(binary);
-        command
-            .args(["-a", "127.0.0.1", "-p", &port.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        if jetstream {
-            command.arg("-js").arg("-sd").arg(store);
-        }
-        let child = command.spawn().unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "nats-server did not listen");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Some(Self {
-            child,
-            port,
-            url: format!("nats://127.0.0.1:{port}"),
-            store: store.to_owned(),
-            jetstream,
-        })
-    }
-
-    /// Stops it and starts it again on the same port and store.
-    fn restart(&mut self, down: Duration) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        std::thread::sleep(down);
-        let again = Self::start_on(&self.store, self.jetstream, self.port).unwrap();
-        let old = std::mem::replace(self, again);
-        std::mem::forget(old);
-    }
-}
-
-impl Drop for Nats {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn node(data: &Path, nats: &Nats, name: &str) -> Serve {
     node_with(data, nats, name, &[])
