@@ -315,3 +315,52 @@ async fn a_request_for_an_endpoint_this_node_cannot_run_goes_to_one_that_can() {
     assert_eq!(local.header("x-wasp-node"), None);
     drop((gpu, cpu, nats));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_with_no_ready_worker_forwards_rather_than_start_one() {
+    let store = tempfile::tempdir().unwrap();
+    let Some(nats) = Nats::start(store.path(), true) else {
+        return;
+    };
+    let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = node(d1.path(), &nats, "a");
+    let b = node(d2.path(), &nats, "b");
+    let (ca, cb) = (a.client(), b.client());
+    let patience = Duration::from_secs(30);
+    // Scale to zero within a second or two of idling.
+    let spec = "name = \"lazy\"\n[[versions]]\nname = \"v1\"\n[versions.scaling]\n\
+                min_workers = 0\nstable_window_s = 1\npanic_window_s = 1\n\
+                scale_down_delay_s = 0\nscale_up_cooldown_s = 0\nscale_down_cooldown_s = 0\n\
+                [versions.processor]\ncomponent = \"{COMPONENT}\"\n";
+    ca.deploy_ok(HELLO, spec).await;
+    // B is kept busy; A idles down to zero.
+    let warm = cb.clone();
+    let keep = tokio::spawn(async move {
+        loop {
+            warm.invoke("lazy", "", r#"{"name":"warm"}"#).await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+    until("A at zero workers", patience, async || {
+        ca.get("/api/v1/endpoints/lazy").await.json()["versions"][0]["status"] == "scaledToZero"
+    })
+    .await;
+    until("B's ready worker in A's view", patience, async || {
+        let nodes = ca.get("/api/v1/nodes").await.json();
+        nodes["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n["name"] == "b" && n["ready"]["lazy"].as_u64().unwrap_or(0) > 0)
+    })
+    .await;
+    let reply = ca.invoke("lazy", "", r#"{"name":"hop"}"#).await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(reply.header("x-wasp-node"), Some("b"));
+    assert!(reply.text().contains("hop"));
+    // A started nothing for it.
+    let status = ca.get("/api/v1/endpoints/lazy").await.json();
+    assert_eq!(status["versions"][0]["status"], "scaledToZero", "{status}");
+    keep.abort();
+    drop((a, b, nats));
+}

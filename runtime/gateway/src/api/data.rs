@@ -380,6 +380,15 @@ async fn invoke_inner(
             return forward_to_peer(&gateway, &name, &me, &peer, request).await;
         }
     };
+    // No ready worker here (scaled to zero, say) but one on another node: sent there
+    // rather than waiting for a cold start. The node that serves it admits it.
+    if version.workers.ready_now() == 0
+        && !request.headers().contains_key(FORWARDED_BY)
+        && let Some((me, peer)) = gateway.peer_for(&name)
+    {
+        drop((deployment, version));
+        return forward_to_peer(&gateway, &name, &me, &peer, request).await;
+    }
     let admitted = admit(
         &gateway,
         request.extensions().get::<crate::tenants::Caller>(),
