@@ -296,41 +296,46 @@ pub async fn join(gateway: Arc<Gateway>, config: ClusterConfig) -> Result<(), Cl
     Ok(())
 }
 
+/// Opens key-value bucket `config.bucket`, making it as `config` says when there is none.
+async fn key_value(js: &jetstream::Context, config: kv::Config) -> Result<kv::Store, ClusterError> {
+    if let Ok(store) = js.get_key_value(config.bucket.as_str()).await {
+        return Ok(store);
+    }
+    let bucket = config.bucket.clone();
+    js.create_key_value(config)
+        .await
+        .map_err(|e| ClusterError::Bucket {
+            bucket,
+            reason: e.to_string(),
+        })
+}
+
 async fn open_buckets(js: &jetstream::Context, replicas: usize) -> Result<Buckets, ClusterError> {
-    let bucket_error = |bucket: &str, e: &dyn std::fmt::Display| ClusterError::Bucket {
-        bucket: bucket.to_owned(),
-        reason: e.to_string(),
-    };
     let replicas = replicas.clamp(1, 5);
-    let endpoints = match js.get_key_value(ENDPOINTS_BUCKET).await {
-        Ok(store) => store,
-        Err(_) => js
-            .create_key_value(kv::Config {
-                bucket: ENDPOINTS_BUCKET.into(),
-                description: "wasp endpoint records".into(),
-                history: 5,
-                storage: jetstream::stream::StorageType::File,
-                num_replicas: replicas,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| bucket_error(ENDPOINTS_BUCKET, &e))?,
+    // On file, every one: a NATS restart keeps them all.
+    let config = |bucket: &str, description: &str| kv::Config {
+        bucket: bucket.into(),
+        description: description.into(),
+        history: 5,
+        storage: jetstream::stream::StorageType::File,
+        num_replicas: replicas,
+        ..Default::default()
     };
-    let nodes = match js.get_key_value(NODES_BUCKET).await {
-        Ok(store) => store,
-        Err(_) => js
-            .create_key_value(kv::Config {
-                bucket: NODES_BUCKET.into(),
-                description: "wasp node heartbeats".into(),
-                max_age: NODE_TTL,
-                // On file, as the others: a NATS restart keeps the nodes listed.
-                storage: jetstream::stream::StorageType::File,
-                num_replicas: replicas,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| bucket_error(NODES_BUCKET, &e))?,
-    };
+    let endpoints = key_value(js, config(ENDPOINTS_BUCKET, "wasp endpoint records")).await?;
+    let access = key_value(
+        js,
+        config(ACCESS_BUCKET, "wasp tenants, API keys and registry logins"),
+    )
+    .await?;
+    let nodes = key_value(
+        js,
+        kv::Config {
+            history: 1,
+            max_age: NODE_TTL,
+            ..config(NODES_BUCKET, "wasp node heartbeats")
+        },
+    )
+    .await?;
     let components = match js.get_object_store(COMPONENTS_BUCKET).await {
         Ok(store) => store,
         Err(_) => js
@@ -342,21 +347,10 @@ async fn open_buckets(js: &jetstream::Context, replicas: usize) -> Result<Bucket
                 ..Default::default()
             })
             .await
-            .map_err(|e| bucket_error(COMPONENTS_BUCKET, &e))?,
-    };
-    let access = match js.get_key_value(ACCESS_BUCKET).await {
-        Ok(store) => store,
-        Err(_) => js
-            .create_key_value(kv::Config {
-                bucket: ACCESS_BUCKET.into(),
-                description: "wasp tenants, API keys and registry logins".into(),
-                history: 5,
-                storage: jetstream::stream::StorageType::File,
-                num_replicas: replicas,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| bucket_error(ACCESS_BUCKET, &e))?,
+            .map_err(|e| ClusterError::Bucket {
+                bucket: COMPONENTS_BUCKET.into(),
+                reason: e.to_string(),
+            })?,
     };
     Ok(Buckets {
         endpoints,
@@ -740,34 +734,55 @@ async fn apply_changes(
     }
 }
 
-/// Sends this node's heartbeat and reads the others'.
+/// Sends this node's heartbeat every [`HEARTBEAT`].
 async fn heartbeat(
     gateway: Arc<Gateway>,
     buckets: Buckets,
     config: ClusterConfig,
     node: Arc<Node>,
 ) {
+    tokio::spawn(follow_nodes(buckets.nodes.clone(), node.clone()));
     let mut tick = tokio::time::interval(HEARTBEAT);
     loop {
         tick.tick().await;
         let info = gateway.node_info(&config.node, &config.url);
+        // This node knows itself at once, whatever NATS does.
+        node.nodes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(info.name.clone(), info.clone());
         if let Ok(value) = serde_json::to_vec(&info)
             && let Err(e) = buckets.nodes.put(&config.node, value.into()).await
         {
             tracing::warn!("cannot send this node's heartbeat: {e}");
         }
-        let mut seen = BTreeMap::new();
-        seen.insert(info.name.clone(), info);
-        if let Ok(mut keys) = buckets.nodes.keys().await {
-            while let Some(Ok(key)) = keys.next().await {
-                if let Ok(Some(value)) = buckets.nodes.get(&key).await
-                    && let Ok(other) = serde_json::from_slice::<NodeInfo>(&value)
-                {
-                    seen.entry(other.name.clone()).or_insert(other);
+    }
+}
+
+/// Keeps `node`'s view of the others from their heartbeats: one watch (the last heartbeat
+/// of each node, then each new one), followed again after a lost connection. Entries too
+/// old are left out when the nodes are listed.
+async fn follow_nodes(bucket: kv::Store, node: Arc<Node>) {
+    loop {
+        match bucket.watch_with_history(">").await {
+            Ok(mut watch) => {
+                while let Some(Ok(entry)) = watch.next().await {
+                    if !matches!(entry.operation, kv::Operation::Put) {
+                        continue;
+                    }
+                    if let Ok(other) = serde_json::from_slice::<NodeInfo>(&entry.value)
+                        && other.name != node.name
+                    {
+                        node.nodes
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .insert(other.name.clone(), other);
+                    }
                 }
             }
+            Err(e) => tracing::warn!("cannot follow the cluster's heartbeats (retrying): {e}"),
         }
-        *node.nodes.lock().unwrap_or_else(|e| e.into_inner()) = seen;
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
 

@@ -1029,10 +1029,16 @@ impl Gateway {
 
     /// The nodes of this node's cluster; this node alone outside cluster mode.
     pub fn nodes(&self) -> Vec<NodeInfo> {
-        match self.cluster.get() {
-            Some(cluster) => cluster.nodes(),
-            None => vec![self.node_info("local", "")],
+        let Some(cluster) = self.cluster.get() else {
+            return vec![self.node_info("local", "")];
+        };
+        let me = cluster.node();
+        let mut nodes = cluster.nodes();
+        // This node as it is now, not as its last heartbeat said.
+        for n in nodes.iter_mut().filter(|n| n.name == me) {
+            *n = self.node_info(&n.name, &n.url);
         }
+        nodes
     }
 
     /// What this node's heartbeat says of it.
