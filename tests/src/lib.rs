@@ -619,6 +619,7 @@ impl TestServer {
             credentials: None,
             tls: None,
             behind_tls_proxy: false,
+            jobs: None,
         };
         configure(&mut config);
         let server = Server::start(config).await.unwrap();
@@ -678,6 +679,16 @@ pub struct NatsServer {
     pub url: String,
     store: PathBuf,
     jetstream: bool,
+    /// More arguments (a cluster's routes, a configuration file).
+    extra: Vec<String>,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// The nats-server `scripts/toolchain nats` installs, if it is there.
@@ -699,19 +710,54 @@ impl NatsServer {
     /// Starts one on a free loopback port (with JetStream on `store` if `jetstream`);
     /// `None` (saying so) when there is no nats-server, which under CI is a failure.
     pub fn start(store: &Path, jetstream: bool) -> Option<Self> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        Self::start_on(store, jetstream, port)
+        Self::start_on(store, jetstream, free_port(), Vec::new())
     }
 
-    fn start_on(store: &Path, jetstream: bool, port: u16) -> Option<Self> {
+    /// Starts one with JetStream that syncs every write to disk before it acknowledges
+    /// it (`sync_interval: always`), as durable on one machine as the embedded store.
+    pub fn start_syncing(store: &Path) -> Option<Self> {
+        std::fs::create_dir_all(store).unwrap();
+        let config = store.join("nats.conf");
+        std::fs::write(&config, "jetstream {\n  sync_interval: always\n}\n").unwrap();
+        let extra = vec!["-c".to_owned(), config.display().to_string()];
+        Self::start_on(store, true, free_port(), extra)
+    }
+
+    /// Starts a NATS cluster of `size` servers with JetStream (each with its store below
+    /// `store`), routed to each other; `None` as [`NatsServer::start`].
+    pub fn start_cluster(store: &Path, size: usize) -> Option<Vec<Self>> {
+        nats_binary()?;
+        let routes: Vec<u16> = (0..size).map(|_| free_port()).collect();
+        let all_routes = routes
+            .iter()
+            .map(|p| format!("nats://127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut servers = Vec::new();
+        for (i, route) in routes.iter().enumerate() {
+            let extra = vec![
+                "--server_name".to_owned(),
+                format!("n{i}"),
+                "--cluster_name".to_owned(),
+                "wasp".to_owned(),
+                "--cluster".to_owned(),
+                format!("nats://127.0.0.1:{route}"),
+                "--routes".to_owned(),
+                all_routes.clone(),
+            ];
+            let dir = store.join(format!("n{i}"));
+            std::fs::create_dir_all(&dir).unwrap();
+            servers.push(Self::start_on(&dir, true, free_port(), extra)?);
+        }
+        Some(servers)
+    }
+
+    fn start_on(store: &Path, jetstream: bool, port: u16, extra: Vec<String>) -> Option<Self> {
         let binary = nats_binary()?;
         let mut command = std::process::Command::new(binary);
         command
             .args(["-a", "127.0.0.1", "-p", &port.to_string()])
+            .args(&extra)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null());
         if jetstream {
@@ -732,6 +778,7 @@ impl NatsServer {
             url: format!("nats://127.0.0.1:{port}"),
             store: store.to_owned(),
             jetstream,
+            extra,
         })
     }
 
@@ -740,9 +787,18 @@ impl NatsServer {
         let _ = self.child.kill();
         let _ = self.child.wait();
         std::thread::sleep(down);
-        let again = Self::start_on(&self.store, self.jetstream, self.port).unwrap();
+        let again =
+            Self::start_on(&self.store, self.jetstream, self.port, self.extra.clone()).unwrap();
         let old = std::mem::replace(self, again);
         std::mem::forget(old);
+    }
+}
+
+impl NatsServer {
+    /// Kills it (`SIGKILL`), as a crash would.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 

@@ -279,6 +279,15 @@ enum Command {
         /// Copies JetStream keeps of the cluster's buckets (the NATS cluster's size).
         #[arg(long, default_value_t = 1, requires = "cluster")]
         cluster_replicas: usize,
+        /// Seconds the jobs of a node that stopped answering wait before another node runs
+        /// them (JetStream's ack wait; a live node renews its leases as its jobs run).
+        #[arg(
+            long,
+            default_value_t = 30,
+            value_name = "SECONDS",
+            requires = "cluster"
+        )]
+        cluster_job_lease: u64,
     },
     /// Deploys (creates or replaces) the endpoint a TOML spec describes, uploading the
     /// components it names by path.
@@ -845,6 +854,7 @@ async fn run(cli: Cli) -> Result<()> {
             cluster_token,
             cluster_ca,
             cluster_replicas,
+            cluster_job_lease,
         } => {
             let cluster = match cluster {
                 Some(servers) => {
@@ -871,6 +881,12 @@ async fn run(cli: Cli) -> Result<()> {
                         ca: cluster_ca,
                         replicas: cluster_replicas,
                     })
+                    .map(|config| {
+                        (
+                            config,
+                            std::time::Duration::from_secs(cluster_job_lease.max(1)),
+                        )
+                    })
                 }
                 None => None,
             };
@@ -888,7 +904,19 @@ async fn run(cli: Cli) -> Result<()> {
                     .map(|r| r.canonicalize().unwrap_or_else(|_| r.clone()))
                     .collect(),
             )?;
+            let (cluster, jobs) = match cluster {
+                Some((config, lease)) => {
+                    let connection = wasp_cluster::connect(config).await?;
+                    let jobs = connection.jobs(lease).await?;
+                    (
+                        Some(connection),
+                        Some(wasp_gateway::SharedQueue(std::sync::Arc::new(jobs))),
+                    )
+                }
+                None => (None, None),
+            };
             let config = ServerConfig {
+                jobs,
                 listen,
                 data_dir,
                 runtime: wasp_gateway::RuntimeConfig {
@@ -1266,19 +1294,13 @@ async fn serve(
     config: ServerConfig,
     deploy: Vec<PathBuf>,
     containers: Option<Containers>,
-    cluster: Option<wasp_cluster::ClusterConfig>,
+    cluster: Option<wasp_cluster::Connection>,
 ) -> Result<()> {
     let server = Server::start(config).await?;
-    if let Some(cluster) = cluster {
-        let node = cluster.node.clone();
-        let joined = wasp_cluster::join(
-            server.gateway().clone(),
-            wasp_cluster::ClusterConfig {
-                url: server.url(),
-                ..cluster
-            },
-        )
-        .await;
+    if let Some(mut cluster) = cluster {
+        let node = cluster.node().to_owned();
+        cluster.set_url(server.url());
+        let joined = cluster.join(server.gateway().clone()).await;
         if let Err(e) = joined {
             server.shutdown().await;
             return Err(e.into());

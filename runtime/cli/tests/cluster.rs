@@ -364,3 +364,422 @@ async fn a_node_with_no_ready_worker_forwards_rather_than_start_one() {
     keep.abort();
     drop((a, b, nats));
 }
+
+/// Submits `count` jobs to the endpoint `durable`, spread over `clients` from `submitters`
+/// concurrent tasks, until `stop`; the acknowledged ones, with their inputs.
+fn submit_jobs(
+    clients: &[wasp_tests::TestClient],
+    submitters: usize,
+    count: usize,
+    tag: &'static str,
+    stop: &std::sync::Arc<std::sync::atomic::AtomicBool>,
+    counted: &std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) -> Vec<tokio::task::JoinHandle<Vec<(String, String)>>> {
+    use std::sync::atomic::Ordering;
+    (0..submitters)
+        .map(|k| {
+            let (c, stop) = (clients[k % clients.len()].clone(), stop.clone());
+            let counted = counted.clone();
+            tokio::spawn(async move {
+                let mut acked = Vec::new();
+                let (mut n, mut refused) = (0, 0);
+                while n < count.div_ceil(submitters) {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let input = format!("{tag}-{k}-{n}");
+                    let body = serde_json::json!({ "input": input, "path": "/echo" });
+                    let reply = c
+                        .try_request_with(
+                            "POST",
+                            "/endpoints/durable/run",
+                            &[("content-type", "application/json")],
+                            body.to_string(),
+                        )
+                        .await;
+                    match reply {
+                        Ok(r) if r.status == 202 => {
+                            acked.push((r.json()["id"].as_str().unwrap().to_owned(), input));
+                            counted.fetch_add(1, Ordering::Relaxed);
+                            n += 1;
+                        }
+                        // Not acknowledged while NATS fails over: sent again after the
+                        // wait the answer names, for at most a minute in all.
+                        Ok(r) if r.status == 503 => {
+                            refused += 1;
+                            assert!(refused < 600, "refused for a minute: {}", r.text());
+                            assert!(r.header("retry-after").is_some(), "{}", r.text());
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        }
+                        Ok(r) => panic!("submit refused: {} {}", r.status, r.text()),
+                        // Its node was killed under this request: not acknowledged.
+                        Err(_) => break,
+                    }
+                }
+                acked
+            })
+        })
+        .collect()
+}
+
+/// Waits until no job of `durable` is queued or running, as `c` counts them.
+async fn drained(c: &wasp_tests::TestClient, patience: Duration) -> Value {
+    let deadline = Instant::now() + patience;
+    loop {
+        let health: Value = c.get("/endpoints/durable/health").await.json();
+        let open = health["jobs"]["in_queue"].as_u64().unwrap()
+            + health["jobs"]["in_progress"].as_u64().unwrap();
+        if open == 0 {
+            return health;
+        }
+        if Instant::now() >= deadline {
+            let listed: Value = c
+                .get("/api/v1/jobs?endpoint=durable&status=IN_PROGRESS")
+                .await
+                .json();
+            panic!("jobs left: {health:#}\nlisted as running: {listed:#}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Every acknowledged job completed once, with its own output; returns how many took a
+/// second attempt because the node running the first was lost.
+async fn check_results(c: &wasp_tests::TestClient, acked: &[(String, String)]) -> usize {
+    let mut retried = 0;
+    for (id, input) in acked {
+        let status: Value = c
+            .get(&format!("/endpoints/durable/status/{id}"))
+            .await
+            .json();
+        assert_eq!(status["status"], "COMPLETED", "{status:#}");
+        // `/echo` answers the body: the input, JSON-encoded.
+        assert_eq!(status["output"], format!("\"{input}\""), "{status:#}");
+        let attempts = status["attempts"].as_array().unwrap();
+        if attempts.len() > 1 {
+            retried += 1;
+            assert_eq!(attempts.len(), 2, "{status:#}");
+            assert_eq!(attempts[0]["error"]["code"], "lease_expired", "{status:#}");
+        }
+    }
+    retried
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_survive_the_loss_of_a_node_and_a_nats_restart() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    const JOBS: usize = 5_000;
+    let store = tempfile::tempdir().unwrap();
+    let Some(mut nats) = Nats::start(store.path(), true) else {
+        return;
+    };
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let lease = ["--cluster-job-lease", "2"];
+    let a = node_with(dirs[0].path(), &nats, "a", &lease);
+    let b = node_with(dirs[1].path(), &nats, "b", &lease);
+    let c = node_with(dirs[2].path(), &nats, "c", &lease);
+    let (ca, cb, cc) = (a.client(), b.client(), c.client());
+    ca.deploy_ok(
+        wasp_tests::guests::HOSTILE,
+        &format!(
+            "{}[jobs]\nconcurrency_per_worker = 8\n",
+            wasp_tests::spec("durable", "")
+        ),
+    )
+    .await;
+    for client in [&cb, &cc] {
+        until(
+            "the endpoint everywhere",
+            Duration::from_secs(20),
+            async || client.get("/endpoints/durable/health").await.status == 200,
+        )
+        .await;
+    }
+
+    // Jobs submitted to all three nodes; C is killed half way through the submits, while
+    // much is queued and running. The submitters of A and B go on to the end.
+    let (stop, counted) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicUsize::new(0)),
+    );
+    let clients = [ca.clone(), cb.clone(), cc.clone()];
+    let submitters = submit_jobs(&clients, 12, JOBS, "job", &stop, &counted);
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let at_kill = loop {
+        let health: Value = ca.get("/endpoints/durable/health").await.json();
+        if counted.load(Ordering::Relaxed) >= JOBS / 2
+            && health["jobs"]["completed"].as_u64().unwrap() > 0
+        {
+            break health;
+        }
+        assert!(Instant::now() < deadline, "too slow: {health:#}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    // A slow job that C runs, so that C surely dies holding one (ahead of the queue).
+    let mut sleepers = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let held = 'held: loop {
+        assert!(Instant::now() < deadline, "C never ran a slow job");
+        let body = serde_json::json!({
+            "input": 3000, "path": "/sleep", "policy": { "priority": "high" }
+        });
+        let reply = cc.post_json("/endpoints/durable/run", &body).await;
+        assert_eq!(reply.status, 202, "{}", reply.text());
+        sleepers.push(reply.json()["id"].as_str().unwrap().to_owned());
+        for _ in 0..10 {
+            for id in &sleepers {
+                let status: Value = cc
+                    .get(&format!("/endpoints/durable/status/{id}"))
+                    .await
+                    .json();
+                if status["status"] == "IN_PROGRESS" && status["attempts"][0]["node"] == "c" {
+                    break 'held id.clone();
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    let acked_at_kill = counted.load(Ordering::Relaxed);
+    c.kill9();
+    let mut acked = Vec::new();
+    for s in submitters {
+        acked.extend(s.await.unwrap());
+    }
+    let done_at_kill = at_kill["jobs"]["completed"].as_u64().unwrap() as usize;
+    assert!(
+        done_at_kill < acked.len(),
+        "the kill came after the work: {at_kill:#}"
+    );
+
+    // C's leases run out and A and B run its jobs: every acknowledged job completes, once.
+    let health = drained(&ca, Duration::from_secs(180)).await;
+    assert!(
+        health["jobs"]["completed"].as_u64().unwrap() as usize >= acked.len(),
+        "{health:#}"
+    );
+    let retried = check_results(&cb, &acked).await;
+    for id in &sleepers {
+        let status: Value = cb
+            .get(&format!("/endpoints/durable/status/{id}"))
+            .await
+            .json();
+        assert_eq!(status["status"], "COMPLETED", "{status:#}");
+        assert_eq!(status["output"], "slept", "{status:#}");
+        if *id == held {
+            // Its first attempt was C's, lost with C; the second ran on A or B.
+            assert_eq!(
+                status["attempts"][0]["error"]["code"], "lease_expired",
+                "{status:#}"
+            );
+            assert_eq!(status["attempts"][0]["node"], "c", "{status:#}");
+            assert_ne!(status["attempts"][1]["node"], "c", "{status:#}");
+        }
+    }
+    eprintln!(
+        "{} jobs acknowledged across 3 nodes, C killed after {} (with {done_at_kill} completed), \
+         {retried} ran again on A or B after C's leases expired",
+        acked.len(),
+        acked_at_kill
+    );
+
+    // NATS goes away and comes back: the nodes reconnect, and jobs submitted around the
+    // restart all complete.
+    let submitters = submit_jobs(&[ca.clone(), cb.clone()], 4, 400, "again", &stop, &counted);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    nats.restart(Duration::from_millis(500));
+    let mut acked = Vec::new();
+    for s in submitters {
+        acked.extend(s.await.unwrap());
+    }
+    // Submits that met the outage were refused (503) and sent again.
+    assert_eq!(acked.len(), 400);
+    drained(&cb, Duration::from_secs(120)).await;
+    check_results(&ca, &acked).await;
+    drop((a, b));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_go_on_when_one_server_of_a_three_server_nats_cluster_is_killed() {
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicBool;
+    let store = tempfile::tempdir().unwrap();
+    let Some(mut servers) = Nats::start_cluster(store.path(), 3) else {
+        return;
+    };
+    let urls = servers
+        .iter()
+        .map(|s| s.url.clone())
+        .collect::<Vec<_>>()
+        .join(",");
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    // Every bucket and stream kept on all three servers.
+    let start = |dir: &Path, name: &str| {
+        let args = [
+            "--cluster",
+            &urls,
+            "--node-name",
+            name,
+            "--cluster-replicas",
+            "3",
+            "--cluster-job-lease",
+            "2",
+        ];
+        // The NATS servers elect their JetStream leader in the first seconds.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            match Serve::try_start(dir, &args) {
+                Ok(node) => return node,
+                Err(r) if Instant::now() < deadline => {
+                    eprintln!(
+                        "node {name} not started yet: {}",
+                        r.stderr.lines().last().unwrap_or("")
+                    );
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+                Err(r) => panic!("node {name} did not start ({}):\n{}", r.status, r.stderr),
+            }
+        }
+    };
+    let a = start(dirs[0].path(), "a");
+    let b = start(dirs[1].path(), "b");
+    let (ca, cb) = (a.client(), b.client());
+    ca.deploy_ok(
+        wasp_tests::guests::HOSTILE,
+        &format!(
+            "{}[jobs]\nconcurrency_per_worker = 8\n",
+            wasp_tests::spec("durable", "")
+        ),
+    )
+    .await;
+    until("the endpoint on B", Duration::from_secs(20), async || {
+        cb.get("/endpoints/durable/health").await.status == 200
+    })
+    .await;
+
+    let (stop, counted) = (Arc::new(AtomicBool::new(false)), Arc::default());
+    let before = submit_jobs(&[ca.clone(), cb.clone()], 4, 400, "before", &stop, &counted);
+    let mut acked = Vec::new();
+    for s in before {
+        acked.extend(s.await.unwrap());
+    }
+    assert_eq!(acked.len(), 400);
+    // One NATS server dies with jobs queued; the two left keep a quorum.
+    servers.remove(0).kill();
+    let after = submit_jobs(&[ca.clone(), cb.clone()], 4, 400, "after", &stop, &counted);
+    for s in after {
+        acked.extend(s.await.unwrap());
+    }
+    assert_eq!(acked.len(), 800);
+    drained(&ca, Duration::from_secs(120)).await;
+    check_results(&cb, &acked).await;
+    drop((a, b, servers));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_jobs_api_of_any_node_answers_for_jobs_run_on_another() {
+    let store = tempfile::tempdir().unwrap();
+    let Some(nats) = Nats::start(store.path(), true) else {
+        return;
+    };
+    let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let gpu = node_with(d1.path(), &nats, "gpu", &["--gpus", "fake:1"]);
+    let cpu = node_with(d2.path(), &nats, "cpu", &["--gpus", "none"]);
+    let (cg, cc) = (gpu.client(), cpu.client());
+    // Only the GPU node can run it, one job at a time.
+    let spec = "name = \"big\"\n[[versions]]\nname = \"v1\"\n[versions.scaling]\n\
+                gpus_per_worker = 1\nmax_workers = 1\n[versions.processor]\n\
+                component = \"{COMPONENT}\"\n[jobs]\nconcurrency_per_worker = 1\n";
+    cg.deploy_ok(wasp_tests::guests::HOSTILE, spec).await;
+    until(
+        "the endpoint on the cpu node",
+        Duration::from_secs(20),
+        async || cc.get("/endpoints/big/health").await.status == 200,
+    )
+    .await;
+    let run = async |c: &wasp_tests::TestClient, body: Value| -> String {
+        let reply = c.post_json("/endpoints/big/run", &body).await;
+        assert_eq!(reply.status, 202, "{}", reply.text());
+        reply.json()["id"].as_str().unwrap().to_owned()
+    };
+    let status = async |c: &wasp_tests::TestClient, id: &str| -> Value {
+        c.get(&format!("/endpoints/big/status/{id}")).await.json()
+    };
+
+    // runsync on the node without GPUs: the GPU node runs it, and the answer comes back.
+    let reply = cc
+        .post_json(
+            "/endpoints/big/runsync?wait_s=30",
+            &serde_json::json!({ "input": "far", "path": "/echo" }),
+        )
+        .await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let done = reply.json();
+    assert_eq!(done["status"], "COMPLETED", "{done:#}");
+    assert_eq!(done["output"], "\"far\"", "{done:#}");
+    assert_eq!(done["attempts"].as_array().unwrap().len(), 1, "{done:#}");
+    assert_eq!(done["attempts"][0]["node"], "gpu", "{done:#}");
+
+    // A large input and output (object store blobs) cross nodes intact.
+    let big = "x".repeat(300 * 1024);
+    let id = run(&cc, serde_json::json!({ "input": big, "path": "/echo" })).await;
+    until("the large job", Duration::from_secs(30), async || {
+        status(&cg, &id).await["status"] == "COMPLETED"
+    })
+    .await;
+    let result = cc.get(&format!("/endpoints/big/result/{id}")).await;
+    assert_eq!(result.status, 200);
+    assert_eq!(result.text(), format!("\"{big}\""));
+
+    // A job running on the GPU node is cancelled from the other; it stays cancelled when
+    // the run ends, and a retry from the other runs it again.
+    let slow = serde_json::json!({ "input": 1500, "path": "/sleep" });
+    let running = run(&cc, slow.clone()).await;
+    until("the slow job to run", Duration::from_secs(30), async || {
+        status(&cc, &running).await["status"] == "IN_PROGRESS"
+    })
+    .await;
+    // Queued behind it (one at a time): purged from the cpu node.
+    let mut queued = Vec::new();
+    for _ in 0..4 {
+        queued.push(run(&cg, slow.clone()).await);
+    }
+    until(
+        "the queued jobs on the cpu node",
+        Duration::from_secs(10),
+        async || {
+            let health: Value = cc.get("/endpoints/big/health").await.json();
+            health["jobs"]["in_queue"] == 4
+        },
+    )
+    .await;
+    let purged = cc.post("/endpoints/big/purge-queue", "").await;
+    assert_eq!(purged.status, 200, "{}", purged.text());
+    assert_eq!(purged.json()["removed"], 4, "{}", purged.text());
+    let cancelled = cc
+        .post(&format!("/endpoints/big/cancel/{running}"), "")
+        .await;
+    assert_eq!(cancelled.status, 200, "{}", cancelled.text());
+    assert_eq!(cancelled.json()["status"], "CANCELLED");
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(status(&cg, &running).await["status"], "CANCELLED");
+    for id in &queued {
+        let s = status(&cg, id).await;
+        assert_eq!(s["status"], "CANCELLED", "{s:#}");
+        assert_eq!(s["error"]["code"], "purged", "{s:#}");
+    }
+    let health: Value = cc.get("/endpoints/big/health").await.json();
+    assert_eq!(health["jobs"]["in_queue"], 0, "{health:#}");
+    let retried = cg
+        .post(&format!("/endpoints/big/retry/{running}"), "")
+        .await;
+    assert_eq!(retried.status, 200, "{}", retried.text());
+    until("the retried job", Duration::from_secs(30), async || {
+        status(&cc, &running).await["status"] == "COMPLETED"
+    })
+    .await;
+    let s = status(&cc, &running).await;
+    assert_eq!(s["output"], "slept", "{s:#}");
+    assert_eq!(s["attempts"].as_array().unwrap().len(), 2, "{s:#}");
+    drop((gpu, cpu, nats));
+}

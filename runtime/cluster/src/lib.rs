@@ -26,6 +26,10 @@ use tokio::io::AsyncReadExt;
 use tokio::sync::mpsc;
 use wasp_gateway::{AccessChange, Gateway, NodeInfo, StoredEndpoint};
 
+mod jobs;
+
+pub use jobs::{JOB_BLOBS_BUCKET, JOBS_BUCKET, JOBS_STREAM, JetStreamQueue};
+
 /// The bucket of endpoint records.
 pub const ENDPOINTS_BUCKET: &str = "wasp_endpoints";
 /// The object store of components.
@@ -37,8 +41,10 @@ pub const ACCESS_BUCKET: &str = "wasp_access";
 
 /// How often a node sends its heartbeat.
 const HEARTBEAT: Duration = Duration::from_secs(2);
+/// How long a node waits for the JetStream of a NATS cluster that is starting.
+const JETSTREAM_READY: Duration = Duration::from_secs(30);
 /// How long a heartbeat keeps a node listed.
-const NODE_TTL: Duration = Duration::from_secs(10);
+pub(crate) const NODE_TTL: Duration = Duration::from_secs(10);
 
 /// How to reach the cluster, and who this node is.
 #[derive(Clone)]
@@ -123,7 +129,21 @@ enum Change {
 struct Node {
     name: String,
     changes: mpsc::UnboundedSender<Change>,
-    nodes: Mutex<BTreeMap<String, NodeInfo>>,
+    nodes: Members,
+}
+
+/// The nodes heard from, by name, with their last heartbeat; shared by the registry and
+/// the job queue (which runs again the jobs of nodes that stopped sending).
+pub(crate) type Members = Arc<Mutex<BTreeMap<String, NodeInfo>>>;
+
+/// Whether a node's last heartbeat is recent enough for it to count as alive.
+pub(crate) fn alive(members: &Members, name: &str) -> bool {
+    let now = now_ms();
+    members
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(name)
+        .is_some_and(|n| now.saturating_sub(n.seen_at_ms) <= NODE_TTL.as_millis() as u64)
 }
 
 impl wasp_gateway::Cluster for Node {
@@ -155,7 +175,7 @@ impl wasp_gateway::Cluster for Node {
     }
 }
 
-fn now_ms() -> u64 {
+pub(crate) fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
@@ -218,8 +238,92 @@ fn digests(record: &StoredEndpoint) -> Vec<String> {
 
 /// Connects, checks JetStream, opens (or makes) the buckets, syncs the registry both ways,
 /// and starts the node's tasks: its changes written in order, the others' applied, its
-/// heartbeat sent.
+/// heartbeat sent. The node's jobs stay where the gateway keeps them: give it
+/// [`Connection::jobs`] when it opens to share them (what `wasp serve --cluster` does).
 pub async fn join(gateway: Arc<Gateway>, config: ClusterConfig) -> Result<(), ClusterError> {
+    connect(config).await?.join(gateway).await
+}
+
+/// A node's connection to its cluster's NATS servers, JetStream checked, before it joins.
+pub struct Connection {
+    js: jetstream::Context,
+    config: ClusterConfig,
+    members: Members,
+    /// Told when the client has connected again after losing its server.
+    reconnected: Arc<tokio::sync::Notify>,
+}
+
+impl Connection {
+    /// The cluster's job queue, shared by every node; `lease` is how long the jobs of a
+    /// node that stopped answering wait before another node runs them.
+    pub async fn jobs(&self, lease: Duration) -> Result<JetStreamQueue, ClusterError> {
+        JetStreamQueue::open(
+            &self.js,
+            &self.config.node,
+            self.members.clone(),
+            self.reconnected.clone(),
+            self.config.replicas,
+            lease,
+        )
+        .await
+    }
+
+    /// This node's name.
+    pub fn node(&self) -> &str {
+        &self.config.node
+    }
+
+    /// Sets where this node's API answers (for the others and for `wasp nodes`).
+    pub fn set_url(&mut self, url: String) {
+        self.config.url = url;
+    }
+
+    /// Joins: see [`join`].
+    pub async fn join(self, gateway: Arc<Gateway>) -> Result<(), ClusterError> {
+        let Self {
+            js,
+            config,
+            members,
+            reconnected: _,
+        } = self;
+        let buckets = open_buckets(&js, config.replicas).await?;
+        let (changes, queued) = mpsc::unbounded_channel();
+        let node = Arc::new(Node {
+            name: config.node.clone(),
+            changes,
+            nodes: members,
+        });
+        let revisions = Arc::new(Mutex::new(HashMap::new()));
+        // Tenants and keys first: the endpoints are theirs.
+        let access_from = sync_access(&gateway, &buckets, &revisions).await?;
+        let from = sync(&gateway, &buckets, &revisions).await?;
+        gateway.join(node.clone());
+        tokio::spawn(write_changes(
+            gateway.clone(),
+            buckets.clone(),
+            config.node.clone(),
+            queued,
+            revisions.clone(),
+        ));
+        tokio::spawn(apply_access_changes(
+            gateway.clone(),
+            buckets.access.clone(),
+            access_from,
+            revisions.clone(),
+        ));
+        tokio::spawn(apply_changes(
+            gateway.clone(),
+            buckets.clone(),
+            from,
+            revisions,
+        ));
+        tokio::spawn(heartbeat(gateway, buckets, config, node));
+        Ok(())
+    }
+}
+
+/// Connects to the cluster's NATS servers and checks that they run JetStream.
+pub async fn connect(config: ClusterConfig) -> Result<Connection, ClusterError> {
     if config.node.is_empty()
         || !config
             .node
@@ -241,7 +345,19 @@ pub async fn join(gateway: Arc<Gateway>, config: ClusterConfig) -> Result<(), Cl
         .map(|s| s.trim().parse::<async_nats::ServerAddr>())
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| ClusterError::Config(format!("--cluster `{}`: {e}", config.servers)))?;
+    let reconnected = Arc::new(tokio::sync::Notify::new());
+    let told = reconnected.clone();
     let mut options = async_nats::ConnectOptions::new()
+        .event_callback(move |event| {
+            let told = told.clone();
+            async move {
+                match event {
+                    async_nats::Event::Connected => told.notify_one(),
+                    async_nats::Event::Disconnected => tracing::warn!("lost the NATS server"),
+                    _ => {}
+                }
+            }
+        })
         .name(format!("wasp {}", config.node))
         .connection_timeout(Duration::from_secs(5));
     if let Some((user, password)) = &config.user_password {
@@ -257,47 +373,32 @@ pub async fn join(gateway: Arc<Gateway>, config: ClusterConfig) -> Result<(), Cl
         .connect(addresses)
         .await
         .map_err(|e| connect_error(e.to_string()))?;
+    if !client.server_info().jetstream {
+        return Err(ClusterError::NoJetStream(config.servers.clone()));
+    }
     let js = jetstream::new(client);
-    js.query_account()
-        .await
-        .map_err(|_| ClusterError::NoJetStream(config.servers.clone()))?;
-    let buckets = open_buckets(&js, config.replicas).await?;
-    let (changes, queued) = mpsc::unbounded_channel();
-    let node = Arc::new(Node {
-        name: config.node.clone(),
-        changes,
-        nodes: Mutex::new(BTreeMap::new()),
-    });
-    let revisions = Arc::new(Mutex::new(HashMap::new()));
-    // Tenants and keys first: the endpoints are theirs.
-    let access_from = sync_access(&gateway, &buckets, &revisions).await?;
-    let from = sync(&gateway, &buckets, &revisions).await?;
-    gateway.join(node.clone());
-    tokio::spawn(write_changes(
-        gateway.clone(),
-        buckets.clone(),
-        config.node.clone(),
-        queued,
-        revisions.clone(),
-    ));
-    tokio::spawn(apply_access_changes(
-        gateway.clone(),
-        buckets.access.clone(),
-        access_from,
-        revisions.clone(),
-    ));
-    tokio::spawn(apply_changes(
-        gateway.clone(),
-        buckets.clone(),
-        from,
-        revisions,
-    ));
-    tokio::spawn(heartbeat(gateway, buckets, config, node));
-    Ok(())
+    // A NATS cluster that has just started elects its JetStream leader first.
+    let deadline = tokio::time::Instant::now() + JETSTREAM_READY;
+    while let Err(e) = js.query_account().await {
+        if tokio::time::Instant::now() >= deadline {
+            return Err(connect_error(format!("JetStream is not ready: {e}")));
+        }
+        tracing::info!("waiting for JetStream to be ready: {e}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    Ok(Connection {
+        js,
+        config,
+        members: Members::default(),
+        reconnected,
+    })
 }
 
 /// Opens key-value bucket `config.bucket`, making it as `config` says when there is none.
-async fn key_value(js: &jetstream::Context, config: kv::Config) -> Result<kv::Store, ClusterError> {
+pub(crate) async fn key_value(
+    js: &jetstream::Context,
+    config: kv::Config,
+) -> Result<kv::Store, ClusterError> {
     if let Ok(store) = js.get_key_value(config.bucket.as_str()).await {
         return Ok(store);
     }

@@ -136,6 +136,19 @@ async fn run_endpoint(gateway: Weak<Gateway>, name: String) {
             } else {
                 backlog.scaling + backlog.low
             };
+            // In a cluster, a node that cannot start a worker (no free GPU) leaves the jobs
+            // to the nodes that can, rather than spend their attempts failing.
+            let due = if ready == 0
+                && g.cluster.get().is_some()
+                && !deployment
+                    .versions
+                    .iter()
+                    .any(|v| v.workers.could_start_here())
+            {
+                0
+            } else {
+                due
+            };
             let take = room.min(usize::try_from(due).unwrap_or(usize::MAX));
             if take > 0 {
                 match g.jobs.lease(&name, take, LEASE_GRACE).await {

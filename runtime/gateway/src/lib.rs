@@ -28,7 +28,7 @@ pub use audit::AuditEntry;
 pub use limits::{Holding, Quota};
 pub use records::RequestRecord;
 pub use registry::{Cluster, DeployedVersion, Deployment, Gateway, NodeInfo};
-pub use server::{HttpLimits, OPERATOR_KEY_FILE, Server, ServerConfig};
+pub use server::{HttpLimits, OPERATOR_KEY_FILE, Server, ServerConfig, SharedQueue};
 pub use store::StoredEndpoint;
 pub use tenants::{AccessChange, DEFAULT as DEFAULT_TENANT};
 pub use tls::TlsFiles;

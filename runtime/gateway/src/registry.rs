@@ -356,7 +356,7 @@ pub struct Gateway {
     /// Pulls processors published as OCI artifacts.
     oci: wasp_oci::Client,
     /// The cluster this node belongs to, in cluster mode.
-    cluster: std::sync::OnceLock<Arc<dyn Cluster>>,
+    pub(crate) cluster: std::sync::OnceLock<Arc<dyn Cluster>>,
     /// Batch jobs.
     pub(crate) batches: crate::batches::Batches,
     /// The data directory.
@@ -445,6 +445,7 @@ impl Gateway {
     /// Opens the data directory, starts the wasm runtime and loads every stored endpoint.
     /// `backends` are the model backends this build serves; named models are looked up in
     /// `models_dir`.
+    #[allow(clippy::too_many_arguments)]
     pub async fn open(
         data_dir: &Path,
         runtime: RuntimeConfig,
@@ -453,6 +454,7 @@ impl Gateway {
         inventory: Arc<Inventory>,
         webhook_roots: &[std::path::PathBuf],
         insecure_registries: &[String],
+        jobs: Option<crate::jobs::Queue>,
     ) -> Result<Arc<Self>, Error> {
         let webhooks = crate::webhooks::client(webhook_roots)
             .map_err(|e| Error::Setting(format!("--webhook-ca {e}")))?;
@@ -466,8 +468,13 @@ impl Gateway {
         let usage = crate::usage::Usage::load(&store)?;
         let audit = crate::audit::AuditLog::open(&store)?;
         let clock: Arc<dyn Clock> = Arc::new(SystemClock::new());
-        let jobs = wasp_jobs::EmbeddedQueue::open(&data_dir.join("jobs"), clock.clone())
-            .map_err(|e| Error::OpenStore(format!("cannot open the job store: {e}")))?;
+        let jobs: crate::jobs::Queue = match jobs {
+            Some(shared) => shared,
+            None => Arc::new(
+                wasp_jobs::EmbeddedQueue::open(&data_dir.join("jobs"), clock.clone())
+                    .map_err(|e| Error::OpenStore(format!("cannot open the job store: {e}")))?,
+            ),
+        };
         let runtime = Runtime::new(RuntimeConfig {
             cache_dir: Some(data_dir.join("cache")),
             ..runtime
@@ -484,7 +491,7 @@ impl Gateway {
             load_context: LoadContext::new(models_dir),
             clock,
             inventory,
-            jobs: Arc::new(jobs),
+            jobs,
             running: crate::jobs::Running::new(),
             webhooks,
             oci,
@@ -498,6 +505,12 @@ impl Gateway {
             data_dir: data_dir.to_owned(),
             started_ms: crate::workers::now_ms(),
         });
+        let weak = Arc::downgrade(&gateway);
+        gateway.jobs.on_ended_elsewhere(Box::new(move |job| {
+            if let Some(g) = weak.upgrade() {
+                g.running.announce(job);
+            }
+        }));
         for tenant in gateway.directory.tenants() {
             if let Some(weight) = tenant.quota.cpu_weight {
                 gateway.runtime.set_cpu_weight(&tenant.name, weight);

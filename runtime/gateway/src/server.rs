@@ -75,6 +75,19 @@ pub struct ServerConfig {
     /// are taken over plain HTTP from any address. Without it (and without `tls`), keys
     /// are refused over plain HTTP except from loopback clients.
     pub behind_tls_proxy: bool,
+    /// Where jobs are kept when not in the data directory: a cluster's queue, shared by
+    /// its nodes (`wasp serve --cluster`).
+    pub jobs: Option<SharedQueue>,
+}
+
+/// A job queue that several servers share (a cluster's), for [`ServerConfig::jobs`].
+#[derive(Clone)]
+pub struct SharedQueue(pub Arc<dyn wasp_jobs::JobQueue>);
+
+impl std::fmt::Debug for SharedQueue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SharedQueue")
+    }
 }
 
 /// The file in the data directory that holds the operator key the first start made.
@@ -182,6 +195,7 @@ impl Server {
             config.gpus.clone(),
             &config.webhook_ca,
             &config.insecure_registries,
+            config.jobs.map(|q| q.0),
         )
         .await?;
         for (k, entry) in config.allow_hosts.iter().enumerate() {

@@ -724,6 +724,12 @@ impl WorkerSet {
         self.inventory.release(&gpus);
     }
 
+    /// Whether this node has what a new worker needs now (free GPUs, when it needs some).
+    pub(crate) fn could_start_here(&self) -> bool {
+        self.gpus_per_worker
+            .is_none_or(|count| self.inventory.free() >= count as usize)
+    }
+
     /// Gives the worker the GPUs it needs; true when it has them (or needs none). Without
     /// them it is `pending` with the reason, unless it was drained meanwhile.
     fn claim_gpus(&self, worker: &Worker) -> bool {

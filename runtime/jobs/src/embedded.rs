@@ -35,7 +35,7 @@ use wasp_scaling::Clock;
 
 use crate::queue::{Backlog, BoxFuture, JobQueue, ListFilter};
 use crate::{
-    Attempt, Counts, Delivery, Failure, Job, JobError, JobState, NewJob, Outcome, Payload, Priority,
+    Counts, Delivery, Failure, Job, JobError, JobState, NewJob, Outcome, Payload, Priority,
 };
 
 const JOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("jobs");
@@ -685,12 +685,7 @@ fn blob_files(job: &Job) -> Vec<String> {
 
 /// Ends the running attempt.
 fn close_attempt(job: &mut Job, now: u64, error: Option<Failure>) {
-    if let Some(attempt) = job.attempts.last_mut()
-        && attempt.finished_ms.is_none()
-    {
-        attempt.finished_ms = Some(now);
-        attempt.error = error;
-    }
+    job.close_attempt(now, error);
 }
 
 /// A job ends in `state`: it leaves the active set and waits for its TTL.
@@ -812,14 +807,7 @@ fn apply(
                 let Some(mut job) = index.take(t, &id)? else {
                     continue;
                 };
-                let number = job.attempts.len() as u32 + 1;
-                job.attempts.push(Attempt {
-                    number,
-                    started_ms: now,
-                    finished_ms: None,
-                    error: None,
-                });
-                job.state = JobState::InProgress;
+                let number = job.begin_attempt(now);
                 t.store(&job)?;
                 let lane = index.lane(&endpoint);
                 let until = now

@@ -17,7 +17,7 @@ pub fn new_id(now_ms: u64) -> String {
 }
 
 /// Whether `text` has the shape of an id (26 characters of the alphabet).
-pub(crate) fn is_id(text: &str) -> bool {
+pub fn is_id(text: &str) -> bool {
     text.len() == 26 && text.bytes().all(|b| ALPHABET.contains(&b))
 }
 

@@ -3,7 +3,8 @@
 //! their result TTL passes.
 //!
 //! [`JobQueue`] is the interface; its semantics are those of a NATS JetStream work-queue
-//! stream with an explicit-ack pull consumer, so that the cluster mode can run jobs there:
+//! stream with an explicit-ack pull consumer, so that the cluster mode runs jobs there
+//! (`wasp_cluster::JetStreamQueue`, which keeps each job's record in a key-value bucket):
 //!
 //! | `JobQueue` | JetStream |
 //! | --- | --- |
@@ -26,7 +27,7 @@ mod model;
 mod queue;
 
 pub use embedded::{EmbeddedQueue, INLINE_MAX};
-pub use id::new_id;
+pub use id::{is_id, new_id};
 pub use model::{
     Attempt, Counts, Delivery, Failure, Job, JobOutput, JobPolicy, JobRequest, JobState, NewJob,
     Outcome, Payload, Priority, Webhook,
@@ -49,6 +50,10 @@ pub enum JobError {
     /// The store failed.
     #[error("job store: {0}")]
     Store(String),
+    /// The store cannot be reached now (a cluster's NATS servers are away): nothing was
+    /// done; a retry later may succeed.
+    #[error("the job store cannot be reached now ({0}); retry shortly")]
+    Unavailable(String),
     /// The store was closed.
     #[error("the job store is closed")]
     Closed,

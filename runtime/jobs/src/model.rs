@@ -177,6 +177,9 @@ pub struct Attempt {
     /// Why it failed, if it did.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<Failure>,
+    /// The cluster node it ran on (absent outside cluster mode).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
 }
 
 /// How a job runs: timeouts, attempts, retry delays and how long its result is kept.
@@ -315,6 +318,76 @@ impl Job {
         started.saturating_sub(self.submitted_ms)
     }
 
+    /// Starts its next attempt at `now`: `IN_PROGRESS`, numbered one more than the last.
+    pub fn begin_attempt(&mut self, now: u64) -> u32 {
+        let number = self.attempts.len() as u32 + 1;
+        self.attempts.push(Attempt {
+            number,
+            started_ms: now,
+            finished_ms: None,
+            error: None,
+            node: None,
+        });
+        self.state = JobState::InProgress;
+        number
+    }
+
+    /// Ends the running attempt at `now`, with the failure if it failed.
+    pub fn close_attempt(&mut self, now: u64, error: Option<Failure>) {
+        if let Some(attempt) = self.attempts.last_mut()
+            && attempt.finished_ms.is_none()
+        {
+            attempt.finished_ms = Some(now);
+            attempt.error = error;
+        }
+    }
+
+    /// Ends the job in `state` at `now`: it and its output are kept for the result TTL.
+    pub fn end(&mut self, now: u64, state: JobState) {
+        self.state = state;
+        self.finished_ms = Some(now);
+        self.expires_ms = Some(now.saturating_add(self.policy.result_ttl_s.saturating_mul(1000)));
+    }
+
+    /// After a failed attempt: queued again while attempts remain (after the policy's
+    /// retry delay when `delay`), and `true`; else ended in `last` with the failure.
+    pub fn requeue_or_end(
+        &mut self,
+        now: u64,
+        failure: Failure,
+        last: JobState,
+        delay: bool,
+    ) -> bool {
+        let made = self.attempts.len() as u32;
+        if made < self.attempts_allowed {
+            self.state = JobState::InQueue;
+            self.not_before_ms = if delay {
+                now.saturating_add(self.policy.retry_delay(made + 1).as_millis() as u64)
+            } else {
+                now
+            };
+            true
+        } else {
+            self.error = Some(failure);
+            self.end(now, last);
+            false
+        }
+    }
+
+    /// Queued again by a user's retry, with `max_attempts` more attempts; its output, error
+    /// and webhook delivery are forgotten.
+    pub fn requeue_by_user(&mut self, now: u64) {
+        self.state = JobState::InQueue;
+        self.attempts_allowed = self.attempts.len() as u32 + self.policy.max_attempts;
+        self.error = None;
+        self.finished_ms = None;
+        self.expires_ms = None;
+        self.not_before_ms = now;
+        if let Some(webhook) = self.webhook.as_mut() {
+            webhook.delivered = false;
+        }
+    }
+
     /// Milliseconds its attempts ran.
     pub fn execution_ms(&self, now_ms: u64) -> u64 {
         self.attempts
@@ -359,7 +432,8 @@ pub struct Counts {
 }
 
 impl Counts {
-    pub(crate) fn add(&mut self, state: JobState, by: i64) {
+    /// Counts `by` more (or, negative, fewer) jobs in `state`.
+    pub fn add(&mut self, state: JobState, by: i64) {
         let slot = match state {
             JobState::InQueue => &mut self.in_queue,
             JobState::InProgress => &mut self.in_progress,

@@ -108,6 +108,13 @@ pub trait JobQueue: Send + Sync + 'static {
     /// Notified when jobs of the endpoint become ready.
     fn ready_signal(&self, endpoint: &str) -> Arc<Notify>;
 
+    /// Calls `sink` with each job that another process sharing the queue ended (the other
+    /// nodes of a cluster), so that those waiting here for it hear of it. A queue that no
+    /// other process shares (the embedded one) never calls it.
+    fn on_ended_elsewhere(&self, sink: Box<dyn Fn(Job) + Send + Sync>) {
+        let _ = sink;
+    }
+
     /// Stops taking commands once those sent are done.
     fn close(&self);
 }

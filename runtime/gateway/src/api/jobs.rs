@@ -143,6 +143,9 @@ pub struct AttemptDetail {
     /// Why it failed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<JobErrorDetail>,
+    /// The cluster node it ran on (cluster mode only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
 }
 
 /// Why a job or an attempt failed.
@@ -291,6 +294,11 @@ impl From<JobError> for ApiError {
             JobError::NotFound(_) => ApiError::new(404, "job_not_found", e.to_string()),
             JobError::Conflict(_) => ApiError::new(409, "job_state", e.to_string()),
             JobError::StorageFull(_) => ApiError::new(507, "insufficient_storage", e.to_string()),
+            JobError::Unavailable(_) => {
+                tracing::warn!("{e}");
+                ApiError::new(503, "job_store_unavailable", e.to_string())
+                    .retry_after(std::time::Duration::from_secs(1))
+            }
             JobError::Store(_) | JobError::Closed => {
                 tracing::error!("{e}");
                 ApiError::new(500, "job_store", e.to_string())
@@ -392,7 +400,10 @@ async fn new_job(
     query: Option<&str>,
     body: Body,
 ) -> Result<NewJob, ApiError> {
+    // From the spec: a cluster node that cannot run the endpoint (no GPU for it) has no
+    // versions built, and still takes its jobs for the nodes that can.
     let limit = d
+        .spec
         .versions
         .iter()
         .map(|v| v.limits.max_body_bytes)
@@ -516,6 +527,7 @@ pub(crate) async fn status_of(gateway: &AppState, job: &Job) -> JobStatus {
                     code: e.code.clone(),
                     message: e.message.clone(),
                 }),
+                node: a.node.clone(),
             })
             .collect(),
         output: None,
@@ -594,6 +606,7 @@ async fn status_response(gateway: &AppState, job: &Job, code: StatusCode) -> Res
         (status = 413, description = "Over the endpoint's `limits.max_body_bytes`", body = ErrorBody),
         (status = 422, description = "A policy value out of range, a bad webhook URL", body = ErrorBody),
         (status = 429, description = "A rate limit, or the tenant's quota of queued jobs; retry after `Retry-After`", body = ErrorBody),
+        (status = 503, description = "A cluster's job store cannot be reached now; retry after `Retry-After`", body = ErrorBody),
         (status = 507, description = "The data directory is full", body = ErrorBody),
     ))]
 pub(crate) async fn run(
@@ -679,6 +692,7 @@ pub(crate) async fn spill(
         (status = 413, description = "Over the endpoint's `limits.max_body_bytes`", body = ErrorBody),
         (status = 422, description = "A policy value out of range, a bad webhook URL", body = ErrorBody),
         (status = 429, description = "A rate limit, or the tenant's quota of queued jobs; retry after `Retry-After`", body = ErrorBody),
+        (status = 503, description = "A cluster's job store cannot be reached now; retry after `Retry-After`", body = ErrorBody),
     ))]
 pub(crate) async fn runsync(
     State(gateway): State<AppState>,

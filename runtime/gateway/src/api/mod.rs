@@ -581,6 +581,7 @@ mod tests {
             Arc::default(),
             &[],
             &[],
+            None,
         )
         .await
         .unwrap();
