@@ -22,20 +22,25 @@ use wasp_tests::guests::HELLO;
 use wasp_tests::load::{self, Report};
 use wasp_tests::{NatsServer, TestClient, TestServer, spec, time};
 
+/// How a node of the bench joins `nats`.
+fn config(nats: &NatsServer, name: &str, url: String) -> wasp_cluster::ClusterConfig {
+    wasp_cluster::ClusterConfig {
+        servers: nats.url.clone(),
+        node: name.into(),
+        url,
+        user_password: None,
+        token: None,
+        ca: None,
+        replicas: 1,
+    }
+}
+
 async fn node(nats: &NatsServer, name: &str, gpus: &str) -> TestServer {
     let gpus = wasp_gateway::Inventory::parse(gpus).unwrap();
     let t = TestServer::start_with_gpus(gpus).await;
     wasp_cluster::join(
         t.server.gateway().clone(),
-        wasp_cluster::ClusterConfig {
-            servers: nats.url.clone(),
-            node: name.into(),
-            url: t.server.url(),
-            user_password: None,
-            token: None,
-            ca: None,
-            replicas: 1,
-        },
+        config(nats, name, t.server.url()),
     )
     .await
     .unwrap();
@@ -44,17 +49,9 @@ async fn node(nats: &NatsServer, name: &str, gpus: &str) -> TestServer {
 
 /// A node whose jobs are on the JetStream of `nats`.
 async fn jobs_node(nats: &NatsServer, name: &str) -> TestServer {
-    let mut connection = wasp_cluster::connect(wasp_cluster::ClusterConfig {
-        servers: nats.url.clone(),
-        node: name.into(),
-        url: String::new(),
-        user_password: None,
-        token: None,
-        ca: None,
-        replicas: 1,
-    })
-    .await
-    .unwrap();
+    let mut connection = wasp_cluster::connect(config(nats, name, String::new()))
+        .await
+        .unwrap();
     let jobs = connection.jobs(Duration::from_secs(30)).await.unwrap();
     let t = TestServer::start_configured(|config| {
         config.jobs = Some(wasp_gateway::SharedQueue(std::sync::Arc::new(jobs)));

@@ -758,31 +758,11 @@ impl JobQueue for JetStreamQueue {
             let mut records = Vec::with_capacity(jobs.len());
             for new in jobs {
                 let id = wasp_jobs::new_id(now);
-                let mut request = new.request;
-                if let Payload::Inline(bytes) = request.body {
-                    request.body = shared.stash(format!("{id}.in"), bytes).await?;
+                let mut job = Job::queued(id, new, now);
+                if let Payload::Inline(bytes) = std::mem::take(&mut job.request.body) {
+                    job.request.body = shared.stash(format!("{}.in", job.id), bytes).await?;
                 }
-                records.push(Job {
-                    id,
-                    endpoint: new.endpoint,
-                    state: JobState::InQueue,
-                    seq: 0,
-                    submitted_ms: now,
-                    not_before_ms: now,
-                    finished_ms: None,
-                    expires_ms: None,
-                    attempts_allowed: new.policy.max_attempts.max(1),
-                    policy: new.policy,
-                    attempts: Vec::new(),
-                    request,
-                    output: None,
-                    error: None,
-                    webhook: new.webhook.map(|url| wasp_jobs::Webhook {
-                        url,
-                        deliveries: Vec::new(),
-                        delivered: false,
-                    }),
-                });
+                records.push(job);
             }
             // The record and the message are written at once, and the submit is
             // acknowledged when JetStream has both.

@@ -701,10 +701,8 @@ fn end(
     lane.counts.add(job.state, -1);
     lane.counts.add(state, 1);
     effects.touched.insert(job.endpoint.clone());
-    job.state = state;
-    job.finished_ms = Some(now);
-    let expires = now.saturating_add(job.policy.result_ttl_s.saturating_mul(1000));
-    job.expires_ms = Some(expires);
+    job.end(now, state);
+    let expires = job.expires_ms.unwrap_or(now);
     t.active
         .remove(job.id.as_str())
         .map_err(|e| JobError::db("ending a job", e))?;
@@ -945,16 +943,7 @@ fn apply(
             let lane = index.lane(&endpoint);
             lane.counts.add(job.state, -1);
             lane.counts.add(JobState::InQueue, 1);
-            job.state = JobState::InQueue;
-            job.attempts_allowed = job.attempts.len() as u32 + job.policy.max_attempts;
-            job.error = None;
-            job.finished_ms = None;
-            job.expires_ms = None;
-            job.not_before_ms = now;
-            if let Some(webhook) = job.webhook.as_mut() {
-                // Told again when it ends again.
-                webhook.delivered = false;
-            }
+            job.requeue_by_user(now);
             t.webhooks
                 .remove(job.id.as_str())
                 .map_err(|e| JobError::db("retrying a job", e))?;
@@ -1097,31 +1086,11 @@ impl JobQueue for EmbeddedQueue {
             let mut records = Vec::with_capacity(jobs.len());
             for new in jobs {
                 let id = crate::new_id(now);
-                let mut request = new.request;
-                if let Payload::Inline(bytes) = request.body {
-                    request.body = self.stash(format!("{id}.in"), bytes).await?;
+                let mut job = Job::queued(id, new, now);
+                if let Payload::Inline(bytes) = std::mem::take(&mut job.request.body) {
+                    job.request.body = self.stash(format!("{}.in", job.id), bytes).await?;
                 }
-                records.push(Job {
-                    id,
-                    endpoint: new.endpoint,
-                    state: JobState::InQueue,
-                    seq: 0,
-                    submitted_ms: now,
-                    not_before_ms: now,
-                    finished_ms: None,
-                    expires_ms: None,
-                    attempts_allowed: new.policy.max_attempts.max(1),
-                    policy: new.policy,
-                    attempts: Vec::new(),
-                    request,
-                    output: None,
-                    error: None,
-                    webhook: new.webhook.map(|url| crate::Webhook {
-                        url,
-                        deliveries: Vec::new(),
-                        delivered: false,
-                    }),
-                });
+                records.push(job);
             }
             let blobs: Vec<String> = records.iter().flat_map(blob_files).collect();
             // Numbered and encoded here, on the submitter's thread: the writer only writes.

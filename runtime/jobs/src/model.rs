@@ -95,6 +95,12 @@ pub enum Payload {
     },
 }
 
+impl Default for Payload {
+    fn default() -> Self {
+        Self::Inline(Vec::new())
+    }
+}
+
 impl Payload {
     /// Its length in bytes.
     pub fn len(&self) -> u64 {
@@ -307,6 +313,31 @@ pub struct Job {
 }
 
 impl Job {
+    /// A job just submitted: queued, due now, with its policy's attempts.
+    pub fn queued(id: String, new: NewJob, now: u64) -> Self {
+        Self {
+            id,
+            endpoint: new.endpoint,
+            state: JobState::InQueue,
+            seq: 0,
+            submitted_ms: now,
+            not_before_ms: now,
+            finished_ms: None,
+            expires_ms: None,
+            attempts_allowed: new.policy.max_attempts.max(1),
+            policy: new.policy,
+            attempts: Vec::new(),
+            request: new.request,
+            output: None,
+            error: None,
+            webhook: new.webhook.map(|url| Webhook {
+                url,
+                deliveries: Vec::new(),
+                delivered: false,
+            }),
+        }
+    }
+
     /// The attempt that runs now (or ran last).
     pub fn attempt(&self) -> u32 {
         self.attempts.last().map_or(0, |a| a.number)
@@ -384,6 +415,7 @@ impl Job {
         self.expires_ms = None;
         self.not_before_ms = now;
         if let Some(webhook) = self.webhook.as_mut() {
+            // Told again when it ends again.
             webhook.delivered = false;
         }
     }
