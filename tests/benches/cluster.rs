@@ -30,6 +30,8 @@ fn config(nats: &NatsServer, name: &str, url: String) -> wasp_cluster::ClusterCo
         url,
         user_password: None,
         token: None,
+        nkey: None,
+        creds: None,
         ca: None,
         replicas: 1,
     }

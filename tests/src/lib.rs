@@ -723,6 +723,16 @@ impl NatsServer {
         Self::start_on(store, true, free_port(), extra)
     }
 
+    /// Starts one with JetStream and `config` (nats-server's configuration format: logins,
+    /// TLS) in a file.
+    pub fn start_with_config(store: &Path, config: &str) -> Option<Self> {
+        std::fs::create_dir_all(store).unwrap();
+        let file = store.join("nats.conf");
+        std::fs::write(&file, config).unwrap();
+        let extra = vec!["-c".to_owned(), file.display().to_string()];
+        Self::start_on(store, true, free_port(), extra)
+    }
+
     /// Starts a NATS cluster of `size` servers with JetStream (each with its store below
     /// `store`), routed to each other; `None` as [`NatsServer::start`].
     pub fn start_cluster(store: &Path, size: usize) -> Option<Vec<Self>> {

@@ -273,6 +273,17 @@ enum Command {
             requires = "cluster"
         )]
         cluster_token: Option<String>,
+        /// NATS nkey seed (`SU...`; from the environment, so that it is not in `ps`).
+        #[arg(
+            long,
+            env = "WASP_CLUSTER_NKEY",
+            hide_env_values = true,
+            requires = "cluster"
+        )]
+        cluster_nkey: Option<String>,
+        /// A NATS credentials file (a user JWT and its nkey seed, as `nsc` writes them).
+        #[arg(long, value_name = "FILE", requires = "cluster")]
+        cluster_creds: Option<PathBuf>,
         /// A PEM file of the CA the NATS servers' certificates chain to (TLS).
         #[arg(long, value_name = "FILE", requires = "cluster")]
         cluster_ca: Option<PathBuf>,
@@ -852,6 +863,8 @@ async fn run(cli: Cli) -> Result<()> {
             node_name,
             cluster_user,
             cluster_token,
+            cluster_nkey,
+            cluster_creds,
             cluster_ca,
             cluster_replicas,
             cluster_job_lease,
@@ -878,6 +891,8 @@ async fn run(cli: Cli) -> Result<()> {
                         url: String::new(),
                         user_password,
                         token: cluster_token,
+                        nkey: cluster_nkey,
+                        creds: cluster_creds,
                         ca: cluster_ca,
                         replicas: cluster_replicas,
                     })

@@ -264,6 +264,86 @@ fn a_nats_server_without_jetstream_is_refused_clearly() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_log_in_to_a_nats_server_that_wants_tls_and_a_login() {
+    let store = tempfile::tempdir().unwrap();
+    let made = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).unwrap();
+    let (cert, key) = (store.path().join("cert.pem"), store.path().join("key.pem"));
+    std::fs::write(&cert, made.cert.pem()).unwrap();
+    std::fs::write(&key, made.signing_key.serialize_pem()).unwrap();
+    let user = nkeys::KeyPair::new_user();
+    // TLS only, and two logins: a user with a password, and an nkey.
+    let config = format!(
+        "tls {{\n  cert_file: \"{}\"\n  key_file: \"{}\"\n}}\n\
+         authorization {{\n  users = [\n    {{ user: \"wasp\", password: \"s3cret\" }}\n    \
+         {{ nkey: \"{}\" }}\n  ]\n}}\n",
+        cert.display(),
+        key.display(),
+        user.public_key()
+    );
+    let Some(nats) = Nats::start_with_config(&store.path().join("nats"), &config) else {
+        return;
+    };
+    let ca = cert.to_str().unwrap();
+    let start = |dir: &Path, name: &str, extra: &[&str], env: &[(&str, &str)]| {
+        let mut args = vec!["--cluster", &nats.url, "--node-name", name];
+        args.extend_from_slice(extra);
+        let mut vars = vec![("WASP_LOG", "warn")];
+        vars.extend_from_slice(env);
+        Serve::try_start_with_env(dir, &args, &vars)
+    };
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let a = start(
+        dirs[0].path(),
+        "a",
+        &["--cluster-ca", ca, "--cluster-user", "wasp"],
+        &[("WASP_CLUSTER_PASSWORD", "s3cret")],
+    )
+    .unwrap_or_else(|r| panic!("a did not start:\n{}", r.stderr));
+    let seed = user.seed().unwrap();
+    let b = start(
+        dirs[1].path(),
+        "b",
+        &["--cluster-ca", ca],
+        &[("WASP_CLUSTER_NKEY", &seed)],
+    )
+    .unwrap_or_else(|r| panic!("b did not start:\n{}", r.stderr));
+    // Logged in over TLS, each its own way, they share the registry.
+    let (ca_client, cb) = (a.client(), b.client());
+    ca_client.deploy_ok(HELLO, &spec("v1")).await;
+    until("the deploy on B", Duration::from_secs(20), async || {
+        cb.invoke("greet", "", r#"{"name":"tls"}"#).await.status == 200
+    })
+    .await;
+
+    // A wrong password, no login, no trust in the server's certificate: refused, saying so.
+    let refusals = [
+        (
+            vec!["--cluster-ca", ca, "--cluster-user", "wasp"],
+            vec![("WASP_CLUSTER_PASSWORD", "nope")],
+            "authorization",
+        ),
+        (vec!["--cluster-ca", ca], vec![], "authorization"),
+        (
+            vec![],
+            vec![("WASP_CLUSTER_NKEY", seed.as_str())],
+            "certificate",
+        ),
+    ];
+    for (extra, env, why) in refusals {
+        let refused = start(dirs[2].path(), "c", &extra, &env)
+            .err()
+            .unwrap_or_else(|| panic!("a node joined with {extra:?} {env:?}"));
+        let said = refused.stderr.to_lowercase();
+        assert!(
+            said.contains("cannot connect to nats") && said.contains(why),
+            "{extra:?}: {}",
+            refused.stderr
+        );
+    }
+    drop((a, b, nats));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_for_an_endpoint_this_node_cannot_run_goes_to_one_that_can() {
     let store = tempfile::tempdir().unwrap();
     let Some(nats) = Nats::start(store.path(), true) else {
@@ -361,8 +441,148 @@ async fn a_node_with_no_ready_worker_forwards_rather_than_start_one() {
     // A started nothing for it.
     let status = ca.get("/api/v1/endpoints/lazy").await.json();
     assert_eq!(status["versions"][0]["status"], "scaledToZero", "{status}");
+
+    // B dies. A goes by B's last heartbeat for a while, so it tries B, cannot reach it,
+    // and serves the request itself rather than fail it.
     keep.abort();
-    drop((a, b, nats));
+    b.kill9();
+    let reply = ca.invoke("lazy", "", r#"{"name":"alone"}"#).await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(reply.header("x-wasp-node"), None);
+    assert!(reply.text().contains("alone"));
+    drop((a, nats));
+}
+
+/// The workers node `c` wants for endpoint `name`'s first version, as its own API says.
+async fn desired_on(c: &wasp_tests::TestClient, name: &str) -> Option<u64> {
+    let reply = c.get(&format!("/api/v1/endpoints/{name}")).await;
+    (reply.status == 200).then(|| reply.json()["versions"][0]["desired_workers"].as_u64())?
+}
+
+/// The status of endpoint `name`'s first version on a node.
+async fn version_status(c: &wasp_tests::TestClient, name: &str) -> String {
+    let reply = c.get(&format!("/api/v1/endpoints/{name}")).await;
+    reply.json()["versions"][0]["status"]
+        .as_str()
+        .unwrap_or("")
+        .to_owned()
+}
+
+/// The workers each node wants for `name` (`None` where a node does not answer).
+async fn desired_everywhere(clients: &[wasp_tests::TestClient], name: &str) -> Vec<Option<u64>> {
+    let mut counts = Vec::new();
+    for c in clients {
+        counts.push(desired_on(c, name).await);
+    }
+    counts
+}
+
+/// Waits until the workers the nodes want for `pair` pass `check`; on a timeout, says what
+/// each node wanted last and what the cluster's nodes reported.
+async fn settle(
+    clients: &[wasp_tests::TestClient],
+    what: &str,
+    patience: Duration,
+    check: impl Fn(&[Option<u64>]) -> bool,
+) {
+    let deadline = Instant::now() + patience;
+    loop {
+        let counts = desired_everywhere(clients, "pair").await;
+        if check(&counts) {
+            return;
+        }
+        if Instant::now() > deadline {
+            let nodes = clients[0].get("/api/v1/nodes").await.text();
+            let mut events = String::new();
+            for c in clients {
+                events.push_str(&c.get("/api/v1/endpoints/pair/events").await.text());
+                events.push('\n');
+            }
+            panic!("timed out waiting for {what}: {counts:?}\nnodes: {nodes}\nevents:\n{events}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cluster_scales_a_version_once_and_places_a_lost_nodes_workers_again() {
+    let store = tempfile::tempdir().unwrap();
+    let Some(nats) = Nats::start(store.path(), true) else {
+        return;
+    };
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let mut nodes: Vec<Option<Serve>> = ["a", "b", "c"]
+        .iter()
+        .zip(&dirs)
+        .map(|(name, dir)| Some(node(dir.path(), &nats, name)))
+        .collect();
+    let clients: Vec<_> = nodes.iter().flatten().map(Serve::client).collect();
+    let spec = "name = \"pair\"\n[[versions]]\nname = \"v1\"\n[versions.scaling]\n\
+                min_workers = 2\nmax_workers = 4\n[versions.processor]\n\
+                component = \"{COMPONENT}\"\n";
+    clients[0].deploy_ok(HELLO, spec).await;
+
+    // Every node starts the version at deploy; then the cluster's scaler keeps two workers
+    // in the whole cluster (not two on each node), on two nodes.
+    let patience = Duration::from_secs(40);
+    let two_on_two = |counts: &[Option<u64>]| {
+        counts.iter().map(|c| c.unwrap_or(9)).sum::<u64>() == 2
+            && counts.iter().all(|c| c.is_some_and(|c| c <= 1))
+    };
+    settle(&clients, "two workers on two nodes", patience, two_on_two).await;
+    // And it stays so.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let counts = desired_everywhere(&clients, "pair").await;
+    assert!(two_on_two(&counts), "{counts:?}");
+    let spare = counts.iter().position(|c| *c == Some(0)).unwrap();
+    let events: Value = clients[spare]
+        .get("/api/v1/endpoints/pair/events")
+        .await
+        .json();
+    let placed = events["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["trigger"] == "placement" && e["to"] == 0)
+        .unwrap_or_else(|| panic!("no placement event: {events:#}"));
+    assert!(
+        placed["reason"]
+            .as_str()
+            .unwrap()
+            .contains("2 wanted in the cluster"),
+        "{placed:#}"
+    );
+    // The spare node forwards to a node with a worker.
+    let reply = clients[spare]
+        .invoke("pair", "", r#"{"name":"spare"}"#)
+        .await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert!(reply.header("x-wasp-node").is_some());
+
+    // A node with a worker is killed: its worker is placed on the spare node.
+    let lost = counts.iter().position(|c| *c == Some(1)).unwrap();
+    nodes[lost].take().unwrap().kill9();
+    let alive: Vec<_> = (0..3)
+        .filter(|i| *i != lost)
+        .map(|i| clients[i].clone())
+        .collect();
+    settle(
+        &alive,
+        "the lost worker placed again",
+        Duration::from_secs(60),
+        |counts| counts == [Some(1), Some(1)],
+    )
+    .await;
+    for c in &alive {
+        until("a ready worker", patience, async || {
+            version_status(c, "pair").await == "ready"
+        })
+        .await;
+        let reply = c.invoke("pair", "", r#"{"name":"after"}"#).await;
+        assert_eq!(reply.status, 200, "{}", reply.text());
+        assert_eq!(reply.header("x-wasp-node"), None, "served where it arrived");
+    }
+    drop((nodes, nats));
 }
 
 /// Submits `count` jobs to the endpoint `durable`, spread over `clients` from `submitters`
@@ -443,9 +663,13 @@ async fn drained(c: &wasp_tests::TestClient, patience: Duration) -> Value {
     }
 }
 
-/// Every acknowledged job completed once, with its own output; returns how many took a
-/// second attempt because the node running the first was lost.
-async fn check_results(c: &wasp_tests::TestClient, acked: &[(String, String)]) -> usize {
+/// Every acknowledged job completed once, with its own output, in at most `most` attempts,
+/// each before the last lost with its lease; returns how many took more than one.
+async fn check_results(
+    c: &wasp_tests::TestClient,
+    acked: &[(String, String)],
+    most: usize,
+) -> usize {
     let mut retried = 0;
     for (id, input) in acked {
         let status: Value = c
@@ -458,8 +682,10 @@ async fn check_results(c: &wasp_tests::TestClient, acked: &[(String, String)]) -
         let attempts = status["attempts"].as_array().unwrap();
         if attempts.len() > 1 {
             retried += 1;
-            assert_eq!(attempts.len(), 2, "{status:#}");
-            assert_eq!(attempts[0]["error"]["code"], "lease_expired", "{status:#}");
+            assert!(attempts.len() <= most, "{status:#}");
+            for lost in &attempts[..attempts.len() - 1] {
+                assert_eq!(lost["error"]["code"], "lease_expired", "{status:#}");
+            }
         }
     }
     retried
@@ -480,11 +706,12 @@ async fn jobs_survive_the_loss_of_a_node_and_a_nats_restart() {
     let b = node_with(dirs[1].path(), &nats, "b", &lease);
     let c = node_with(dirs[2].path(), &nats, "c", &lease);
     let (ca, cb, cc) = (a.client(), b.client(), c.client());
+    // `max_workers` counts the cluster's workers: one for each node.
     ca.deploy_ok(
         wasp_tests::guests::HOSTILE,
         &format!(
             "{}[jobs]\nconcurrency_per_worker = 8\n",
-            wasp_tests::spec("durable", "")
+            wasp_tests::spec("durable", "[versions.scaling]\nmax_workers = 3\n")
         ),
     )
     .await;
@@ -558,7 +785,7 @@ async fn jobs_survive_the_loss_of_a_node_and_a_nats_restart() {
         health["jobs"]["completed"].as_u64().unwrap() as usize >= acked.len(),
         "{health:#}"
     );
-    let retried = check_results(&cb, &acked).await;
+    let retried = check_results(&cb, &acked, 2).await;
     for id in &sleepers {
         let status: Value = cb
             .get(&format!("/endpoints/durable/status/{id}"))
@@ -595,7 +822,7 @@ async fn jobs_survive_the_loss_of_a_node_and_a_nats_restart() {
     // Submits that met the outage were refused (503) and sent again.
     assert_eq!(acked.len(), 400);
     drained(&cb, Duration::from_secs(120)).await;
-    check_results(&ca, &acked).await;
+    check_results(&ca, &acked, 2).await;
     drop((a, b));
 }
 
@@ -672,7 +899,10 @@ async fn jobs_go_on_when_one_server_of_a_three_server_nats_cluster_is_killed() {
     }
     assert_eq!(acked.len(), 800);
     drained(&ca, Duration::from_secs(120)).await;
-    check_results(&cb, &acked).await;
+    // With leases of 2 s, the seconds a node takes to find another server and JetStream
+    // takes to elect new leaders can expire a lease more than once: the attempt runs
+    // again, and the job still completes once.
+    check_results(&cb, &acked, 5).await;
     drop((a, b, servers));
 }
 
@@ -688,8 +918,9 @@ async fn the_jobs_api_of_any_node_answers_for_jobs_run_on_another() {
     let (cg, cc) = (gpu.client(), cpu.client());
     // Only the GPU node can run it, one job at a time.
     let spec = "name = \"big\"\n[[versions]]\nname = \"v1\"\n[versions.scaling]\n\
-                gpus_per_worker = 1\nmax_workers = 1\n[versions.processor]\n\
-                component = \"{COMPONENT}\"\n[jobs]\nconcurrency_per_worker = 1\n";
+                gpus_per_worker = 1\nmax_workers = 1\n[versions.limits]\ntimeout_ms = 20000\n\
+                [versions.processor]\ncomponent = \"{COMPONENT}\"\n\
+                [jobs]\nconcurrency_per_worker = 1\n";
     cg.deploy_ok(wasp_tests::guests::HOSTILE, spec).await;
     until(
         "the endpoint on the cpu node",
@@ -731,10 +962,14 @@ async fn the_jobs_api_of_any_node_answers_for_jobs_run_on_another() {
     assert_eq!(result.status, 200);
     assert_eq!(result.text(), format!("\"{big}\""));
 
-    // A job running on the GPU node is cancelled from the other; it stays cancelled when
-    // the run ends, and a retry from the other runs it again.
+    // A job running on the GPU node is cancelled from the other: its attempt stops there,
+    // it stays cancelled, and a retry from the other runs it again.
     let slow = serde_json::json!({ "input": 1500, "path": "/sleep" });
-    let running = run(&cc, slow.clone()).await;
+    let running = run(
+        &cc,
+        serde_json::json!({ "input": 12_000, "path": "/sleep" }),
+    )
+    .await;
     until("the slow job to run", Duration::from_secs(30), async || {
         status(&cc, &running).await["status"] == "IN_PROGRESS"
     })
@@ -770,6 +1005,14 @@ async fn the_jobs_api_of_any_node_answers_for_jobs_run_on_another() {
     }
     let health: Value = cc.get("/endpoints/big/health").await.json();
     assert_eq!(health["jobs"]["in_queue"], 0, "{health:#}");
+    // The GPU node's one slot is free again well before the 12 s run would have ended.
+    let quick = run(&cc, serde_json::json!({ "input": "next", "path": "/echo" })).await;
+    until(
+        "a job in the cancelled one's slot",
+        Duration::from_secs(4),
+        async || status(&cc, &quick).await["status"] == "COMPLETED",
+    )
+    .await;
     let retried = cg
         .post(&format!("/endpoints/big/retry/{running}"), "")
         .await;

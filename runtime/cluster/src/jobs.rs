@@ -487,6 +487,13 @@ impl Shared {
         match entry.operation {
             kv::Operation::Put => match decode(&entry.value) {
                 Ok(job) => {
+                    // Cancelled on another node while it runs here: its message goes (the
+                    // gateway stops the attempt when told below).
+                    if job.state == JobState::Cancelled
+                        && let Some(held) = self.held().remove(&job.id)
+                    {
+                        tokio::spawn(async move { ack(&held.message, AckKind::Term).await });
+                    }
                     if self.learn(&entry.key, Some(&job), entry.revision) {
                         let sink = self.ended.lock().unwrap_or_else(|e| e.into_inner()).clone();
                         if let Some(sink) = sink {

@@ -6,7 +6,9 @@
 //! `wasp_components`, named by its digest. A node writes what changes on it (after its own
 //! store has it) and applies what the others write, in the bucket's order: a deploy on any
 //! node is served by all. Nodes send a heartbeat to the bucket `wasp_nodes`, whose entries
-//! expire, so the nodes listed are those alive.
+//! expire, so the nodes listed are those alive. One node at a time scales every version
+//! for the whole cluster from the loads in those heartbeats, and places the workers on
+//! nodes (see the `scaling` module).
 //!
 //! When a node joins, the bucket is the truth: its endpoints are applied, and endpoints
 //! this node holds that the bucket does not are removed, unless the bucket is empty (the
@@ -27,8 +29,10 @@ use tokio::sync::mpsc;
 use wasp_gateway::{AccessChange, Gateway, NodeInfo, StoredEndpoint};
 
 mod jobs;
+mod scaling;
 
 pub use jobs::{JOB_BLOBS_BUCKET, JOBS_BUCKET, JOBS_STREAM, JetStreamQueue};
+pub use scaling::{PLACEMENTS_BUCKET, SCALING_BUCKET};
 
 /// The bucket of endpoint records.
 pub const ENDPOINTS_BUCKET: &str = "wasp_endpoints";
@@ -59,6 +63,10 @@ pub struct ClusterConfig {
     pub user_password: Option<(String, String)>,
     /// NATS token, if the servers want one.
     pub token: Option<String>,
+    /// NATS nkey seed (`SU...`), if the servers want an nkey login.
+    pub nkey: Option<String>,
+    /// NATS credentials file (a user JWT and its seed, as `nsc` writes them).
+    pub creds: Option<PathBuf>,
     /// PEM file of the CA the NATS servers' certificates chain to (TLS).
     pub ca: Option<PathBuf>,
     /// Copies JetStream keeps of each bucket (the NATS cluster's size, up to 5).
@@ -214,6 +222,8 @@ struct Buckets {
     access: kv::Store,
     components: object_store::ObjectStore,
     nodes: kv::Store,
+    leases: kv::Store,
+    placements: kv::Store,
 }
 
 /// The tenant of an endpoint by its qualified name.
@@ -317,6 +327,13 @@ impl Connection {
             from,
             revisions,
         ));
+        tokio::spawn(scaling::follow(gateway.clone(), buckets.placements.clone()));
+        tokio::spawn(scaling::lead(
+            gateway.clone(),
+            buckets.leases.clone(),
+            buckets.placements.clone(),
+            node.clone(),
+        ));
         tokio::spawn(heartbeat(gateway, buckets, config, node));
         Ok(())
     }
@@ -365,6 +382,14 @@ pub async fn connect(config: ClusterConfig) -> Result<Connection, ClusterError> 
     }
     if let Some(token) = &config.token {
         options = options.token(token.clone());
+    }
+    if let Some(seed) = &config.nkey {
+        options = options.nkey(seed.clone());
+    }
+    if let Some(creds) = &config.creds {
+        options = options.credentials_file(creds).await.map_err(|e| {
+            ClusterError::Config(format!("--cluster-creds `{}`: {e}", creds.display()))
+        })?;
     }
     if let Some(ca) = &config.ca {
         options = options.add_root_certificates(ca.clone()).require_tls(true);
@@ -437,6 +462,23 @@ async fn open_buckets(js: &jetstream::Context, replicas: usize) -> Result<Bucket
         },
     )
     .await?;
+    let leases = key_value(
+        js,
+        kv::Config {
+            history: 1,
+            max_age: scaling::LEASE_TTL,
+            ..config(SCALING_BUCKET, "wasp: which node scales the cluster")
+        },
+    )
+    .await?;
+    let placements = key_value(
+        js,
+        kv::Config {
+            history: 1,
+            ..config(PLACEMENTS_BUCKET, "wasp: where each version's workers go")
+        },
+    )
+    .await?;
     let components = match js.get_object_store(COMPONENTS_BUCKET).await {
         Ok(store) => store,
         Err(_) => js
@@ -458,6 +500,8 @@ async fn open_buckets(js: &jetstream::Context, replicas: usize) -> Result<Bucket
         access,
         components,
         nodes,
+        leases,
+        placements,
     })
 }
 
@@ -860,28 +904,36 @@ async fn heartbeat(
     }
 }
 
-/// Keeps `node`'s view of the others from their heartbeats: one watch (the last heartbeat
-/// of each node, then each new one), followed again after a lost connection. Entries too
-/// old are left out when the nodes are listed.
+/// Keeps `node`'s view of the others from their heartbeats. Entries too old are left out
+/// when the nodes are listed.
 async fn follow_nodes(bucket: kv::Store, node: Arc<Node>) {
+    follow_bucket(bucket, "the cluster's heartbeats", |entry| {
+        if !matches!(entry.operation, kv::Operation::Put) {
+            return;
+        }
+        if let Ok(other) = serde_json::from_slice::<NodeInfo>(&entry.value)
+            && other.name != node.name
+        {
+            node.nodes
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(other.name.clone(), other);
+        }
+    })
+    .await
+}
+
+/// Follows `bucket` with one watch (the last entry of each key, then each change) into
+/// `apply`, again after a lost connection; `what` names it in the log.
+pub(crate) async fn follow_bucket(bucket: kv::Store, what: &str, mut apply: impl FnMut(kv::Entry)) {
     loop {
         match bucket.watch_with_history(">").await {
             Ok(mut watch) => {
                 while let Some(Ok(entry)) = watch.next().await {
-                    if !matches!(entry.operation, kv::Operation::Put) {
-                        continue;
-                    }
-                    if let Ok(other) = serde_json::from_slice::<NodeInfo>(&entry.value)
-                        && other.name != node.name
-                    {
-                        node.nodes
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .insert(other.name.clone(), other);
-                    }
+                    apply(entry);
                 }
             }
-            Err(e) => tracing::warn!("cannot follow the cluster's heartbeats (retrying): {e}"),
+            Err(e) => tracing::warn!("cannot follow {what} (retrying): {e}"),
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }

@@ -136,14 +136,15 @@ async fn run_endpoint(gateway: Weak<Gateway>, name: String) {
             } else {
                 backlog.scaling + backlog.low
             };
-            // In a cluster, a node that cannot start a worker (no free GPU) leaves the jobs
-            // to the nodes that can, rather than spend their attempts failing.
+            // In a cluster, a node that cannot start a worker (no free GPU), or where the
+            // cluster's scaler placed none, leaves the jobs to the nodes that can.
             let due = if ready == 0
                 && g.cluster.get().is_some()
-                && !deployment
+                && (!deployment
                     .versions
                     .iter()
                     .any(|v| v.workers.could_start_here())
+                    || g.placed_elsewhere(&deployment))
             {
                 0
             } else {

@@ -13,6 +13,7 @@ mod jobs;
 mod kserve;
 mod limits;
 pub mod metrics;
+mod placement;
 mod records;
 mod registry;
 mod rollout;
@@ -26,6 +27,7 @@ pub mod workers;
 
 pub use audit::AuditEntry;
 pub use limits::{Holding, Quota};
+pub use placement::{Placement, Placer, VersionLoad};
 pub use records::RequestRecord;
 pub use registry::{Cluster, DeployedVersion, Deployment, Gateway, NodeInfo};
 pub use server::{HttpLimits, OPERATOR_KEY_FILE, Server, ServerConfig, SharedQueue};

@@ -1,7 +1,7 @@
 //! The endpoint registry: deployed endpoints, their versions and processors, and the
 //! operations of the control API (deploy, stop, start, remove).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::{Arc, RwLock, Weak};
 use std::time::Duration;
@@ -192,6 +192,13 @@ pub struct NodeInfo {
     /// Its ready workers by endpoint (those with one or more).
     #[serde(default)]
     pub ready: BTreeMap<String, u32>,
+    /// The load of its versions that have workers, load or a waiting request: what the
+    /// cluster's scaler decides on.
+    #[serde(default)]
+    pub versions: Vec<crate::VersionLoad>,
+    /// The endpoints it cannot run (a failed load: no GPUs, say).
+    #[serde(default)]
+    pub unable: Vec<String>,
 }
 
 tokio::task_local! {
@@ -344,7 +351,7 @@ pub struct Gateway {
     backends: Registry,
     load_context: LoadContext,
     /// The autoscalers' clock.
-    clock: Arc<dyn Clock>,
+    pub(crate) clock: Arc<dyn Clock>,
     /// The GPUs workers may own.
     pub(crate) inventory: Arc<Inventory>,
     /// Durable async jobs of every endpoint.
@@ -373,6 +380,9 @@ pub struct Gateway {
     pub(crate) audit: crate::audit::AuditLog,
     /// Request records of the endpoints that keep them.
     pub(crate) recorder: crate::records::Recorder,
+    /// Where the cluster's scaler placed each version's workers (cluster mode), by
+    /// endpoint and version.
+    pub(crate) placements: RwLock<HashMap<(String, String), crate::Placement>>,
 }
 
 /// Model calls from processors (the `inference` import), answered by the backends of the
@@ -501,6 +511,7 @@ impl Gateway {
             limiters: crate::limits::Limiters::default(),
             audit,
             recorder: crate::records::Recorder::start(data_dir.join("records")),
+            placements: RwLock::default(),
             batches: crate::batches::Batches::default(),
             data_dir: data_dir.to_owned(),
             started_ms: crate::workers::now_ms(),
@@ -508,6 +519,10 @@ impl Gateway {
         let weak = Arc::downgrade(&gateway);
         gateway.jobs.on_ended_elsewhere(Box::new(move |job| {
             if let Some(g) = weak.upgrade() {
+                // Cancelled on another node of the cluster while its attempt runs here.
+                if job.state == wasp_jobs::JobState::Cancelled {
+                    g.running.abort(&job.id);
+                }
                 g.running.announce(job);
             }
         }));
@@ -985,6 +1000,10 @@ impl Gateway {
             // Queued jobs that may scale the endpoint up, shared by the versions' weights.
             let backlog = self.jobs.backlog(&deployment.spec.name).scaling;
             for v in &deployment.versions {
+                if let Some(placed) = self.placed_here(&deployment.spec.name, &v.name) {
+                    v.workers.follow_placement(&placed);
+                    continue;
+                }
                 let share = (backlog * u64::from(v.weight)).div_ceil(100);
                 v.workers.tick(false, share);
             }
@@ -1072,6 +1091,7 @@ impl Gateway {
             })
             .filter(|(_, n)| *n > 0)
             .collect();
+        let (versions, unable) = self.version_loads();
         NodeInfo {
             name: name.to_owned(),
             url: url.to_owned(),
@@ -1082,6 +1102,8 @@ impl Gateway {
             gpus: self.inventory.total(),
             gpus_free: self.inventory.free(),
             ready,
+            versions,
+            unable,
         }
     }
 

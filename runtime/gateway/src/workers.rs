@@ -14,11 +14,14 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::watch;
 use wasp_backend::{BackendError, BackendFactory, Batcher, LoadContext};
 use wasp_core::{BackendSpec, BatchingSpec, RolloutSpec};
-use wasp_scaling::{Autoscaler, Clock, Decision, Inventory, Meter, Policy, Side, Trigger};
+use wasp_scaling::{Autoscaler, Clock, Decision, Inventory, Load, Meter, Policy, Side, Trigger};
 use wasp_wasm::Processor;
 
 /// Scaling events kept per endpoint.
 const EVENT_CAPACITY: usize = 1000;
+/// How long a worker started here for a waiting request is kept against a cluster
+/// placement decided before the cluster's scaler could hear of it (cluster mode).
+const WAKE_GRACE_MS: u64 = 15_000;
 
 /// Where a worker is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
@@ -275,6 +278,26 @@ pub struct WorkerSet {
     /// when none serves any more goes to its successor.
     retiring: AtomicBool,
     successor: Mutex<Weak<WorkerSet>>,
+    /// The load over the scaling windows at the last autoscaler step.
+    load: Mutex<Load>,
+    /// When a request that found no worker last started one here (ms since the epoch).
+    woke_at_ms: AtomicU64,
+    /// When the placement this node follows for it was decided (cluster mode).
+    followed_ms: AtomicU64,
+}
+
+/// How many of a version's workers the cluster's scaler placed on this node (cluster
+/// mode), and why.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Placed {
+    /// Workers for this node.
+    pub workers: u32,
+    /// The node whose scaler decided.
+    pub leader: String,
+    /// Why, for people.
+    pub reason: String,
+    /// When it was decided, in milliseconds since the Unix epoch.
+    pub decided_at_ms: u64,
 }
 
 /// What feeds a version's workers: its processor and the instances kept per worker.
@@ -360,6 +383,9 @@ impl WorkerSet {
             rolling: AtomicBool::new(false),
             retiring: AtomicBool::new(false),
             successor: Mutex::new(Weak::new()),
+            load: Mutex::new(Load::default()),
+            woke_at_ms: AtomicU64::new(0),
+            followed_ms: AtomicU64::new(0),
         })
     }
 
@@ -612,6 +638,7 @@ impl WorkerSet {
             self.spawn_start(self.add_worker());
             return;
         }
+        self.woke_at_ms.store(now_ms(), Ordering::Relaxed);
         self.tick(true, 0);
     }
 
@@ -625,14 +652,79 @@ impl WorkerSet {
         let now = self.clock.now();
         let decision = {
             let mut scaler = self.lock_scaler();
-            scaler.tick(self.meter.read(), waiting, backlog, now)
+            let load = scaler.observe(self.meter.read(), waiting);
+            *self.load.lock().unwrap_or_else(|e| e.into_inner()) = load;
+            scaler.decide_load(load, backlog, now)
         };
+        self.settle(decision);
+    }
+
+    /// Applies a decision, gives pending workers their GPUs if they are free now, and
+    /// drops the warm instances of a version left with no workers.
+    fn settle(self: &Arc<Self>, decision: Decision) {
         self.apply(decision);
         self.retry_pending();
         if self.desired() == 0 {
             // Nothing is left to feed: no warm instances either.
             self.feed().trim(0, Duration::ZERO);
         }
+    }
+
+    /// One step in cluster mode, once the cluster's scaler has placed the version: the
+    /// meter is still read (its load goes to the scaler in the heartbeat), and the workers
+    /// here follow the placement. A worker started here for a waiting request is kept
+    /// against a placement decided before the scaler could hear of it.
+    pub(crate) fn follow_placement(self: &Arc<Self>, placed: &Placed) {
+        self.follow_backends();
+        if self.rolling.load(Ordering::Acquire) || self.retiring.load(Ordering::Acquire) {
+            return;
+        }
+        let now = self.clock.now();
+        let current = self.desired();
+        self.followed_ms
+            .store(placed.decided_at_ms, Ordering::Relaxed);
+        let woke_lately = now_ms()
+            < self
+                .woke_at_ms
+                .load(Ordering::Relaxed)
+                .saturating_add(WAKE_GRACE_MS);
+        let to = if placed.workers < current && woke_lately {
+            current
+        } else {
+            placed.workers
+        };
+        {
+            let mut scaler = self.lock_scaler();
+            let load = scaler.observe(self.meter.read(), false);
+            *self.load.lock().unwrap_or_else(|e| e.into_inner()) = load;
+            if to != current {
+                scaler.reset(to, now);
+            }
+        }
+        self.settle(Decision {
+            from: current,
+            to,
+            trigger: Trigger::Placement,
+            reason: format!(
+                "the cluster's scaler (on node `{}`) placed {to} here: {}",
+                placed.leader, placed.reason
+            ),
+        });
+    }
+
+    /// When the placement it follows was decided (0 before any).
+    pub(crate) fn followed_placement_ms(&self) -> u64 {
+        self.followed_ms.load(Ordering::Relaxed)
+    }
+
+    /// The load over the scaling windows at the last autoscaler step.
+    pub fn load(&self) -> Load {
+        *self.load.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether a rolling update, not the autoscaler, sets its workers now.
+    pub(crate) fn rolling(&self) -> bool {
+        self.rolling.load(Ordering::Acquire) || self.retiring.load(Ordering::Acquire)
     }
 
     fn apply(self: &Arc<Self>, decision: Decision) {

@@ -121,6 +121,9 @@ pub enum Trigger {
     Bounds(Option<usize>),
     /// A request arrived at a version with no workers.
     Wake,
+    /// The cluster's scaler placed this many of the version's workers on this node
+    /// (cluster mode).
+    Placement,
 }
 
 impl fmt::Display for Trigger {
@@ -133,6 +136,7 @@ impl fmt::Display for Trigger {
             Self::Bounds(None) => f.write_str("bounds"),
             Self::Bounds(Some(i)) => write!(f, "schedule[{i}]"),
             Self::Wake => f.write_str("wake"),
+            Self::Placement => f.write_str("placement"),
         }
     }
 }
@@ -384,10 +388,14 @@ impl Autoscaler {
     /// load in both windows (they would be in flight if there were room) and wake a
     /// version at zero.
     pub fn tick(&mut self, reading: Reading, waiting: bool, backlog: u64, now: Moment) -> Decision {
-        let mut load = self.load(&reading, waiting);
-        load.stable += backlog as f64;
-        load.panic += backlog as f64;
-        load.waiting |= backlog > 0;
+        let load = self.observe(reading, waiting);
+        self.decide_load(load, backlog, now)
+    }
+
+    /// Takes a meter reading into the windows without deciding; returns the load over
+    /// both windows (what a cluster node reports to the cluster's scaler).
+    pub fn observe(&mut self, reading: Reading, waiting: bool) -> Load {
+        let load = self.load(&reading, waiting);
         self.readings.push_back(reading);
         let keep = self.policy.stable_window() + Duration::from_secs(1);
         while self
@@ -397,6 +405,15 @@ impl Autoscaler {
         {
             self.readings.pop_front();
         }
+        load
+    }
+
+    /// Decides on a load measured elsewhere (the sum of a cluster's nodes), with `backlog`
+    /// queued jobs counted as in [`Autoscaler::tick`].
+    pub fn decide_load(&mut self, mut load: Load, backlog: u64, now: Moment) -> Decision {
+        load.stable += backlog as f64;
+        load.panic += backlog as f64;
+        load.waiting |= backlog > 0;
         let (decision, state) = decide(&self.state, &load, &self.policy, now);
         self.state = state;
         decision

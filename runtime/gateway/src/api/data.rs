@@ -278,15 +278,33 @@ const HOP_BY_HOP: [&str; 10] = [
     "proxy-authorization",
 ];
 
-/// Sends an invoke request as it came to `peer`, another node of the cluster with a ready
-/// worker for the endpoint, and streams back its answer with `x-wasp-node` naming it.
+/// How a forward failed.
+enum ForwardError {
+    /// Before the peer had the request (it could not be reached): it may be served here.
+    Unsent(ApiError),
+    /// After it was sent, or on this side: answered as it is.
+    Failed(ApiError),
+}
+
+impl From<ForwardError> for ApiError {
+    fn from(e: ForwardError) -> Self {
+        match e {
+            ForwardError::Unsent(e) | ForwardError::Failed(e) => e,
+        }
+    }
+}
+
+/// Sends an invoke request as it came (its head and its body, read) to `peer`, another
+/// node of the cluster with a ready worker for the endpoint, and streams back its answer
+/// with `x-wasp-node` naming it.
 async fn forward_to_peer(
     gateway: &AppState,
     name: &str,
     me: &str,
     peer: &crate::NodeInfo,
-    request: HttpRequest,
-) -> Result<Response, ApiError> {
+    request: &axum::http::request::Parts,
+    body: bytes::Bytes,
+) -> Result<Response, ForwardError> {
     let unavailable = |e: String| {
         ApiError::new(
             502,
@@ -304,12 +322,12 @@ async fn forward_to_peer(
         format!("/t/{tenant}")
     };
     let local = crate::tenants::local_name(name);
-    let full = request.uri().path();
+    let full = request.uri.path();
     let rest = full
         .find("/invoke")
         .map_or("", |i| &full[i + "/invoke".len()..]);
     let query = request
-        .uri()
+        .uri
         .query()
         .map(|q| format!("?{q}"))
         .unwrap_or_default();
@@ -319,29 +337,34 @@ async fn forward_to_peer(
         percent_encoding::utf8_percent_encode(local, percent_encoding::NON_ALPHANUMERIC)
     );
     let mut outgoing = hyper::Request::builder()
-        .method(request.method().clone())
+        .method(request.method.clone())
         .uri(&uri);
-    for (header, value) in request.headers() {
+    for (header, value) in &request.headers {
         if !HOP_BY_HOP.contains(&header.as_str()) {
             outgoing = outgoing.header(header, value);
         }
     }
     outgoing = outgoing.header(FORWARDED_BY, me);
-    if let Some(super::auth::Presented(key)) = request.extensions().get() {
+    if let Some(super::auth::Presented(key)) = request.extensions.get() {
         outgoing = outgoing.header(axum::http::header::AUTHORIZATION, key);
     }
-    let limit = wasp_core::Limits::default().max_body_bytes;
-    let body = read_version_body(request.into_body(), limit).await?;
     let outgoing = outgoing
         .body(http_body_util::Full::new(body))
-        .map_err(|e| unavailable(e.to_string()))?;
+        .map_err(|e| ForwardError::Failed(unavailable(e.to_string())))?;
     let answer = tokio::time::timeout(
         std::time::Duration::from_secs(600),
         gateway.webhooks.request(outgoing),
     )
     .await
-    .map_err(|_| unavailable("no answer within 600 s".into()))?
-    .map_err(|e| unavailable(e.to_string()))?;
+    .map_err(|_| ForwardError::Failed(unavailable("no answer within 600 s".into())))?
+    .map_err(|e| {
+        let said = unavailable(e.to_string());
+        if e.is_connect() {
+            ForwardError::Unsent(said)
+        } else {
+            ForwardError::Failed(said)
+        }
+    })?;
     gateway
         .metrics
         .forwarded
@@ -363,7 +386,7 @@ async fn forward_to_peer(
 async fn invoke_inner(
     gateway: AppState,
     Name(name): Name,
-    request: HttpRequest,
+    mut request: HttpRequest,
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
     let (deployment, version) = match resolve_with(&gateway, &name, request.headers()) {
@@ -377,17 +400,29 @@ async fn invoke_inner(
             let Some((me, peer)) = gateway.peer_for(&name) else {
                 return Err(e);
             };
-            return forward_to_peer(&gateway, &name, &me, &peer, request).await;
+            let (parts, body) = request.into_parts();
+            let body = read_version_body(body, wasp_core::Limits::default().max_body_bytes).await?;
+            return Ok(forward_to_peer(&gateway, &name, &me, &peer, &parts, body).await?);
         }
     };
     // No ready worker here (scaled to zero, say) but one on another node: sent there
-    // rather than waiting for a cold start. The node that serves it admits it.
+    // rather than waiting for a cold start. The node that serves it admits it. When that
+    // node cannot be reached (it died since its last heartbeat), the request is served
+    // here after all.
     if version.workers.ready_now() == 0
         && !request.headers().contains_key(FORWARDED_BY)
         && let Some((me, peer)) = gateway.peer_for(&name)
     {
-        drop((deployment, version));
-        return forward_to_peer(&gateway, &name, &me, &peer, request).await;
+        let (parts, body) = request.into_parts();
+        let body = read_version_body(body, version.limits.max_body_bytes).await?;
+        match forward_to_peer(&gateway, &name, &me, &peer, &parts, body.clone()).await {
+            Ok(answer) => return Ok(answer),
+            Err(ForwardError::Failed(e)) => return Err(e),
+            Err(ForwardError::Unsent(e)) => {
+                tracing::warn!(endpoint = %name, node = %peer.name, "served here: {}", e.message);
+                request = HttpRequest::from_parts(parts, Body::from(body));
+            }
+        }
     }
     let admitted = admit(
         &gateway,
