@@ -335,7 +335,7 @@ impl crate::Gateway {
                 });
                 tracked.scaler.set_policy(policy);
                 let weight = deployment.spec.weight(i);
-                let share = (backlog * u64::from(weight)).div_ceil(100);
+                let share = crate::workers::backlog_share(backlog, weight);
                 let decision = tracked.scaler.decide_load(load, share, now);
                 let (placed, unplaced) = place(decision.to, &candidates, v.scaling.gpus_per_worker);
                 let unchanged = tracked.last.as_ref().is_some_and(|last| {
@@ -406,8 +406,8 @@ impl crate::Gateway {
             .map(|p| p.for_node(&node))
     }
 
-    /// Whether the cluster's scaler placed every version of `endpoint` on other nodes and
-    /// none here: a node leaves its jobs to those nodes.
+    /// Whether the cluster's scaler has placed every version of `deployment` and none of
+    /// their workers here: a node leaves the endpoint's jobs to the nodes placed some.
     pub(crate) fn placed_elsewhere(&self, deployment: &crate::Deployment) -> bool {
         deployment.versions.iter().all(|v| {
             self.placed_here(&deployment.spec.name, &v.name)

@@ -1004,7 +1004,7 @@ impl Gateway {
                     v.workers.follow_placement(&placed);
                     continue;
                 }
-                let share = (backlog * u64::from(v.weight)).div_ceil(100);
+                let share = crate::workers::backlog_share(backlog, v.weight);
                 v.workers.tick(false, share);
             }
         }

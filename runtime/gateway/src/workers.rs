@@ -286,6 +286,12 @@ pub struct WorkerSet {
     followed_ms: AtomicU64,
 }
 
+/// A version's share of its endpoint's queued jobs that may scale it up: by its weight in
+/// percent, rounded up (so that a version with any weight wakes for one job).
+pub(crate) fn backlog_share(backlog: u64, weight: u32) -> u64 {
+    (backlog * u64::from(weight)).div_ceil(100)
+}
+
 /// How many of a version's workers the cluster's scaler placed on this node (cluster
 /// mode), and why.
 #[derive(Debug, Clone, PartialEq)]
@@ -613,7 +619,7 @@ impl WorkerSet {
     /// A request is waiting and no worker is live: decide at once rather than at the next
     /// tick.
     fn wake(self: &Arc<Self>) {
-        if self.rolling.load(Ordering::Acquire) || self.retiring.load(Ordering::Acquire) {
+        if self.rolling() {
             // The rolling update starts (or stops) its workers.
             return;
         }
@@ -646,7 +652,7 @@ impl WorkerSet {
     /// job backlog), decides, and applies the decision.
     pub(crate) fn tick(self: &Arc<Self>, waiting: bool, backlog: u64) {
         self.follow_backends();
-        if self.rolling.load(Ordering::Acquire) || self.retiring.load(Ordering::Acquire) {
+        if self.rolling() {
             return;
         }
         let now = self.clock.now();
@@ -676,7 +682,7 @@ impl WorkerSet {
     /// against a placement decided before the scaler could hear of it.
     pub(crate) fn follow_placement(self: &Arc<Self>, placed: &Placed) {
         self.follow_backends();
-        if self.rolling.load(Ordering::Acquire) || self.retiring.load(Ordering::Acquire) {
+        if self.rolling() {
             return;
         }
         let now = self.clock.now();
