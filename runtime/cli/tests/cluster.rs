@@ -642,14 +642,16 @@ fn submit_jobs(
         .collect()
 }
 
-/// Waits until no job of `durable` is queued or running, as `c` counts them.
-async fn drained(c: &wasp_tests::TestClient, patience: Duration) -> Value {
+/// Waits until no job of `durable` is queued or running and at least `completed` have
+/// completed, as `c` counts them (a node learns of other nodes' submits and ends from
+/// its watches, a moment after them).
+async fn drained(c: &wasp_tests::TestClient, patience: Duration, completed: usize) -> Value {
     let deadline = Instant::now() + patience;
     loop {
         let health: Value = c.get("/endpoints/durable/health").await.json();
         let open = health["jobs"]["in_queue"].as_u64().unwrap()
             + health["jobs"]["in_progress"].as_u64().unwrap();
-        if open == 0 {
+        if open == 0 && health["jobs"]["completed"].as_u64().unwrap() as usize >= completed {
             return health;
         }
         if Instant::now() >= deadline {
@@ -780,11 +782,7 @@ async fn jobs_survive_the_loss_of_a_node_and_a_nats_restart() {
     );
 
     // C's leases run out and A and B run its jobs: every acknowledged job completes, once.
-    let health = drained(&ca, Duration::from_secs(180)).await;
-    assert!(
-        health["jobs"]["completed"].as_u64().unwrap() as usize >= acked.len(),
-        "{health:#}"
-    );
+    let health = drained(&ca, Duration::from_secs(180), acked.len()).await;
     let retried = check_results(&cb, &acked, 2).await;
     for id in &sleepers {
         let status: Value = cb
@@ -821,7 +819,8 @@ async fn jobs_survive_the_loss_of_a_node_and_a_nats_restart() {
     }
     // Submits that met the outage were refused (503) and sent again.
     assert_eq!(acked.len(), 400);
-    drained(&cb, Duration::from_secs(120)).await;
+    let completed = health["jobs"]["completed"].as_u64().unwrap() as usize;
+    drained(&cb, Duration::from_secs(120), completed + acked.len()).await;
     check_results(&ca, &acked, 2).await;
     drop((a, b));
 }
@@ -898,7 +897,7 @@ async fn jobs_go_on_when_one_server_of_a_three_server_nats_cluster_is_killed() {
         acked.extend(s.await.unwrap());
     }
     assert_eq!(acked.len(), 800);
-    drained(&ca, Duration::from_secs(120)).await;
+    drained(&ca, Duration::from_secs(120), acked.len()).await;
     // With leases of 2 s, the seconds a node takes to find another server and JetStream
     // takes to elect new leaders can expire a lease more than once: the attempt runs
     // again, and the job still completes once.
@@ -977,7 +976,11 @@ async fn the_jobs_api_of_any_node_answers_for_jobs_run_on_another() {
     // Queued behind it (one at a time): purged from the cpu node.
     let mut queued = Vec::new();
     for _ in 0..4 {
-        queued.push(run(&cg, slow.clone()).await);
+        let id = run(&cg, slow.clone()).await;
+        // Known to the other node at once, whether or not its watch has brought it yet.
+        let s = status(&cc, &id).await;
+        assert_eq!(s["status"], "IN_QUEUE", "{s:#}");
+        queued.push(id);
     }
     until(
         "the queued jobs on the cpu node",
@@ -1025,4 +1028,128 @@ async fn the_jobs_api_of_any_node_answers_for_jobs_run_on_another() {
     assert_eq!(s["output"], "slept", "{s:#}");
     assert_eq!(s["attempts"].as_array().unwrap().len(), 2, "{s:#}");
     drop((gpu, cpu, nats));
+}
+
+/// A webhook receiver on loopback that counts the deliveries it is sent and holds each
+/// one unanswered until `answer` is set; from then on it answers 200.
+struct Receiver {
+    url: String,
+    seen: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    answer: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Receiver {
+    async fn start() -> Self {
+        use std::sync::atomic::Ordering;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/hook", listener.local_addr().unwrap());
+        let seen = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let answer = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (count, release) = (seen.clone(), answer.clone());
+        tokio::spawn(async move {
+            loop {
+                let (mut stream, _) = listener.accept().await.unwrap();
+                let (count, release) = (count.clone(), release.clone());
+                tokio::spawn(async move {
+                    let mut request = Vec::new();
+                    let mut buf = [0u8; 4096];
+                    while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match stream.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => request.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    count.fetch_add(1, Ordering::SeqCst);
+                    while !release.load(Ordering::SeqCst) {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                    let _ = stream
+                        .write_all(
+                            b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+                        )
+                        .await;
+                });
+            }
+        });
+        Self { url, seen, answer }
+    }
+
+    fn seen(&self) -> usize {
+        self.seen.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webhook_is_sent_by_one_node_and_taken_over_when_that_node_is_lost() {
+    let store = tempfile::tempdir().unwrap();
+    let Some(nats) = Nats::start(store.path(), true) else {
+        return;
+    };
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let gpu = node_with(dirs[0].path(), &nats, "gpu", &["--gpus", "fake:1"]);
+    let cpu = node_with(dirs[1].path(), &nats, "cpu", &["--gpus", "none"]);
+    let (cg, cc) = (gpu.client(), cpu.client());
+    // Only the GPU node runs it, so that its jobs end there.
+    let spec = "name = \"big\"\n[[versions]]\nname = \"v1\"\n[versions.scaling]\n\
+                gpus_per_worker = 1\nmax_workers = 1\n\
+                [versions.processor]\ncomponent = \"{COMPONENT}\"\n";
+    cg.deploy_ok(wasp_tests::guests::HOSTILE, spec).await;
+    until(
+        "the endpoint on the cpu node",
+        Duration::from_secs(20),
+        async || cc.get("/endpoints/big/health").await.status == 200,
+    )
+    .await;
+    let receiver = Receiver::start().await;
+    let reply = cc
+        .post_json(
+            "/endpoints/big/run",
+            &serde_json::json!({ "input": "hooked", "path": "/echo", "webhook": receiver.url }),
+        )
+        .await;
+    assert_eq!(reply.status, 202, "{}", reply.text());
+    let id = reply.json()["id"].as_str().unwrap().to_owned();
+    let status = async |c: &wasp_tests::TestClient| -> Value {
+        c.get(&format!("/endpoints/big/status/{id}")).await.json()
+    };
+    until("the job to end", Duration::from_secs(30), async || {
+        status(&cc).await["status"] == "COMPLETED"
+    })
+    .await;
+    // The GPU node ended it and sends the webhook; the receiver holds that delivery.
+    until("the first delivery", Duration::from_secs(10), async || {
+        receiver.seen() == 1
+    })
+    .await;
+    // A node that starts now leaves it to the GPU node, which is alive.
+    let late = node(dirs[2].path(), &nats, "late");
+    until(
+        "the late node to know the job",
+        Duration::from_secs(20),
+        async || status(&late.client()).await["status"] == "COMPLETED",
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(receiver.seen(), 1, "a live node's webhook was sent again");
+
+    // The GPU node is lost in the middle of its delivery: one other node takes the
+    // webhook over once the node's heartbeat is gone, and sends it once.
+    gpu.kill9();
+    receiver
+        .answer
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    until(
+        "the webhook taken over and delivered",
+        Duration::from_secs(60),
+        async || status(&cc).await["webhook"]["delivered"] == true,
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(receiver.seen(), 2, "the webhook went out more than once");
+    let s = status(&cc).await;
+    let deliveries = s["webhook"]["deliveries"].as_array().unwrap();
+    assert_eq!(deliveries.len(), 1, "{s:#}");
+    assert_eq!(deliveries[0]["status"], 200, "{s:#}");
+    drop((cpu, late, nats));
 }

@@ -1,24 +1,31 @@
 //! Jobs on JetStream: the [`JobQueue`] of a cluster, shared by every node.
 //!
-//! - Each job's record (state, attempts, output) is a key of the key-value bucket
-//!   `wasp_jobs`, named by the job's id; every change is a compare-and-set on the key's
-//!   revision, so that of two nodes that race for a job one wins and the other sees it.
-//! - Each job that waits for a worker is a message (its id) in the work-queue stream
-//!   `WASP_JOBS`, on subject `wasp.jobs.<endpoint>.<priority>` (the endpoint as a short
-//!   hash). A durable pull consumer per endpoint and priority is shared by every node: a
-//!   node whose runner has room fetches from it (`high`, then `normal`, then `low`).
+//! - A submit is one write: the job's record (request, policy, webhook) as a message of
+//!   the stream `WASP_JOB_QUEUE`, on subject `wasp.jobs.<endpoint>.<priority>.<id>` (the
+//!   endpoint as a short hash). The stream keeps a message until its job ends.
+//! - A durable pull consumer per endpoint and priority (`wasp.jobs.<endpoint>.<priority>.*`)
+//!   is shared by every node: a node whose runner has room fetches from it (`high`, then
+//!   `normal`, then `low`).
+//! - The first node that takes a job makes its record a key of the key-value bucket
+//!   `wasp_jobs`, named by the job's id; from then on every change is a compare-and-set on
+//!   the key's revision, so that of two nodes that race for a job one wins and the other
+//!   sees it. A job's record is the key when there is one, else its message.
 //! - A fetched message is the job's lease. The node holding it tells JetStream that it
 //!   works on it (`+WPI`) every third of the lease while the attempt runs; a node that dies
 //!   stops doing so, and after the lease (`AckWait`) the message goes to another node,
 //!   which ends the lost attempt (`lease_expired`) and starts the next one.
 //! - The end of an attempt is written to the record first, then the message is acked
 //!   (`+ACK`), or given back with the retry delay (`-NAK`), or ended for good (`+TERM`, the
-//!   dead letter; every attempt's error stays in the record). A message whose record is
-//!   already final is acked unseen: each job has one result however often it ran.
+//!   dead letter; every attempt's error stays in the record), and an acked or ended
+//!   message is removed. A message whose record is already final is acked unseen: each
+//!   job has one result however often it ran. A job cancelled or purged while it waits
+//!   has its message removed, and so has a job whose result expires (a message that could
+//!   not be removed when its job ended).
 //! - Bodies over [`INLINE_MAX`] go to the object store `wasp_job_blobs`.
 //!
-//! Every node follows the bucket with one watch, for the counts, backlogs and listings
-//! that the API and the autoscaler read without a round trip.
+//! Every node follows the bucket and the stream (each with one ordered consumer), for the
+//! counts, backlogs and listings that the API and the autoscaler read without a round
+//! trip.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -41,8 +48,8 @@ use crate::ClusterError;
 pub const JOBS_BUCKET: &str = "wasp_jobs";
 /// The object store of large job bodies.
 pub const JOB_BLOBS_BUCKET: &str = "wasp_job_blobs";
-/// The work-queue stream of jobs waiting for a worker.
-pub const JOBS_STREAM: &str = "WASP_JOBS";
+/// The stream of submitted jobs waiting for a worker.
+pub const JOBS_STREAM: &str = "WASP_JOB_QUEUE";
 
 /// How often a compare-and-set is tried again when another node changed the record.
 const CAS_TRIES: usize = 16;
@@ -52,8 +59,6 @@ const FETCH_PATIENCE: Duration = Duration::from_secs(5);
 const VERIFY_EVERY: Duration = Duration::from_secs(10);
 /// Most jobs read again at a time.
 const VERIFY_MAX: usize = 1_000;
-/// How long a message whose record is not there yet is kept (a submit writes both at once).
-const RECORD_WAIT_MS: u64 = 30_000;
 
 /// The jobs of a cluster (see the module docs).
 pub struct JetStreamQueue {
@@ -79,6 +84,8 @@ struct Shared {
     tasks: Mutex<Vec<tokio::task::AbortHandle>>,
     /// Told of jobs that other nodes ended.
     ended: Mutex<Option<EndedSink>>,
+    /// When this node opened the queue (ms since the epoch).
+    opened_ms: u64,
 }
 
 /// Where jobs that other nodes ended are told.
@@ -106,12 +113,17 @@ struct Summary {
     not_before_ms: u64,
     expires_ms: Option<u64>,
     webhook_pending: bool,
+    /// The node that sends its webhook.
+    webhook_sender: Option<String>,
     retries: u64,
     revision: u64,
     /// When this node learnt of this state (ms since the epoch).
     learned_ms: u64,
     /// The node of the running attempt.
     node: Option<String>,
+    /// The stream sequence of its message, while the message is its record (`revision`
+    /// 0: no node took it yet).
+    queue_seq: Option<u64>,
 }
 
 /// One endpoint's jobs.
@@ -159,11 +171,16 @@ impl Index {
             not_before_ms: job.not_before_ms,
             expires_ms: job.expires_ms,
             webhook_pending: job.state.is_final()
-                && job.webhook.as_ref().is_some_and(|w| !w.delivered),
+                && job
+                    .webhook
+                    .as_ref()
+                    .is_some_and(wasp_jobs::Webhook::pending),
+            webhook_sender: job.webhook.as_ref().and_then(|w| w.sender.clone()),
             retries: (job.attempts.len() as u64).saturating_sub(1),
             revision,
             learned_ms: now_ms(),
             node: job.attempts.last().and_then(|a| a.node.clone()),
+            queue_seq: None,
         };
         let lane = self.lane(&job.endpoint);
         lane.counts.add(job.state, 1);
@@ -194,12 +211,27 @@ fn priority_name(priority: Priority) -> &'static str {
     }
 }
 
-fn subject(endpoint: &str, priority: Priority) -> String {
+/// The subject of a job's message.
+fn subject(endpoint: &str, priority: Priority, id: &str) -> String {
     format!(
-        "wasp.jobs.{}.{}",
+        "wasp.jobs.{}.{}.{id}",
         lane_name(endpoint),
         priority_name(priority)
     )
+}
+
+/// The subjects of an endpoint's messages of one priority.
+fn lane_subjects(endpoint: &str, priority: Priority) -> String {
+    format!(
+        "wasp.jobs.{}.{}.*",
+        lane_name(endpoint),
+        priority_name(priority)
+    )
+}
+
+/// The job id a message's subject names.
+fn subject_id(subject: &str) -> &str {
+    subject.rsplit('.').next().unwrap_or_default()
 }
 
 fn now_ms() -> u64 {
@@ -279,9 +311,9 @@ impl JetStreamQueue {
         let stream = js
             .get_or_create_stream(stream::Config {
                 name: JOBS_STREAM.into(),
-                description: Some("wasp jobs waiting for a worker".into()),
+                description: Some("wasp jobs submitted and waiting for a worker".into()),
                 subjects: vec!["wasp.jobs.>".into()],
-                retention: stream::RetentionPolicy::WorkQueue,
+                retention: stream::RetentionPolicy::Limits,
                 storage: stream::StorageType::File,
                 num_replicas: replicas,
                 ..Default::default()
@@ -303,14 +335,15 @@ impl JetStreamQueue {
             signals: Mutex::default(),
             tasks: Mutex::default(),
             ended: Mutex::default(),
+            opened_ms: now_ms(),
         });
-        let watch = shared
+        let watches = shared
             .load()
             .await
             .map_err(|e| bucket_error(JOBS_BUCKET, &e))?;
         // The first connection is no reconnection.
         let _ = futures_util::FutureExt::now_or_never(reconnected.notified());
-        let follow = tokio::spawn(follow(Arc::downgrade(&shared), watch, reconnected));
+        let follow = tokio::spawn(follow(Arc::downgrade(&shared), watches, reconnected));
         let progress = tokio::spawn(progress(Arc::downgrade(&shared)));
         shared
             .tasks
@@ -348,9 +381,26 @@ impl Shared {
         ended
     }
 
-    /// Reads every record into the index (and forgets the jobs that are no longer there);
-    /// returns the watch that follows what comes after.
-    async fn load(&self) -> Result<kv::Watch, String> {
+    /// Learns of a job from its message at `seq`: what it was submitted as, until a node
+    /// makes its record.
+    fn learn_message(&self, job: &Job, seq: u64) {
+        self.learn(&job.id, Some(job), 0);
+        if let Some(s) = self.index().jobs.get_mut(&job.id)
+            && s.revision == 0
+        {
+            s.queue_seq = Some(seq);
+        }
+    }
+
+    /// Reads every record and every waiting job's message into the index (and forgets the
+    /// jobs that are no longer there); returns the watches that follow what comes after.
+    async fn load(&self) -> Result<Watches, String> {
+        let records = self.load_records().await?;
+        let queue = self.load_queue().await?;
+        Ok(Watches { records, queue })
+    }
+
+    async fn load_records(&self) -> Result<kv::Watch, String> {
         let state = self
             .records
             .status()
@@ -382,7 +432,9 @@ impl Shared {
         let gone: Vec<String> = index
             .jobs
             .iter()
-            .filter(|(id, s)| s.revision <= state.last_sequence && !seen.contains(*id))
+            .filter(|(id, s)| {
+                s.revision > 0 && s.revision <= state.last_sequence && !seen.contains(*id)
+            })
             .map(|(id, _)| id.clone())
             .collect();
         for id in gone {
@@ -390,6 +442,82 @@ impl Shared {
         }
         tracing::info!(jobs = index.jobs.len(), "loaded the cluster's jobs");
         Ok(watch)
+    }
+
+    async fn load_queue(&self) -> Result<QueueWatch, String> {
+        let state = self
+            .stream
+            .get_info()
+            .await
+            .map_err(|e| e.to_string())?
+            .state;
+        let mut watch = self
+            .stream
+            .create_consumer(consumer::pull::OrderedConfig {
+                filter_subject: "wasp.jobs.>".into(),
+                deliver_policy: consumer::DeliverPolicy::All,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| e.to_string())?
+            .messages()
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut seen = HashSet::new();
+        if state.messages > 0 {
+            loop {
+                let message = match tokio::time::timeout(FETCH_PATIENCE, watch.next()).await {
+                    Ok(Some(message)) => message.map_err(|e| e.to_string())?,
+                    Ok(None) => return Err("the watch of the job queue ended".into()),
+                    // The messages counted were removed (their jobs ended) before they
+                    // came: caught up. The watch goes on from here either way.
+                    Err(_) => break,
+                };
+                let (seq, pending) = message
+                    .info()
+                    .map(|info| (info.stream_sequence, info.pending))
+                    .map_err(|e| e.to_string())?;
+                if let Some(job) = self.learn_queued(&message, seq) {
+                    seen.insert(job);
+                }
+                if pending == 0 || seq >= state.last_sequence {
+                    break;
+                }
+            }
+        }
+        let mut index = self.index();
+        let gone: Vec<String> = index
+            .jobs
+            .iter()
+            .filter(|(id, s)| {
+                s.revision == 0
+                    && s.queue_seq.is_some_and(|seq| seq <= state.last_sequence)
+                    && !seen.contains(*id)
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in gone {
+            index.apply(&id, None, u64::MAX);
+        }
+        Ok(watch)
+    }
+
+    /// Learns of a job from a message of the queue watch; returns its id.
+    fn learn_queued(&self, message: &jetstream::Message, seq: u64) -> Option<String> {
+        match decode(&message.payload) {
+            Ok(job) if job.id == subject_id(&message.subject) => {
+                self.learn_message(&job, seq);
+                Some(job.id)
+            }
+            Ok(_) => {
+                tracing::error!(subject = %message.subject, "a job message names another job; left alone");
+                None
+            }
+            Err(e) => {
+                tracing::error!(subject = %message.subject, "{e}; left alone");
+                None
+            }
+        }
     }
 
     /// Reads again the unfinished jobs the index has not heard of for a while (a watch
@@ -408,7 +536,25 @@ impl Shared {
             match self.records.entry(&id).await {
                 Ok(Some(entry)) => self.learn_entry(&entry),
                 Ok(None) => {
-                    self.index().apply(&id, None, u64::MAX);
+                    let queued = self
+                        .index()
+                        .jobs
+                        .get(&id)
+                        .filter(|s| s.revision == 0)
+                        .and_then(|s| s.queue_seq);
+                    // Not taken yet: its message is its record while it is there.
+                    let waiting = match queued {
+                        Some(seq) => self.stream.get_raw_message(seq).await.is_ok(),
+                        None => false,
+                    };
+                    let mut index = self.index();
+                    if waiting {
+                        if let Some(s) = index.jobs.get_mut(&id) {
+                            s.learned_ms = now_ms();
+                        }
+                    } else {
+                        index.apply(&id, None, u64::MAX);
+                    }
                 }
                 Err(e) => {
                     tracing::debug!("cannot check the job index: {e}");
@@ -444,7 +590,7 @@ impl Shared {
                 .map(|n| n.name.clone())
                 .min()
         };
-        let orphans: Vec<(String, String, Priority)> = {
+        let orphans: Vec<(String, String)> = {
             let held = self.held();
             let mut index = self.index();
             let ids: Vec<String> = index
@@ -463,21 +609,19 @@ impl Shared {
                 };
                 if s.learned_ms < before && mine && self.orphaned(&id, s, &held) {
                     s.learned_ms = now;
-                    out.push((id, s.endpoint.clone(), s.priority));
+                    out.push((id, s.endpoint.clone()));
                 }
             }
             out
         };
-        for (id, endpoint, priority) in orphans {
+        for (id, endpoint) in orphans {
             tracing::warn!(job = %id, endpoint = %endpoint, "a running job's node is gone and its message did not come back: queued again");
-            let published = async {
-                self.js
-                    .publish(subject(&endpoint, priority), Bytes::from(id.clone()))
-                    .await?
-                    .await
-            }
-            .await;
-            if let Err(e) = published {
+            let queued = match self.entry(&id).await {
+                Ok(Some((job, _))) => self.enqueue(&job).await.map(|_| ()),
+                Ok(None) => Ok(()),
+                Err(e) => Err(e),
+            };
+            if let Err(e) = queued {
                 tracing::warn!(job = %id, "cannot queue the job again: {e}");
             }
         }
@@ -492,7 +636,10 @@ impl Shared {
                     if job.state == JobState::Cancelled
                         && let Some(held) = self.held().remove(&job.id)
                     {
-                        tokio::spawn(async move { ack(&held.message, AckKind::Term).await });
+                        let stream = self.stream.clone();
+                        tokio::spawn(
+                            async move { settle(&stream, &held.message, AckKind::Term).await },
+                        );
                     }
                     if self.learn(&entry.key, Some(&job), entry.revision) {
                         let sink = self.ended.lock().unwrap_or_else(|e| e.into_inner()).clone();
@@ -509,11 +656,56 @@ impl Shared {
         }
     }
 
-    /// The record of a job and its revision.
+    /// Puts a job's message on the queue; returns the message's sequence.
+    async fn enqueue(&self, job: &Job) -> Result<u64, JobError> {
+        let subject = subject(&job.endpoint, job.policy.priority, &job.id);
+        let payload = encode(job)?;
+        let published = async { self.js.publish(subject, payload).await?.await }
+            .await
+            .map_err(|e| nats_error("queueing a job", e))?;
+        Ok(published.sequence)
+    }
+
+    /// Removes a job's messages from the queue (it ended while it waited).
+    async fn dequeue(&self, job: &Job) {
+        let subject = subject(&job.endpoint, job.policy.priority, &job.id);
+        if let Err(e) = self.stream.purge().filter(subject).await {
+            tracing::debug!(job = %job.id, "cannot remove the job's message: {e}");
+        }
+    }
+
+    /// The record of a job and its revision: its key in the bucket, else (revision 0) its
+    /// message, while no node took it.
     async fn entry(&self, id: &str) -> Result<Option<(Job, u64)>, JobError> {
         if !wasp_jobs::is_id(id) {
             return Ok(None);
         }
+        if let Some(found) = self.record(id).await? {
+            return Ok(Some(found));
+        }
+        let seq = self.index().jobs.get(id).and_then(|s| s.queue_seq);
+        let message = match seq {
+            Some(seq) => self.stream.get_raw_message(seq).await.ok(),
+            // Submitted on another node a moment ago, before this node heard of it.
+            None => self
+                .stream
+                .get_last_raw_message_by_subject(&format!("wasp.jobs.*.*.{id}"))
+                .await
+                .ok(),
+        };
+        let Some(message) = message else {
+            // Taken (and its record made) since the first read, or gone.
+            return self.record(id).await;
+        };
+        let job = decode(&message.payload)?;
+        if job.id != id {
+            return Ok(None);
+        }
+        Ok(Some((job, 0)))
+    }
+
+    /// A job's key in the bucket and its revision.
+    async fn record(&self, id: &str) -> Result<Option<(Job, u64)>, JobError> {
         match self.records.entry(id).await {
             Ok(Some(entry)) if matches!(entry.operation, kv::Operation::Put) => {
                 Ok(Some((decode(&entry.value)?, entry.revision)))
@@ -523,8 +715,16 @@ impl Shared {
         }
     }
 
-    /// Writes a changed record over `revision`; `None` when another write came first.
-    async fn update(&self, job: &Job, revision: u64) -> Result<Option<u64>, JobError> {
+    /// Writes a changed record over `revision` (0: makes the key of a job known only by
+    /// its message); `None` when another write came first. A job this write ends gets
+    /// this node as the sender of its webhook.
+    async fn update(&self, job: &mut Job, revision: u64) -> Result<Option<u64>, JobError> {
+        if job.state.is_final()
+            && let Some(webhook) = job.webhook.as_mut()
+            && webhook.sender.is_none()
+        {
+            webhook.sender = Some(self.node.clone());
+        }
         match self.records.update(&job.id, encode(job)?, revision).await {
             Ok(revision) => {
                 self.learn(&job.id, Some(job), revision);
@@ -549,7 +749,7 @@ impl Shared {
             let Some(out) = change(&mut job)? else {
                 return Ok(None);
             };
-            if self.update(&job, revision).await?.is_some() {
+            if self.update(&mut job, revision).await?.is_some() {
                 return Ok(Some((job, out)));
             }
         }
@@ -601,7 +801,7 @@ impl Shared {
                         "{} jobs of endpoint {endpoint}",
                         priority_name(priority)
                     )),
-                    filter_subject: subject(endpoint, priority),
+                    filter_subject: lane_subjects(endpoint, priority),
                     ack_policy: consumer::AckPolicy::Explicit,
                     ack_wait: self.lease,
                     // Attempts are counted in the record, where their errors are kept.
@@ -623,24 +823,27 @@ impl Shared {
         message: jetstream::Message,
         endpoint: &str,
     ) -> Result<Option<Job>, JobError> {
-        let id = String::from_utf8_lossy(&message.payload).into_owned();
+        let id = subject_id(&message.subject).to_owned();
         for _ in 0..CAS_TRIES {
             let now = now_ms();
-            let Some((mut job, revision)) = self.entry(&id).await? else {
-                let age_ms = message.info().map_or(u64::MAX, |info| {
-                    let published = info.published.unix_timestamp_nanos() / 1_000_000;
-                    (now as i128).saturating_sub(published).max(0) as u64
-                });
-                if age_ms < RECORD_WAIT_MS {
-                    // Its submit is still writing the record.
-                    nack(&message, Duration::from_millis(100)).await;
-                } else {
-                    ack(&message, AckKind::Ack).await;
-                }
+            // The record, else (no node took it yet) the message itself.
+            let found = match self.record(&id).await? {
+                Some(found) => Some(found),
+                None => match decode(&message.payload) {
+                    Ok(job) if job.id == id => Some((job, 0)),
+                    Ok(_) => None,
+                    Err(e) => {
+                        tracing::error!(job = %id, "{e}; dropped");
+                        None
+                    }
+                },
+            };
+            let Some((mut job, revision)) = found else {
+                settle(&self.stream, &message, AckKind::Term).await;
                 return Ok(None);
             };
             if job.endpoint != endpoint || job.state.is_final() {
-                ack(&message, AckKind::Ack).await;
+                settle(&self.stream, &message, AckKind::Ack).await;
                 return Ok(None);
             }
             if job.state == JobState::InQueue && job.not_before_ms > now {
@@ -660,8 +863,8 @@ impl Shared {
                 };
                 job.close_attempt(now, Some(failure.clone()));
                 if !job.requeue_or_end(now, failure, JobState::Failed, false) {
-                    if self.update(&job, revision).await?.is_some() {
-                        ack(&message, AckKind::Term).await;
+                    if self.update(&mut job, revision).await?.is_some() {
+                        settle(&self.stream, &message, AckKind::Term).await;
                         return Ok(None);
                     }
                     continue;
@@ -671,7 +874,7 @@ impl Shared {
             if let Some(started) = job.attempts.last_mut() {
                 started.node = Some(self.node.clone());
             }
-            if self.update(&job, revision).await?.is_some() {
+            if self.update(&mut job, revision).await?.is_some() {
                 self.held().insert(id, Held { attempt, message });
                 return Ok(Some(job));
             }
@@ -687,25 +890,67 @@ async fn ack(message: &jetstream::Message, kind: AckKind) {
     }
 }
 
+/// Answers a message for good (`+ACK`, `+TERM`) and removes it from the stream: its job
+/// ended, and its record says how.
+async fn settle(stream: &stream::Stream, message: &jetstream::Message, kind: AckKind) {
+    ack(message, kind).await;
+    remove(stream, message).await;
+}
+
+async fn remove(stream: &stream::Stream, message: &jetstream::Message) {
+    if let Ok(info) = message.info()
+        && let Err(e) = stream.delete_message(info.stream_sequence).await
+    {
+        // Left behind: the job's record wins over it, and its expiry removes it.
+        tracing::debug!("cannot remove a job message: {e}");
+    }
+}
+
 async fn nack(message: &jetstream::Message, delay: Duration) {
     ack(message, AckKind::Nak(Some(delay))).await;
 }
 
-/// Follows the bucket: other nodes' writes and removals. After a reconnection, or when
-/// the watch fails, the whole bucket is read again; unfinished jobs not heard of for a
-/// while are checked one by one.
-async fn follow(shared: std::sync::Weak<Shared>, mut watch: kv::Watch, reconnected: Arc<Notify>) {
+/// The watch of the queue: every job's message as it is submitted.
+type QueueWatch = consumer::pull::Ordered;
+
+/// What a node follows: the bucket of records and the queue of messages.
+struct Watches {
+    records: kv::Watch,
+    queue: QueueWatch,
+}
+
+/// Follows the bucket (other nodes' writes and removals) and the queue (other nodes'
+/// submits). After a reconnection, or when a watch fails, both are read again; unfinished
+/// jobs not heard of for a while are checked one by one.
+async fn follow(shared: std::sync::Weak<Shared>, mut watches: Watches, reconnected: Arc<Notify>) {
     let mut verify = tokio::time::interval(VERIFY_EVERY);
     loop {
         let reload = tokio::select! {
-            entry = watch.next() => match entry {
+            entry = watches.records.next() => match entry {
                 Some(Ok(entry)) => {
                     let Some(shared) = shared.upgrade() else { return };
                     shared.learn_entry(&entry);
                     false
                 }
                 Some(Err(e)) => {
-                    tracing::warn!("job bucket watch: {e}; reading the bucket again");
+                    tracing::warn!("job bucket watch: {e}; reading the jobs again");
+                    true
+                }
+                None => true,
+            },
+            message = watches.queue.next() => match message {
+                Some(Ok(message)) => {
+                    let Some(shared) = shared.upgrade() else { return };
+                    match message.info() {
+                        Ok(info) => {
+                            shared.learn_queued(&message, info.stream_sequence);
+                        }
+                        Err(e) => tracing::debug!("a job message without its info: {e}"),
+                    }
+                    false
+                }
+                Some(Err(e)) => {
+                    tracing::warn!("job queue watch: {e}; reading the jobs again");
                     true
                 }
                 None => true,
@@ -727,10 +972,10 @@ async fn follow(shared: std::sync::Weak<Shared>, mut watch: kv::Watch, reconnect
             };
             match shared.load().await {
                 Ok(again) => {
-                    watch = again;
+                    watches = again;
                     break;
                 }
-                Err(e) => tracing::warn!("cannot read the job bucket again: {e}"),
+                Err(e) => tracing::warn!("cannot read the jobs again: {e}"),
             }
         }
     }
@@ -771,39 +1016,22 @@ impl JobQueue for JetStreamQueue {
                 }
                 records.push(job);
             }
-            // The record and the message are written at once, and the submit is
-            // acknowledged when JetStream has both.
+            // One write: the message is the record until a node takes the job. The submit
+            // is acknowledged when JetStream has it.
             let writes = records.into_iter().map(|mut job| {
                 let shared = shared.clone();
                 async move {
-                    let bytes = encode(&job)?;
-                    let subject = subject(&job.endpoint, job.policy.priority);
-                    let create = shared.records.create(&job.id, bytes);
-                    let publish = async {
-                        shared
-                            .js
-                            .publish(subject, Bytes::from(job.id.clone()))
-                            .await?
-                            .await
-                    };
-                    let (created, published) = tokio::join!(create, publish);
-                    match (created, published) {
-                        (Ok(revision), Ok(_)) => {
-                            job.seq = revision;
-                            shared.learn(&job.id, Some(&job), revision);
+                    match shared.enqueue(&job).await {
+                        Ok(seq) => {
+                            job.seq = seq;
+                            shared.learn_message(&job, seq);
                             Ok(job)
                         }
-                        (created, published) => {
-                            let reason = match (created, published) {
-                                (Err(e), _) => e.to_string(),
-                                (_, Err(e)) => e.to_string(),
-                                _ => String::new(),
-                            };
-                            // Not acknowledged: what was written goes (a message left
-                            // behind finds no record and is dropped).
-                            let _ = shared.records.purge(&job.id).await;
+                        Err(e) => {
+                            // Not acknowledged: what may have been written goes.
+                            shared.dequeue(&job).await;
                             shared.unlink(blob_names(&job)).await;
-                            Err(nats_error("submitting a job", reason))
+                            Err(e)
                         }
                     }
                 }
@@ -942,13 +1170,16 @@ impl JobQueue for JetStreamQueue {
             match changed {
                 Some((job, ())) => {
                     if let Some(message) = held {
-                        if matches!(answer, AckKind::Ack) {
-                            if let Err(e) = message.double_ack().await {
-                                // Redelivered later, and then acked: the record is final.
-                                tracing::debug!(job = %id, "ack not confirmed: {e}");
+                        match answer {
+                            AckKind::Ack => {
+                                if let Err(e) = message.double_ack().await {
+                                    // Redelivered later, and then acked: the record is final.
+                                    tracing::debug!(job = %id, "ack not confirmed: {e}");
+                                }
+                                remove(&shared.stream, &message).await;
                             }
-                        } else {
-                            ack(&message, answer).await;
+                            AckKind::Term => settle(&shared.stream, &message, answer).await,
+                            answer => ack(&message, answer).await,
                         }
                     }
                     Ok(Some(job))
@@ -969,7 +1200,7 @@ impl JobQueue for JetStreamQueue {
                             .flatten()
                             .is_none_or(|(job, _)| job.state.is_final());
                         if ended {
-                            ack(&message, AckKind::Ack).await;
+                            settle(&shared.stream, &message, AckKind::Ack).await;
                         }
                     }
                     Ok(None)
@@ -1011,8 +1242,15 @@ impl JobQueue for JetStreamQueue {
                 })
                 .await?;
             let (job, running) = changed.ok_or_else(|| JobError::NotFound(id.clone()))?;
-            if running && let Some(held) = shared.held().remove(&id) {
-                tokio::spawn(async move { ack(&held.message, AckKind::Term).await });
+            if running {
+                if let Some(held) = shared.held().remove(&id) {
+                    let stream = shared.stream.clone();
+                    tokio::spawn(
+                        async move { settle(&stream, &held.message, AckKind::Term).await },
+                    );
+                }
+            } else {
+                shared.dequeue(&job).await;
             }
             Ok((job, running))
         })
@@ -1044,25 +1282,14 @@ impl JobQueue for JetStreamQueue {
                 })
                 .await?;
             let (job, output) = changed.ok_or_else(|| JobError::NotFound(id.clone()))?;
-            let published = async {
-                shared
-                    .js
-                    .publish(
-                        subject(&job.endpoint, job.policy.priority),
-                        Bytes::from(id.clone()),
-                    )
-                    .await?
-                    .await
-            }
-            .await;
-            if let Err(e) = published {
+            if let Err(e) = shared.enqueue(&job).await {
                 // Put back as it was: a queued record without a message would never run.
-                if let Some(before) = before
+                if let Some(mut before) = before
                     && let Ok(Some((_, revision))) = shared.entry(&id).await
                 {
-                    let _ = shared.update(&before, revision).await;
+                    let _ = shared.update(&mut before, revision).await;
                 }
-                return Err(nats_error("queueing the job again", e));
+                return Err(e);
             }
             if let Some(Payload::Blob { file, .. }) = output.map(|o| o.body) {
                 shared.unlink(vec![file]).await;
@@ -1083,7 +1310,6 @@ impl JobQueue for JetStreamQueue {
                 .unwrap_or_default();
             let mut purged = 0;
             for id in queued {
-                // Their messages are acked unseen when a node fetches them.
                 let changed = shared
                     .modify(&id, |job| {
                         if job.state != JobState::InQueue {
@@ -1098,7 +1324,10 @@ impl JobQueue for JetStreamQueue {
                     })
                     .await;
                 match changed {
-                    Ok(Some(_)) => purged += 1,
+                    Ok(Some((job, ()))) => {
+                        shared.dequeue(&job).await;
+                        purged += 1;
+                    }
                     Ok(None) | Err(JobError::NotFound(_)) => {}
                     Err(e) => return Err(e),
                 }
@@ -1112,7 +1341,7 @@ impl JobQueue for JetStreamQueue {
         id: &str,
         delivery: Delivery,
         delivered: bool,
-        _last: bool,
+        last: bool,
     ) -> BoxFuture<'_, Result<(), JobError>> {
         let id = id.to_owned();
         let shared = self.shared.clone();
@@ -1124,6 +1353,7 @@ impl JobQueue for JetStreamQueue {
                     };
                     webhook.deliveries.push(delivery.clone());
                     webhook.delivered |= delivered;
+                    webhook.given_up |= last && !webhook.delivered;
                     Ok(Some(()))
                 })
                 .await;
@@ -1134,20 +1364,65 @@ impl JobQueue for JetStreamQueue {
         })
     }
 
+    /// The webhooks this node sends: those it was sending when it stopped, and those of
+    /// nodes that are gone (taken over with a compare-and-set, so that one node sends
+    /// each). Nodes are judged gone only once this node has heard the heartbeats for a
+    /// while.
     fn pending_webhooks(&self) -> BoxFuture<'_, Result<Vec<Job>, JobError>> {
         let shared = self.shared.clone();
         Box::pin(async move {
+            let now = now_ms();
+            let settled =
+                now.saturating_sub(shared.opened_ms) > 2 * crate::NODE_TTL.as_millis() as u64;
             let ids: Vec<String> = shared
                 .index()
                 .jobs
                 .iter()
-                .filter(|(_, s)| s.webhook_pending)
+                .filter(|(_, s)| {
+                    s.webhook_pending
+                        && match &s.webhook_sender {
+                            Some(node) if *node == shared.node => true,
+                            Some(node) => settled && !crate::alive(&shared.members, node),
+                            None => settled,
+                        }
+                })
                 .map(|(id, _)| id.clone())
                 .collect();
             let mut out = Vec::new();
             for id in ids {
-                if let Some((job, _)) = shared.entry(&id).await? {
+                let Some((job, _)) = shared.entry(&id).await? else {
+                    continue;
+                };
+                let Some(webhook) = job.webhook.as_ref().filter(|w| w.pending()) else {
+                    continue;
+                };
+                if webhook.sender.as_deref() == Some(shared.node.as_str()) {
                     out.push(job);
+                    continue;
+                }
+                let taken = shared
+                    .modify(&id, |job| {
+                        let Some(webhook) = job.webhook.as_mut().filter(|w| w.pending()) else {
+                            return Ok(None);
+                        };
+                        let lost = webhook
+                            .sender
+                            .as_ref()
+                            .is_none_or(|node| !crate::alive(&shared.members, node));
+                        if !lost {
+                            return Ok(None);
+                        }
+                        webhook.sender = Some(shared.node.clone());
+                        Ok(Some(()))
+                    })
+                    .await;
+                match taken {
+                    Ok(Some((job, ()))) => {
+                        tracing::info!(job = %id, "taking over the webhook of a lost node");
+                        out.push(job);
+                    }
+                    Ok(None) | Err(JobError::NotFound(_)) => {}
+                    Err(e) => return Err(e),
                 }
             }
             Ok(out)
@@ -1182,6 +1457,8 @@ impl JobQueue for JetStreamQueue {
                 {
                     Ok(()) => {
                         shared.unlink(blob_names(&job)).await;
+                        // A message its end could not remove would bring it back.
+                        shared.dequeue(&job).await;
                         removed += 1;
                     }
                     Err(e) => tracing::debug!(job = %id, "not expired here: {e}"),

@@ -302,7 +302,11 @@ impl Gateway {
     /// A job ended: its webhook goes out, and waiters hear of it.
     pub(crate) fn job_ended(self: &Arc<Self>, job: Job) {
         let waited = self.running.ended.receiver_count() > 0;
-        if job.webhook.as_ref().is_some_and(|w| !w.delivered) {
+        if job
+            .webhook
+            .as_ref()
+            .is_some_and(wasp_jobs::Webhook::pending)
+        {
             if waited {
                 self.deliver_webhook(job.clone());
             } else {

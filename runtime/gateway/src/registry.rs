@@ -360,6 +360,8 @@ pub struct Gateway {
     pub(crate) running: crate::jobs::Running,
     /// Sends job webhooks.
     pub(crate) webhooks: crate::webhooks::WebhookClient,
+    /// The jobs whose webhook this process is sending now.
+    pub(crate) sending: std::sync::Mutex<std::collections::HashSet<String>>,
     /// Pulls processors published as OCI artifacts.
     oci: wasp_oci::Client,
     /// The cluster this node belongs to, in cluster mode.
@@ -504,6 +506,7 @@ impl Gateway {
             jobs,
             running: crate::jobs::Running::new(),
             webhooks,
+            sending: std::sync::Mutex::default(),
             oci,
             cluster: std::sync::OnceLock::new(),
             directory,

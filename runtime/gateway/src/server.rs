@@ -279,6 +279,9 @@ impl Server {
             autoscale.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
             let mut expire = tokio::time::interval(crate::jobs::EXPIRE_EVERY);
             let mut certificate = tokio::time::interval(TLS_RELOAD);
+            let mut webhooks = tokio::time::interval(crate::webhooks::RESUME_EVERY);
+            // Resumed once already, at start.
+            webhooks.tick().await;
             housekeeping.tick().await;
             loop {
                 tokio::select! {
@@ -290,6 +293,7 @@ impl Server {
                     _ = housekeeping.tick() => keeper.housekeep().await,
                     _ = autoscale.tick() => keeper.autoscale(),
                     _ = expire.tick() => keeper.expire_jobs().await,
+                    _ = webhooks.tick() => keeper.resume_webhooks().await,
                 }
             }
         });

@@ -32,6 +32,9 @@ pub(crate) const TRIES: u32 = 5;
 const FIRST_RETRY: Duration = Duration::from_secs(1);
 /// Longest one delivery may take.
 const DELIVERY_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often webhooks that nobody sends are looked for (a delivery whose record could not
+/// be written, a lost node's deliveries).
+pub(crate) const RESUME_EVERY: Duration = Duration::from_secs(10);
 
 /// The client webhooks are sent with.
 pub(crate) type WebhookClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
@@ -111,16 +114,29 @@ pub(crate) fn signature(secret: &str, t: u64, body: &[u8]) -> String {
 }
 
 impl Gateway {
-    /// Delivers a finished job's webhook in the background, unless it was delivered.
+    /// Delivers a finished job's webhook in the background, unless it was delivered or
+    /// this process sends it already.
     pub(crate) fn deliver_webhook(self: &Arc<Self>, job: Job) {
-        if job.webhook.as_ref().is_none_or(|w| w.delivered) {
+        if job.webhook.as_ref().is_none_or(|w| !w.pending()) {
+            return;
+        }
+        if !self.sending().insert(job.id.clone()) {
             return;
         }
         let this = self.clone();
-        tokio::spawn(async move { this.deliver(job).await });
+        tokio::spawn(async move {
+            let id = job.id.clone();
+            this.clone().deliver(job).await;
+            this.sending().remove(&id);
+        });
     }
 
-    /// Resumes the webhooks a restart interrupted.
+    fn sending(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<String>> {
+        self.sending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Resumes the webhooks a restart interrupted, and (in cluster mode) those of lost
+    /// nodes; called at start and then every [`RESUME_EVERY`].
     pub(crate) async fn resume_webhooks(self: &Arc<Self>) {
         match self.jobs.pending_webhooks().await {
             Ok(jobs) => {

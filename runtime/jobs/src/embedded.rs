@@ -991,6 +991,7 @@ fn apply(
             {
                 webhook.deliveries.push(delivery);
                 webhook.delivered |= delivered;
+                webhook.given_up |= last && !webhook.delivered;
                 t.store(&job)?;
             }
             if delivered || last {

@@ -242,6 +242,20 @@ pub struct Webhook {
     /// Whether a delivery was answered 2xx.
     #[serde(default)]
     pub delivered: bool,
+    /// Whether the tries ran out without a 2xx.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub given_up: bool,
+    /// The node that sends it, in cluster mode: the one that ended the job, or the one
+    /// that took the webhook over when that node was lost.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sender: Option<String>,
+}
+
+impl Webhook {
+    /// Whether it still has to be sent: neither delivered nor given up.
+    pub fn pending(&self) -> bool {
+        !self.delivered && !self.given_up
+    }
 }
 
 /// One delivery of a webhook.
@@ -334,6 +348,8 @@ impl Job {
                 url,
                 deliveries: Vec::new(),
                 delivered: false,
+                given_up: false,
+                sender: None,
             }),
         }
     }
