@@ -195,6 +195,19 @@ impl Index {
         self.jobs.insert(id.to_owned(), summary);
         (queued, job.state.is_final() && !was_final)
     }
+
+    /// Forgets the jobs that a reload did not see again, of those `read` covered.
+    fn forget(&mut self, seen: &HashSet<String>, read: impl Fn(&Summary) -> bool) {
+        let gone: Vec<String> = self
+            .jobs
+            .iter()
+            .filter(|(id, s)| read(s) && !seen.contains(*id))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in gone {
+            self.apply(&id, None, u64::MAX);
+        }
+    }
 }
 
 /// The short name of an endpoint in subjects and consumer names.
@@ -429,17 +442,9 @@ impl Shared {
             }
         }
         let mut index = self.index();
-        let gone: Vec<String> = index
-            .jobs
-            .iter()
-            .filter(|(id, s)| {
-                s.revision > 0 && s.revision <= state.last_sequence && !seen.contains(*id)
-            })
-            .map(|(id, _)| id.clone())
-            .collect();
-        for id in gone {
-            index.apply(&id, None, u64::MAX);
-        }
+        index.forget(&seen, |s| {
+            s.revision > 0 && s.revision <= state.last_sequence
+        });
         tracing::info!(jobs = index.jobs.len(), "loaded the cluster's jobs");
         Ok(watch)
     }
@@ -485,20 +490,9 @@ impl Shared {
                 }
             }
         }
-        let mut index = self.index();
-        let gone: Vec<String> = index
-            .jobs
-            .iter()
-            .filter(|(id, s)| {
-                s.revision == 0
-                    && s.queue_seq.is_some_and(|seq| seq <= state.last_sequence)
-                    && !seen.contains(*id)
-            })
-            .map(|(id, _)| id.clone())
-            .collect();
-        for id in gone {
-            index.apply(&id, None, u64::MAX);
-        }
+        self.index().forget(&seen, |s| {
+            s.revision == 0 && s.queue_seq.is_some_and(|seq| seq <= state.last_sequence)
+        });
         Ok(watch)
     }
 
