@@ -328,10 +328,22 @@ impl crate::Gateway {
                 let Ok(policy) = Policy::new(&v.scaling) else {
                     continue;
                 };
-                let running: u32 = candidates.iter().map(|c| c.workers).sum();
-                let tracked = placer.versions.entry(key).or_insert_with(|| Tracked {
-                    scaler: Autoscaler::new(policy.clone(), running, now),
-                    last: None,
+                let tracked = placer.versions.entry(key).or_insert_with(|| {
+                    let mut running: u32 = candidates.iter().map(|c| c.workers).sum();
+                    let followed = nodes
+                        .iter()
+                        .flat_map(|n| &n.versions)
+                        .any(|r| r.endpoint == *name && r.version == v.name && r.placed_at_ms > 0);
+                    if !followed {
+                        // A new version: every node started it at deploy, as one node
+                        // would alone. The cluster starts from one node's count, not
+                        // their sum, or the surplus would wait out `scale_down_delay_s`.
+                        running = running.min(v.scaling.min_workers.max(1));
+                    }
+                    Tracked {
+                        scaler: Autoscaler::new(policy.clone(), running, now),
+                        last: None,
+                    }
                 });
                 tracked.scaler.set_policy(policy);
                 let weight = deployment.spec.weight(i);
