@@ -757,3 +757,150 @@ async fn a_request_that_waits_past_the_cold_start_timeout_is_a_503_with_retry_af
     assert_eq!(reply.status, 200, "{}", reply.text());
     t.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_metrics_history_shows_requests_latency_errors_and_workers() {
+    let t = TestServer::start().await;
+    let c = &t.client;
+    let scaling = format!("[versions.scaling]\nmin_workers = 0\nmax_workers = 2\n{FAST}");
+    c.deploy_ok(HELLO, &spec("plotted", &scaling)).await;
+    wait_for(
+        c,
+        "plotted",
+        Duration::from_secs(15),
+        "scaled to zero",
+        scaled_to_zero,
+    )
+    .await;
+    let listed = c.get("/api/v1/endpoints").await.json();
+    assert_eq!(listed["endpoints"][0]["scaled_to_zero"], true, "{listed:#}");
+
+    // A cold start, 20 answers and one refusal.
+    for i in 0..20 {
+        let reply = c
+            .invoke("plotted", "", format!(r#"{{"name":"n{i}"}}"#))
+            .await;
+        assert_eq!(reply.status, 200, "{}", reply.text());
+    }
+    let refused = c.invoke("plotted", "", r#"{"name":""}"#).await;
+    assert_eq!(refused.status, 422, "{}", refused.text());
+
+    // Once the interval closes, the history has them all.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let history = loop {
+        let h = c
+            .get("/api/v1/endpoints/plotted/metrics?window_s=60")
+            .await
+            .json();
+        let v = &h["versions"][0];
+        let step = h["step_s"].as_f64().unwrap();
+        let served: f64 = v["requests_per_s"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r.as_f64().unwrap() * step)
+            .sum();
+        if served.round() == 21.0 {
+            break h;
+        }
+        assert!(Instant::now() < deadline, "not 21 requests yet: {h:#}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(history["interval_s"], 2);
+    assert_eq!(history["step_s"], 2);
+    let columns = history["t_ms"].as_array().unwrap().len();
+    assert_eq!(columns, 30, "{history:#}");
+    let v = &history["versions"][0];
+    assert_eq!(v["version"], "v1");
+    let sum = |key: &str| -> u64 {
+        v[key]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| n.as_u64().unwrap())
+            .sum()
+    };
+    assert_eq!(sum("client_errors"), 1, "{v:#}");
+    assert_eq!(sum("server_errors"), 0, "{v:#}");
+    assert_eq!(sum("cold_starts"), 1, "{v:#}");
+    for key in [
+        "requests_per_s",
+        "p50_ms",
+        "p99_ms",
+        "workers_ready",
+        "waiting",
+        "tokens_per_s",
+    ] {
+        assert_eq!(v[key].as_array().unwrap().len(), columns, "{key}");
+    }
+    let busy = (0..columns)
+        .find(|i| v["p99_ms"][i].is_number())
+        .expect("a column with latencies");
+    let (p50, p99) = (
+        v["p50_ms"][busy].as_f64().unwrap(),
+        v["p99_ms"][busy].as_f64().unwrap(),
+    );
+    assert!(p50 > 0.0 && p50 <= p99, "p50 {p50}, p99 {p99}");
+    // Generation figures stay empty for a processor endpoint.
+    assert!(
+        v["ttft_p50_ms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(Value::is_null)
+    );
+    assert_eq!(history["jobs"]["queued"].as_array().unwrap().len(), columns);
+
+    // The list shows the last minute.
+    let listed = c.get("/api/v1/endpoints").await.json();
+    let e = &listed["endpoints"][0];
+    assert_eq!(e["recent"]["errors"], 1, "{e:#}");
+    assert_eq!(e["recent"]["cold_starts"], 1, "{e:#}");
+    assert!(e["recent"]["p99_ms"].as_f64().unwrap() >= p50, "{e:#}");
+    assert!(
+        e["recent"]["requests_per_s"].as_f64().unwrap() > 0.3,
+        "{e:#}"
+    );
+
+    // Idle again, it scales to zero, and the plot's workers follow.
+    wait_for(
+        c,
+        "plotted",
+        Duration::from_secs(15),
+        "scaled to zero",
+        scaled_to_zero,
+    )
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let h = c
+            .get("/api/v1/endpoints/plotted/metrics?window_s=60")
+            .await
+            .json();
+        let ready = h["versions"][0]["workers_ready"]
+            .as_array()
+            .unwrap()
+            .clone();
+        let peak = ready.iter().filter_map(Value::as_u64).max().unwrap();
+        if peak >= 1 && ready.last() == Some(&json!(0)) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "workers did not follow: {ready:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // Bad spans are refused at the field.
+    for (query, field) in [("window_s=5000", "window_s"), ("step_s=3", "step_s")] {
+        let reply = c
+            .get(&format!("/api/v1/endpoints/plotted/metrics?{query}"))
+            .await;
+        assert_eq!(reply.status, 400, "{}", reply.text());
+        assert_eq!(reply.json()["error"]["field"], field);
+    }
+    let missing = c.get("/api/v1/endpoints/nowhere/metrics").await;
+    assert_eq!(missing.status, 404);
+    t.stop().await;
+}

@@ -95,6 +95,7 @@ async fn a_tenant_never_sees_or_reaches_another_tenants_resources() {
         ("POST", "/api/v1/endpoints/{e}/start".into(), String::new()),
         ("GET", "/api/v1/endpoints/{e}/logs".into(), String::new()),
         ("GET", "/api/v1/endpoints/{e}/events".into(), String::new()),
+        ("GET", "/api/v1/endpoints/{e}/metrics".into(), String::new()),
         (
             "GET",
             "/api/v1/endpoints/{e}/webhook-secret".into(),

@@ -9,6 +9,7 @@
 pub mod api;
 mod audit;
 mod batches;
+mod history;
 mod jobs;
 mod kserve;
 mod limits;

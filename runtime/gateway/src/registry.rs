@@ -68,6 +68,8 @@ pub(crate) struct VersionMetrics {
     pub prompt_tokens: prometheus_client::metrics::counter::Counter,
     /// Generation: completion tokens.
     pub completion_tokens: prometheus_client::metrics::counter::Counter,
+    /// This interval's figures, for the short history.
+    pub window: Arc<crate::history::Window>,
 }
 
 impl VersionMetrics {
@@ -88,14 +90,17 @@ impl VersionMetrics {
         self.prompt_tokens.inc_by(prompt);
         self.completion_tokens.inc_by(completion);
         let ms = |key: &str| meta.get(key).and_then(serde_json::Value::as_f64);
-        if let Some(ttft) = ms("ttft_ms") {
-            self.ttft.observe(ttft / 1e3);
+        let ttft = ms("ttft_ms").map(|ms| ms / 1e3);
+        let tpot = ms("decode_ms")
+            .filter(|_| completion > 1)
+            .map(|ms| ms / 1e3 / (completion - 1) as f64);
+        if let Some(s) = ttft {
+            self.ttft.observe(s);
         }
-        if let Some(decode) = ms("decode_ms")
-            && completion > 1
-        {
-            self.tpot.observe(decode / 1e3 / (completion - 1) as f64);
+        if let Some(s) = tpot {
+            self.tpot.observe(s);
         }
+        self.window.generation(completion, ttft, tpot);
     }
 
     /// Folds one request's latency into the recent mean (weight 1/8).
@@ -385,6 +390,8 @@ pub struct Gateway {
     /// Where the cluster's scaler placed each version's workers (cluster mode), by
     /// endpoint and version.
     pub(crate) placements: RwLock<HashMap<(String, String), crate::Placement>>,
+    /// A short history of every version's metrics, for the console.
+    pub(crate) history: crate::history::History,
 }
 
 /// Model calls from processors (the `inference` import), answered by the backends of the
@@ -515,6 +522,7 @@ impl Gateway {
             audit,
             recorder: crate::records::Recorder::start(data_dir.join("records")),
             placements: RwLock::default(),
+            history: crate::history::History::default(),
             batches: crate::batches::Batches::default(),
             data_dir: data_dir.to_owned(),
             started_ms: crate::workers::now_ms(),
@@ -1011,6 +1019,44 @@ impl Gateway {
                 v.workers.tick(false, share);
             }
         }
+    }
+
+    /// Closes every version's interval into its short history (every
+    /// [`crate::history::INTERVAL`]), and forgets the versions that are gone.
+    pub fn record_history(&self) {
+        use crate::history::{Gauges, JobGauges};
+        let tick = crate::history::tick_of(crate::workers::now_ms());
+        let mut live = std::collections::HashSet::new();
+        for d in self.endpoints() {
+            let name = &d.spec.name;
+            let jobs = self.jobs.counts(name);
+            self.history.close_jobs(
+                name,
+                tick,
+                JobGauges {
+                    queued: jobs.in_queue,
+                    in_progress: jobs.in_progress,
+                },
+            );
+            for v in &d.versions {
+                let counts = v.workers.counts();
+                let waiting = v.processor_stats().queued as u64 + v.workers.backend_queued() as u64;
+                let gauges = Gauges {
+                    desired: v.workers.desired(),
+                    ready: counts.ready,
+                    starting: counts.starting + counts.pending,
+                    waiting: u32::try_from(waiting).unwrap_or(u32::MAX),
+                };
+                let cold = v
+                    .workers
+                    .cold_starts
+                    .count
+                    .load(std::sync::atomic::Ordering::Relaxed);
+                self.history.close(name, &v.name, tick, gauges, cold);
+                live.insert((name.clone(), v.name.clone()));
+            }
+        }
+        self.history.retain(&live);
     }
 
     async fn persist(self: &Arc<Self>, deployment: &Deployment) -> Result<(), Error> {
@@ -1577,6 +1623,7 @@ impl Gateway {
                         .completion_tokens
                         .get_or_create(&labels)
                         .clone(),
+                    window: self.history.window(&spec.name, &v.name),
                 },
             }));
         }

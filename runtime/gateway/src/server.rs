@@ -280,6 +280,8 @@ impl Server {
             let mut expire = tokio::time::interval(crate::jobs::EXPIRE_EVERY);
             let mut certificate = tokio::time::interval(TLS_RELOAD);
             let mut webhooks = tokio::time::interval(crate::webhooks::RESUME_EVERY);
+            let mut history = tokio::time::interval(crate::history::INTERVAL);
+            history.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
             // Resumed once already, at start.
             webhooks.tick().await;
             housekeeping.tick().await;
@@ -294,6 +296,7 @@ impl Server {
                     _ = autoscale.tick() => keeper.autoscale(),
                     _ = expire.tick() => keeper.expire_jobs().await,
                     _ = webhooks.tick() => keeper.resume_webhooks().await,
+                    _ = history.tick() => keeper.record_history(),
                 }
             }
         });

@@ -57,6 +57,36 @@ pub struct EndpointSummary {
     pub url: String,
     /// Its versions and their weights.
     pub versions: Vec<VersionWeight>,
+    /// Its workers, over every version.
+    pub workers: WorkerTotals,
+    /// Whether it runs with no worker now (scaled to zero, not stopped): its next request
+    /// waits for a cold start.
+    pub scaled_to_zero: bool,
+    /// What it served over the last minute, on this node.
+    pub recent: RecentFigures,
+}
+
+/// Workers of an endpoint, over every version.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct WorkerTotals {
+    /// What the autoscalers want.
+    pub desired: u32,
+    /// Ready.
+    pub ready: u32,
+}
+
+/// What an endpoint served over the last minute.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct RecentFigures {
+    /// Requests answered per second.
+    pub requests_per_s: f64,
+    /// Answers with a 4xx or 5xx status.
+    pub errors: u64,
+    /// The 99th percentile of latency in milliseconds: the highest of its versions'
+    /// (`null` without requests).
+    pub p99_ms: Option<f64>,
+    /// Requests that waited for a worker to start.
+    pub cold_starts: u64,
 }
 
 /// A version's share of traffic.
@@ -213,8 +243,39 @@ pub(crate) fn invoke_url(qualified: &str) -> String {
     }
 }
 
-fn summary(d: &Deployment) -> EndpointSummary {
+fn summary(gateway: &crate::Gateway, d: &Deployment) -> EndpointSummary {
+    let now = crate::history::tick_of(crate::workers::now_ms());
+    let minute = 60 / crate::history::INTERVAL.as_secs();
+    let mut workers = WorkerTotals {
+        desired: 0,
+        ready: 0,
+    };
+    let mut recent = RecentFigures {
+        requests_per_s: 0.0,
+        errors: 0,
+        p99_ms: None,
+        cold_starts: 0,
+    };
+    for v in &d.versions {
+        workers.desired += v.workers.desired();
+        workers.ready += v.workers.counts().ready;
+        let r = gateway.history.recent(&d.spec.name, &v.name, now, minute);
+        recent.requests_per_s += r.requests_per_s;
+        recent.errors += r.errors;
+        recent.cold_starts += r.cold_starts;
+        recent.p99_ms = match (recent.p99_ms, r.p99_ms) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        };
+    }
     EndpointSummary {
+        workers,
+        scaled_to_zero: !d.stopped
+            && !d.versions.is_empty()
+            && d.versions
+                .iter()
+                .all(|v| d.version_status(v) == "scaledToZero"),
+        recent,
         name: local_name(&d.spec.name).to_owned(),
         status: d.status(),
         url: invoke_url(&d.spec.name),
@@ -336,7 +397,7 @@ pub(crate) async fn list(State(gateway): State<AppState>, Who(caller): Who) -> R
         .endpoints()
         .iter()
         .filter(|d| caller.sees(&d.spec.name))
-        .map(|d| summary(d))
+        .map(|d| summary(&gateway, d))
         .collect();
     json(StatusCode::OK, &EndpointList { endpoints })
 }

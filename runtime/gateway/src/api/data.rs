@@ -1036,6 +1036,7 @@ fn record(
     }
     let elapsed = started.elapsed();
     version.metrics.latency.observe(elapsed.as_secs_f64());
+    version.metrics.window.request(code, elapsed.as_secs_f64());
     version
         .metrics
         .observe_mean(u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX));

@@ -12,6 +12,7 @@ mod batches;
 mod control;
 pub(crate) mod data;
 pub(crate) mod error;
+mod history;
 mod jobs;
 mod openai;
 mod ops;
@@ -160,6 +161,7 @@ fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(control::records))
         .routes(routes!(control::record_file))
         .routes(routes!(control::events))
+        .routes(routes!(history::metrics))
         .routes(routes!(control::webhook_secret))
         .routes(routes!(control::rotate_webhook_secret))
         .routes(routes!(control::upload_component))
