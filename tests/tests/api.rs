@@ -380,3 +380,52 @@ async fn the_processor_sees_the_request_and_shapes_the_response() {
     );
     t.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_is_served_at_ui_compressed_and_kept_to_its_origin() {
+    let t = TestServer::start().await;
+    let c = t.client.as_key(None);
+    let moved = c.get("/ui").await;
+    assert_eq!(moved.status, 308);
+    assert_eq!(moved.header("location"), Some("/ui/"));
+    let page = c
+        .request_with("GET", "/ui/", &[("accept-encoding", "gzip, br")], "")
+        .await;
+    if !wasp_console::BUILT {
+        // A checkout that never ran `./x build`: a clear answer, no page.
+        assert_eq!(page.status, 404);
+        assert_eq!(page.json()["error"]["code"], "console_not_built");
+        return;
+    }
+    assert_eq!(page.status, 200, "{}", page.text());
+    assert_eq!(page.header("content-encoding"), Some("gzip"));
+    assert_eq!(page.header("cache-control"), Some("no-cache"));
+    let policy = page.header("content-security-policy").unwrap();
+    assert!(policy.contains("default-src 'none'") && policy.contains("connect-src 'self'"));
+    let index = wasp_console::asset("").unwrap();
+    assert_eq!(page.body.as_ref(), index.gzip.unwrap());
+    // Without gzip, the plain page; every asset it names is there, cached for good.
+    let plain = c.get("/ui/").await;
+    assert_eq!(plain.header("content-encoding"), None);
+    let html = plain.text();
+    let script = html
+        .split('"')
+        .find(|s| s.starts_with("app-") && s.ends_with(".js"))
+        .unwrap();
+    let js = c.get(&format!("/ui/{script}")).await;
+    assert_eq!(js.status, 200);
+    assert_eq!(
+        js.header("content-type"),
+        Some("text/javascript; charset=utf-8")
+    );
+    assert_eq!(
+        js.header("cache-control"),
+        Some("public, max-age=31536000, immutable")
+    );
+    let missing = c.get("/ui/../../Cargo.toml").await;
+    assert_eq!(missing.status, 404);
+    let missing = c.get("/ui/nothing.js").await;
+    assert_eq!(missing.status, 404);
+    assert_eq!(missing.json()["error"]["code"], "not_found");
+    t.stop().await;
+}

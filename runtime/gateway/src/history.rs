@@ -195,6 +195,16 @@ struct Series {
     cold_seen: AtomicU64,
 }
 
+impl Series {
+    fn new(window: Arc<Window>) -> Self {
+        Self {
+            window,
+            points: Mutex::default(),
+            cold_seen: AtomicU64::new(0),
+        }
+    }
+}
+
 /// Stores `point` unless it says nothing new, and drops what is past the retention (but
 /// the newest point before it, whose gauges still hold).
 fn keep<P>(points: &mut VecDeque<(u64, P)>, tick: u64, point: P, same: impl Fn(&P) -> bool) {
@@ -256,13 +266,7 @@ impl History {
         let mut versions = self.versions.write().unwrap_or_else(|e| e.into_inner());
         versions
             .entry(key)
-            .or_insert_with(|| {
-                Arc::new(Series {
-                    window: Arc::new(Window::new()),
-                    points: Mutex::default(),
-                    cold_seen: AtomicU64::new(0),
-                })
-            })
+            .or_insert_with(|| Arc::new(Series::new(Arc::new(Window::new()))))
             .window
             .clone()
     }
@@ -271,14 +275,33 @@ impl History {
         self.versions.read().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Closes `version`'s window at `tick` with its gauges now and its cold starts so far.
-    pub fn close(&self, endpoint: &str, version: &str, tick: u64, gauges: Gauges, cold: u64) {
-        let Some(series) = self
-            .read()
-            .get(&(endpoint.to_owned(), version.to_owned()))
-            .cloned()
-        else {
-            return;
+    /// Closes `version`'s `window` at `tick` with its gauges now and its cold starts so
+    /// far. A version deployed while [`History::retain`] ran has its series made again.
+    pub fn close(
+        &self,
+        endpoint: &str,
+        version: &str,
+        window: &Arc<Window>,
+        tick: u64,
+        gauges: Gauges,
+        cold: u64,
+    ) {
+        let key = (endpoint.to_owned(), version.to_owned());
+        let found = self.read().get(&key).cloned();
+        let series = match found {
+            Some(series) if Arc::ptr_eq(&series.window, window) => series,
+            _ => self
+                .versions
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .entry(key)
+                .and_modify(|s| {
+                    if !Arc::ptr_eq(&s.window, window) {
+                        *s = Arc::new(Series::new(window.clone()));
+                    }
+                })
+                .or_insert_with(|| Arc::new(Series::new(window.clone())))
+                .clone(),
         };
         let w = &series.window;
         let seen = series.cold_seen.swap(cold, Ordering::Relaxed);
@@ -472,10 +495,10 @@ mod tests {
                 w.request(200, ms / 1e3);
             }
             w.request(503, ms / 1e3);
-            h.close("e", "v1", tick, gauges(2), 0);
+            h.close("e", "v1", &w, tick, gauges(2), 0);
         }
         for tick in 12..20 {
-            h.close("e", "v1", tick, gauges(2), 0);
+            h.close("e", "v1", &w, tick, gauges(2), 0);
         }
         // Idle ticks with unchanged gauges are not stored.
         assert_eq!(
@@ -486,7 +509,7 @@ mod tests {
                 .len(),
             2
         );
-        h.close("e", "v1", 20, gauges(0), 1);
+        h.close("e", "v1", &w, 20, gauges(0), 1);
 
         let c = h.columns("e", "v1", 8, 22, 2);
         assert_eq!(c.requests_per_s, [0.0, 22.0 / 4.0, 0.0, 0.0, 0.0, 0.0, 0.0]);
@@ -506,16 +529,16 @@ mod tests {
     #[test]
     fn old_points_go_but_the_gauges_before_the_span_hold() {
         let h = History::default();
-        h.window("e", "v1");
+        let w = h.window("e", "v1");
         let g = Gauges {
             desired: 3,
             ready: 3,
             starting: 0,
             waiting: 0,
         };
-        h.close("e", "v1", 1, g, 0);
-        h.close("e", "v1", 5, Gauges::default(), 0);
-        h.close("e", "v1", 10 + KEPT_TICKS, g, 0);
+        h.close("e", "v1", &w, 1, g, 0);
+        h.close("e", "v1", &w, 5, Gauges::default(), 0);
+        h.close("e", "v1", &w, 10 + KEPT_TICKS, g, 0);
         let points = h.read()[&("e".into(), "v1".into())]
             .points
             .lock()
@@ -526,5 +549,18 @@ mod tests {
         assert_eq!(c.workers_ready, [0, 3]);
         h.retain(&std::collections::HashSet::new());
         assert!(h.read().is_empty());
+    }
+
+    #[test]
+    fn a_version_forgotten_while_it_deployed_keeps_its_window() {
+        let h = History::default();
+        // Deploying: the version has its window, but is not live yet when retain runs.
+        let w = h.window("e", "v1");
+        h.retain(&std::collections::HashSet::new());
+        w.request(200, 0.001);
+        h.close("e", "v1", &w, 7, Gauges::default(), 0);
+        let c = h.columns("e", "v1", 7, 8, 1);
+        assert_eq!(c.requests_per_s, [0.5]);
+        assert!(Arc::ptr_eq(&h.window("e", "v1"), &w));
     }
 }

@@ -1052,7 +1052,8 @@ impl Gateway {
                     .cold_starts
                     .count
                     .load(std::sync::atomic::Ordering::Relaxed);
-                self.history.close(name, &v.name, tick, gauges, cold);
+                self.history
+                    .close(name, &v.name, &v.metrics.window, tick, gauges, cold);
                 live.insert((name.clone(), v.name.clone()));
             }
         }

@@ -8,7 +8,7 @@
 //!
 //! | paths | who |
 //! | --- | --- |
-//! | `/healthz`, `/api/v1/openapi.json` | anyone |
+//! | `/healthz`, `/api/v1/openapi.json`, `/ui…` (the console's page and assets) | anyone |
 //! | `/metrics`, `/api/v1/tenants…`, `/api/v1/store/snapshot` | operator keys |
 //! | `/api/v1/keys…`, `/api/v1/whoami`, `/api/v1/jobs…`, `/api/v1/batches…` | any key (the handlers check the rest) |
 //! | other `/api/v1/…` | admin and operator keys |
@@ -35,7 +35,8 @@ enum Class {
 
 fn class(path: &str) -> Class {
     match path {
-        "/healthz" | "/api/v1/openapi.json" => return Class::Open,
+        "/healthz" | "/api/v1/openapi.json" | "/ui" => return Class::Open,
+        _ if path.starts_with("/ui/") => return Class::Open,
         "/metrics" | "/api/v1/store/snapshot" => return Class::Operator,
         "/api/v1/keys" | "/api/v1/whoami" => return Class::AnyKey,
         _ => {}

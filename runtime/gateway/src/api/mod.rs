@@ -16,6 +16,7 @@ mod history;
 mod jobs;
 mod openai;
 mod ops;
+mod ui;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -245,6 +246,9 @@ pub(crate) fn app(gateway: AppState, request_timeout: Duration, plain_keys_refus
     document_keys(&mut doc);
     ops::DOCUMENT.get_or_init(|| Bytes::from(doc.to_pretty_json().unwrap_or_default()));
     let router = router
+        .route("/ui", axum::routing::get(ui::root))
+        .route("/ui/", axum::routing::get(ui::page))
+        .route("/ui/{*path}", axum::routing::get(ui::asset))
         .fallback(|method: Method, uri: Uri| async move { ApiError::no_route(&method, &uri) })
         .method_not_allowed_fallback(|method: Method, uri: Uri| async move {
             ApiError::method_not_allowed(&method, &uri)
