@@ -7,7 +7,8 @@
 // passes what it made in the environment:
 //   WASP_URL, WASP_OPERATOR_KEY, WASP_ADMIN_KEY, WASP_INVOKER_KEY (tenant acme),
 //   WASP_OTHER_ENDPOINT (bravo's), WASP_MANY_TENANT (holds 1,000 endpoints),
-//   WASP_COMPONENT (hello.wasm), WASP_SHOTS (screenshot directory), CHROMIUM.
+//   WASP_LOGGING_ENDPOINT (acme's, answers /log by logging its body), WASP_CHAT_ENDPOINT (a generation endpoint of the default tenant), WASP_COMPONENT
+//   (hello.wasm), WASP_SHOTS (screenshot directory), CHROMIUM.
 'use strict';
 const assert = require('assert/strict');
 const fs = require('fs');
@@ -49,10 +50,13 @@ async function main() {
     await endpointPage(page);
     await jobs(page);
     await weights(page);
+    await logs(page);
     await isolation(page);
     await invoker(page);
     await operatorList(page);
+    await chat(page);
     await phone(browser);
+    await accessible(browser);
     assert.deepEqual(problems, [], 'the page logged errors');
   } catch (e) {
     if (current) {
@@ -248,6 +252,20 @@ async function weights(page) {
   assert.equal(await page.getByLabel('Weight of green, percent').inputValue(), '20');
 }
 
+/** Logs follow: a processor's log records appear as it writes them. */
+async function logs(page) {
+  await page.goto(`${URL}/ui/#/endpoints/${env('WASP_LOGGING_ENDPOINT')}`);
+  const tryit = page.locator('.tryit');
+  await tryit.getByLabel('Path below the invoke route').fill('/log');
+  const box = page.getByLabel('Processor logs');
+  for (const word of ['first', 'second']) {
+    await tryit.getByLabel('Body').fill(word);
+    await tryit.getByRole('button', { name: 'Send' }).click();
+    await box.locator('.log', { hasText: `hostile says ${word}` }).waitFor();
+  }
+  assert.equal(await box.locator('.log-warn').count(), 2);
+}
+
 /** Acme's key sees neither bravo's endpoint in its list nor at its address. */
 async function isolation(page) {
   const other = env('WASP_OTHER_ENDPOINT');
@@ -324,6 +342,70 @@ async function operatorList(page) {
   assert.ok(measured.p95_frame_ms < 100, `p95 frame ${measured.p95_frame_ms} ms while scrolling`);
   await page.locator('.scroller').evaluate((el) => { el.scrollTop = 0; });
   await page.screenshot({ path: path.join(SHOTS, 'operator-endpoints.png') });
+}
+
+/** The try-it panel streams a chat completion; the generation plot follows. */
+async function chat(page) {
+  await page.goto(`${URL}/ui/#/endpoints/${env('WASP_CHAT_ENDPOINT')}`);
+  const tryit = page.locator('.tryit');
+  await tryit.getByLabel('Chat (streamed)').check();
+  await tryit.getByLabel('Message').fill('Name three colours.');
+  await tryit.getByRole('button', { name: 'Send' }).click();
+  await tryit.locator('.answer', { hasText: 'first token' }).waitFor({ timeout: 60000 });
+  await tryit.getByRole('button', { name: 'Send' }).and(page.locator(':not([disabled])')).waitFor({ timeout: 60000 });
+  const answer = await tryit.locator('.answer').innerText();
+  assert.match(answer, /^200/, answer);
+  assert.doesNotMatch(answer, /streaming…/, answer);
+  const text = await tryit.locator('.answer pre').innerText();
+  assert.ok(text.trim().length > 0, 'the streamed answer has text');
+  await page.locator('#plot-generation canvas').waitFor({ timeout: 15000 });
+  await page.screenshot({ path: path.join(SHOTS, 'chat.png'), fullPage: true });
+  // The README's picture: an endpoint's plots, as a laptop shows them.
+  await page.evaluate(() => window.scrollTo(0, 0));
+  await page.screenshot({ path: path.join(SHOTS, 'console.png') });
+}
+
+/** axe-core finds no serious or critical accessibility problem (contrast included) on the main pages. */
+async function accessible(browser) {
+  // axe is injected as a script, which the console's own policy forbids: this context only.
+  const context = await browser.newContext({ viewport: { width: 1280, height: 860 }, bypassCSP: true });
+  const page = await context.newPage();
+  current = page;
+  await page.goto(`${URL}/ui/`);
+  const checked = {};
+  const check = async (name) => {
+    await page.addScriptTag({ path: require.resolve('axe-core/axe.min.js') });
+    const result = await page.evaluate(async () => {
+      const r = await window.axe.run(document, { resultTypes: ['violations'] });
+      return r.violations
+        .filter((v) => v.impact === 'serious' || v.impact === 'critical')
+        .map((v) => `${v.id} (${v.impact}): ${v.nodes.slice(0, 3).map((n) => n.target.join(' ')).join(', ')}`);
+    });
+    checked[name] = result.length;
+    assert.deepEqual(result, [], `accessibility problems on ${name}`);
+  };
+  for (const scheme of ['light', 'dark']) {
+    await page.emulateMedia({ colorScheme: scheme });
+    await page.goto(`${URL}/ui/`);
+    await page.reload();
+    await page.getByLabel('API key').waitFor();
+    await check(`login (${scheme})`);
+    await login(page, env('WASP_ADMIN_KEY'), true);
+    await page.locator('tr[data-endpoint="hello"]').waitFor();
+    await check(`endpoints (${scheme})`);
+    await page.goto(`${URL}/ui/#/endpoints/hello`);
+    await page.locator('#plot-requests canvas').waitFor();
+    await check(`endpoint (${scheme})`);
+    await page.goto(`${URL}/ui/#/deploy`);
+    await page.getByLabel('Spec (TOML, or JSON)').waitFor();
+    await check(`deploy (${scheme})`);
+    await page.goto(`${URL}/ui/#/jobs`);
+    await page.locator('section.jobs').waitFor();
+    await check(`jobs (${scheme})`);
+    await logout(page);
+  }
+  figures.accessibility_pages_checked = Object.keys(checked).length;
+  await context.close();
 }
 
 /** On a phone's screen the list and an endpoint's page fit its width. */

@@ -239,6 +239,34 @@ async fn chat_streams_and_answers_whole_with_the_real_model() {
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| panic!("no wasp_tenant_tokens_total in\n{metrics}"));
     assert!(tokens > 0.0, "{tokens}");
+
+    // The console's history has the generation figures once the interval closes.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let h = c
+            .get("/api/v1/endpoints/smol/metrics?window_s=120")
+            .await
+            .json();
+        let v = &h["versions"][0];
+        let some = |key: &str| v[key].as_array().unwrap().iter().any(Value::is_number);
+        let tokens: f64 = v["tokens_per_s"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(Value::as_f64)
+            .sum();
+        let ttft = v["ttft_p50_ms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(Value::as_f64);
+        if some("ttft_p50_ms") && some("tpot_p50_ms") && tokens > 0.0 {
+            assert!(ttft.clone().all(|ms| ms > 0.0 && ms < 60_000.0), "{v:#}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "no generation figures: {v:#}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

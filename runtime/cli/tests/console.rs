@@ -13,7 +13,7 @@ use std::process::Command;
 use common::Serve;
 use serde_json::json;
 use wasp_tests::TestClient;
-use wasp_tests::guests::HELLO;
+use wasp_tests::guests::{CHAT, HELLO, HOSTILE};
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -63,8 +63,19 @@ async fn the_console_works_in_a_real_browser() {
         return;
     };
     let data = tempfile::tempdir().unwrap();
-    let server = Serve::try_start(data.path(), &["--max-instances", "1200"])
-        .unwrap_or_else(|r| panic!("wasp serve did not start: {}", r.stderr));
+    let models = wasp_tests::models_dir().display().to_string();
+    let server = Serve::try_start(
+        data.path(),
+        &[
+            "--max-instances",
+            "1200",
+            "--mount-root",
+            &models,
+            "--models-dir",
+            &models,
+        ],
+    )
+    .unwrap_or_else(|r| panic!("wasp serve did not start: {}", r.stderr));
     let operator = server.client();
     let page = operator.get("/ui/").await;
     assert_eq!(
@@ -82,10 +93,25 @@ async fn the_console_works_in_a_real_browser() {
     }
     let admin = key(&operator, "acme", "admin").await;
     let invoker = key(&operator, "acme", "invoker").await;
+    operator
+        .as_key(Some(&admin))
+        .deploy_ok(HOSTILE, &wasp_tests::spec("noisy", ""))
+        .await;
     let bravo = operator.as_key(Some(&key(&operator, "bravo", "admin").await));
     bravo
         .deploy_ok(HELLO, &wasp_tests::spec("bravo-secret", ""))
         .await;
+
+    // A chat endpoint over the real SmolLM2 weights, for the streamed try-it.
+    let chat = format!(
+        "name = \"smol\"\n[[versions]]\nname = \"v1\"\n\
+         backend = {{ kind = \"candle\", model = \"SmolLM2-135M-Instruct\", task = \"generate\", \
+         device = \"cpu\", max_sequences = 2, kv_cache_mib = 128 }}\n[versions.processor]\n\
+         component = \"{{COMPONENT}}\"\nmounts = [{{ host = {:?}, guest = \"/model\" }}]\n\
+         env = {{ CONTEXT_LENGTH = \"512\", DEFAULT_MAX_TOKENS = \"24\" }}\n",
+        wasp_tests::smollm2_dir().display().to_string()
+    );
+    operator.deploy_ok(CHAT, &chat).await;
 
     // 1,000 endpoints in one tenant, that scale to zero once deployed.
     let many = operator.as_key(Some(&key(&operator, "many", "admin").await));
@@ -123,6 +149,8 @@ async fn the_console_works_in_a_real_browser() {
         .env("WASP_INVOKER_KEY", &invoker)
         .env("WASP_OTHER_ENDPOINT", "bravo-secret")
         .env("WASP_MANY_TENANT", "many")
+        .env("WASP_CHAT_ENDPOINT", "smol")
+        .env("WASP_LOGGING_ENDPOINT", "noisy")
         .env("WASP_COMPONENT", HELLO)
         .env("WASP_SHOTS", &shots)
         .output()
