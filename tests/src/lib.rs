@@ -231,6 +231,19 @@ impl TestClient {
         reply.json()
     }
 
+    /// Makes an API key of `role` in `tenant` (with this client's key, an operator's or
+    /// the tenant's admin's) and answers it.
+    pub async fn make_key(&self, tenant: &str, role: &str) -> String {
+        let made = self
+            .post_json(
+                "/api/v1/keys",
+                &serde_json::json!({ "tenant": tenant, "role": role, "name": format!("{tenant} {role}") }),
+            )
+            .await;
+        assert_eq!(made.status, 201, "{}", made.text());
+        made.json()["key"].as_str().unwrap_or_default().to_owned()
+    }
+
     /// POSTs `body` to an endpoint's invoke route, with `path` below it.
     pub async fn invoke(&self, name: &str, path: &str, body: impl Into<Bytes>) -> Reply {
         let name = percent_encoding::utf8_percent_encode(name, percent_encoding::NON_ALPHANUMERIC);

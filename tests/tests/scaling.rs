@@ -46,6 +46,21 @@ fn scaled_to_zero(v: &Value) -> bool {
         && v["instances"]["busy"] == 0
 }
 
+/// Deploys `hello` as `name` with up to two workers and none at rest, and waits until the
+/// worker the deploy started (to prove the version can run) has gone.
+async fn deploy_scaled_to_zero(c: &TestClient, name: &str) {
+    let scaling = format!("[versions.scaling]\nmin_workers = 0\nmax_workers = 2\n{FAST}");
+    c.deploy_ok(HELLO, &spec(name, &scaling)).await;
+    wait_for(
+        c,
+        name,
+        Duration::from_secs(15),
+        "scaled to zero",
+        scaled_to_zero,
+    )
+    .await;
+}
+
 fn metric(text: &str, name: &str, endpoint: &str) -> f64 {
     text.lines()
         .find(|l| l.starts_with(name) && l.contains(&format!("endpoint=\"{endpoint}\"")))
@@ -58,17 +73,7 @@ fn metric(text: &str, name: &str, endpoint: &str) -> f64 {
 async fn a_processor_endpoint_scales_to_zero_and_a_request_wakes_it() {
     let t = TestServer::start().await;
     let c = &t.client;
-    let scaling = format!("[versions.scaling]\nmin_workers = 0\nmax_workers = 2\n{FAST}");
-    c.deploy_ok(HELLO, &spec("sleepy", &scaling)).await;
-    // The deploy starts one worker to prove the version can run; idle, it goes.
-    wait_for(
-        c,
-        "sleepy",
-        Duration::from_secs(15),
-        "scaled to zero",
-        scaled_to_zero,
-    )
-    .await;
+    deploy_scaled_to_zero(c, "sleepy").await;
     let listed = c.get("/api/v1/endpoints").await.json();
     assert_eq!(listed["endpoints"][0]["status"], "ready", "{listed:#}");
 
@@ -762,16 +767,7 @@ async fn a_request_that_waits_past_the_cold_start_timeout_is_a_503_with_retry_af
 async fn the_metrics_history_shows_requests_latency_errors_and_workers() {
     let t = TestServer::start().await;
     let c = &t.client;
-    let scaling = format!("[versions.scaling]\nmin_workers = 0\nmax_workers = 2\n{FAST}");
-    c.deploy_ok(HELLO, &spec("plotted", &scaling)).await;
-    wait_for(
-        c,
-        "plotted",
-        Duration::from_secs(15),
-        "scaled to zero",
-        scaled_to_zero,
-    )
-    .await;
+    deploy_scaled_to_zero(c, "plotted").await;
     let listed = c.get("/api/v1/endpoints").await.json();
     assert_eq!(listed["endpoints"][0]["scaled_to_zero"], true, "{listed:#}");
 

@@ -5,20 +5,9 @@
 
 use serde_json::{Value, json};
 use wasp_tests::guests::{HELLO, HOSTILE};
-use wasp_tests::{TestClient, TestServer, spec};
+use wasp_tests::{TestServer, spec};
 
 /// Makes a key and returns it.
-async fn key(operator: &TestClient, tenant: &str, role: &str) -> String {
-    let made = operator
-        .post_json(
-            "/api/v1/keys",
-            &json!({ "tenant": tenant, "role": role, "name": format!("{tenant} {role}") }),
-        )
-        .await;
-    assert_eq!(made.status, 201, "{}", made.text());
-    made.json()["key"].as_str().unwrap().to_owned()
-}
-
 /// Status and error code of a reply.
 fn outcome(reply: &wasp_tests::Reply) -> (u16, Value) {
     let code = serde_json::from_slice::<Value>(&reply.body)
@@ -37,8 +26,8 @@ async fn a_tenant_never_sees_or_reaches_another_tenants_resources() {
             .await;
         assert_eq!(made.status, 201, "{}", made.text());
     }
-    let acme = operator.as_key(Some(&key(operator, "acme", "admin").await));
-    let bravo = operator.as_key(Some(&key(operator, "bravo", "admin").await));
+    let acme = operator.as_key(Some(&operator.make_key("acme", "admin").await));
+    let bravo = operator.as_key(Some(&operator.make_key("bravo", "admin").await));
 
     // The same name in two tenants: two endpoints.
     acme.deploy_ok(HELLO, &spec("shared", "")).await;
@@ -244,9 +233,9 @@ async fn keys_act_by_role_and_requests_without_one_reach_public_endpoints_only()
     operator
         .post_json("/api/v1/tenants", &json!({ "name": "acme" }))
         .await;
-    let admin_key = key(operator, "acme", "admin").await;
+    let admin_key = operator.make_key("acme", "admin").await;
     let admin = operator.as_key(Some(&admin_key));
-    let invoker = operator.as_key(Some(&key(operator, "acme", "invoker").await));
+    let invoker = operator.as_key(Some(&operator.make_key("acme", "invoker").await));
     let nobody = operator.as_key(None);
     admin.deploy_ok(HELLO, &spec("private", "")).await;
     admin
@@ -446,7 +435,7 @@ async fn keys_and_tenants_survive_a_restart() {
     t.client
         .post_json("/api/v1/tenants", &json!({ "name": "acme" }))
         .await;
-    let token = key(&t.client, "acme", "admin").await;
+    let token = t.client.make_key("acme", "admin").await;
     let first_operator = wasp_tests::operator_key(dir.path());
     t.stop().await;
     let t = TestServer::start_in(dir.path()).await;
@@ -464,7 +453,7 @@ async fn processors_reach_only_the_host_their_tenant_was_granted() {
     operator
         .post_json("/api/v1/tenants", &json!({ "name": "acme" }))
         .await;
-    let acme = operator.as_key(Some(&key(operator, "acme", "admin").await));
+    let acme = operator.as_key(Some(&operator.make_key("acme", "admin").await));
     let granted = tempfile::tempdir().unwrap();
     let elsewhere = tempfile::tempdir().unwrap();
     let with = |mount: &std::path::Path, host: &str| {
@@ -574,9 +563,9 @@ async fn registry_logins_are_each_tenants_own_and_never_answered() {
             .post_json("/api/v1/tenants", &json!({ "name": name }))
             .await;
     }
-    let acme = operator.as_key(Some(&key(operator, "acme", "admin").await));
-    let bravo = operator.as_key(Some(&key(operator, "bravo", "admin").await));
-    let invoker = operator.as_key(Some(&key(operator, "acme", "invoker").await));
+    let acme = operator.as_key(Some(&operator.make_key("acme", "admin").await));
+    let bravo = operator.as_key(Some(&operator.make_key("bravo", "admin").await));
+    let invoker = operator.as_key(Some(&operator.make_key("acme", "invoker").await));
     let login = json!({ "username": "robot", "password": "s3cret-token" });
 
     let set = acme
@@ -688,7 +677,7 @@ async fn registry_logins_are_each_tenants_own_and_never_answered() {
         .await;
     let reborn = t
         .client
-        .as_key(Some(&key(&t.client, "acme", "admin").await));
+        .as_key(Some(&t.client.make_key("acme", "admin").await));
     assert_eq!(
         reborn.get("/api/v1/registries").await.json()["registries"],
         json!([])

@@ -7,20 +7,14 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 
 use common::Serve;
 use serde_json::json;
-use wasp_tests::TestClient;
 use wasp_tests::guests::{CHAT, HELLO, HOSTILE};
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../..")
-        .canonicalize()
-        .unwrap()
-}
+use wasp_tests::process::root;
 
 /// Where the browser and the console's npm packages are, or why the test cannot run
 /// (a failure in CI, where `./x test` installs them).
@@ -44,17 +38,6 @@ fn tools() -> Option<(PathBuf, PathBuf)> {
         return None;
     }
     Some((modules, chromium))
-}
-
-async fn key(operator: &TestClient, tenant: &str, role: &str) -> String {
-    let made = operator
-        .post_json(
-            "/api/v1/keys",
-            &json!({ "tenant": tenant, "role": role, "name": format!("{tenant} {role}") }),
-        )
-        .await;
-    assert_eq!(made.status, 201, "{}", made.text());
-    made.json()["key"].as_str().unwrap().to_owned()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -91,13 +74,13 @@ async fn the_console_works_in_a_real_browser() {
             .await;
         assert_eq!(made.status, 201, "{}", made.text());
     }
-    let admin = key(&operator, "acme", "admin").await;
-    let invoker = key(&operator, "acme", "invoker").await;
+    let admin = operator.make_key("acme", "admin").await;
+    let invoker = operator.make_key("acme", "invoker").await;
     operator
         .as_key(Some(&admin))
         .deploy_ok(HOSTILE, &wasp_tests::spec("noisy", ""))
         .await;
-    let bravo = operator.as_key(Some(&key(&operator, "bravo", "admin").await));
+    let bravo = operator.as_key(Some(&operator.make_key("bravo", "admin").await));
     bravo
         .deploy_ok(HELLO, &wasp_tests::spec("bravo-secret", ""))
         .await;
@@ -114,7 +97,7 @@ async fn the_console_works_in_a_real_browser() {
     operator.deploy_ok(CHAT, &chat).await;
 
     // 1,000 endpoints in one tenant, that scale to zero once deployed.
-    let many = operator.as_key(Some(&key(&operator, "many", "admin").await));
+    let many = operator.as_key(Some(&operator.make_key("many", "admin").await));
     let digest = many.upload(HELLO).await;
     let deploys: Vec<_> = (0..8)
         .map(|k| {

@@ -15,12 +15,7 @@ use common::{WASP, ok};
 use serde_json::Value;
 use wasp_tests::TestServer;
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../..")
-        .canonicalize()
-        .unwrap()
-}
+use wasp_tests::process::root;
 
 /// Installs the toolchains once for this test binary (a no-op when `./x test` did).
 fn toolchains() -> PathBuf {

@@ -237,22 +237,38 @@ pub(crate) struct Recent {
     pub cold_starts: u64,
 }
 
-/// A version's points over a span, one per step, as columns.
-#[derive(Debug, Default)]
-pub(crate) struct Columns {
+/// A version's columns. Latency percentiles are `null` where a column had no requests.
+#[derive(Debug, Default, serde::Serialize, utoipa::ToSchema)]
+pub struct VersionHistory {
+    /// Version name.
+    pub version: String,
+    /// Requests answered per second (sync routes: invoke, OpenAI, KServe).
     pub requests_per_s: Vec<f64>,
+    /// Answers with a 4xx status.
     pub client_errors: Vec<u64>,
+    /// Answers with a 5xx status.
     pub server_errors: Vec<u64>,
+    /// Median latency, in milliseconds.
     pub p50_ms: Vec<Option<f64>>,
+    /// 90th percentile of latency, in milliseconds.
     pub p90_ms: Vec<Option<f64>>,
+    /// 99th percentile of latency, in milliseconds.
     pub p99_ms: Vec<Option<f64>>,
+    /// Generation: median time to first token, in milliseconds.
     pub ttft_p50_ms: Vec<Option<f64>>,
+    /// Generation: median time per output token, in milliseconds.
     pub tpot_p50_ms: Vec<Option<f64>>,
+    /// Generation: tokens generated per second.
     pub tokens_per_s: Vec<f64>,
+    /// Requests that waited for a worker to start.
     pub cold_starts: Vec<u64>,
+    /// Workers the autoscaler wanted, at each column's end.
     pub workers_desired: Vec<u32>,
+    /// Workers ready, at each column's end.
     pub workers_ready: Vec<u32>,
+    /// Workers starting (or waiting for GPUs), at each column's end.
     pub workers_starting: Vec<u32>,
+    /// Requests waiting for an instance or a forward pass, at each column's end.
     pub waiting: Vec<u32>,
 }
 
@@ -348,8 +364,18 @@ impl History {
 
     /// `version`'s columns over the ticks `from..to`, `step` ticks a column: counters
     /// summed, histograms merged, gauges as they stood at each column's end.
-    pub fn columns(&self, endpoint: &str, version: &str, from: u64, to: u64, step: u64) -> Columns {
-        let mut c = Columns::default();
+    pub fn columns(
+        &self,
+        endpoint: &str,
+        version: &str,
+        from: u64,
+        to: u64,
+        step: u64,
+    ) -> VersionHistory {
+        let mut c = VersionHistory {
+            version: version.to_owned(),
+            ..VersionHistory::default()
+        };
         let step = step.max(1);
         let series = self
             .read()

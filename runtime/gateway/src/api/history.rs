@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use super::error::json;
 use super::{ApiError, AppState, ErrorBody, Name};
 use crate::Error;
-use crate::history::{INTERVAL, RETENTION, tick_of};
+use crate::history::{INTERVAL, RETENTION, VersionHistory, tick_of};
 
 /// The span and resolution of a metrics history.
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
@@ -35,41 +35,6 @@ pub struct MetricsHistory {
     pub versions: Vec<VersionHistory>,
     /// The endpoint's jobs at each column's end.
     pub jobs: JobHistory,
-}
-
-/// A version's columns. Latency percentiles are `null` where a column had no requests.
-#[derive(Debug, Serialize, utoipa::ToSchema)]
-pub struct VersionHistory {
-    /// Version name.
-    pub version: String,
-    /// Requests answered per second (sync routes: invoke, OpenAI, KServe).
-    pub requests_per_s: Vec<f64>,
-    /// Answers with a 4xx status.
-    pub client_errors: Vec<u64>,
-    /// Answers with a 5xx status.
-    pub server_errors: Vec<u64>,
-    /// Median latency, in milliseconds.
-    pub p50_ms: Vec<Option<f64>>,
-    /// 90th percentile of latency, in milliseconds.
-    pub p90_ms: Vec<Option<f64>>,
-    /// 99th percentile of latency, in milliseconds.
-    pub p99_ms: Vec<Option<f64>>,
-    /// Generation: median time to first token, in milliseconds.
-    pub ttft_p50_ms: Vec<Option<f64>>,
-    /// Generation: median time per output token, in milliseconds.
-    pub tpot_p50_ms: Vec<Option<f64>>,
-    /// Generation: tokens generated per second.
-    pub tokens_per_s: Vec<f64>,
-    /// Requests that waited for a worker to start.
-    pub cold_starts: Vec<u64>,
-    /// Workers the autoscaler wanted, at each column's end.
-    pub workers_desired: Vec<u32>,
-    /// Workers ready, at each column's end.
-    pub workers_ready: Vec<u32>,
-    /// Workers starting (or waiting for GPUs), at each column's end.
-    pub workers_starting: Vec<u32>,
-    /// Requests waiting for an instance or a forward pass, at each column's end.
-    pub waiting: Vec<u32>,
 }
 
 /// An endpoint's jobs over time.
@@ -136,26 +101,9 @@ pub(crate) async fn metrics(
         .versions
         .iter()
         .map(|v| {
-            let c = gateway
+            gateway
                 .history
-                .columns(&d.spec.name, &v.name, from, to, step_ticks);
-            VersionHistory {
-                version: v.name.clone(),
-                requests_per_s: c.requests_per_s,
-                client_errors: c.client_errors,
-                server_errors: c.server_errors,
-                p50_ms: c.p50_ms,
-                p90_ms: c.p90_ms,
-                p99_ms: c.p99_ms,
-                ttft_p50_ms: c.ttft_p50_ms,
-                tpot_p50_ms: c.tpot_p50_ms,
-                tokens_per_s: c.tokens_per_s,
-                cold_starts: c.cold_starts,
-                workers_desired: c.workers_desired,
-                workers_ready: c.workers_ready,
-                workers_starting: c.workers_starting,
-                waiting: c.waiting,
-            }
+                .columns(&d.spec.name, &v.name, from, to, step_ticks)
         })
         .collect();
     let (queued, in_progress) = gateway
