@@ -76,7 +76,11 @@ fn signal_group(pid: u32, signal: i32) {
     }
 }
 
-fn forward(lines: Arc<Lines>, error: bool, stream: impl Read + Send + 'static) {
+fn forward(
+    lines: Arc<Lines>,
+    error: bool,
+    stream: impl Read + Send + 'static,
+) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
         let mut reader = BufReader::new(stream);
         let mut buf = Vec::new();
@@ -90,7 +94,7 @@ fn forward(lines: Arc<Lines>, error: bool, stream: impl Read + Send + 'static) {
                 }
             }
         }
-    });
+    })
 }
 
 impl Driver for ProcessDriver {
@@ -165,11 +169,12 @@ impl Driver for ProcessDriver {
                 self.state_dir.display()
             )));
         }
+        let mut readers = Vec::with_capacity(2);
         if let Some(out) = child.stdout.take() {
-            forward(launch.lines.clone(), false, out);
+            readers.push(forward(launch.lines.clone(), false, out));
         }
         if let Some(err) = child.stderr.take() {
-            forward(launch.lines.clone(), true, err);
+            readers.push(forward(launch.lines.clone(), true, err));
         }
         tracing::info!(name = %launch.name, pid, port, "started process");
         Ok(Box::new(Process {
@@ -178,6 +183,7 @@ impl Driver for ProcessDriver {
             address: SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
             record,
             reaped: AtomicBool::new(false),
+            readers,
         }))
     }
 
@@ -215,7 +221,12 @@ struct Process {
     record: PathBuf,
     /// The shell has been waited for: its pid is free for the kernel to give again.
     reaped: AtomicBool,
+    /// The threads that read its output into the endpoint's logs.
+    readers: Vec<std::thread::JoinHandle<()>>,
 }
+
+/// How long an exited process's last output may take to reach its lines.
+const DRAIN: std::time::Duration = std::time::Duration::from_millis(250);
 
 impl Process {
     /// Signals the process group, unless the leader is gone and its pid now belongs to
@@ -240,6 +251,17 @@ impl Instance for Process {
         match child.try_wait() {
             Ok(Some(status)) => Some({
                 self.reaped.store(true, Ordering::Release);
+                // What it wrote just before it exited is still in the pipes: let the
+                // readers take it (a child it left behind may hold them open: not long).
+                let until = std::time::Instant::now() + DRAIN;
+                while !self
+                    .readers
+                    .iter()
+                    .all(std::thread::JoinHandle::is_finished)
+                    && std::time::Instant::now() < until
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(2));
+                }
                 match (status.code(), status.signal()) {
                     (Some(code), _) => format!("exit status {code}"),
                     (None, Some(signal)) => format!("killed by signal {signal}"),
