@@ -342,6 +342,12 @@ async function operatorList(page) {
   assert.ok(measured.p95_frame_ms < 100, `p95 frame ${measured.p95_frame_ms} ms while scrolling`);
   await page.locator('.scroller').evaluate((el) => { el.scrollTop = 0; });
   await page.screenshot({ path: path.join(SHOTS, 'operator-endpoints.png') });
+  // An endpoint of another tenant, through the operator's list: its scaling events say
+  // why it went to zero.
+  await page.getByRole('link', { name: 'svc-0000', exact: true }).click();
+  const event = page.locator('.events li', { hasText: '→ 0' }).first();
+  await event.waitFor();
+  assert.match(await event.innerText(), /v1 1 → 0/);
 }
 
 /** The try-it panel streams a chat completion; the generation plot follows. */

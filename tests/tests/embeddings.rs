@@ -239,7 +239,9 @@ async fn kserve_v2_and_the_inference_import_reach_the_backend() {
         )
         .await;
     assert_eq!(missing.status, 400, "{}", missing.text());
-    assert_eq!(missing.json()["error"]["code"], "bad_model_input");
+    // The protocol's error shape on /v2 routes: one message, naming the field.
+    let error = missing.json()["error"].as_str().unwrap().to_owned();
+    assert!(error.contains("input_ids"), "{error}");
 
     // A processor calling the model through the `inference` import reaches the backend,
     // which names what the (empty) input lacks.
@@ -313,5 +315,215 @@ async fn example_spec_serves_embeddings() {
         .await;
     assert_eq!(reply.status, 200, "{}", reply.text());
     assert_eq!(reply.json()["data"].as_array().unwrap().len(), 2);
+    t.stop().await;
+}
+
+/// The little-endian f32s of a binary tensor.
+fn f32s(bytes: &[u8]) -> Vec<f64> {
+    bytes
+        .chunks_exact(4)
+        .map(|c| f64::from(f32::from_le_bytes([c[0], c[1], c[2], c[3]])))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kserve_v2_over_http_is_complete() {
+    let t = TestServer::start().await;
+    let c = &t.client;
+    c.deploy_ok(TEXT_EMBEDDINGS, &minilm_spec("minilm", ""))
+        .await;
+
+    // Server health and metadata.
+    assert_eq!(c.get("/v2/health/live").await.json()["live"], true);
+    assert_eq!(c.get("/v2/health/ready").await.json()["ready"], true);
+    let server = c.get("/v2").await.json();
+    assert_eq!(server["name"], "wasp");
+    assert!(
+        server["extensions"]
+            .to_string()
+            .contains("binary_tensor_data")
+    );
+
+    // Model metadata from the backend; the versions form of every model route.
+    let meta = c.get("/v2/models/minilm").await.json();
+    assert_eq!(meta["name"], "minilm");
+    assert_eq!(meta["versions"], json!(["v1"]));
+    assert_eq!(meta["platform"], "wasp_candle");
+    assert_eq!(
+        meta["inputs"][0],
+        json!({"name": "input_ids", "datatype": "INT64", "shape": [-1, -1]})
+    );
+    assert_eq!(meta["inputs"][1]["optional"], true);
+    assert_eq!(
+        meta["outputs"][0],
+        json!({"name": "last_hidden_state", "datatype": "FP32", "shape": [-1, -1, 384]})
+    );
+    assert_eq!(
+        c.get("/v2/models/minilm/versions/v1").await.json()["versions"],
+        json!(["v1"])
+    );
+    assert_eq!(
+        c.get("/v2/models/minilm/versions/v1/ready").await.status,
+        200
+    );
+    let nope = c.get("/v2/models/minilm/versions/v9/ready").await;
+    assert_eq!(nope.status, 404);
+    assert!(
+        nope.json()["error"]
+            .as_str()
+            .unwrap()
+            .contains("no version `v9`")
+    );
+
+    // Binary tensors in, binary output out: the same numbers as JSON.
+    let header = json!({ "id": "b1", "inputs": [
+        { "name": "input_ids", "shape": [1, 3], "datatype": "INT64", "parameters": {"binary_data_size": 24} },
+    ], "outputs": [{ "name": "last_hidden_state", "parameters": {"binary_data": true} }] })
+    .to_string();
+    let mut body = header.clone().into_bytes();
+    for id in [101i64, 7592, 102] {
+        body.extend_from_slice(&id.to_le_bytes());
+    }
+    let length = header.len().to_string();
+    let binary = c
+        .request_with(
+            "POST",
+            "/v2/models/minilm/versions/v1/infer",
+            &[
+                ("inference-header-content-length", &length),
+                ("content-type", "application/octet-stream"),
+            ],
+            body,
+        )
+        .await;
+    assert_eq!(binary.status, 200, "{}", binary.text());
+    let n: usize = binary
+        .header("inference-header-content-length")
+        .unwrap()
+        .parse()
+        .unwrap();
+    let head: Value = serde_json::from_slice(&binary.body[..n]).unwrap();
+    assert_eq!(head["id"], "b1");
+    assert_eq!(
+        head["outputs"][0]["parameters"]["binary_data_size"],
+        3 * 384 * 4
+    );
+    let from_binary = f32s(&binary.body[n..]);
+    let as_json = c
+        .post(
+            "/v2/models/minilm/infer",
+            json!({ "inputs": [
+                { "name": "input_ids", "shape": [1, 3], "datatype": "INT64", "data": [101, 7592, 102] }
+            ]})
+            .to_string(),
+        )
+        .await
+        .json();
+    // The same f32s (JSON carries them as decimals; compare as f32).
+    let as_f32 = |v: &[f64]| v.iter().map(|x| *x as f32).collect::<Vec<_>>();
+    let json_values = floats(&as_json["outputs"][0]["data"]);
+    assert!(
+        as_f32(&from_binary) == as_f32(&json_values),
+        "binary and JSON outputs differ ({} and {} values)",
+        from_binary.len(),
+        json_values.len()
+    );
+
+    // Text through the processor gives the vectors of /v1/embeddings.
+    let texts = ["The cat sat on the mat.", "KServe clients send tensors."];
+    let via_kserve = c
+        .post(
+            "/v2/models/minilm/infer",
+            json!({ "id": "t1", "inputs": [{ "name": "text", "shape": [2], "datatype": "BYTES", "data": texts }] })
+                .to_string(),
+        )
+        .await;
+    assert_eq!(via_kserve.status, 200, "{}", via_kserve.text());
+    let via_kserve = via_kserve.json();
+    assert_eq!(via_kserve["id"], "t1");
+    assert_eq!(via_kserve["model_version"], "v1");
+    assert_eq!(via_kserve["outputs"][0]["name"], "embeddings");
+    assert_eq!(via_kserve["outputs"][0]["shape"], json!([2, 384]));
+    let openai = c
+        .post(
+            "/v1/embeddings",
+            json!({ "model": "minilm", "input": texts }).to_string(),
+        )
+        .await
+        .json();
+    let flat = floats(&via_kserve["outputs"][0]["data"]);
+    for (i, row) in flat.chunks(384).enumerate() {
+        let other = floats(&openai["data"][i]["embedding"]);
+        assert!(cosine(row, &other) > 0.99999, "row {i}");
+    }
+    // The same text as binary BYTES, with the output in binary.
+    let header = json!({ "inputs": [{ "name": "text", "shape": [1], "datatype": "BYTES",
+        "parameters": {"binary_data_size": 4 + texts[0].len()} }],
+        "parameters": {"binary_data_output": true} })
+    .to_string();
+    let mut body = header.clone().into_bytes();
+    body.extend_from_slice(&(texts[0].len() as u32).to_le_bytes());
+    body.extend_from_slice(texts[0].as_bytes());
+    let length = header.len().to_string();
+    let binary = c
+        .request_with(
+            "POST",
+            "/v2/models/minilm/infer",
+            &[("inference-header-content-length", &length)],
+            body,
+        )
+        .await;
+    assert_eq!(binary.status, 200, "{}", binary.text());
+    let n: usize = binary
+        .header("inference-header-content-length")
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(cosine(&f32s(&binary.body[n..]), &flat[..384]) > 0.99999);
+
+    // Protocol errors, each a message that names what is wrong.
+    for (path, body, status, says) in [
+        (
+            "/v2/models/nope/infer",
+            json!({"inputs": [{"name": "x", "shape": [1], "datatype": "INT64", "data": [1]}]}),
+            404,
+            "nope",
+        ),
+        (
+            "/v2/models/minilm/infer",
+            json!({"inputs": [{"name": "input_ids", "shape": [1, 4], "datatype": "INT64", "data": [1, 2]}]}),
+            400,
+            "inputs[0].data",
+        ),
+        (
+            "/v2/models/minilm/infer",
+            json!({"inputs": [{"name": "input_ids", "shape": [1], "datatype": "INT65", "data": [1]}]}),
+            400,
+            "INT65",
+        ),
+        (
+            "/v2/models/minilm/infer",
+            json!({"inputs": [{"name": "input_ids", "shape": [1, 1], "datatype": "INT64", "data": [101]}], "outputs": [{"name": "pooled"}]}),
+            400,
+            "no output `pooled`",
+        ),
+        (
+            "/v2/models/minilm/infer",
+            json!({"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": [""]}]}),
+            400,
+            "empty",
+        ),
+    ] {
+        let reply = c.post(path, body.to_string()).await;
+        assert_eq!(reply.status, status, "{path}: {}", reply.text());
+        let error = reply.json()["error"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        assert!(error.contains(says), "{path}: {error}");
+    }
+    let unauthenticated = c.as_key(None).get("/v2/models/minilm").await;
+    assert_eq!(unauthenticated.status, 401);
+    assert!(unauthenticated.json()["error"].is_string());
     t.stop().await;
 }

@@ -121,6 +121,17 @@ async fn a_tenant_never_sees_or_reaches_another_tenants_resources() {
         ("GET", "/endpoints/{e}/health".into(), String::new()),
         ("GET", "/v2/models/{e}/ready".into(), String::new()),
         ("GET", "/v2/models/{e}".into(), String::new()),
+        ("GET", "/v2/models/{e}/versions/v1".into(), String::new()),
+        (
+            "GET",
+            "/v2/models/{e}/versions/v1/ready".into(),
+            String::new(),
+        ),
+        (
+            "POST",
+            "/v2/models/{e}/versions/v1/infer".into(),
+            r#"{"inputs":[]}"#.into(),
+        ),
         (
             "POST",
             "/v2/models/{e}/infer".into(),

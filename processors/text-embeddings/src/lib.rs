@@ -103,6 +103,49 @@ pub struct Context {
     pub model: String,
     /// `float` or `base64`.
     pub base64: bool,
+    /// Whether the request came over KServe v2 (text as a `BYTES` tensor): the answer is
+    /// then a KServe output tensor, `embeddings`.
+    #[serde(default)]
+    pub kserve: bool,
+}
+
+/// The texts of a KServe v2 request: its `BYTES` input (the one called `text`, if several).
+fn kserve_texts(request: &Request) -> Result<Vec<String>, Error> {
+    let body: serde_json::Value = request.json()?;
+    let inputs = body["inputs"].as_array().cloned().unwrap_or_default();
+    let bytes: Vec<(usize, &serde_json::Value)> = inputs
+        .iter()
+        .enumerate()
+        .filter(|(_, i)| i["datatype"] == "BYTES")
+        .collect();
+    let (index, input) = bytes
+        .iter()
+        .find(|(_, i)| i["name"] == "text")
+        .or(bytes.first())
+        .copied()
+        .ok_or_else(|| Error::bad_request("no BYTES input (text) to embed").with_field("inputs"))?;
+    let mut texts = Vec::new();
+    let mut stack = vec![&input["data"]];
+    while let Some(value) = stack.pop() {
+        match value {
+            serde_json::Value::Array(items) => stack.extend(items.iter().rev()),
+            serde_json::Value::String(text) => texts.push(text.clone()),
+            _ => {
+                return Err(Error::bad_request("BYTES elements must be text")
+                    .with_field(format!("inputs[{index}].data")));
+            }
+        }
+    }
+    if texts.is_empty() {
+        return Err(
+            Error::bad_request("no text to embed").with_field(format!("inputs[{index}].data"))
+        );
+    }
+    if texts.len() > 2048 {
+        return Err(Error::bad_request("at most 2048 texts per request")
+            .with_field(format!("inputs[{index}].data")));
+    }
+    Ok(texts)
 }
 
 /// The three token tensors of a batch of texts, padded to the longest.
@@ -227,6 +270,24 @@ impl Processor for TextEmbeddings {
 
     fn pre_process(request: Request) -> Result<Prepared, Error> {
         let settings = settings()?;
+        if request.path.starts_with("/v2/") && request.path.ends_with("/infer") {
+            let texts = kserve_texts(&request)?;
+            let encoded = encode(settings, &texts)?;
+            let context = serde_json::to_vec(&Context {
+                lengths: encoded.lengths,
+                model: String::new(),
+                base64: false,
+                kserve: true,
+            })
+            .map_err(|e| Error::internal(format!("cannot encode context: {e}")))?;
+            return Ok(Prepared {
+                input: ModelInput {
+                    tensors: encoded.tensors,
+                    parameters: None,
+                },
+                context,
+            });
+        }
         let body: EmbeddingsRequest = request.json()?;
         let texts = match serde_json::from_value::<Input>(body.input) {
             Ok(Input::One(text)) => vec![text],
@@ -272,6 +333,7 @@ impl Processor for TextEmbeddings {
             lengths: encoded.lengths,
             model,
             base64,
+            kserve: false,
         })
         .map_err(|e| Error::internal(format!("cannot encode context: {e}")))?;
         Ok(Prepared {
@@ -292,6 +354,18 @@ impl Processor for TextEmbeddings {
             .find(|t| t.name == "last_hidden_state")
             .ok_or_else(|| Error::internal("the model returned no last_hidden_state"))?;
         let vectors = pool(hidden, &context.lengths)?;
+        if context.kserve {
+            let dim = vectors.first().map_or(0, Vec::len);
+            let flat: Vec<f32> = vectors.concat();
+            return Ok(Response::json(&serde_json::json!({
+                "outputs": [{
+                    "name": "embeddings",
+                    "datatype": "FP32",
+                    "shape": [vectors.len(), dim],
+                    "data": flat,
+                }],
+            })));
+        }
         let data: Vec<serde_json::Value> = vectors
             .iter()
             .enumerate()

@@ -101,6 +101,46 @@ pub struct GenerationLoad {
     pub kv_cache_capacity: u64,
 }
 
+/// One tensor a model takes or gives, as KServe model metadata describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TensorSpec {
+    /// Its name.
+    pub name: String,
+    /// Its KServe datatype (`FP32`, `INT64`, `BYTES`...).
+    pub datatype: &'static str,
+    /// Its dimensions; `-1` for one that varies.
+    pub shape: Vec<i64>,
+    /// Whether a request may leave it out.
+    pub optional: bool,
+}
+
+impl TensorSpec {
+    /// A tensor spec that a request must hold.
+    pub fn new(name: &str, datatype: &'static str, shape: &[i64]) -> Self {
+        Self {
+            name: name.to_owned(),
+            datatype,
+            shape: shape.to_vec(),
+            optional: false,
+        }
+    }
+
+    /// The same, optional.
+    pub fn optional(mut self) -> Self {
+        self.optional = true;
+        self
+    }
+}
+
+/// The tensors a model takes and gives.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Signature {
+    /// Its inputs.
+    pub inputs: Vec<TensorSpec>,
+    /// Its outputs.
+    pub outputs: Vec<TensorSpec>,
+}
+
 /// A loaded model on its device.
 pub trait Backend: Send + Sync + 'static {
     /// Runs one batch and returns one output per input, in order. It blocks (CPU or GPU
@@ -115,6 +155,11 @@ pub trait Backend: Send + Sync + 'static {
 
     /// What is loaded where, for status pages (`all-MiniLM-L6-v2 on cpu`).
     fn describe(&self) -> String;
+
+    /// The tensors it takes and gives, when it knows them (KServe model metadata).
+    fn signature(&self) -> Option<Signature> {
+        None
+    }
 
     /// Whether this backend produces its output step by step ([`Backend::stream`]) and
     /// schedules its own batches, rather than answering whole batches.

@@ -236,6 +236,23 @@ impl Backend for BertEmbedder {
         format!("{} on {:?}", self.name, self.device)
     }
 
+    fn signature(&self) -> Option<wasp_backend::Signature> {
+        use wasp_backend::TensorSpec;
+        let hidden = i64::try_from(self.hidden).unwrap_or(-1);
+        Some(wasp_backend::Signature {
+            inputs: vec![
+                TensorSpec::new("input_ids", "INT64", &[-1, -1]),
+                TensorSpec::new("attention_mask", "INT64", &[-1, -1]).optional(),
+                TensorSpec::new("token_type_ids", "INT64", &[-1, -1]).optional(),
+            ],
+            outputs: vec![TensorSpec::new(
+                "last_hidden_state",
+                "FP32",
+                &[-1, -1, hidden],
+            )],
+        })
+    }
+
     fn infer_batch(&self, inputs: &[ModelInput]) -> Result<Vec<ModelOutput>> {
         let parsed = inputs
             .iter()

@@ -284,6 +284,8 @@ pub struct WorkerSet {
     woke_at_ms: AtomicU64,
     /// When the placement this node follows for it was decided (cluster mode).
     followed_ms: AtomicU64,
+    /// What its model takes and gives, from the last backend loaded.
+    signature: Mutex<Option<wasp_backend::Signature>>,
 }
 
 /// A version's share of its endpoint's queued jobs that may scale it up: by its weight in
@@ -392,6 +394,7 @@ impl WorkerSet {
             load: Mutex::new(Load::default()),
             woke_at_ms: AtomicU64::new(0),
             followed_ms: AtomicU64::new(0),
+            signature: Mutex::new(None),
         })
     }
 
@@ -399,6 +402,15 @@ impl WorkerSet {
     /// proves the version can start (a version with `min_workers = 0` then scales down).
     pub(crate) fn initial(&self) -> u32 {
         self.lock_scaler().policy().spec().min_workers.max(1)
+    }
+
+    /// The tensors its model takes and gives, as the last backend it loaded said (none
+    /// before one has loaded, or when the backend does not know).
+    pub fn signature(&self) -> Option<wasp_backend::Signature> {
+        self.signature
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Whether its workers run a model backend.
@@ -966,6 +978,9 @@ impl WorkerSet {
             .await
             .map_err(|e| StartError::Task(format!("model load task failed: {e}")))?
             .map_err(StartError::Backend)?;
+        if let Some(signature) = backend.signature() {
+            *self.signature.lock().unwrap_or_else(|e| e.into_inner()) = Some(signature);
+        }
         *worker.batcher.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(Batcher::spawn(
             backend,
             model.batching.max_batch as usize,

@@ -1,5 +1,5 @@
-//! The data plane: each endpoint's invoke route, OpenAI-compatible embeddings and the KServe
-//! v2 inference protocol. Every request picks a version by weight, runs through its
+//! The data plane: each endpoint's invoke route and OpenAI-compatible embeddings (the KServe
+//! v2 routes are in `kserve`). Every request picks a version by weight, runs through its
 //! processor (and model backend), and is counted in the request metrics.
 
 use std::sync::Arc;
@@ -15,11 +15,9 @@ use serde_json::Value;
 use wasp_backend::BackendError;
 use wasp_wasm::{CallError, Request};
 
-use super::error::json;
 use super::{ApiError, AppState, ErrorBody, Name, Payload, read_body};
 use crate::Error;
 use crate::Gateway;
-use crate::kserve::{InferRequest, InferResponse};
 use crate::metrics::{FailureLabels, RequestLabels};
 use crate::registry::DeployedVersion;
 use crate::workers::WakeError;
@@ -29,28 +27,6 @@ pub(crate) const MAX_OPENAI_BYTES: u64 = 64 * 1024 * 1024;
 
 /// Headers a processor never sees: the gateway's own credentials.
 const HIDDEN_HEADERS: [&str; 2] = ["authorization", "x-wasp-api-key"];
-
-/// KServe v2 readiness of a model.
-#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
-pub struct ModelReady {
-    /// The endpoint.
-    pub name: String,
-    /// Whether every version is ready.
-    pub ready: bool,
-    /// `ready`, `concerning`, `notReady` or `stopped`.
-    pub status: &'static str,
-}
-
-/// KServe v2 metadata of a model.
-#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
-pub struct ModelMetadata {
-    /// The endpoint.
-    pub name: String,
-    /// Its versions.
-    pub versions: Vec<String>,
-    /// Always `wasp`.
-    pub platform: &'static str,
-}
 
 /// An OpenAI embeddings request (the endpoint's processor reads the rest of the body).
 /// Only its description is used: the gateway reads `model` alone, and the processor the
@@ -68,7 +44,7 @@ pub struct EmbeddingsRequest {
 }
 
 /// The endpoint called `name`, ready to serve, and the version picked for one request.
-fn resolve_with(
+pub(crate) fn resolve_with(
     gateway: &Gateway,
     name: &str,
     headers: &HeaderMap,
@@ -553,110 +529,8 @@ pub(crate) async fn openai(
     Ok(response)
 }
 
-/// KServe v2 inference: JSON tensors straight to the model backend (no processor).
-#[utoipa::path(post, path = "/v2/models/{name}/infer", tag = "kserve",
-    params(("name" = String, Path, description = "Endpoint name")),
-    request_body = InferRequest,
-    responses(
-        (status = 200, description = "The output tensors", body = InferResponse),
-        (status = 400, description = "Not a valid request (the error names the field)", body = ErrorBody),
-        (status = 404, description = "No such endpoint", body = ErrorBody),
-        (status = 413, description = "Over the version's `limits.max_body_bytes`", body = ErrorBody),
-        (status = 422, description = "The endpoint has no model backend", body = ErrorBody),
-        (status = 429, description = "A rate limit; retry after `Retry-After`", body = ErrorBody),
-        (status = 503, description = "Stopped, or failed to load", body = ErrorBody),
-    ))]
-pub(crate) async fn kserve_infer(
-    State(gateway): State<AppState>,
-    super::Who(caller): super::Who,
-    Name(name): Name,
-    body: Body,
-) -> Result<Response, ApiError> {
-    let started = Instant::now();
-    let (deployment, version) = resolve_with(&gateway, &name, &HeaderMap::new())?;
-    let admitted = admit(&gateway, Some(&caller), &deployment)?;
-    drop(deployment);
-    let body = read_version_body(body, version.limits.max_body_bytes).await?;
-    let parsed = crate::kserve::parse(&body)
-        .map_err(|e| ApiError::new(400, "invalid_request", e.message).with_field(e.field))?;
-    if !version.workers.has_model() {
-        return Err(ApiError::new(
-            422,
-            "no_model_backend",
-            format!(
-                "endpoint `{name}` has no model backend (backend `none`); use its invoke route"
-            ),
-        ));
-    }
-    let counted = version.workers.meter.enter();
-    version.usage.requests.fetch_add(1, Ordering::Relaxed);
-    let inferred = version.infer(parsed.input).await;
-    drop(counted);
-    let mut response = match inferred {
-        Ok(output) => json(
-            StatusCode::OK,
-            &crate::kserve::response(&name, &version.name, parsed.id.as_deref(), &output),
-        ),
-        Err(e) => ApiError::backend(&e).into_response(),
-    };
-    record(&gateway, &name, &version, &response, started);
-    admitted.stamp(response.headers_mut());
-    Ok(response)
-}
-
-/// KServe v2 readiness: 200 when every version is ready, else 503.
-#[utoipa::path(get, path = "/v2/models/{name}/ready", tag = "kserve",
-    params(("name" = String, Path, description = "Endpoint name")),
-    responses(
-        (status = 200, description = "Ready", body = ModelReady),
-        (status = 503, description = "Not ready", body = ModelReady),
-        (status = 404, description = "No such endpoint", body = ErrorBody),
-    ))]
-pub(crate) async fn kserve_ready(
-    State(gateway): State<AppState>,
-    Name(name): Name,
-) -> Result<Response, ApiError> {
-    let d = gateway.endpoint(&name).ok_or(Error::NotFound(name))?;
-    let ready = d.status() == "ready";
-    let status = if ready {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
-    Ok(json(
-        status,
-        &ModelReady {
-            name: d.spec.name.clone(),
-            ready,
-            status: d.status(),
-        },
-    ))
-}
-
-/// KServe v2 model metadata.
-#[utoipa::path(get, path = "/v2/models/{name}", tag = "kserve",
-    params(("name" = String, Path, description = "Endpoint name")),
-    responses(
-        (status = 200, description = "The model", body = ModelMetadata),
-        (status = 404, description = "No such endpoint", body = ErrorBody),
-    ))]
-pub(crate) async fn kserve_metadata(
-    State(gateway): State<AppState>,
-    Name(name): Name,
-) -> Result<Response, ApiError> {
-    let d = gateway.endpoint(&name).ok_or(Error::NotFound(name))?;
-    Ok(json(
-        StatusCode::OK,
-        &ModelMetadata {
-            name: d.spec.name.clone(),
-            versions: d.versions.iter().map(|v| v.name.clone()).collect(),
-            platform: "wasp",
-        },
-    ))
-}
-
 /// Reads a body under a version's `limits.max_body_bytes`, naming that field when over.
-async fn read_version_body(body: Body, limit: u64) -> Result<bytes::Bytes, ApiError> {
+pub(crate) async fn read_version_body(body: Body, limit: u64) -> Result<bytes::Bytes, ApiError> {
     read_body(body, limit, "limits.max_body_bytes")
         .await
         .map_err(|e| {
@@ -1013,7 +887,7 @@ async fn serve(
 }
 
 /// Counts a data-route response and its latency.
-fn record(
+pub(crate) fn record(
     gateway: &Gateway,
     endpoint: &str,
     version: &DeployedVersion,

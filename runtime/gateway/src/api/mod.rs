@@ -14,6 +14,7 @@ pub(crate) mod data;
 pub(crate) mod error;
 mod history;
 mod jobs;
+mod kserve;
 mod openai;
 mod ops;
 mod ui;
@@ -63,7 +64,7 @@ type AppState = Arc<Gateway>;
     ),
     paths(data::invoke, data::invoke_path),
     modifiers(&BearerKeys),
-    components(schemas(ErrorBody, ErrorDetail)),
+    components(schemas(ErrorBody, ErrorDetail, kserve::ProtocolError)),
     tags(
         (name = "control", description = "Endpoints, versions, components and the store"),
         (name = "invoke", description = "Each endpoint's own route, answered by its processor"),
@@ -107,19 +108,25 @@ impl utoipa::Modify for BearerKeys {
 /// the open routes as taking none; run on the whole document, once every router added its
 /// paths.
 fn document_keys(openapi: &mut utoipa::openapi::OpenApi) {
-    let error = |description: &str| {
+    let error = |description: &str, schema: &str| {
         utoipa::openapi::ResponseBuilder::new()
             .description(description)
             .content(
                 "application/json",
                 utoipa::openapi::ContentBuilder::new()
-                    .schema(Some(utoipa::openapi::Ref::from_schema_name("ErrorBody")))
+                    .schema(Some(utoipa::openapi::Ref::from_schema_name(schema)))
                     .build(),
             )
             .build()
     };
     for (path, item) in openapi.paths.paths.iter_mut() {
         let open = matches!(path.as_str(), "/healthz" | "/api/v1/openapi.json");
+        // KServe v2 routes answer errors in the protocol's own shape.
+        let schema = if kserve::is_v2(path) {
+            "ProtocolError"
+        } else {
+            "ErrorBody"
+        };
         for op in [
             &mut item.get,
             &mut item.put,
@@ -142,11 +149,15 @@ fn document_keys(openapi: &mut utoipa::openapi::OpenApi) {
             }
             let responses = &mut op.responses.responses;
             responses.entry("401".into()).or_insert_with(|| {
-                error("No API key (unless the endpoint is public), or not a valid one").into()
+                error(
+                    "No API key (unless the endpoint is public), or not a valid one",
+                    schema,
+                )
+                .into()
             });
             responses
                 .entry("403".into())
-                .or_insert_with(|| error("The key's role may not use this route").into());
+                .or_insert_with(|| error("The key's role may not use this route", schema).into());
         }
     }
 }
@@ -177,9 +188,15 @@ fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(openai::chat_completions))
         .routes(routes!(openai::completions))
         .routes(routes!(openai::models))
-        .routes(routes!(data::kserve_infer))
-        .routes(routes!(data::kserve_ready))
-        .routes(routes!(data::kserve_metadata))
+        .routes(routes!(kserve::server_live))
+        .routes(routes!(kserve::server_ready))
+        .routes(routes!(kserve::server_metadata))
+        .routes(routes!(kserve::infer))
+        .routes(routes!(kserve::version_infer))
+        .routes(routes!(kserve::model_ready))
+        .routes(routes!(kserve::version_ready))
+        .routes(routes!(kserve::model_metadata))
+        .routes(routes!(kserve::version_metadata))
         .routes(routes!(jobs::run))
         .routes(routes!(jobs::runsync))
         .routes(routes!(jobs::status))
@@ -293,6 +310,7 @@ impl App {
         request.extensions_mut().insert(RequestId(id.clone()));
         let gateway = self.gateway.clone();
         let audited = crate::audit::audited(request.method(), request.uri().path());
+        let v2 = kserve::is_v2(request.uri().path());
         let mut change = None;
         let changes = &mut change;
         let call = async move {
@@ -341,6 +359,10 @@ impl App {
                 ApiError::new(504, "request_timeout", "the request took too long").into_response()
             }
         };
+        if v2 {
+            // The protocol's error shape, whoever answered (auth, routing, the handler).
+            response = kserve::protocol_error(response).await;
+        }
         let status = response.status().as_u16();
         if let Some((caller, method, path)) = change {
             // Durable before the answer goes out.

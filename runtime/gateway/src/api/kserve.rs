@@ -1,0 +1,562 @@
+//! The KServe v2 (Open Inference Protocol) routes over HTTP: server health and metadata,
+//! model readiness and metadata, and inference with JSON tensors or the binary tensor data
+//! extension, on every model route with and without `/versions/{version}` (a version is a
+//! wasp version). Errors on these routes take the protocol's shape, `{"error": "..."}`
+//! (see [`protocol_error`]).
+//!
+//! Numeric tensors go straight to the model backend. Text (`BYTES` inputs) goes through
+//! the endpoint's processor, as a Triton ensemble with a tokenizer step would: it gets the
+//! request as KServe JSON at path `/v2/models/{name}/infer` and answers KServe JSON
+//! outputs, which are sent on as the client asked.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use axum::body::Body;
+use axum::extract::{RawPathParams, State};
+use axum::http::header::{CONTENT_TYPE, HeaderValue};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+
+use super::data::{admit, read_version_body, record, resolve_with, run};
+use super::error::json;
+use super::{ApiError, AppState, Name};
+use crate::Error;
+use crate::kserve::{InferRequest, InferResponse};
+use crate::registry::DeployedVersion;
+
+/// The header that gives the JSON part's length in a body with binary tensor data.
+const HEADER_LENGTH: &str = "inference-header-content-length";
+
+/// An error on a KServe v2 route, as the protocol (and its clients) expect it.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ProtocolError {
+    /// What went wrong, naming the field at fault when there is one.
+    pub error: String,
+}
+
+/// Server liveness.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ServerLive {
+    /// Always true while the server answers.
+    pub live: bool,
+}
+
+/// Server readiness.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ServerReady {
+    /// Whether it takes inference requests.
+    pub ready: bool,
+}
+
+/// Server metadata.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ServerMetadata {
+    /// `wasp`.
+    pub name: &'static str,
+    /// Its version.
+    pub version: &'static str,
+    /// The protocol extensions it supports.
+    pub extensions: Vec<&'static str>,
+}
+
+/// KServe v2 readiness of a model.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ModelReady {
+    /// The endpoint.
+    pub name: String,
+    /// Whether it (or the version asked for) is ready.
+    pub ready: bool,
+    /// wasp's status: `ready`, `concerning`, `notReady` or `stopped` for an endpoint, a
+    /// version's status for a version.
+    pub status: &'static str,
+}
+
+/// One tensor a model takes or gives.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct TensorMetadata {
+    /// Its name.
+    pub name: String,
+    /// Its datatype.
+    pub datatype: &'static str,
+    /// Its dimensions; `-1` for one that varies.
+    pub shape: Vec<i64>,
+    /// Whether a request may leave it out.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub optional: bool,
+}
+
+/// KServe v2 metadata of a model.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ModelMetadata {
+    /// The endpoint.
+    pub name: String,
+    /// Its versions (the one asked for, on a `/versions/{version}` route).
+    pub versions: Vec<String>,
+    /// `wasp_<backend>`: `wasp_candle`, `wasp_container`...
+    pub platform: String,
+    /// What it takes: the processor's text input when the version reads text, else the
+    /// model backend's tensors (empty when the backend does not say, or before it loaded).
+    pub inputs: Vec<TensorMetadata>,
+    /// What it gives.
+    pub outputs: Vec<TensorMetadata>,
+}
+
+/// Answers a failed `/v2` request in the protocol's shape, `{"error": "<message>"}`,
+/// keeping the status (the message names the field at fault, when there is one). Run on
+/// every response to a `/v2` path, so that authentication, routing and limits answer so
+/// too.
+pub(crate) async fn protocol_error(response: Response) -> Response {
+    if response.status().as_u16() < 400 {
+        return response;
+    }
+    let (mut parts, body) = response.into_parts();
+    let bytes = axum::body::to_bytes(body, 1 << 20)
+        .await
+        .unwrap_or_default();
+    let message = match serde_json::from_slice::<serde_json::Value>(&bytes) {
+        Ok(v) if v["error"].is_object() => {
+            let e = &v["error"];
+            let text = e["message"].as_str().unwrap_or("request failed");
+            match e["field"].as_str() {
+                Some(field) if !text.contains(field) => format!("{text} (field `{field}`)"),
+                _ => text.to_owned(),
+            }
+        }
+        Ok(v) if v["error"].is_string() => return Response::from_parts(parts, Body::from(bytes)),
+        _ => String::from_utf8_lossy(&bytes).into_owned(),
+    };
+    let body = serde_json::json!({ "error": message }).to_string();
+    parts.headers.remove(axum::http::header::CONTENT_LENGTH);
+    parts
+        .headers
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    Response::from_parts(parts, Body::from(body))
+}
+
+/// Whether a path (after any `/t/{tenant}` prefix) is a KServe v2 route.
+pub(crate) fn is_v2(path: &str) -> bool {
+    let path = match path.strip_prefix("/t/") {
+        Some(rest) => rest.find('/').map_or("", |i| &rest[i..]),
+        None => path,
+    };
+    path == "/v2" || path.starts_with("/v2/")
+}
+
+/// KServe v2 server liveness: the server answers.
+#[utoipa::path(get, path = "/v2/health/live", tag = "kserve",
+    responses((status = 200, description = "Live", body = ServerLive)))]
+pub(crate) async fn server_live() -> Response {
+    json(StatusCode::OK, &ServerLive { live: true })
+}
+
+/// KServe v2 server readiness: the server takes inference requests (each model says
+/// whether it is ready on its own route).
+#[utoipa::path(get, path = "/v2/health/ready", tag = "kserve",
+    responses((status = 200, description = "Ready", body = ServerReady)))]
+pub(crate) async fn server_ready() -> Response {
+    json(StatusCode::OK, &ServerReady { ready: true })
+}
+
+/// KServe v2 server metadata: name, version and the protocol extensions served.
+#[utoipa::path(get, path = "/v2", tag = "kserve",
+    responses((status = 200, description = "The server", body = ServerMetadata)))]
+pub(crate) async fn server_metadata() -> Response {
+    json(
+        StatusCode::OK,
+        &ServerMetadata {
+            name: "wasp",
+            version: env!("CARGO_PKG_VERSION"),
+            extensions: vec!["binary_tensor_data", "parameters"],
+        },
+    )
+}
+
+/// The `version` of a `/versions/{version}` route, if the route has one.
+fn version_param(params: &RawPathParams) -> Option<String> {
+    params
+        .iter()
+        .find(|(key, _)| *key == "version")
+        .map(|(_, v)| v.to_owned())
+}
+
+/// The version named, or 404 naming it.
+fn named_version(
+    d: &crate::Deployment,
+    name: &str,
+    version: &str,
+) -> Result<Arc<DeployedVersion>, ApiError> {
+    d.versions
+        .iter()
+        .find(|v| v.name == version)
+        .cloned()
+        .ok_or_else(|| {
+            ApiError::new(
+                404,
+                "version_not_found",
+                format!(
+                    "model `{}` has no version `{version}`",
+                    crate::tenants::local_name(name)
+                ),
+            )
+        })
+}
+
+/// KServe v2 model readiness: 200 when the model (or the version) is ready, else 503.
+#[utoipa::path(get, path = "/v2/models/{name}/ready", tag = "kserve",
+    params(("name" = String, Path, description = "Endpoint name")),
+    responses(
+        (status = 200, description = "Ready", body = ModelReady),
+        (status = 503, description = "Not ready", body = ModelReady),
+        (status = 404, description = "No such model", body = ProtocolError),
+    ))]
+pub(crate) async fn model_ready(
+    State(gateway): State<AppState>,
+    Name(name): Name,
+    params: RawPathParams,
+) -> Result<Response, ApiError> {
+    let d = gateway
+        .endpoint(&name)
+        .ok_or(Error::NotFound(name.clone()))?;
+    let status = match version_param(&params) {
+        Some(v) => {
+            let version = named_version(&d, &name, &v)?;
+            if d.stopped {
+                "stopped"
+            } else {
+                d.version_status(&version)
+            }
+        }
+        None => d.status(),
+    };
+    let ready = matches!(status, "ready" | "scaledToZero");
+    Ok(json(
+        if ready {
+            StatusCode::OK
+        } else {
+            StatusCode::SERVICE_UNAVAILABLE
+        },
+        &ModelReady {
+            name: crate::tenants::local_name(&d.spec.name).to_owned(),
+            ready,
+            status,
+        },
+    ))
+}
+
+/// `/v2/models/{name}/versions/{version}/ready`.
+#[utoipa::path(get, path = "/v2/models/{name}/versions/{version}/ready", tag = "kserve",
+    params(("name" = String, Path, description = "Endpoint name"),
+           ("version" = String, Path, description = "Version name")),
+    responses(
+        (status = 200, description = "Ready", body = ModelReady),
+        (status = 503, description = "Not ready", body = ModelReady),
+        (status = 404, description = "No such model or version", body = ProtocolError),
+    ))]
+pub(crate) async fn version_ready(
+    state: State<AppState>,
+    name: Name,
+    params: RawPathParams,
+) -> Result<Response, ApiError> {
+    model_ready(state, name, params).await
+}
+
+fn tensors(specs: &[wasp_backend::TensorSpec]) -> Vec<TensorMetadata> {
+    specs
+        .iter()
+        .map(|t| TensorMetadata {
+            name: t.name.clone(),
+            datatype: t.datatype,
+            shape: t.shape.clone(),
+            optional: t.optional,
+        })
+        .collect()
+}
+
+/// KServe v2 model metadata: versions, platform, and the tensors it takes and gives.
+#[utoipa::path(get, path = "/v2/models/{name}", tag = "kserve",
+    params(("name" = String, Path, description = "Endpoint name")),
+    responses(
+        (status = 200, description = "The model", body = ModelMetadata),
+        (status = 404, description = "No such model", body = ProtocolError),
+    ))]
+pub(crate) async fn model_metadata(
+    State(gateway): State<AppState>,
+    Name(name): Name,
+    params: RawPathParams,
+) -> Result<Response, ApiError> {
+    let d = gateway
+        .endpoint(&name)
+        .ok_or(Error::NotFound(name.clone()))?;
+    let (versions, described) = match version_param(&params) {
+        Some(v) => {
+            let version = named_version(&d, &name, &v)?;
+            (vec![version.name.clone()], version)
+        }
+        None => {
+            let first = d.versions.first().cloned().ok_or_else(|| {
+                ApiError::new(503, "no_version", format!("model `{name}` has no version"))
+            })?;
+            (d.versions.iter().map(|v| v.name.clone()).collect(), first)
+        }
+    };
+    let signature = described.workers.signature().unwrap_or_default();
+    Ok(json(
+        StatusCode::OK,
+        &ModelMetadata {
+            name: crate::tenants::local_name(&d.spec.name).to_owned(),
+            versions,
+            platform: format!("wasp_{}", described.backend),
+            inputs: tensors(&signature.inputs),
+            outputs: tensors(&signature.outputs),
+        },
+    ))
+}
+
+/// `/v2/models/{name}/versions/{version}`.
+#[utoipa::path(get, path = "/v2/models/{name}/versions/{version}", tag = "kserve",
+    params(("name" = String, Path, description = "Endpoint name"),
+           ("version" = String, Path, description = "Version name")),
+    responses(
+        (status = 200, description = "The version", body = ModelMetadata),
+        (status = 404, description = "No such model or version", body = ProtocolError),
+    ))]
+pub(crate) async fn version_metadata(
+    state: State<AppState>,
+    name: Name,
+    params: RawPathParams,
+) -> Result<Response, ApiError> {
+    model_metadata(state, name, params).await
+}
+
+/// KServe v2 inference: JSON tensors, or binary tensor data after a JSON header of
+/// `Inference-Header-Content-Length` bytes. Numeric inputs go to the model backend; text
+/// (`BYTES`) goes through the endpoint's processor. Requested `outputs` are honoured, each
+/// in JSON or binary as asked (`binary_data`, `binary_data_output`); `id` is echoed and
+/// `parameters` passed on.
+#[utoipa::path(post, path = "/v2/models/{name}/infer", tag = "kserve",
+    params(("name" = String, Path, description = "Endpoint name")),
+    request_body(content(
+        (InferRequest = "application/json"),
+        (Vec<u8> = "application/octet-stream"),
+    )),
+    responses(
+        (status = 200, description = "The outputs (JSON, or a JSON header and binary data with `Inference-Header-Content-Length`)", body = InferResponse),
+        (status = 400, description = "Not a valid request (the message names the field)", body = ProtocolError),
+        (status = 404, description = "No such model or version", body = ProtocolError),
+        (status = 413, description = "Over the version's `limits.max_body_bytes`", body = ProtocolError),
+        (status = 422, description = "The model cannot take it (no backend, or text without a processor)", body = ProtocolError),
+        (status = 429, description = "A rate limit; retry after `Retry-After`", body = ProtocolError),
+        (status = 503, description = "Stopped, or failed to load", body = ProtocolError),
+    ))]
+pub(crate) async fn infer(
+    State(gateway): State<AppState>,
+    super::Who(caller): super::Who,
+    Name(name): Name,
+    params: RawPathParams,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let started = Instant::now();
+    let mut pin = HeaderMap::new();
+    if let Some(v) = version_param(&params) {
+        let value = HeaderValue::from_str(&v)
+            .map_err(|_| ApiError::new(404, "version_not_found", "no such version"))?;
+        pin.insert("x-wasp-version", value);
+    }
+    let (deployment, version) = resolve_with(&gateway, &name, &pin)?;
+    let admitted = admit(&gateway, Some(&caller), &deployment)?;
+    drop(deployment);
+    let body = read_version_body(body, version.limits.max_body_bytes).await?;
+    let header_length = match headers.get(HEADER_LENGTH) {
+        None => None,
+        Some(v) => Some(
+            v.to_str()
+                .ok()
+                .and_then(|s| s.trim().parse::<usize>().ok())
+                .ok_or_else(|| {
+                    ApiError::new(400, "invalid_request", "not a byte count")
+                        .with_field("Inference-Header-Content-Length")
+                })?,
+        ),
+    };
+    let bad = |e: crate::kserve::Invalid| {
+        ApiError::new(400, "invalid_request", e.message).with_field(e.field)
+    };
+    let parsed = crate::kserve::parse(&body, header_length).map_err(bad)?;
+    let local = crate::tenants::local_name(&name).to_owned();
+    let answered = if parsed.has_text() {
+        through_processor(&version, &local, &parsed).await
+    } else {
+        to_backend(&version, &name, &parsed).await
+    };
+    let mut response = match answered {
+        Ok((outputs, parameters)) => {
+            match crate::kserve::encode(
+                &local,
+                &version.name,
+                parsed.id.as_deref(),
+                parameters,
+                outputs,
+                &parsed.outputs,
+            ) {
+                Ok(encoded) => encoded_response(encoded),
+                Err(e) => bad(e).into_response(),
+            }
+        }
+        Err(e) => e.into_response(),
+    };
+    record(&gateway, &name, &version, &response, started);
+    if let Ok(v) = HeaderValue::from_str(&version.name) {
+        response.headers_mut().insert("x-wasp-version", v);
+    }
+    admitted.stamp(response.headers_mut());
+    Ok(response)
+}
+
+/// `/v2/models/{name}/versions/{version}/infer`: inference on that version, whatever
+/// its weight.
+#[utoipa::path(post, path = "/v2/models/{name}/versions/{version}/infer", tag = "kserve",
+    params(("name" = String, Path, description = "Endpoint name"),
+           ("version" = String, Path, description = "Version name")),
+    request_body(content(
+        (InferRequest = "application/json"),
+        (Vec<u8> = "application/octet-stream"),
+    )),
+    responses(
+        (status = 200, description = "The outputs", body = InferResponse),
+        (status = 400, description = "Not a valid request", body = ProtocolError),
+        (status = 404, description = "No such model or version", body = ProtocolError),
+        (status = 413, description = "Over the version's `limits.max_body_bytes`", body = ProtocolError),
+        (status = 422, description = "The model cannot take it", body = ProtocolError),
+        (status = 429, description = "A rate limit", body = ProtocolError),
+        (status = 503, description = "Stopped, or failed to load", body = ProtocolError),
+    ))]
+pub(crate) async fn version_infer(
+    state: State<AppState>,
+    who: super::Who,
+    name: Name,
+    params: RawPathParams,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    infer(state, who, name, params, headers, body).await
+}
+
+type Outputs = (Vec<crate::kserve::Data>, Option<serde_json::Value>);
+
+/// Numeric tensors straight to the model backend.
+async fn to_backend(
+    version: &Arc<DeployedVersion>,
+    name: &str,
+    parsed: &crate::kserve::Request,
+) -> Result<Outputs, ApiError> {
+    if !version.workers.has_model() {
+        return Err(ApiError::new(
+            422,
+            "no_model_backend",
+            format!(
+                "model `{}` has no model backend (backend `none`): send text (BYTES) for its \
+                 processor, or use its invoke route",
+                crate::tenants::local_name(name)
+            ),
+        ));
+    }
+    let counted = version.workers.meter.enter();
+    version.usage.requests.fetch_add(1, Ordering::Relaxed);
+    let inferred = version.infer(parsed.model_input()).await;
+    drop(counted);
+    let output = inferred.map_err(|e| ApiError::backend(&e))?;
+    let parameters = output
+        .metadata
+        .as_ref()
+        .and_then(|meta| serde_json::from_str::<serde_json::Value>(meta).ok());
+    Ok((crate::kserve::model_outputs(&output), parameters))
+}
+
+/// Text through the processor: KServe JSON in, KServe JSON out.
+async fn through_processor(
+    version: &Arc<DeployedVersion>,
+    local: &str,
+    parsed: &crate::kserve::Request,
+) -> Result<Outputs, ApiError> {
+    if version.processor.is_none() {
+        return Err(ApiError::new(
+            422,
+            "no_processor",
+            format!(
+                "model `{local}` has no processor to read text (BYTES) inputs; send the \
+                 model's tensors"
+            ),
+        ));
+    }
+    let body = parsed
+        .to_json(local)
+        .map_err(|e| ApiError::new(400, "invalid_request", e.message).with_field(e.field))?;
+    let request = wasp_wasm::Request {
+        method: "POST".into(),
+        path: format!("/v2/models/{local}/infer"),
+        headers: vec![("content-type".into(), "application/json".into())],
+        body,
+    };
+    let answer = run(version, request).await.map_err(|f| f.into_api())?;
+    if answer.status >= 400 {
+        let text = String::from_utf8_lossy(&answer.body);
+        let message = serde_json::from_str::<serde_json::Value>(&text)
+            .ok()
+            .and_then(|v| {
+                let e = &v["error"];
+                let message = e["message"].as_str().or(e.as_str())?.to_owned();
+                Some(match e["field"].as_str() {
+                    Some(f) => format!("{message} (field `{f}`)"),
+                    None => message,
+                })
+            })
+            .unwrap_or_else(|| text.into_owned());
+        return Err(ApiError::new(answer.status, "processor_error", message));
+    }
+    crate::kserve::processor_outputs(&answer.body).map_err(|e| {
+        ApiError::new(
+            502,
+            "invalid_processor_response",
+            format!("the processor did not answer KServe outputs: {e}"),
+        )
+    })
+}
+
+fn encoded_response(encoded: crate::kserve::Encoded) -> Response {
+    let mut response = (StatusCode::OK, encoded.body).into_response();
+    let h = response.headers_mut();
+    match encoded.header_length {
+        Some(n) => {
+            h.insert(
+                CONTENT_TYPE,
+                HeaderValue::from_static("application/octet-stream"),
+            );
+            if let Ok(v) = HeaderValue::from_str(&n.to_string()) {
+                h.insert(HEADER_LENGTH, v);
+            }
+        }
+        None => {
+            h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        }
+    }
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn v2_paths_are_known_under_a_tenant_too() {
+        assert!(is_v2("/v2"));
+        assert!(is_v2("/v2/models/m/infer"));
+        assert!(is_v2("/t/acme/v2/health/live"));
+        assert!(!is_v2("/v2x"));
+        assert!(!is_v2("/t/acme/api/v1/endpoints"));
+        assert!(!is_v2("/endpoints/v2/invoke"));
+    }
+}
