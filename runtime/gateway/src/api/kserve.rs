@@ -362,6 +362,10 @@ pub(crate) async fn infer(
     let started = Instant::now();
     let mut pin = HeaderMap::new();
     if let Some(v) = version_param(&params) {
+        // Named by the route: a missing one is said so (not as a header at fault).
+        if let Some(d) = gateway.endpoint(&name) {
+            named_version(&d, &name, &v)?;
+        }
         let value = HeaderValue::from_str(&v)
             .map_err(|_| ApiError::new(404, "version_not_found", "no such version"))?;
         pin.insert("x-wasp-version", value);
