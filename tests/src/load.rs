@@ -59,11 +59,30 @@ pub async fn run(
     connections: usize,
     duration: Duration,
 ) -> Report {
+    run_with(addr, path, &[], body, connections, duration).await
+}
+
+/// [`run`] with extra request headers (`content-type` is JSON unless they set it).
+pub async fn run_with(
+    addr: SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Bytes,
+    connections: usize,
+    duration: Duration,
+) -> Report {
+    let headers: Arc<Vec<(String, String)>> = Arc::new(
+        headers
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect(),
+    );
     let done = Arc::new(AtomicBool::new(false));
     let mut tasks = Vec::new();
     let key = key_of(addr);
     for _ in 0..connections {
         let (done, path, body, key) = (done.clone(), path.to_owned(), body.clone(), key.clone());
+        let headers = headers.clone();
         tasks.push(tokio::spawn(async move {
             let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
             stream.set_nodelay(true).unwrap();
@@ -73,9 +92,13 @@ pub async fn run(
             tokio::spawn(conn);
             let mut latencies = Vec::new();
             while !done.load(Ordering::Relaxed) {
-                let mut request = hyper::Request::post(path.as_str())
-                    .header("host", "bench")
-                    .header("content-type", "application/json");
+                let mut request = hyper::Request::post(path.as_str()).header("host", "bench");
+                if !headers.iter().any(|(k, _)| k == "content-type") {
+                    request = request.header("content-type", "application/json");
+                }
+                for (k, v) in headers.iter() {
+                    request = request.header(k.as_str(), v.as_str());
+                }
                 if let Some(key) = &key {
                     request = request.header("authorization", key.as_str());
                 }

@@ -1,0 +1,115 @@
+//! The KServe v2 benchmark: the same request, eight sentences embedded by all-MiniLM-L6-v2
+//! (the `text-embeddings` processor and the candle backend), over OpenAI's
+//! `/v1/embeddings`, KServe v2 HTTP with JSON tensors, and KServe v2 HTTP with binary
+//! tensors (text in, 8 x 384 floats out), in one run: req/s and p50/p99 at concurrency 1
+//! and 8, and the p50 ratios. The goal: binary at or under 0.8x the KServe JSON route's
+//! p50. (gRPC joins when it is served.)
+//!
+//! Run with `./x bench` (or `cargo bench -p wasp-tests --bench kserve`).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde_json::json;
+use wasp_tests::guests::TEXT_EMBEDDINGS;
+use wasp_tests::load::{self, Report};
+use wasp_tests::{TestServer, minilm_spec};
+
+const SENTENCES: [&str; 8] = [
+    "A man is riding a white horse on an enclosed ground.",
+    "A woman is playing the violin.",
+    "Two children are playing in the snow.",
+    "The stock market fell sharply on Monday.",
+    "A cat sleeps on a warm windowsill.",
+    "The new library opens next spring.",
+    "Rain is expected over the weekend.",
+    "She plays chess with her grandfather every evening.",
+];
+
+fn ms(d: Duration) -> String {
+    format!("{:.2} ms", d.as_secs_f64() * 1e3)
+}
+
+fn line(label: &str, r: &Report) {
+    println!(
+        "{label:<34} {:>8.1} req/s  p50 {:>9}  p99 {:>9}",
+        r.rps,
+        ms(r.p50),
+        ms(r.p99)
+    );
+}
+
+/// The KServe binary request: a JSON header asking for binary output, then the texts as
+/// BYTES elements (a 4-byte little-endian length before each).
+fn binary_request() -> (Bytes, String) {
+    let mut tail = Vec::new();
+    for s in SENTENCES {
+        tail.extend_from_slice(&(s.len() as u32).to_le_bytes());
+        tail.extend_from_slice(s.as_bytes());
+    }
+    let header = json!({
+        "inputs": [{ "name": "text", "shape": [SENTENCES.len()], "datatype": "BYTES",
+                     "parameters": { "binary_data_size": tail.len() } }],
+        "parameters": { "binary_data_output": true },
+    })
+    .to_string();
+    let length = header.len().to_string();
+    let mut body = header.into_bytes();
+    body.extend_from_slice(&tail);
+    (Bytes::from(body), length)
+}
+
+fn main() {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let seconds = Duration::from_secs(if quick { 2 } else { 5 });
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        println!(
+            "wasp KServe v2 benchmark: 8 sentences -> 8 x 384 floats, all-MiniLM-L6-v2 on CPU ({} cores)",
+            std::thread::available_parallelism().map_or(0, |n| n.get())
+        );
+        let t = TestServer::start().await;
+        t.client
+            .deploy_ok(TEXT_EMBEDDINGS, &minilm_spec("minilm", ""))
+            .await;
+        let addr = t.server.local_addr();
+        let openai = Bytes::from(json!({ "model": "minilm", "input": SENTENCES }).to_string());
+        let kserve_json = Bytes::from(
+            json!({ "inputs": [{ "name": "text", "shape": [SENTENCES.len()], "datatype": "BYTES",
+                                 "data": SENTENCES }] })
+            .to_string(),
+        );
+        let (kserve_binary, length) = binary_request();
+        let binary_headers = [
+            ("inference-header-content-length", length.as_str()),
+            ("content-type", "application/octet-stream"),
+        ];
+        let path = "/v2/models/minilm/infer";
+        // Warm up every route.
+        load::run(addr, "/v1/embeddings", openai.clone(), 2, Duration::from_millis(500)).await;
+        load::run(addr, path, kserve_json.clone(), 2, Duration::from_millis(500)).await;
+        load::run_with(addr, path, &binary_headers, kserve_binary.clone(), 2, Duration::from_millis(500)).await;
+        for c in [1, 8] {
+            let o = load::run(addr, "/v1/embeddings", openai.clone(), c, seconds).await;
+            let j = load::run(addr, path, kserve_json.clone(), c, seconds).await;
+            let b = load::run_with(addr, path, &binary_headers, kserve_binary.clone(), c, seconds).await;
+            line(&format!("/v1/embeddings (JSON) c={c}"), &o);
+            line(&format!("KServe HTTP JSON c={c}"), &j);
+            line(&format!("KServe HTTP binary c={c}"), &b);
+            let p50 = |r: &Report| r.p50.as_secs_f64();
+            println!(
+                "  p50 at c={c}: KServe JSON / /v1/embeddings {:.2}x; binary / KServe JSON {:.2}x \
+                 (goal <= 0.8x), binary / /v1/embeddings {:.2}x",
+                p50(&j) / p50(&o),
+                p50(&b) / p50(&j),
+                p50(&b) / p50(&o)
+            );
+        }
+        t.stop().await;
+    });
+}
