@@ -139,7 +139,7 @@ def main():
             lambda: client.infer(MODEL, [ids_input(True, shape=[1, 4])], headers=h()), 400, "binary_data_size"),
         "wrong datatype": fails(
             lambda: client.infer(MODEL, [ids_input(True, datatype="FP32", values=IDS.astype(np.float32))],
-                                 headers=h()), 400, "input_ids"),
+                                 headers=h()), 400, "(field `inputs[0]`)"),
         "empty text": fails(lambda: client.infer(MODEL, [text_input([""], False)], headers=h()), 400, "empty"),
         "no key": fails(lambda: client.get_model_metadata(MODEL), 401, "API key"),
     }

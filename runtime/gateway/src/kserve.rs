@@ -129,7 +129,8 @@ pub enum Data {
 }
 
 impl Data {
-    fn name(&self) -> &str {
+    /// The tensor's name.
+    pub fn name(&self) -> &str {
         match self {
             Self::Numbers(t) => &t.name,
             Self::Bytes { name, .. } => name,

@@ -472,12 +472,28 @@ async fn to_backend(
     version.usage.requests.fetch_add(1, Ordering::Relaxed);
     let inferred = version.infer(parsed.model_input()).await;
     drop(counted);
-    let output = inferred.map_err(|e| ApiError::backend(&e))?;
+    let output = inferred.map_err(|e| {
+        let mut error = ApiError::backend(&e);
+        error.field = error.field.map(|f| tensor_field(&f, parsed));
+        error
+    })?;
     let parameters = output
         .metadata
         .as_ref()
         .and_then(|meta| serde_json::from_str::<serde_json::Value>(meta).ok());
     Ok((crate::kserve::model_outputs(&output), parameters))
+}
+
+/// A backend's field (`inputs[0].input_ids`: its batch item and tensor) as the request's
+/// own (`inputs[2]`: the position of that tensor among the request's inputs).
+fn tensor_field(field: &str, parsed: &crate::kserve::Request) -> String {
+    let named = field
+        .strip_prefix("inputs[")
+        .and_then(|rest| rest.split_once("]."))
+        .map(|(_, name)| name);
+    named
+        .and_then(|name| parsed.inputs.iter().position(|d| d.name() == name))
+        .map_or_else(|| field.to_owned(), |i| format!("inputs[{i}]"))
 }
 
 /// Text through the processor: KServe JSON in, KServe JSON out.
