@@ -19,21 +19,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use serde_json::json;
 use wasp_tests::guests::{HELLO, TEXT_EMBEDDINGS};
-use wasp_tests::load::{self, Report};
+use wasp_tests::load;
 use wasp_tests::{TestClient, TestServer, minilm_spec, spec};
-
-fn ms(d: Duration) -> String {
-    format!("{:.2} ms", d.as_secs_f64() * 1e3)
-}
-
-fn line(label: &str, r: &Report) {
-    println!(
-        "  {label:<34} {:>9.0} /s   p50 {:>9}   p99 {:>9}",
-        r.rps,
-        ms(r.p50),
-        ms(r.p99)
-    );
-}
 
 /// Waits until the endpoint has no job queued or running; the jobs completed.
 async fn drained(c: &TestClient, name: &str) -> u64 {
@@ -65,7 +52,7 @@ async fn durable_submit(t: &TestServer, seconds: Duration) {
     .await;
     for clients in [1, 16, 128] {
         let r = load::run(addr, "/endpoints/sink/run", body.clone(), clients, seconds).await;
-        line(&format!("{clients} submitters"), &r);
+        load::print_line(&format!("{clients} submitters"), &r);
     }
     println!(
         "  goal at 128: >= 10,000 jobs/s, p99 < 10 ms (River on Postgres: ~46k/s on a large machine)"
@@ -102,7 +89,7 @@ async fn end_to_end(t: &TestServer, seconds: Duration) {
     )
     .await;
     let sync = load::run(addr, "/endpoints/hello/invoke", invoke, 32, seconds).await;
-    line("sync invokes", &sync);
+    load::print_line("sync invokes", &sync);
     let before = drained(c, "hello").await;
     let job = Bytes::from(json!({ "input": { "name": "bench" } }).to_string());
     let started = Instant::now();
@@ -153,7 +140,7 @@ async fn batch(t: &TestServer, lines: usize, concurrency: usize) {
     // The same number of sync requests at the same concurrency, timed to the last answer.
     let sync_seconds = Duration::from_secs_f64((lines as f64 / 400.0).clamp(5.0, 120.0));
     let sync = load::run(addr, "/v1/embeddings", request, concurrency, sync_seconds).await;
-    line("sync requests", &sync);
+    load::print_line("sync requests", &sync);
     let started = Instant::now();
     let reply = c
         .post(

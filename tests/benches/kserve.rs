@@ -27,19 +27,6 @@ const SENTENCES: [&str; 8] = [
     "She plays chess with her grandfather every evening.",
 ];
 
-fn ms(d: Duration) -> String {
-    format!("{:.2} ms", d.as_secs_f64() * 1e3)
-}
-
-fn line(label: &str, r: &Report) {
-    println!(
-        "{label:<34} {:>8.1} req/s  p50 {:>9}  p99 {:>9}",
-        r.rps,
-        ms(r.p50),
-        ms(r.p99)
-    );
-}
-
 /// The KServe binary request: a JSON header asking for binary output, then the texts as
 /// BYTES elements (a 4-byte little-endian length before each).
 fn binary_request() -> (Bytes, String) {
@@ -98,9 +85,9 @@ fn main() {
             let o = load::run(addr, "/v1/embeddings", openai.clone(), c, seconds).await;
             let j = load::run(addr, path, kserve_json.clone(), c, seconds).await;
             let b = load::run_with(addr, path, &binary_headers, kserve_binary.clone(), c, seconds).await;
-            line(&format!("/v1/embeddings (JSON) c={c}"), &o);
-            line(&format!("KServe HTTP JSON c={c}"), &j);
-            line(&format!("KServe HTTP binary c={c}"), &b);
+            load::print_line(&format!("/v1/embeddings (JSON) c={c}"), &o);
+            load::print_line(&format!("KServe HTTP JSON c={c}"), &j);
+            load::print_line(&format!("KServe HTTP binary c={c}"), &b);
             let p50 = |r: &Report| r.p50.as_secs_f64();
             println!(
                 "  p50 at c={c}: KServe JSON / /v1/embeddings {:.2}x; binary / KServe JSON {:.2}x \

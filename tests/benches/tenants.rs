@@ -10,11 +10,7 @@ use std::time::Duration;
 
 use wasp_tests::TestServer;
 use wasp_tests::flood::neighbour_under_flood;
-use wasp_tests::load::quantile;
-
-fn ms(d: Duration) -> String {
-    format!("{:.2} ms", d.as_secs_f64() * 1e3)
-}
+use wasp_tests::load::{ms, quantile};
 
 fn line(label: &str, latencies: &mut [Duration]) {
     println!(

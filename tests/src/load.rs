@@ -23,6 +23,21 @@ pub struct Report {
     pub p99: Duration,
 }
 
+/// A duration in milliseconds, two decimals (`12.34 ms`).
+pub fn ms(d: Duration) -> String {
+    format!("{:.2} ms", d.as_secs_f64() * 1e3)
+}
+
+/// Prints a report as one line: its label, rate, p50 and p99.
+pub fn print_line(label: &str, r: &Report) {
+    println!(
+        "  {label:<34} {:>9.1} /s   p50 {:>9}   p99 {:>9}",
+        r.rps,
+        ms(r.p50),
+        ms(r.p99)
+    );
+}
+
 /// Sorts `samples` and reads the given quantile.
 pub fn quantile(samples: &mut [Duration], q: f64) -> Duration {
     samples.sort();
