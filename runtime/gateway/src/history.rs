@@ -352,6 +352,8 @@ impl History {
 
     /// Forgets what is not in `live` (endpoint, version) any more.
     pub fn retain(&self, live: &std::collections::HashSet<(String, String)>) {
+        let endpoints: std::collections::HashSet<&str> =
+            live.iter().map(|(e, _)| e.as_str()).collect();
         self.versions
             .write()
             .unwrap_or_else(|e| e.into_inner())
@@ -359,7 +361,7 @@ impl History {
         self.jobs
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .retain(|endpoint, _| live.iter().any(|(e, _)| e == endpoint));
+            .retain(|endpoint, _| endpoints.contains(endpoint.as_str()));
     }
 
     /// `version`'s columns over the ticks `from..to`, `step` ticks a column: counters
@@ -381,22 +383,20 @@ impl History {
             .read()
             .get(&(endpoint.to_owned(), version.to_owned()))
             .cloned();
-        let points: Vec<(u64, Point)> = series
-            .map(|s| {
-                s.points
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .iter()
-                    .cloned()
-                    .collect()
-            })
-            .unwrap_or_default();
-        let mut next = points.iter().peekable();
-        let mut gauges = Gauges::default();
-        // Points before the span only set the gauges it starts with.
-        while let Some((_, p)) = next.next_if(|(t, _)| *t < from) {
-            gauges = p.gauges;
-        }
+        let empty = std::sync::Mutex::new(VecDeque::new());
+        let points = series
+            .as_ref()
+            .map_or(&empty, |s| &s.points)
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        // The span's points, read in place; the newest one before it sets the gauges the
+        // span starts with.
+        let first = points.partition_point(|(t, _)| *t < from);
+        let mut gauges = first
+            .checked_sub(1)
+            .and_then(|i| points.get(i))
+            .map_or_else(Gauges::default, |(_, p)| p.gauges);
+        let mut next = points.range(first..).peekable();
         let seconds = (step * INTERVAL_MS) as f64 / 1e3;
         let mut start = from;
         while start < to {
