@@ -185,14 +185,14 @@ impl Request {
         self.inputs.iter().any(|d| matches!(d, Data::Bytes { .. }))
     }
 
-    /// The model input for a backend (numeric inputs only: see [`Request::has_text`]).
-    pub fn model_input(&self) -> ModelInput {
+    /// The model input for a backend (numeric inputs only: see [`Request::has_text`]),
+    /// taking the inputs' data rather than copying it.
+    pub fn take_model_input(&mut self) -> ModelInput {
         ModelInput {
-            tensors: self
-                .inputs
-                .iter()
+            tensors: std::mem::take(&mut self.inputs)
+                .into_iter()
                 .filter_map(|d| match d {
-                    Data::Numbers(t) => Some(t.clone()),
+                    Data::Numbers(t) => Some(t),
                     Data::Bytes { .. } => None,
                 })
                 .collect(),
@@ -608,12 +608,12 @@ mod tests {
         let body = br#"{"id":"r1","inputs":[
             {"name":"input_ids","shape":[2,2],"datatype":"INT64","data":[[101,102],[101,102]]},
             {"name":"mask","shape":[4],"datatype":"BOOL","data":[true,false,1,0]}]}"#;
-        let req = parse(body, None).unwrap();
+        let mut req = parse(body, None).unwrap();
         assert_eq!(req.id.as_deref(), Some("r1"));
-        let input = req.model_input();
+        assert!(!req.has_text());
+        let input = req.take_model_input();
         assert_eq!(input.tensors[0].to_i64().unwrap(), [101, 102, 101, 102]);
         assert_eq!(input.tensors[1].data, [1, 0, 1, 0]);
-        assert!(!req.has_text());
     }
 
     #[test]
@@ -669,7 +669,10 @@ mod tests {
             &tail,
         );
         let req = parse(&body, Some(n)).unwrap();
-        assert_eq!(req.model_input().tensors[0].to_f32().unwrap(), [1.5, -2.0]);
+        let Data::Numbers(x) = &req.inputs[0] else {
+            panic!("not numbers: {:?}", req.inputs[0]);
+        };
+        assert_eq!(x.to_f32().unwrap(), [1.5, -2.0]);
         assert!(req.has_text());
         assert_eq!(
             req.inputs[1],

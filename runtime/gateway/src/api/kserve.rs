@@ -389,12 +389,12 @@ pub(crate) async fn infer(
     let bad = |e: crate::kserve::Invalid| {
         ApiError::new(400, "invalid_request", e.message).with_field(e.field)
     };
-    let parsed = crate::kserve::parse(&body, header_length).map_err(bad)?;
+    let mut parsed = crate::kserve::parse(&body, header_length).map_err(bad)?;
     let local = crate::tenants::local_name(&name).to_owned();
     let answered = if parsed.has_text() {
         through_processor(&version, &local, &parsed).await
     } else {
-        to_backend(&version, &name, &parsed).await
+        to_backend(&version, &name, &mut parsed).await
     };
     let mut response = match answered {
         Ok((outputs, parameters)) => {
@@ -455,7 +455,7 @@ type Outputs = (Vec<crate::kserve::Data>, Option<serde_json::Value>);
 async fn to_backend(
     version: &Arc<DeployedVersion>,
     name: &str,
-    parsed: &crate::kserve::Request,
+    parsed: &mut crate::kserve::Request,
 ) -> Result<Outputs, ApiError> {
     if !version.workers.has_model() {
         return Err(ApiError::new(
@@ -470,11 +470,13 @@ async fn to_backend(
     }
     let counted = version.workers.meter.enter();
     version.usage.requests.fetch_add(1, Ordering::Relaxed);
-    let inferred = version.infer(parsed.model_input()).await;
+    // The names only, for errors: the data moves to the backend.
+    let names: Vec<String> = parsed.inputs.iter().map(|d| d.name().to_owned()).collect();
+    let inferred = version.infer(parsed.take_model_input()).await;
     drop(counted);
     let output = inferred.map_err(|e| {
         let mut error = ApiError::backend(&e);
-        error.field = error.field.map(|f| tensor_field(&f, parsed));
+        error.field = error.field.map(|f| tensor_field(&f, &names));
         error
     })?;
     let parameters = output
@@ -486,13 +488,13 @@ async fn to_backend(
 
 /// A backend's field (`inputs[0].input_ids`: its batch item and tensor) as the request's
 /// own (`inputs[2]`: the position of that tensor among the request's inputs).
-fn tensor_field(field: &str, parsed: &crate::kserve::Request) -> String {
+fn tensor_field(field: &str, names: &[String]) -> String {
     let named = field
         .strip_prefix("inputs[")
         .and_then(|rest| rest.split_once("]."))
         .map(|(_, name)| name);
     named
-        .and_then(|name| parsed.inputs.iter().position(|d| d.name() == name))
+        .and_then(|name| names.iter().position(|n| n == name))
         .map_or_else(|| field.to_owned(), |i| format!("inputs[{i}]"))
 }
 
