@@ -1,14 +1,19 @@
 //! The KServe v2 benchmark: the same request, eight sentences embedded by all-MiniLM-L6-v2
 //! (the `text-embeddings` processor and the candle backend), over OpenAI's
-//! `/v1/embeddings`, KServe v2 HTTP with JSON tensors, and KServe v2 HTTP with binary
-//! tensors (text in, 8 x 384 floats out), in one run: req/s and p50/p99 at concurrency 1
-//! and 8, and the p50 ratios. The goal: binary at or under 0.8x the KServe JSON route's
-//! p50. (gRPC joins when it is served.)
+//! `/v1/embeddings`, KServe v2 HTTP with JSON tensors, KServe v2 HTTP with binary tensors
+//! and KServe v2 gRPC (text in, 8 x 384 floats out), in one run: req/s and p50/p99 at
+//! concurrency 1 and 8, and the p50 ratios. The goal: binary and gRPC at or under 0.8x the
+//! KServe JSON route's p50. Each client holds its own connection (HTTP/1.1 with
+//! TCP_NODELAY, or an HTTP/2 channel) and sends its next request when the last is
+//! answered.
 //!
 //! Run with `./x bench` (or `cargo bench -p wasp-tests --bench kserve`).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::time::Duration;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use serde_json::json;
@@ -27,14 +32,20 @@ const SENTENCES: [&str; 8] = [
     "She plays chess with her grandfather every evening.",
 ];
 
-/// The KServe binary request: a JSON header asking for binary output, then the texts as
-/// BYTES elements (a 4-byte little-endian length before each).
-fn binary_request() -> (Bytes, String) {
+/// The texts as BYTES elements: a 4-byte little-endian length before each.
+fn text_elements() -> Vec<u8> {
     let mut tail = Vec::new();
     for s in SENTENCES {
         tail.extend_from_slice(&(s.len() as u32).to_le_bytes());
         tail.extend_from_slice(s.as_bytes());
     }
+    tail
+}
+
+/// The KServe binary request: a JSON header asking for binary output, then the texts as
+/// BYTES elements.
+fn binary_request() -> (Bytes, String) {
+    let tail = text_elements();
     let header = json!({
         "inputs": [{ "name": "text", "shape": [SENTENCES.len()], "datatype": "BYTES",
                      "parameters": { "binary_data_size": tail.len() } }],
@@ -45,6 +56,61 @@ fn binary_request() -> (Bytes, String) {
     let mut body = header.into_bytes();
     body.extend_from_slice(&tail);
     (Bytes::from(body), length)
+}
+
+/// `clients` gRPC clients, each on its own channel, sending the texts to `ModelInfer` for
+/// `duration`.
+async fn grpc_run(addr: SocketAddr, key: &str, clients: usize, duration: Duration) -> Report {
+    use wasp_grpc::proto::grpc_inference_service_client::GrpcInferenceServiceClient;
+    use wasp_grpc::proto::model_infer_request::InferInputTensor;
+    use wasp_grpc::proto::{ModelInferRequest, ModelInferResponse};
+
+    let message = ModelInferRequest {
+        model_name: "minilm".into(),
+        inputs: vec![InferInputTensor {
+            name: "text".into(),
+            datatype: "BYTES".into(),
+            shape: vec![SENTENCES.len() as i64],
+            ..Default::default()
+        }],
+        raw_input_contents: vec![Bytes::from(text_elements())],
+        ..Default::default()
+    };
+    let authorization: tonic::metadata::MetadataValue<_> = format!("Bearer {key}").parse().unwrap();
+    let done = Arc::new(AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for _ in 0..clients {
+        let (done, message, authorization) = (done.clone(), message.clone(), authorization.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut client = GrpcInferenceServiceClient::connect(format!("http://{addr}"))
+                .await
+                .unwrap();
+            let mut latencies = Vec::new();
+            while !done.load(Ordering::Relaxed) {
+                let mut request = tonic::Request::new(message.clone());
+                request
+                    .metadata_mut()
+                    .insert("authorization", authorization.clone());
+                let started = Instant::now();
+                let answer: ModelInferResponse =
+                    client.model_infer(request).await.unwrap().into_inner();
+                assert_eq!(
+                    answer.raw_output_contents[0].len(),
+                    SENTENCES.len() * 384 * 4
+                );
+                latencies.push(started.elapsed());
+            }
+            latencies
+        }));
+    }
+    let started = Instant::now();
+    tokio::time::sleep(duration).await;
+    done.store(true, Ordering::Relaxed);
+    let mut all = Vec::new();
+    for task in tasks {
+        all.extend(task.await.unwrap());
+    }
+    load::report(all, started.elapsed())
 }
 
 fn main() {
@@ -60,7 +126,13 @@ fn main() {
             "wasp KServe v2 benchmark: 8 sentences -> 8 x 384 floats, all-MiniLM-L6-v2 on CPU ({} cores)",
             std::thread::available_parallelism().map_or(0, |n| n.get())
         );
-        let t = TestServer::start().await;
+        let mut t = TestServer::start().await;
+        let grpc = t
+            .server
+            .serve_h2("127.0.0.1:0".parse().unwrap(), wasp_grpc::service(t.server.api()))
+            .await
+            .unwrap();
+        let key = t.client.key().unwrap().to_owned();
         t.client
             .deploy_ok(TEXT_EMBEDDINGS, &minilm_spec("minilm", ""))
             .await;
@@ -81,19 +153,23 @@ fn main() {
         load::run(addr, "/v1/embeddings", openai.clone(), 2, Duration::from_millis(500)).await;
         load::run(addr, path, kserve_json.clone(), 2, Duration::from_millis(500)).await;
         load::run_with(addr, path, &binary_headers, kserve_binary.clone(), 2, Duration::from_millis(500)).await;
+        grpc_run(grpc, &key, 2, Duration::from_millis(500)).await;
         for c in [1, 8] {
             let o = load::run(addr, "/v1/embeddings", openai.clone(), c, seconds).await;
             let j = load::run(addr, path, kserve_json.clone(), c, seconds).await;
             let b = load::run_with(addr, path, &binary_headers, kserve_binary.clone(), c, seconds).await;
+            let g = grpc_run(grpc, &key, c, seconds).await;
             load::print_line(&format!("/v1/embeddings (JSON) c={c}"), &o);
             load::print_line(&format!("KServe HTTP JSON c={c}"), &j);
             load::print_line(&format!("KServe HTTP binary c={c}"), &b);
+            load::print_line(&format!("KServe gRPC c={c}"), &g);
             let p50 = |r: &Report| r.p50.as_secs_f64();
             println!(
-                "  p50 at c={c}: KServe JSON / /v1/embeddings {:.2}x; binary / KServe JSON {:.2}x \
-                 (goal <= 0.8x), binary / /v1/embeddings {:.2}x",
+                "  p50 at c={c}: KServe JSON / /v1/embeddings {:.2}x; binary / KServe JSON {:.2}x, \
+                 gRPC / KServe JSON {:.2}x (goal <= 0.8x); binary / /v1/embeddings {:.2}x",
                 p50(&j) / p50(&o),
                 p50(&b) / p50(&j),
+                p50(&g) / p50(&j),
                 p50(&b) / p50(&o)
             );
         }

@@ -139,11 +139,15 @@ pub async fn run_with(
     for task in tasks {
         all.extend(task.await.unwrap());
     }
-    let elapsed = started.elapsed();
+    report(all, started.elapsed())
+}
+
+/// The report of `latencies` answered in `elapsed`.
+pub fn report(mut latencies: Vec<Duration>, elapsed: Duration) -> Report {
     Report {
-        rps: all.len() as f64 / elapsed.as_secs_f64(),
-        p50: quantile(&mut all, 0.50),
-        p95: quantile(&mut all, 0.95),
-        p99: quantile(&mut all, 0.99),
+        rps: latencies.len() as f64 / elapsed.as_secs_f64(),
+        p50: quantile(&mut latencies, 0.50),
+        p95: quantile(&mut latencies, 0.95),
+        p99: quantile(&mut latencies, 0.99),
     }
 }

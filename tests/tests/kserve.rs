@@ -1,14 +1,15 @@
 //! KServe v2 (Open Inference Protocol) conformance with the official Triton clients
-//! (PyPI `tritonclient`, installed by `scripts/toolchain triton`) as real clients, against
-//! a live server with the MiniLM endpoint: the checks are in `tests/conformance/kserve.py`.
+//! (PyPI `tritonclient[http,grpc]`, installed by `scripts/toolchain triton`) as real
+//! clients, against a live server with the MiniLM endpoint, over HTTP and gRPC: the checks
+//! are in `tests/conformance/kserve.py` and `tests/conformance/kserve_grpc.py`.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use serde_json::Value;
 use wasp_tests::guests::TEXT_EMBEDDINGS;
 use wasp_tests::{TestServer, minilm_spec};
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_triton_http_client_finds_a_conforming_server() {
+/// Runs a conformance script with `args`, and reads the JSON report it prints.
+async fn conformance(script: &str, args: Vec<String>) -> Value {
     let root = wasp_tests::process::root();
     let python = root.join("target/tools/triton/bin/python");
     assert!(
@@ -16,17 +17,11 @@ async fn the_triton_http_client_finds_a_conforming_server() {
         "{} is missing: run `scripts/toolchain triton` (./x test does)",
         python.display()
     );
-    let t = TestServer::start().await;
-    let c = &t.client;
-    c.deploy_ok(TEXT_EMBEDDINGS, &minilm_spec("minilm", ""))
-        .await;
-    let address = t.server.local_addr().to_string();
-    let key = c.key().unwrap().to_owned();
-    let script = root.join("tests/conformance/kserve.py");
+    let script = root.join("tests/conformance").join(script);
     let output = tokio::task::spawn_blocking(move || {
         std::process::Command::new(python)
             .arg(script)
-            .args([&address, &key])
+            .args(args)
             .output()
             .unwrap()
     })
@@ -39,11 +34,126 @@ async fn the_triton_http_client_finds_a_conforming_server() {
         String::from_utf8_lossy(&output.stderr)
     );
     let report: Value = serde_json::from_slice(&output.stdout).unwrap();
+    println!("{report:#}");
+    report
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_triton_clients_find_a_conforming_server_over_http_and_grpc() {
+    let mut t = TestServer::start().await;
+    t.client
+        .deploy_ok(TEXT_EMBEDDINGS, &minilm_spec("minilm", ""))
+        .await;
+    let grpc = t
+        .server
+        .serve_h2(
+            "127.0.0.1:0".parse().unwrap(),
+            wasp_grpc::service(t.server.api()),
+        )
+        .await
+        .unwrap();
+    let address = t.server.local_addr().to_string();
+    let key = t.client.key().unwrap().to_owned();
+
+    let report = conformance("kserve.py", vec![address.clone(), key.clone()]).await;
     assert_eq!(
         report["metadata_inputs"],
         serde_json::json!(["attention_mask", "input_ids", "token_type_ids"])
     );
     assert_eq!(report["errors"].as_object().unwrap().len(), 8, "{report:#}");
-    println!("{report:#}");
+
+    let report = conformance("kserve_grpc.py", vec![address, grpc.to_string(), key]).await;
+    assert_eq!(
+        report["metadata_inputs"],
+        serde_json::json!(["attention_mask", "input_ids", "token_type_ids"])
+    );
+    assert_eq!(report["errors"].as_object().unwrap().len(), 8, "{report:#}");
+
+    grpc_has_the_http_apis_keys_and_tenancy(&t, grpc).await;
     t.stop().await;
+}
+
+/// A gRPC call with `key` (and a tenant to act in).
+fn call<T>(message: T, key: &str, tenant: Option<&str>) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {key}").parse().unwrap());
+    if let Some(tenant) = tenant {
+        request
+            .metadata_mut()
+            .insert("x-wasp-tenant", tenant.parse().unwrap());
+    }
+    request
+}
+
+/// gRPC calls are the HTTP API's requests: the same keys, roles and tenancy, and the
+/// request id back as metadata.
+async fn grpc_has_the_http_apis_keys_and_tenancy(t: &TestServer, grpc: std::net::SocketAddr) {
+    use wasp_grpc::proto::grpc_inference_service_client::GrpcInferenceServiceClient;
+    use wasp_grpc::proto::{ModelInferRequest, ModelMetadataRequest, ModelReadyRequest};
+
+    let made = t
+        .client
+        .post_json("/api/v1/tenants", &serde_json::json!({ "name": "bravo" }))
+        .await;
+    assert_eq!(made.status, 201, "{}", made.text());
+    let bravo = t.client.make_key("bravo", "admin").await;
+    let operator = t.client.key().unwrap().to_owned();
+    let mut client = GrpcInferenceServiceClient::connect(format!("http://{grpc}"))
+        .await
+        .unwrap();
+    let metadata = |name: &str| ModelMetadataRequest {
+        name: name.into(),
+        version: String::new(),
+    };
+
+    let answer = client
+        .model_metadata(call(metadata("minilm"), &operator, None))
+        .await
+        .unwrap();
+    assert!(answer.metadata().get("x-request-id").is_some());
+    assert_eq!(answer.into_inner().versions, vec!["v1"]);
+
+    // Another tenant's key cannot tell the model exists, nor use it.
+    let ready = client
+        .model_ready(call(
+            ModelReadyRequest {
+                name: "minilm".into(),
+                version: String::new(),
+            },
+            &bravo,
+            None,
+        ))
+        .await
+        .unwrap();
+    assert!(!ready.into_inner().ready);
+    let hidden = client
+        .model_metadata(call(metadata("minilm"), &bravo, None))
+        .await
+        .unwrap_err();
+    assert_eq!(hidden.code(), tonic::Code::NotFound, "{hidden:?}");
+    let refused = client
+        .model_infer(call(
+            ModelInferRequest {
+                model_name: "minilm".into(),
+                ..Default::default()
+            },
+            &bravo,
+            None,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::NotFound, "{refused:?}");
+    // The operator acting in that tenant does not see it either.
+    let elsewhere = client
+        .model_metadata(call(metadata("minilm"), &operator, Some("bravo")))
+        .await
+        .unwrap_err();
+    assert_eq!(elsewhere.code(), tonic::Code::NotFound, "{elsewhere:?}");
+    let forged = client
+        .model_metadata(call(metadata("minilm"), "wasp_not-a-key", None))
+        .await
+        .unwrap_err();
+    assert_eq!(forged.code(), tonic::Code::Unauthenticated, "{forged:?}");
 }

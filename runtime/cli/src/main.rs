@@ -170,6 +170,11 @@ enum Command {
         /// Address to listen on.
         #[arg(long, env = "WASP_LISTEN", default_value = "127.0.0.1:8080")]
         listen: SocketAddr,
+        /// Also serve the KServe v2 gRPC protocol (`inference.GRPCInferenceService`, as
+        /// Triton's clients call it) on this address, with the HTTP API's keys, limits and
+        /// TLS certificate.
+        #[arg(long, env = "WASP_GRPC_LISTEN", value_name = "ADDR")]
+        grpc_listen: Option<SocketAddr>,
         /// Data directory: endpoint store, components, compiled cache.
         #[arg(long, env = "WASP_DATA_DIR", default_value = "data")]
         data_dir: PathBuf,
@@ -835,6 +840,7 @@ async fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Serve {
             listen,
+            grpc_listen,
             data_dir,
             models_dir,
             deploy,
@@ -965,7 +971,7 @@ async fn run(cli: Cli) -> Result<()> {
                 allow_hosts,
                 credentials: wasp_core::credentials::default_path(),
             };
-            serve(config, deploy, containers, cluster).await
+            serve(config, grpc_listen, deploy, containers, cluster).await
         }
         Command::Deploy { spec } => {
             let (spec, components) = load_spec(&spec)?;
@@ -1307,11 +1313,18 @@ fn backends(
 
 async fn serve(
     config: ServerConfig,
+    grpc_listen: Option<SocketAddr>,
     deploy: Vec<PathBuf>,
     containers: Option<Containers>,
     cluster: Option<wasp_cluster::Connection>,
 ) -> Result<()> {
-    let server = Server::start(config).await?;
+    let mut server = Server::start(config).await?;
+    if let Some(listen) = grpc_listen {
+        let service = wasp_grpc::service(server.api());
+        let addr = server.serve_h2(listen, service).await?;
+        // Before the line that says the server is up, which tests and scripts wait for.
+        println!("wasp gRPC listening on {addr}");
+    }
     if let Some(mut cluster) = cluster {
         let node = cluster.node().to_owned();
         cluster.set_url(server.url());

@@ -570,6 +570,80 @@ fn records_are_saved_and_replayed_against_another_version() {
 }
 
 #[test]
+fn grpc_is_served_with_the_https_certificate_and_the_same_keys() {
+    let python = wasp_tests::process::root().join("target/tools/triton/bin/python");
+    assert!(
+        python.exists(),
+        "{} is missing: run `scripts/toolchain triton` (./x test does)",
+        python.display()
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let made = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert, made.cert.pem()).unwrap();
+    std::fs::write(&key, made.signing_key.serialize_pem()).unwrap();
+    let server = Serve::try_start(
+        &dir.path().join("data"),
+        &[
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+            "--grpc-listen",
+            "127.0.0.1:0",
+        ],
+    )
+    .unwrap();
+    let grpc = server.grpc.expect("no gRPC address printed");
+    // Triton's own gRPC client over TLS, trusting the server's certificate: live, and the
+    // server's metadata with the operator key; without a key, refused as over HTTP.
+    let script = r#"
+import sys
+import tritonclient.grpc as grpc
+from tritonclient.utils import InferenceServerException
+url, ca, key = sys.argv[1:4]
+client = grpc.InferenceServerClient(url=url, ssl=True, root_certificates=ca,
+                                    channel_args=[("grpc.ssl_target_name_override", "localhost")])
+assert client.is_server_live(headers={"authorization": f"Bearer {key}"})
+print(client.get_server_metadata(headers={"authorization": f"Bearer {key}"}).name)
+try:
+    client.get_model_metadata("anything")
+    print("no error")
+except InferenceServerException as e:
+    print(e.status(), e.message())
+plain = grpc.InferenceServerClient(url=url)
+try:
+    plain.is_server_live()
+    print("plain served")
+except InferenceServerException as e:
+    print("plain refused")
+"#;
+    let output = std::process::Command::new(python)
+        .args([
+            "-c",
+            script,
+            &grpc.to_string(),
+            cert.to_str().unwrap(),
+            &server.key,
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines[0], "wasp", "{stdout}");
+    assert!(
+        lines[1].starts_with("StatusCode.UNAUTHENTICATED") && lines[1].contains("API key"),
+        "{stdout}"
+    );
+    assert_eq!(lines[2], "plain refused", "{stdout}");
+}
+
+#[test]
 fn the_cli_speaks_https_to_a_server_with_a_certificate() {
     let dir = tempfile::tempdir().unwrap();
     let made = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).unwrap();

@@ -31,7 +31,9 @@ pub use limits::{Holding, Quota};
 pub use placement::{Placement, Placer, VersionLoad};
 pub use records::RequestRecord;
 pub use registry::{Cluster, DeployedVersion, Deployment, Gateway, NodeInfo};
-pub use server::{HttpLimits, OPERATOR_KEY_FILE, Server, ServerConfig, SharedQueue};
+pub use server::{
+    Api, ClientAddr, HttpLimits, OPERATOR_KEY_FILE, Server, ServerConfig, SharedQueue,
+};
 pub use store::StoredEndpoint;
 pub use tenants::{AccessChange, DEFAULT as DEFAULT_TENANT};
 pub use tls::TlsFiles;

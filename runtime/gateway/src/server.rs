@@ -9,12 +9,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::response::IntoResponse;
-use hyper::server::conn::http1;
+use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinHandle;
+use tower::ServiceExt;
 use wasp_wasm::RuntimeConfig;
 
 use crate::{Error, Gateway};
@@ -129,11 +130,37 @@ impl Default for HttpLimits {
 /// A running server.
 pub struct Server {
     addr: SocketAddr,
-    tls: bool,
+    tls: Option<Arc<crate::tls::Reloading>>,
     gateway: Arc<Gateway>,
+    shared: Arc<Shared>,
     stop: watch::Sender<bool>,
-    accept: JoinHandle<()>,
+    /// The HTTP listener's accept loop, then any added by [`Server::serve_h2`].
+    accept: Vec<JoinHandle<()>>,
     upkeep: JoinHandle<()>,
+}
+
+/// The whole API as one call, for another protocol's front end (gRPC) to serve through:
+/// every request gets the HTTP API's authentication, tenancy, limits, records and
+/// timeouts.
+#[derive(Clone)]
+pub struct Api {
+    shared: Arc<Shared>,
+}
+
+impl Api {
+    /// Answers one request as the HTTP server would. The request should carry the
+    /// client's address as a [`ClientAddr`] extension; one without it is taken as from
+    /// beyond loopback.
+    pub async fn call(
+        &self,
+        request: axum::http::Request<axum::body::Body>,
+    ) -> axum::response::Response {
+        let peer = request
+            .extensions()
+            .get::<ClientAddr>()
+            .map_or(SocketAddr::from(([0, 0, 0, 0], 0)), |a| a.0);
+        self.shared.answer(request, peer).await
+    }
 }
 
 /// The first start of a data directory makes an operator key, and writes it where the
@@ -250,7 +277,9 @@ impl Server {
             )?;
         }
         let acceptor = match &tls {
-            Some(tls) => Some(tokio_rustls::TlsAcceptor::from(tls.server_config()?)),
+            Some(tls) => Some(tokio_rustls::TlsAcceptor::from(
+                tls.server_config(&[b"http/1.1"])?,
+            )),
             None => None,
         };
         // Keys in clear text over a network are refused unless a proxy encrypts them.
@@ -269,10 +298,16 @@ impl Server {
             app,
             limits: config.http,
             clients: Arc::default(),
-            tls: acceptor,
         });
-        let accept = tokio::spawn(accept_loop(listener, shared, stopped));
+        let accept = tokio::spawn(accept_loop(
+            listener,
+            shared.clone(),
+            acceptor,
+            Arc::new(Http1(shared.clone())),
+            stopped,
+        ));
         let keeper = gateway.clone();
+        let reloading = tls.clone();
         let upkeep = tokio::spawn(async move {
             let mut housekeeping = tokio::time::interval(HOUSEKEEPING);
             let mut autoscale = tokio::time::interval(AUTOSCALE);
@@ -303,12 +338,72 @@ impl Server {
         tracing::info!(%addr, data_dir = %config.data_dir.display(), "wasp is serving");
         Ok(Self {
             addr,
-            tls: tls_on,
+            tls: reloading,
             gateway,
+            shared,
             stop,
-            accept,
+            accept: vec![accept],
             upkeep,
         })
+    }
+
+    /// The API as one call, for another protocol's front end.
+    pub fn api(&self) -> Api {
+        Api {
+            shared: self.shared.clone(),
+        }
+    }
+
+    /// Serves `service` over HTTP/2 (over TLS with ALPN `h2` when the server has a
+    /// certificate) on another address, with the HTTP server's connection limits, until
+    /// the server stops: how gRPC is served. Each request carries the client's
+    /// [`ClientAddr`]. Answers the bound address.
+    pub async fn serve_h2<S, B>(
+        &mut self,
+        listen: SocketAddr,
+        service: S,
+    ) -> Result<SocketAddr, Error>
+    where
+        S: tower::Service<hyper::Request<hyper::body::Incoming>, Response = hyper::Response<B>>
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Future: Send + 'static,
+        S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+        B: hyper::body::Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let listener = TcpListener::bind(listen)
+            .await
+            .map_err(|source| Error::Bind {
+                addr: listen,
+                source,
+            })?;
+        let addr = listener.local_addr().map_err(|source| Error::Bind {
+            addr: listen,
+            source,
+        })?;
+        let acceptor = match &self.tls {
+            Some(tls) => Some(tokio_rustls::TlsAcceptor::from(
+                tls.server_config(&[b"h2"])?,
+            )),
+            None => None,
+        };
+        let serve = Arc::new(H2 {
+            shared: self.shared.clone(),
+            service,
+        });
+        self.accept.push(tokio::spawn(accept_loop(
+            listener,
+            self.shared.clone(),
+            acceptor,
+            serve,
+            self.stop.subscribe(),
+        )));
+        tracing::info!(%addr, "serving HTTP/2 (gRPC)");
+        Ok(addr)
     }
 
     /// The bound address.
@@ -318,7 +413,7 @@ impl Server {
 
     /// The server's URL: `https://` when it serves TLS.
     pub fn url(&self) -> String {
-        let scheme = if self.tls { "https" } else { "http" };
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
         format!("{scheme}://{}", self.addr)
     }
 
@@ -331,7 +426,9 @@ impl Server {
     /// and closes the store.
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
-        let _ = self.accept.await;
+        for accept in self.accept {
+            let _ = accept.await;
+        }
         self.upkeep.abort();
         let _ = self.upkeep.await;
         // Jobs running now may finish (no new ones start); what is left after the drain
@@ -342,9 +439,10 @@ impl Server {
     }
 }
 
-/// The address a request came from (a request extension).
+/// The address a request came from (a request extension): per-client limits count by
+/// it, and keys over plain HTTP are taken from loopback ones only.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct ClientAddr(pub SocketAddr);
+pub struct ClientAddr(pub SocketAddr);
 
 /// Open connections and requests in flight per client address.
 #[derive(Default)]
@@ -429,10 +527,129 @@ struct Shared {
     app: crate::api::App,
     limits: HttpLimits,
     clients: Arc<Clients>,
-    tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
-async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+impl Shared {
+    /// Answers one request from `peer`, or 429 when the address has its most requests in
+    /// flight.
+    async fn answer<B>(
+        &self,
+        request: hyper::Request<B>,
+        peer: SocketAddr,
+    ) -> axum::response::Response
+    where
+        B: axum::body::HttpBody<Data = bytes::Bytes> + Send + 'static,
+        B::Error: Into<axum::BoxError>,
+    {
+        let slot = self
+            .clients
+            .take(peer.ip(), true, self.limits.max_requests_per_client);
+        match slot {
+            Some(_slot) => self.app.clone().serve(request).await,
+            None => crate::api::ApiError::new(
+                429,
+                "too_many_requests_from_client",
+                format!(
+                    "this address has {} requests in flight, the most one address may",
+                    self.limits.max_requests_per_client
+                ),
+            )
+            .retry_after(Duration::from_secs(1))
+            .into_response(),
+        }
+    }
+}
+
+/// How an accepted connection is served.
+trait Serve: Send + Sync + 'static {
+    /// Serves `io` from `peer` until it closes or the server stops.
+    fn serve<I>(
+        self: Arc<Self>,
+        io: I,
+        peer: SocketAddr,
+        stop: watch::Receiver<bool>,
+    ) -> impl std::future::Future<Output = ()> + Send
+    where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static;
+}
+
+/// The HTTP API over HTTP/1.1.
+struct Http1(Arc<Shared>);
+
+impl Serve for Http1 {
+    async fn serve<I>(self: Arc<Self>, io: I, peer: SocketAddr, stop: watch::Receiver<bool>)
+    where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        connection(io, peer, &self.0, stop).await;
+    }
+}
+
+/// A service over HTTP/2 (gRPC).
+struct H2<S> {
+    shared: Arc<Shared>,
+    service: S,
+}
+
+impl<S, B> Serve for H2<S>
+where
+    S: tower::Service<hyper::Request<hyper::body::Incoming>, Response = hyper::Response<B>>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    async fn serve<I>(self: Arc<Self>, io: I, peer: SocketAddr, mut stop: watch::Receiver<bool>)
+    where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let service = self.service.clone();
+        let per_connection =
+            service_fn(move |mut request: hyper::Request<hyper::body::Incoming>| {
+                request.extensions_mut().insert(ClientAddr(peer));
+                service.clone().oneshot(request)
+            });
+        let limits = &self.shared.limits;
+        let streams = u32::try_from(limits.max_requests_per_client).unwrap_or(u32::MAX);
+        let conn = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(streams.max(1))
+            .max_header_list_size(u32::try_from(MAX_REQUEST_HEAD_BYTES).unwrap_or(u32::MAX))
+            .keep_alive_interval(Some(H2_KEEP_ALIVE))
+            .keep_alive_timeout(H2_KEEP_ALIVE)
+            .serve_connection(TokioIo::new(io), per_connection);
+        let mut conn = std::pin::pin!(conn);
+        tokio::select! {
+            ended = conn.as_mut() => {
+                if let Err(e) = ended {
+                    tracing::debug!(%peer, "HTTP/2 connection ended: {e}");
+                }
+                return;
+            }
+            _ = stop.changed() => conn.as_mut().graceful_shutdown(),
+        }
+        if let Err(e) = conn.await {
+            tracing::debug!(%peer, "HTTP/2 connection ended: {e}");
+        }
+    }
+}
+
+/// How often an HTTP/2 connection is pinged, and how long the answer may take before it
+/// is closed as dead.
+const H2_KEEP_ALIVE: Duration = Duration::from_secs(20);
+
+async fn accept_loop<S: Serve>(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    serve: Arc<S>,
+    mut stop: watch::Receiver<bool>,
+) {
     let max = shared.limits.max_connections.max(1);
     let connections = Arc::new(Semaphore::new(max));
     loop {
@@ -464,18 +681,18 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut stop: watch
                     continue;
                 };
                 let _ = stream.set_nodelay(true);
-                let (shared, stop) = (shared.clone(), stop.clone());
+                let (shared, stop, serve) = (shared.clone(), stop.clone(), serve.clone());
+                let tls = tls.clone();
                 tokio::spawn(async move {
-                    let tls = shared.tls.clone();
                     match tls {
-                        None => connection(stream, peer, &shared, stop).await,
+                        None => serve.serve(stream, peer, stop).await,
                         Some(acceptor) => {
                             let handshake = tokio::time::timeout(
                                 shared.limits.header_read_timeout,
                                 acceptor.accept(stream),
                             );
                             match handshake.await {
-                                Ok(Ok(stream)) => connection(stream, peer, &shared, stop).await,
+                                Ok(Ok(stream)) => serve.serve(stream, peer, stop).await,
                                 Ok(Err(e)) => tracing::debug!(%peer, "TLS handshake failed: {e}"),
                                 Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
                             }
@@ -522,23 +739,7 @@ async fn connection<I>(
             activity.in_flight.fetch_add(1, Ordering::AcqRel);
             request.extensions_mut().insert(ClientAddr(peer));
             async move {
-                let slot =
-                    shared
-                        .clients
-                        .take(peer.ip(), true, shared.limits.max_requests_per_client);
-                let response = match slot {
-                    Some(_slot) => shared.app.clone().serve(request).await,
-                    None => crate::api::ApiError::new(
-                        429,
-                        "too_many_requests_from_client",
-                        format!(
-                            "this address has {} requests in flight, the most one address may",
-                            shared.limits.max_requests_per_client
-                        ),
-                    )
-                    .retry_after(Duration::from_secs(1))
-                    .into_response(),
-                };
+                let response = shared.answer(request, peer).await;
                 activity.touch();
                 activity.served.fetch_add(1, Ordering::AcqRel);
                 activity.in_flight.fetch_sub(1, Ordering::AcqRel);

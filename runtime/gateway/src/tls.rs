@@ -98,8 +98,12 @@ impl Reloading {
         }
     }
 
-    /// The server configuration that serves it (HTTP/1.1 over TLS 1.2 or 1.3).
-    pub fn server_config(self: &Arc<Self>) -> Result<Arc<rustls::ServerConfig>, Error> {
+    /// The server configuration that serves it over TLS 1.2 or 1.3, offering the
+    /// application protocols `alpn` (`http/1.1`, or `h2` for gRPC).
+    pub fn server_config(
+        self: &Arc<Self>,
+        alpn: &[&[u8]],
+    ) -> Result<Arc<rustls::ServerConfig>, Error> {
         let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),
         ))
@@ -107,7 +111,7 @@ impl Reloading {
         .map_err(|e| Error::Setting(format!("TLS: {e}")))?
         .with_no_client_auth()
         .with_cert_resolver(self.clone());
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
         Ok(Arc::new(config))
     }
 }
@@ -175,6 +179,6 @@ mod tests {
         std::thread::sleep(std::time::Duration::from_millis(20));
         std::fs::write(&cert, "-----BEGIN CERTIFICATE-----\n").unwrap();
         assert!(!reloading.refresh());
-        assert!(reloading.server_config().is_ok());
+        assert!(reloading.server_config(&[b"http/1.1"]).is_ok());
     }
 }

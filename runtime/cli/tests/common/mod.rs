@@ -72,6 +72,8 @@ pub struct Serve {
     pub url: String,
     /// Its address.
     pub addr: std::net::SocketAddr,
+    /// Its gRPC address, when started with `--grpc-listen`.
+    pub grpc: Option<std::net::SocketAddr>,
     /// Where its standard error goes.
     pub log: PathBuf,
     /// Its operator key (from `DATA_DIR/operator.key`; empty when there is none).
@@ -127,9 +129,18 @@ impl Serve {
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .unwrap();
-        let stdout = child.stdout.take().unwrap();
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
         let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line).unwrap();
+        stdout.read_line(&mut line).unwrap();
+        // The gRPC address comes first, when there is one.
+        let grpc = line
+            .trim()
+            .strip_prefix("wasp gRPC listening on ")
+            .map(|a| a.parse().unwrap());
+        if grpc.is_some() {
+            line.clear();
+            stdout.read_line(&mut line).unwrap();
+        }
         match line.trim().strip_prefix("wasp listening on ") {
             Some(url) => {
                 let url = url.to_owned();
@@ -151,6 +162,7 @@ impl Serve {
                     child,
                     url,
                     addr,
+                    grpc,
                     log,
                     key,
                 })
