@@ -244,6 +244,37 @@ impl TestClient {
         made.json()["key"].as_str().unwrap_or_default().to_owned()
     }
 
+    /// Every request record of endpoint `name`, once `count` are written (panics after
+    /// 10 s).
+    pub async fn records(&self, name: &str, count: usize) -> Vec<Value> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let listing = self.get(&format!("/api/v1/endpoints/{name}/records")).await;
+            assert_eq!(listing.status, 200, "{}", listing.text());
+            let mut all = Vec::new();
+            for file in listing.json()["files"].as_array().unwrap() {
+                let file = file["name"].as_str().unwrap();
+                let text = self
+                    .get(&format!("/api/v1/endpoints/{name}/records/{file}"))
+                    .await;
+                assert_eq!(text.status, 200);
+                assert_eq!(text.header("content-type"), Some("application/jsonl"));
+                for line in text.text().lines() {
+                    all.push(serde_json::from_str::<Value>(line).unwrap());
+                }
+            }
+            if all.len() >= count {
+                return all;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{} of {count}",
+                all.len()
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+
     /// POSTs `body` to an endpoint's invoke route, with `path` below it.
     pub async fn invoke(&self, name: &str, path: &str, body: impl Into<Bytes>) -> Reply {
         let name = percent_encoding::utf8_percent_encode(name, percent_encoding::NON_ALPHANUMERIC);

@@ -70,7 +70,86 @@ async fn the_triton_clients_find_a_conforming_server_over_http_and_grpc() {
     assert_eq!(report["errors"].as_object().unwrap().len(), 8, "{report:#}");
 
     grpc_has_the_http_apis_keys_and_tenancy(&t, grpc).await;
+    kserve_requests_are_recorded(&t, grpc).await;
     t.stop().await;
+}
+
+/// KServe requests are request records like any data route's: tensors as they came (a
+/// binary body in base64), text as the processor saw it, and gRPC calls as their HTTP form.
+async fn kserve_requests_are_recorded(t: &TestServer, grpc: std::net::SocketAddr) {
+    use wasp_grpc::proto::ModelInferRequest;
+    use wasp_grpc::proto::grpc_inference_service_client::GrpcInferenceServiceClient;
+    use wasp_grpc::proto::model_infer_request::InferInputTensor;
+
+    let c = &t.client;
+    let spec = format!(
+        "{}[records]\nmax_body_bytes = 65536\n",
+        minilm_spec("rec", "")
+    );
+    c.deploy_ok(TEXT_EMBEDDINGS, &spec).await;
+    let ids = serde_json::json!({"inputs": [{"name": "input_ids", "shape": [1, 3],
+        "datatype": "INT64", "data": [101, 7592, 102]}]});
+    let tensors = c.post_json("/v2/models/rec/infer", &ids).await;
+    assert_eq!(tensors.status, 200, "{}", tensors.text());
+    let text = serde_json::json!({"inputs": [{"name": "text", "shape": [1],
+        "datatype": "BYTES", "data": ["hello"]}]});
+    let embedded = c.post_json("/v2/models/rec/infer", &text).await;
+    assert_eq!(embedded.status, 200, "{}", embedded.text());
+    let empty = serde_json::json!({"inputs": [{"name": "text", "shape": [1],
+        "datatype": "BYTES", "data": [""]}]});
+    let refused = c.post_json("/v2/models/rec/infer", &empty).await;
+    assert_eq!(refused.status, 400, "{}", refused.text());
+    let mut client = GrpcInferenceServiceClient::connect(format!("http://{grpc}"))
+        .await
+        .unwrap();
+    let ids: Vec<u8> = [101i64, 7592, 102]
+        .iter()
+        .flat_map(|i| i.to_le_bytes())
+        .collect();
+    let message = ModelInferRequest {
+        model_name: "rec".into(),
+        inputs: vec![InferInputTensor {
+            name: "input_ids".into(),
+            datatype: "INT64".into(),
+            shape: vec![1, 3],
+            ..Default::default()
+        }],
+        raw_input_contents: vec![ids.into()],
+        ..Default::default()
+    };
+    let key = c.key().unwrap().to_owned();
+    client.model_infer(call(message, &key, None)).await.unwrap();
+
+    let records = c.records("rec", 4).await;
+    let statuses: Vec<u64> = records
+        .iter()
+        .map(|r| r["status"].as_u64().unwrap())
+        .collect();
+    assert_eq!(statuses, vec![200, 200, 400, 200], "{records:#?}");
+    for r in &records {
+        assert_eq!(r["path"], "/v2/models/rec/infer", "{r:#}");
+        assert!(
+            !r["headers"]
+                .to_string()
+                .to_lowercase()
+                .contains("authorization"),
+            "{r:#}"
+        );
+    }
+    assert!(records[0]["body"].as_str().unwrap().contains("input_ids"));
+    assert!(
+        records[1]["response_body"]
+            .as_str()
+            .unwrap()
+            .contains("embeddings")
+    );
+    // The gRPC call, as the binary form it was sent in.
+    assert!(records[3]["body_base64"].is_string(), "{:#}", records[3]);
+    assert!(
+        records[3]["response_body_base64"].is_string(),
+        "{:#}",
+        records[3]
+    );
 }
 
 /// A gRPC call with `key` (and a tenant to act in).

@@ -4,9 +4,9 @@
 
 use std::time::Duration;
 
-use serde_json::{Value, json};
+use serde_json::json;
+use wasp_tests::TestServer;
 use wasp_tests::guests::HOSTILE;
-use wasp_tests::{TestClient, TestServer};
 
 /// Two versions that answer `/config` differently; v1 takes the traffic.
 fn recorded(name: &str, records: &str) -> String {
@@ -17,36 +17,6 @@ fn recorded(name: &str, records: &str) -> String {
          [[versions]]\nname = \"v2\"\nweight = 0\n[versions.processor]\n\
          component = \"{{COMPONENT}}\"\nenv = {{ ANSWER = \"two\" }}\n"
     )
-}
-
-/// Every record of `name`, once `count` are written.
-async fn records_of(c: &TestClient, name: &str, count: usize) -> Vec<Value> {
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let listing = c.get(&format!("/api/v1/endpoints/{name}/records")).await;
-        assert_eq!(listing.status, 200, "{}", listing.text());
-        let mut all = Vec::new();
-        for file in listing.json()["files"].as_array().unwrap() {
-            let file = file["name"].as_str().unwrap();
-            let text = c
-                .get(&format!("/api/v1/endpoints/{name}/records/{file}"))
-                .await;
-            assert_eq!(text.status, 200);
-            assert_eq!(text.header("content-type"), Some("application/jsonl"));
-            for line in text.text().lines() {
-                all.push(serde_json::from_str::<Value>(line).unwrap());
-            }
-        }
-        if all.len() >= count {
-            return all;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{} of {count}",
-            all.len()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -91,7 +61,7 @@ async fn sampled_requests_are_recorded_without_credentials_and_pinned_versions_a
     assert_eq!(unknown.status, 404);
     assert_eq!(unknown.json()["error"]["code"], "version_not_found");
 
-    let all = records_of(c, "rec", 4).await;
+    let all = c.records("rec", 4).await;
     assert_eq!(all.len(), 4, "{all:#?}");
     let first = &all[0];
     assert_eq!(first["path"], "/config?x=1");
@@ -164,8 +134,8 @@ async fn sampled_requests_are_recorded_without_credentials_and_pinned_versions_a
         c.invoke("few", "/ok", "").await;
     }
     c.invoke("rec", "/ok", "").await;
-    records_of(c, "rec", 5).await;
-    let few = records_of(c, "few", 0).await;
+    c.records("rec", 5).await;
+    let few = c.records("few", 0).await;
     assert!(few.len() < 20, "{}", few.len());
 
     // Removing the endpoint removes its records.

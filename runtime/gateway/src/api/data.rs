@@ -167,7 +167,7 @@ fn would_wait(version: &DeployedVersion) -> bool {
 }
 
 /// Headers a processor may see.
-fn visible_headers(headers: &HeaderMap) -> Vec<(String, String)> {
+pub(crate) fn visible_headers(headers: &HeaderMap) -> Vec<(String, String)> {
     headers
         .iter()
         .filter(|(k, _)| !HIDDEN_HEADERS.contains(&k.as_str()))
@@ -785,7 +785,7 @@ async fn forward(
 }
 
 /// What a sampled request is recorded with: its endpoint's records settings and its id.
-type Recording = Option<(wasp_core::RecordsSpec, Option<HeaderValue>)>;
+pub(crate) type Recording = Option<(wasp_core::RecordsSpec, Option<HeaderValue>)>;
 
 /// Whether this request of `deployment` is recorded, and how.
 fn recording(deployment: &crate::Deployment, extensions: &axum::http::Extensions) -> Recording {
@@ -796,8 +796,64 @@ fn recording(deployment: &crate::Deployment, extensions: &axum::http::Extensions
     ))
 }
 
+/// A sampled request's record, before its answer.
+pub(crate) fn start_record(
+    version: &DeployedVersion,
+    request: &Request,
+    spec: &wasp_core::RecordsSpec,
+    id: Option<&HeaderValue>,
+) -> crate::records::RequestRecord {
+    let (body, body_base64, body_truncated) =
+        crate::records::body(&request.body, spec.max_body_bytes);
+    crate::records::RequestRecord {
+        at_ms: crate::workers::now_ms(),
+        request_id: id
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+            .unwrap_or_default(),
+        version: version.name.clone(),
+        method: request.method.clone(),
+        path: request.path.clone(),
+        headers: crate::records::headers(&request.headers),
+        body,
+        body_base64,
+        body_truncated,
+        status: 0,
+        response_headers: Vec::new(),
+        response_body: None,
+        response_body_base64: None,
+        response_body_truncated: false,
+        latency_ms: 0.0,
+    }
+}
+
+/// Completes a record with its answer (`truncated` when more of the body came later)
+/// and keeps it.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn keep_record(
+    gateway: &Gateway,
+    name: &str,
+    spec: wasp_core::RecordsSpec,
+    mut record: crate::records::RequestRecord,
+    status: u16,
+    headers: &[(String, String)],
+    body: &[u8],
+    truncated: bool,
+    started: Instant,
+) {
+    record.status = status;
+    record.response_headers = crate::records::headers(headers);
+    (
+        record.response_body,
+        record.response_body_base64,
+        record.response_body_truncated,
+    ) = crate::records::body(body, spec.max_body_bytes);
+    record.response_body_truncated |= truncated;
+    record.latency_ms = started.elapsed().as_secs_f64() * 1e3;
+    gateway.recorder.record(name, spec, &record);
+}
+
 /// Runs a request and records its metrics (and, when sampled, the request and its answer).
-async fn serve(
+pub(crate) async fn serve(
     gateway: &Gateway,
     name: &str,
     version: &Arc<DeployedVersion>,
@@ -806,28 +862,7 @@ async fn serve(
     recording: Recording,
 ) -> Response {
     let kept = recording.map(|(spec, id)| {
-        let (body, body_base64, body_truncated) =
-            crate::records::body(&request.body, spec.max_body_bytes);
-        let record = crate::records::RequestRecord {
-            at_ms: crate::workers::now_ms(),
-            request_id: id
-                .as_ref()
-                .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
-                .unwrap_or_default(),
-            version: version.name.clone(),
-            method: request.method.clone(),
-            path: request.path.clone(),
-            headers: crate::records::headers(&request.headers),
-            body,
-            body_base64,
-            body_truncated,
-            status: 0,
-            response_headers: Vec::new(),
-            response_body: None,
-            response_body_base64: None,
-            response_body_truncated: false,
-            latency_ms: 0.0,
-        };
+        let record = start_record(version, &request, &spec, id.as_ref());
         (spec, record)
     });
     let response = match run_streamed(version, request).await {
@@ -835,18 +870,19 @@ async fn serve(
             head: response,
             rest,
         }) => {
-            if let Some((spec, mut record)) = kept {
-                record.status = response.status;
-                record.response_headers = crate::records::headers(&response.headers);
-                (
-                    record.response_body,
-                    record.response_body_base64,
-                    record.response_body_truncated,
-                ) = crate::records::body(&response.body, spec.max_body_bytes);
+            if let Some((spec, record)) = kept {
                 // A streamed body is recorded up to its first chunk.
-                record.response_body_truncated |= rest.is_some();
-                record.latency_ms = started.elapsed().as_secs_f64() * 1e3;
-                gateway.recorder.record(name, spec, &record);
+                keep_record(
+                    gateway,
+                    name,
+                    spec,
+                    record,
+                    response.status,
+                    &response.headers,
+                    &response.body,
+                    rest.is_some(),
+                    started,
+                );
             }
             processor_response(response, rest, version)
         }
@@ -861,19 +897,22 @@ async fn serve(
                     kind: error.code.into(),
                 })
                 .inc();
-            if let Some((spec, mut record)) = kept {
-                record.status = error.status;
+            if let Some((spec, record)) = kept {
                 let body = serde_json::json!({
                     "error": { "code": error.code, "message": error.message, "field": error.field }
                 })
                 .to_string();
-                (
-                    record.response_body,
-                    record.response_body_base64,
-                    record.response_body_truncated,
-                ) = crate::records::body(body.as_bytes(), spec.max_body_bytes);
-                record.latency_ms = started.elapsed().as_secs_f64() * 1e3;
-                gateway.recorder.record(name, spec, &record);
+                keep_record(
+                    gateway,
+                    name,
+                    spec,
+                    record,
+                    error.status,
+                    &[],
+                    body.as_bytes(),
+                    false,
+                    started,
+                );
             }
             let mut response = error.into_response();
             if let Ok(v) = HeaderValue::from_str(&version.name) {

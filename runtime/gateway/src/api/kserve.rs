@@ -20,7 +20,10 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
-use super::data::{admit, read_version_body, record, resolve_with, run};
+use super::data::{
+    Recording, admit, keep_record, read_version_body, record, resolve_with, serve, start_record,
+    visible_headers,
+};
 use super::error::json;
 use super::{ApiError, AppState, Name};
 use crate::Error;
@@ -356,22 +359,29 @@ pub(crate) async fn infer(
     super::Who(caller): super::Who,
     Name(name): Name,
     params: RawPathParams,
+    id: Option<axum::Extension<super::RequestId>>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
     let mut pin = HeaderMap::new();
-    if let Some(v) = version_param(&params) {
+    let named = version_param(&params);
+    if let Some(v) = &named {
         // Named by the route: a missing one is said so (not as a header at fault).
         if let Some(d) = gateway.endpoint(&name) {
-            named_version(&d, &name, &v)?;
+            named_version(&d, &name, v)?;
         }
-        let value = HeaderValue::from_str(&v)
+        let value = HeaderValue::from_str(v)
             .map_err(|_| ApiError::new(404, "version_not_found", "no such version"))?;
         pin.insert("x-wasp-version", value);
     }
     let (deployment, version) = resolve_with(&gateway, &name, &pin)?;
     let admitted = admit(&gateway, Some(&caller), &deployment)?;
+    let recording: Recording = deployment
+        .spec
+        .records
+        .filter(crate::records::sampled)
+        .map(|spec| (spec, id.map(|i| i.0.0)));
     drop(deployment);
     let body = read_version_body(body, version.limits.max_body_bytes).await?;
     let header_length = match headers.get(HEADER_LENGTH) {
@@ -391,8 +401,33 @@ pub(crate) async fn infer(
     };
     let mut parsed = crate::kserve::parse(&body, header_length).map_err(bad)?;
     let local = crate::tenants::local_name(&name).to_owned();
-    let answered = if parsed.has_text() {
-        through_processor(&version, &local, &parsed).await
+    let text = parsed.has_text();
+    // Tensors are recorded here as they came; text is recorded by the processor's run, as
+    // the processor saw it.
+    let kept = match (&recording, text) {
+        (Some((spec, id)), false) => {
+            let path = match &named {
+                Some(v) => format!("/v2/models/{local}/versions/{v}/infer"),
+                None => format!("/v2/models/{local}/infer"),
+            };
+            let request = wasp_wasm::Request {
+                method: "POST".into(),
+                path,
+                headers: visible_headers(&headers),
+                body: body.to_vec(),
+            };
+            Some((*spec, start_record(&version, &request, spec, id.as_ref())))
+        }
+        _ => None,
+    };
+    let answered = if text {
+        let served = Served {
+            gateway: &gateway,
+            name: &name,
+            started,
+            recording,
+        };
+        through_processor(&version, &local, &parsed, served).await
     } else {
         to_backend(&version, &name, &mut parsed).await
     };
@@ -406,13 +441,52 @@ pub(crate) async fn infer(
                 outputs,
                 &parsed.outputs,
             ) {
-                Ok(encoded) => encoded_response(encoded),
+                Ok(encoded) => {
+                    if let Some((spec, record)) = kept {
+                        let content_type = match encoded.header_length {
+                            Some(_) => "application/octet-stream",
+                            None => "application/json",
+                        };
+                        let headers = [("content-type".to_owned(), content_type.to_owned())];
+                        keep_record(
+                            &gateway,
+                            &name,
+                            spec,
+                            record,
+                            200,
+                            &headers,
+                            &encoded.body,
+                            false,
+                            started,
+                        );
+                    }
+                    encoded_response(encoded)
+                }
                 Err(e) => bad(e).into_response(),
             }
         }
-        Err(e) => e.into_response(),
+        Err(e) => {
+            if let Some((spec, record)) = kept {
+                let body = serde_json::json!({ "error": e.message }).to_string();
+                keep_record(
+                    &gateway,
+                    &name,
+                    spec,
+                    record,
+                    e.status,
+                    &[],
+                    body.as_bytes(),
+                    false,
+                    started,
+                );
+            }
+            e.into_response()
+        }
     };
-    record(&gateway, &name, &version, &response, started);
+    // The processor's run counted a text request already.
+    if !text {
+        record(&gateway, &name, &version, &response, started);
+    }
     if let Ok(v) = HeaderValue::from_str(&version.name) {
         response.headers_mut().insert("x-wasp-version", v);
     }
@@ -443,10 +517,11 @@ pub(crate) async fn version_infer(
     who: super::Who,
     name: Name,
     params: RawPathParams,
+    id: Option<axum::Extension<super::RequestId>>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    infer(state, who, name, params, headers, body).await
+    infer(state, who, name, params, id, headers, body).await
 }
 
 type Outputs = (Vec<crate::kserve::Data>, Option<serde_json::Value>);
@@ -498,11 +573,21 @@ fn tensor_field(field: &str, names: &[String]) -> String {
         .map_or_else(|| field.to_owned(), |i| format!("inputs[{i}]"))
 }
 
-/// Text through the processor: KServe JSON in, KServe JSON out.
+/// What a processor's run needs to count and record the request as the data routes do.
+struct Served<'a> {
+    gateway: &'a crate::Gateway,
+    name: &'a str,
+    started: Instant,
+    recording: Recording,
+}
+
+/// Text through the processor: KServe JSON in, KServe JSON out. The run is counted and
+/// recorded (when sampled) as any data route's, failures included.
 async fn through_processor(
     version: &Arc<DeployedVersion>,
     local: &str,
     parsed: &crate::kserve::Request,
+    served: Served<'_>,
 ) -> Result<Outputs, ApiError> {
     if version.processor.is_none() {
         return Err(ApiError::new(
@@ -523,9 +608,21 @@ async fn through_processor(
         headers: vec![("content-type".into(), "application/json".into())],
         body,
     };
-    let answer = run(version, request).await.map_err(|f| f.into_api())?;
-    if answer.status >= 400 {
-        let text = String::from_utf8_lossy(&answer.body);
+    let response = serve(
+        served.gateway,
+        served.name,
+        version,
+        request,
+        served.started,
+        served.recording,
+    )
+    .await;
+    let status = response.status().as_u16();
+    let body = axum::body::to_bytes(response.into_body(), usize::MAX)
+        .await
+        .map_err(|e| ApiError::new(502, "invalid_processor_response", e.to_string()))?;
+    if status >= 400 {
+        let text = String::from_utf8_lossy(&body);
         let message = serde_json::from_str::<serde_json::Value>(&text)
             .ok()
             .and_then(|v| {
@@ -537,9 +634,9 @@ async fn through_processor(
                 })
             })
             .unwrap_or_else(|| text.into_owned());
-        return Err(ApiError::new(answer.status, "processor_error", message));
+        return Err(ApiError::new(status, "processor_error", message));
     }
-    crate::kserve::processor_outputs(&answer.body).map_err(|e| {
+    crate::kserve::processor_outputs(&body).map_err(|e| {
         ApiError::new(
             502,
             "invalid_processor_response",
