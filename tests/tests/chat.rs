@@ -511,3 +511,146 @@ print(json.dumps({"streamed": "".join(parts), "usage": usage, "finish": finish,
     assert_eq!(result["dims"], json!([384, 384]));
     assert_eq!(result["error_param"], "temperature");
 }
+
+/// KServe v2 inference on a generation backend, with the generation settings as the
+/// request's `parameters`: streamed as server-sent events over HTTP (`Accept:
+/// text/event-stream`), one per chunk with the final one marked, as responses of one
+/// `ModelStreamInfer` request over gRPC, and in one answer when not streamed, all with the
+/// same greedy tokens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kserve_streams_a_generation_backends_tokens_as_events_and_over_grpc() {
+    use wasp_grpc::proto::ModelInferRequest;
+    use wasp_grpc::proto::grpc_inference_service_client::GrpcInferenceServiceClient;
+    use wasp_grpc::proto::infer_parameter::ParameterChoice;
+    use wasp_grpc::proto::model_infer_request::InferInputTensor;
+    use wasp_grpc::proto::{InferParameter, InferTensorContents};
+
+    let mut t = TestServer::start().await;
+    t.client.deploy_ok(CHAT, &chat_spec("smol", 2)).await;
+    let grpc = t
+        .server
+        .serve_h2(
+            "127.0.0.1:0".parse().unwrap(),
+            wasp_grpc::service(t.server.api()),
+        )
+        .await
+        .unwrap();
+    let c = &t.client;
+    let prompt = [1i64, 4093, 198, 19556, 2, 198, 1, 520, 9531, 198];
+    let request = |stream: bool| {
+        json!({
+            "id": "k1",
+            "inputs": [{"name": "input_ids", "shape": [prompt.len()], "datatype": "INT64",
+                        "data": prompt}],
+            "parameters": {"stream": stream, "max_tokens": 6, "temperature": 0,
+                           "ignore_eos": true},
+        })
+        .to_string()
+    };
+    let headers = [
+        ("content-type", "application/json"),
+        ("accept", "text/event-stream"),
+    ];
+    let reply = c
+        .request_with("POST", "/v2/models/smol/infer", &headers, request(true))
+        .await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(reply.header("content-type"), Some("text/event-stream"));
+    let chunks: Vec<Value> = events(&reply.text())
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    assert!(chunks.len() >= 2, "{chunks:#?}");
+    let mut tokens = Vec::new();
+    for (i, chunk) in chunks.iter().enumerate() {
+        assert_eq!(chunk["id"], "k1");
+        assert_eq!(chunk["outputs"][0]["name"], "token_ids");
+        let last = i == chunks.len() - 1;
+        assert_eq!(
+            chunk["parameters"]["triton_final_response"], last,
+            "{chunk:#}"
+        );
+        for id in chunk["outputs"][0]["data"].as_array().unwrap() {
+            tokens.push(id.as_i64().unwrap());
+        }
+    }
+    assert_eq!(tokens.len(), 6, "{chunks:#?}");
+    assert_eq!(
+        chunks.last().unwrap()["parameters"]["finish_reason"],
+        "length"
+    );
+
+    // Not streamed: one answer with the same tokens.
+    let whole = c
+        .request_with(
+            "POST",
+            "/v2/models/smol/infer",
+            &[("content-type", "application/json")],
+            request(false),
+        )
+        .await;
+    assert_eq!(whole.status, 200, "{}", whole.text());
+    let data: Vec<i64> = whole.json()["outputs"][0]["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_i64().unwrap())
+        .collect();
+    assert_eq!(data, tokens);
+
+    // gRPC: one request on a stream, a response per chunk.
+    let parameter = |choice| InferParameter {
+        parameter_choice: Some(choice),
+    };
+    let message = ModelInferRequest {
+        model_name: "smol".into(),
+        id: "g1".into(),
+        inputs: vec![InferInputTensor {
+            name: "input_ids".into(),
+            datatype: "INT64".into(),
+            shape: vec![prompt.len() as i64],
+            contents: Some(InferTensorContents {
+                int64_contents: prompt.to_vec(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }],
+        parameters: [
+            ("stream", parameter(ParameterChoice::BoolParam(true))),
+            ("max_tokens", parameter(ParameterChoice::Int64Param(6))),
+            ("temperature", parameter(ParameterChoice::Int64Param(0))),
+            ("ignore_eos", parameter(ParameterChoice::BoolParam(true))),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect(),
+        ..Default::default()
+    };
+    let mut client = GrpcInferenceServiceClient::connect(format!("http://{grpc}"))
+        .await
+        .unwrap();
+    let mut call = tonic::Request::new(tokio_stream::iter(vec![message]));
+    let key = c.key().unwrap().to_owned();
+    call.metadata_mut()
+        .insert("authorization", format!("Bearer {key}").parse().unwrap());
+    let mut answers = client.model_stream_infer(call).await.unwrap().into_inner();
+    let mut streamed = Vec::new();
+    let mut finals = Vec::new();
+    while let Some(answer) = answers.message().await.unwrap() {
+        assert!(answer.error_message.is_empty(), "{answer:?}");
+        let response = answer.infer_response.unwrap();
+        assert_eq!(response.id, "g1");
+        for bytes in response.raw_output_contents[0].chunks(8) {
+            streamed.push(i64::from_le_bytes(bytes.try_into().unwrap()));
+        }
+        finals.push(
+            response.parameters["triton_final_response"].parameter_choice
+                == Some(ParameterChoice::BoolParam(true)),
+        );
+    }
+    assert_eq!(streamed, tokens);
+    assert!(finals.len() >= 2, "{finals:?}");
+    assert_eq!(finals.iter().filter(|f| **f).count(), 1);
+    assert_eq!(finals.last(), Some(&true));
+    t.stop().await;
+}

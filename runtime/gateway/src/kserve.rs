@@ -167,6 +167,20 @@ pub struct OutputChoice {
     binary: bool,
 }
 
+impl OutputChoice {
+    /// The same outputs, every one in JSON (for a server-sent event stream).
+    pub(crate) fn as_json(&self) -> Self {
+        Self {
+            wanted: self.wanted.as_ref().map(|w| {
+                w.iter()
+                    .map(|(name, _)| (name.clone(), Some(false)))
+                    .collect()
+            }),
+            binary: false,
+        }
+    }
+}
+
 /// A parsed inference request.
 pub struct Request {
     /// The request id, echoed in the response.

@@ -175,8 +175,12 @@ fn model_path(name: &str, version: &str) -> Result<String, Status> {
     Ok(path)
 }
 
+/// Headers added to a request.
+type Headers = Vec<(HeaderName, HeaderValue)>;
+
 impl Inference {
-    /// Sends one request through the API as the HTTP route `path` would get it.
+    /// Sends one request through the API as the HTTP route `path` would get it, and
+    /// reads the whole answer.
     async fn send(
         &self,
         caller: &Caller,
@@ -185,6 +189,20 @@ impl Inference {
         extra: &[(HeaderName, HeaderValue)],
         body: Bytes,
     ) -> Result<Answer, Status> {
+        let response = self.open(caller, method, path, extra, body).await?;
+        collect(response).await
+    }
+
+    /// Sends one request through the API as the HTTP route `path` would get it; the
+    /// answer's body is read as it comes.
+    async fn open(
+        &self,
+        caller: &Caller,
+        method: Method,
+        path: &str,
+        extra: &[(HeaderName, HeaderValue)],
+        body: Bytes,
+    ) -> Result<axum::response::Response, Status> {
         let mut uri = String::new();
         if let Some(tenant) = caller.metadata.get("x-wasp-tenant") {
             let tenant = tenant
@@ -227,16 +245,7 @@ impl Inference {
         if let Some(client) = caller.client {
             request.extensions_mut().insert(client);
         }
-        let response = self.api.call(request).await;
-        let (parts, body) = response.into_parts();
-        let body = axum::body::to_bytes(body, usize::MAX)
-            .await
-            .map_err(|e| Status::internal(format!("reading the answer: {e}")))?;
-        Ok(Answer {
-            status: parts.status,
-            headers: parts.headers,
-            body,
-        })
+        Ok(self.api.call(request).await)
     }
 
     async fn get(&self, caller: &Caller, path: &str) -> Result<Answer, Status> {
@@ -244,18 +253,17 @@ impl Inference {
             .await
     }
 
-    /// One inference through the API's KServe route, with the binary tensor extension.
-    async fn infer(
-        &self,
-        caller: &Caller,
+    /// An inference request as the API's KServe route takes it: its path, headers and body
+    /// (with the binary tensor extension).
+    fn infer_request(
         request: ModelInferRequest,
-    ) -> Result<(ModelInferResponse, MetadataMap), Status> {
+    ) -> Result<(String, Headers, Bytes), Status> {
         let path = format!(
             "{}/infer",
             model_path(&request.model_name, &request.model_version)?
         );
         let encoded = convert::to_http(request).map_err(|e| Status::invalid_argument(e.0))?;
-        let extra = [
+        let extra = vec![
             (
                 HeaderName::from_static("content-type"),
                 HeaderValue::from_static("application/octet-stream"),
@@ -265,27 +273,129 @@ impl Inference {
                 HeaderValue::from(encoded.header_length),
             ),
         ];
-        let answer = self
-            .send(caller, Method::POST, &path, &extra, encoded.body)
-            .await?;
-        if answer.status != StatusCode::OK {
-            return Err(answer.error());
-        }
-        let header_length = match answer.headers.get("inference-header-content-length") {
-            Some(v) => Some(
-                v.to_str()
-                    .ok()
-                    .and_then(|s| s.parse::<usize>().ok())
-                    .ok_or_else(|| {
-                        Status::internal("the answer's header length is not a number")
-                    })?,
-            ),
-            None => None,
-        };
-        let response = convert::from_http(&answer.body, header_length)
-            .map_err(|e| Status::internal(format!("reading the answer: {}", e.0)))?;
-        Ok((response, answer.metadata()))
+        Ok((path, extra, encoded.body))
     }
+
+    /// One inference through the API's KServe route.
+    async fn infer(
+        &self,
+        caller: &Caller,
+        request: ModelInferRequest,
+    ) -> Result<(ModelInferResponse, MetadataMap), Status> {
+        let (path, extra, body) = Self::infer_request(request)?;
+        let answer = self.send(caller, Method::POST, &path, &extra, body).await?;
+        answered(answer)
+    }
+
+    /// One inference of a stream: each output chunk of the model (a generation backend's
+    /// tokens, when asked to stream) is sent as its own response, as Triton's decoupled
+    /// models answer; an error is sent as the request's `error_message`.
+    async fn infer_chunks(
+        &self,
+        caller: &Caller,
+        request: ModelInferRequest,
+        tx: &mpsc::Sender<Result<ModelStreamInferResponse, Status>>,
+    ) {
+        let named = ModelInferResponse {
+            model_name: request.model_name.clone(),
+            model_version: request.model_version.clone(),
+            id: request.id.clone(),
+            ..ModelInferResponse::default()
+        };
+        let failed = |status: Status| ModelStreamInferResponse {
+            error_message: status.message().to_owned(),
+            infer_response: Some(named.clone()),
+        };
+        let sent = async {
+            let (path, mut extra, body) = Self::infer_request(request)?;
+            extra.push((
+                HeaderName::from_static("accept"),
+                HeaderValue::from_static("text/event-stream"),
+            ));
+            let response = self.open(caller, Method::POST, &path, &extra, body).await?;
+            let events = response
+                .headers()
+                .get("content-type")
+                .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+            if !events {
+                // One answer (text through a processor, or an error).
+                let (answer, _) = answered(collect(response).await?)?;
+                let _ = tx
+                    .send(Ok(ModelStreamInferResponse {
+                        error_message: String::new(),
+                        infer_response: Some(answer),
+                    }))
+                    .await;
+                return Ok(());
+            }
+            let mut body = response.into_body().into_data_stream();
+            let mut pending = Vec::new();
+            while let Some(frame) = tokio_stream::StreamExt::next(&mut body).await {
+                let frame =
+                    frame.map_err(|e| Status::internal(format!("reading the answer: {e}")))?;
+                pending.extend_from_slice(&frame);
+                while let Some(end) = pending.windows(2).position(|w| w == b"\n\n") {
+                    let event: Vec<u8> = pending.drain(..end + 2).collect();
+                    let Some(data) = event.strip_prefix(b"data: ") else {
+                        continue;
+                    };
+                    let data = Bytes::copy_from_slice(data.trim_ascii_end());
+                    let message = match serde_json::from_slice::<serde_json::Value>(&data) {
+                        Ok(v) if v["error"].is_string() => failed(Status::internal(
+                            v["error"].as_str().unwrap_or_default().to_owned(),
+                        )),
+                        _ => match convert::from_http(&data, None) {
+                            Ok(answer) => ModelStreamInferResponse {
+                                error_message: String::new(),
+                                infer_response: Some(answer),
+                            },
+                            Err(e) => failed(Status::internal(e.0)),
+                        },
+                    };
+                    if tx.send(Ok(message)).await.is_err() {
+                        // The client went away: dropping the body stops the model.
+                        return Ok(());
+                    }
+                }
+            }
+            Ok::<(), Status>(())
+        };
+        if let Err(status) = sent.await {
+            let _ = tx.send(Ok(failed(status))).await;
+        }
+    }
+}
+
+/// Reads a whole answer.
+async fn collect(response: axum::response::Response) -> Result<Answer, Status> {
+    let (parts, body) = response.into_parts();
+    let body = axum::body::to_bytes(body, usize::MAX)
+        .await
+        .map_err(|e| Status::internal(format!("reading the answer: {e}")))?;
+    Ok(Answer {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+    })
+}
+
+/// An inference answer as the gRPC response, or its error.
+fn answered(answer: Answer) -> Result<(ModelInferResponse, MetadataMap), Status> {
+    if answer.status != StatusCode::OK {
+        return Err(answer.error());
+    }
+    let header_length = match answer.headers.get("inference-header-content-length") {
+        Some(v) => Some(
+            v.to_str()
+                .ok()
+                .and_then(|s| s.parse::<usize>().ok())
+                .ok_or_else(|| Status::internal("the answer's header length is not a number"))?,
+        ),
+        None => None,
+    };
+    let response = convert::from_http(&answer.body, header_length)
+        .map_err(|e| Status::internal(format!("reading the answer: {}", e.0)))?;
+    Ok((response, answer.metadata()))
 }
 
 fn with_metadata<T>(message: T, metadata: MetadataMap) -> Response<T> {
@@ -408,24 +518,8 @@ impl GrpcInferenceService for Inference {
                 };
                 let (this, caller, tx) = (this.clone(), caller.clone(), tx.clone());
                 tokio::spawn(async move {
-                    let named = ModelInferResponse {
-                        model_name: asked.model_name.clone(),
-                        model_version: asked.model_version.clone(),
-                        id: asked.id.clone(),
-                        ..ModelInferResponse::default()
-                    };
-                    let answer = match this.infer(&caller, asked).await {
-                        Ok((response, _)) => ModelStreamInferResponse {
-                            error_message: String::new(),
-                            infer_response: Some(response),
-                        },
-                        // An error answers its request; the stream goes on.
-                        Err(status) => ModelStreamInferResponse {
-                            error_message: status.message().to_owned(),
-                            infer_response: Some(named),
-                        },
-                    };
-                    let _ = tx.send(Ok(answer)).await;
+                    // An error answers its request; the stream goes on.
+                    this.infer_chunks(&caller, asked, &tx).await;
                     drop(slot);
                 });
             }

@@ -609,10 +609,10 @@ pub(crate) async fn run(
 
 /// Counts a request in the version's meter until dropped (owned, so that a stream can
 /// carry it).
-struct Counted(Arc<DeployedVersion>);
+pub(crate) struct Counted(Arc<DeployedVersion>);
 
 impl Counted {
-    fn enter(version: &Arc<DeployedVersion>) -> Self {
+    pub(crate) fn enter(version: &Arc<DeployedVersion>) -> Self {
         let meter = &version.workers.meter;
         meter.begin_at(meter.elapsed());
         Self(version.clone())
@@ -627,7 +627,11 @@ impl Drop for Counted {
 }
 
 /// Records a finished model call: the tenant's usage, and generation figures.
-fn model_done(version: &DeployedVersion, started: Instant, last: &wasp_core::ModelOutput) {
+pub(crate) fn model_done(
+    version: &DeployedVersion,
+    started: Instant,
+    last: &wasp_core::ModelOutput,
+) {
     version.usage.model_call(started.elapsed(), Some(last));
     version.metrics.observe_generation(last.metadata.as_deref());
 }

@@ -338,7 +338,9 @@ pub(crate) async fn version_metadata(
 /// `Inference-Header-Content-Length` bytes. Numeric inputs go to the model backend; text
 /// (`BYTES`) goes through the endpoint's processor. Requested `outputs` are honoured, each
 /// in JSON or binary as asked (`binary_data`, `binary_data_output`); `id` is echoed and
-/// `parameters` passed on.
+/// `parameters` passed on. With `Accept: text/event-stream`, numeric inputs are answered
+/// as server-sent events, one per output chunk of the model (a generation backend's tokens
+/// when its `parameters` ask it to stream).
 #[utoipa::path(post, path = "/v2/models/{name}/infer", tag = "kserve",
     params(("name" = String, Path, description = "Endpoint name")),
     request_body(content(
@@ -346,7 +348,7 @@ pub(crate) async fn version_metadata(
         (Vec<u8> = "application/octet-stream"),
     )),
     responses(
-        (status = 200, description = "The outputs (JSON, or a JSON header and binary data with `Inference-Header-Content-Length`)", body = InferResponse),
+        (status = 200, description = "The outputs (JSON, or a JSON header and binary data with `Inference-Header-Content-Length`); with `Accept: text/event-stream`, tensors to a model backend are answered as server-sent events, one KServe JSON response per output chunk (`parameters.triton_final_response` true on the last)", body = InferResponse),
         (status = 400, description = "Not a valid request (the message names the field)", body = ProtocolError),
         (status = 404, description = "No such model or version", body = ProtocolError),
         (status = 413, description = "Over the version's `limits.max_body_bytes`", body = ProtocolError),
@@ -402,6 +404,11 @@ pub(crate) async fn infer(
     let mut parsed = crate::kserve::parse(&body, header_length).map_err(bad)?;
     let local = crate::tenants::local_name(&name).to_owned();
     let text = parsed.has_text();
+    let as_events = !text
+        && headers
+            .get(axum::http::header::ACCEPT)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|a| a.contains("text/event-stream"));
     // Tensors are recorded here as they came; text is recorded by the processor's run, as
     // the processor saw it.
     let kept = match (&recording, text) {
@@ -420,6 +427,25 @@ pub(crate) async fn infer(
         }
         _ => None,
     };
+    if as_events {
+        let mut response = match events(&version, &name, &local, parsed).await {
+            Ok(response) => response,
+            Err(e) => e.into_response(),
+        };
+        if let Some((spec, record)) = kept {
+            let headers = [("content-type".to_owned(), "text/event-stream".to_owned())];
+            let status = response.status().as_u16();
+            keep_record(
+                &gateway, &name, spec, record, status, &headers, b"", true, started,
+            );
+        }
+        record(&gateway, &name, &version, &response, started);
+        if let Ok(v) = HeaderValue::from_str(&version.name) {
+            response.headers_mut().insert("x-wasp-version", v);
+        }
+        admitted.stamp(response.headers_mut());
+        return Ok(response);
+    }
     let answered = if text {
         let served = Served {
             gateway: &gateway,
@@ -526,34 +552,172 @@ pub(crate) async fn version_infer(
 
 type Outputs = (Vec<crate::kserve::Data>, Option<serde_json::Value>);
 
+/// 422 unless the version has a model backend to take tensors.
+fn needs_model(version: &DeployedVersion, name: &str) -> Result<(), ApiError> {
+    if version.workers.has_model() {
+        return Ok(());
+    }
+    Err(ApiError::new(
+        422,
+        "no_model_backend",
+        format!(
+            "model `{}` has no model backend (backend `none`): send text (BYTES) for its \
+             processor, or use its invoke route",
+            crate::tenants::local_name(name)
+        ),
+    ))
+}
+
+/// A backend error, its field named as the request's own tensor.
+fn backend_error(e: &wasp_backend::BackendError, names: &[String]) -> ApiError {
+    let mut error = ApiError::backend(e);
+    error.field = error.field.map(|f| tensor_field(&f, names));
+    error
+}
+
+/// Numeric tensors to the model backend, each output chunk answered as a server-sent event
+/// as it comes (a generation backend's tokens, when its `parameters` ask it to stream; one
+/// event from any other backend): `data: <KServe JSON response>`, every output in JSON,
+/// with the chunk's metadata in `parameters` and `triton_final_response` true on the last.
+/// A failure after the first event is an event `data: {"error": "..."}`, and the end.
+async fn events(
+    version: &Arc<DeployedVersion>,
+    name: &str,
+    local: &str,
+    mut parsed: crate::kserve::Request,
+) -> Result<Response, ApiError> {
+    needs_model(version, name)?;
+    let counted = super::data::Counted::enter(version);
+    version.usage.requests.fetch_add(1, Ordering::Relaxed);
+    let names: Vec<String> = parsed.inputs.iter().map(|d| d.name().to_owned()).collect();
+    let started = Instant::now();
+    let (mut stream, in_flight) = version
+        .infer_stream(parsed.take_model_input())
+        .await
+        .map_err(|e| backend_error(&e, &names))?;
+    let ended = || {
+        ApiError::new(
+            503,
+            "backend_unavailable",
+            "the model's output ended before its last chunk",
+        )
+    };
+    let first = stream
+        .recv()
+        .await
+        .ok_or_else(ended)?
+        .map_err(|e| backend_error(&e, &names))?;
+    let choice = parsed.outputs.as_json();
+    let event = {
+        let (local, version_name, id) = (local.to_owned(), version.name.clone(), parsed.id);
+        move |chunk: &wasp_core::ModelOutput| -> Result<String, crate::kserve::Invalid> {
+            let mut parameters = chunk
+                .metadata
+                .as_deref()
+                .and_then(|m| serde_json::from_str::<serde_json::Value>(m).ok())
+                .filter(serde_json::Value::is_object)
+                .unwrap_or_else(|| serde_json::json!({}));
+            parameters["triton_final_response"] = serde_json::Value::Bool(chunk.last);
+            let encoded = crate::kserve::encode(
+                &local,
+                &version_name,
+                id.as_deref(),
+                Some(parameters),
+                crate::kserve::model_outputs(chunk),
+                &choice,
+            )?;
+            Ok(format!(
+                "data: {}\n\n",
+                String::from_utf8_lossy(&encoded.body)
+            ))
+        }
+    };
+    // The first chunk answers for the request: an output asked for that the model does
+    // not give is a 400, not an event.
+    let head = event(&first)
+        .map_err(|e| ApiError::new(400, "invalid_request", e.message).with_field(e.field))?;
+    if first.last {
+        super::data::model_done(version, started, &first);
+    }
+    struct State<E> {
+        version: Arc<DeployedVersion>,
+        stream: wasp_backend::OutputStream,
+        event: E,
+        started: Instant,
+        done: bool,
+        _in_flight: crate::workers::InFlight,
+        _counted: super::data::Counted,
+    }
+    let state = State {
+        version: version.clone(),
+        stream,
+        event,
+        started,
+        done: first.last,
+        _in_flight: in_flight,
+        _counted: counted,
+    };
+    let rest = futures_util::stream::unfold(state, |mut s| async move {
+        if s.done {
+            return None;
+        }
+        let text = match s.stream.recv().await {
+            Some(Ok(chunk)) => {
+                if chunk.last {
+                    s.done = true;
+                    super::data::model_done(&s.version, s.started, &chunk);
+                }
+                (s.event)(&chunk).unwrap_or_else(|e| error_event(&e.message))
+            }
+            Some(Err(e)) => {
+                s.done = true;
+                error_event(&e.to_string())
+            }
+            None => {
+                s.done = true;
+                error_event("the model's output ended before its last chunk")
+            }
+        };
+        Some((
+            Ok::<_, std::convert::Infallible>(bytes::Bytes::from(text)),
+            s,
+        ))
+    });
+    let body = futures_util::StreamExt::chain(
+        futures_util::stream::once(async move {
+            Ok::<_, std::convert::Infallible>(bytes::Bytes::from(head))
+        }),
+        rest,
+    );
+    let mut response = (StatusCode::OK, Body::from_stream(body)).into_response();
+    let h = response.headers_mut();
+    h.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    h.insert(
+        axum::http::header::CACHE_CONTROL,
+        HeaderValue::from_static("no-cache"),
+    );
+    Ok(response)
+}
+
+/// A server-sent event that says the stream failed.
+fn error_event(message: &str) -> String {
+    format!("data: {}\n\n", serde_json::json!({ "error": message }))
+}
+
 /// Numeric tensors straight to the model backend.
 async fn to_backend(
     version: &Arc<DeployedVersion>,
     name: &str,
     parsed: &mut crate::kserve::Request,
 ) -> Result<Outputs, ApiError> {
-    if !version.workers.has_model() {
-        return Err(ApiError::new(
-            422,
-            "no_model_backend",
-            format!(
-                "model `{}` has no model backend (backend `none`): send text (BYTES) for its \
-                 processor, or use its invoke route",
-                crate::tenants::local_name(name)
-            ),
-        ));
-    }
+    needs_model(version, name)?;
     let counted = version.workers.meter.enter();
     version.usage.requests.fetch_add(1, Ordering::Relaxed);
     // The names only, for errors: the data moves to the backend.
     let names: Vec<String> = parsed.inputs.iter().map(|d| d.name().to_owned()).collect();
     let inferred = version.infer(parsed.take_model_input()).await;
     drop(counted);
-    let output = inferred.map_err(|e| {
-        let mut error = ApiError::backend(&e);
-        error.field = error.field.map(|f| tensor_field(&f, &names));
-        error
-    })?;
+    let output = inferred.map_err(|e| backend_error(&e, &names))?;
     let parameters = output
         .metadata
         .as_ref()
