@@ -11,8 +11,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -77,11 +76,9 @@ async fn grpc_run(addr: SocketAddr, key: &str, clients: usize, duration: Duratio
         ..Default::default()
     };
     let authorization: tonic::metadata::MetadataValue<_> = format!("Bearer {key}").parse().unwrap();
-    let done = Arc::new(AtomicBool::new(false));
-    let mut tasks = Vec::new();
-    for _ in 0..clients {
-        let (done, message, authorization) = (done.clone(), message.clone(), authorization.clone());
-        tasks.push(tokio::spawn(async move {
+    load::drive(clients, duration, move |done| {
+        let (message, authorization) = (message.clone(), authorization.clone());
+        async move {
             let mut client = GrpcInferenceServiceClient::connect(format!("http://{addr}"))
                 .await
                 .unwrap();
@@ -101,16 +98,9 @@ async fn grpc_run(addr: SocketAddr, key: &str, clients: usize, duration: Duratio
                 latencies.push(started.elapsed());
             }
             latencies
-        }));
-    }
-    let started = Instant::now();
-    tokio::time::sleep(duration).await;
-    done.store(true, Ordering::Relaxed);
-    let mut all = Vec::new();
-    for task in tasks {
-        all.extend(task.await.unwrap());
-    }
-    load::report(all, started.elapsed())
+        }
+    })
+    .await
 }
 
 fn main() {
@@ -127,11 +117,7 @@ fn main() {
             std::thread::available_parallelism().map_or(0, |n| n.get())
         );
         let mut t = TestServer::start().await;
-        let grpc = t
-            .server
-            .serve_h2("127.0.0.1:0".parse().unwrap(), wasp_grpc::service(t.server.api()))
-            .await
-            .unwrap();
+        let grpc = t.serve_grpc().await;
         let key = t.client.key().unwrap().to_owned();
         t.client
             .deploy_ok(TEXT_EMBEDDINGS, &minilm_spec("minilm", ""))

@@ -14,11 +14,12 @@ non-zero, saying why, on the first failure.
 
 import json
 import sys
-import urllib.request
 
 import numpy as np
 import tritonclient.http as http
 from tritonclient.utils import InferenceServerException
+
+from common import check, cosines, openai_embeddings
 
 URL, KEY = sys.argv[1], sys.argv[2]
 HEADERS = {"Authorization": f"Bearer {KEY}"}
@@ -34,11 +35,6 @@ def h():
     return dict(HEADERS)
 
 
-def check(condition, what):
-    if not condition:
-        raise AssertionError(what)
-
-
 def fails(call, status, says):
     """`call` raises a protocol error with `status` whose message holds `says`."""
     try:
@@ -50,23 +46,6 @@ def fails(call, status, says):
         check(str(e.status()) == str(status), f"status {e.status()} for {message!r}, not {status}")
         return message
     raise AssertionError(f"no error (expected {status}, saying {says!r})")
-
-
-def openai_embeddings(texts):
-    request = urllib.request.Request(
-        f"http://{URL}/v1/embeddings",
-        data=json.dumps({"model": MODEL, "input": texts}).encode(),
-        headers={**HEADERS, "Content-Type": "application/json"},
-    )
-    with urllib.request.urlopen(request) as response:
-        body = json.load(response)
-    return np.array([d["embedding"] for d in body["data"]], dtype=np.float32)
-
-
-def cosines(a, b):
-    a = a / np.linalg.norm(a, axis=1, keepdims=True)
-    b = b / np.linalg.norm(b, axis=1, keepdims=True)
-    return (a * b).sum(axis=1)
 
 
 def ids_input(binary, shape=None, datatype="INT64", values=IDS):
@@ -116,7 +95,7 @@ def main():
     check(np.array_equal(versioned.as_numpy("last_hidden_state"), hidden), "version route differs")
 
     # Text through the processor: the vectors of /v1/embeddings, in JSON and in binary.
-    reference = openai_embeddings(TEXTS)
+    reference = openai_embeddings(URL, KEY, MODEL, TEXTS)
     for binary in (False, True):
         answer = client.infer(MODEL, [text_input(TEXTS, binary)], headers=h())
         embeddings = answer.as_numpy("embeddings")

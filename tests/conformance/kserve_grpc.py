@@ -16,12 +16,13 @@ what it measured as JSON and exits non-zero, saying why, on the first failure.
 import json
 import queue
 import sys
-import urllib.request
 
 import numpy as np
 import tritonclient.grpc as grpc
 import tritonclient.http as http
 from tritonclient.utils import InferenceServerException
+
+from common import check, cosines, openai_embeddings
 
 HTTP_URL, GRPC_URL, KEY = sys.argv[1], sys.argv[2], sys.argv[3]
 # gRPC metadata keys are lower case.
@@ -36,11 +37,6 @@ def h():
     return dict(HEADERS)
 
 
-def check(condition, what):
-    if not condition:
-        raise AssertionError(what)
-
-
 def fails(call, code, says):
     """`call` raises a gRPC error with `code` (a StatusCode name) whose message holds `says`."""
     try:
@@ -52,23 +48,6 @@ def fails(call, code, says):
         check(str(e.status()) == f"StatusCode.{code}", f"status {e.status()} for {message!r}, not {code}")
         return message
     raise AssertionError(f"no error (expected {code}, saying {says!r})")
-
-
-def openai_embeddings(texts):
-    request = urllib.request.Request(
-        f"http://{HTTP_URL}/v1/embeddings",
-        data=json.dumps({"model": MODEL, "input": texts}).encode(),
-        headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"},
-    )
-    with urllib.request.urlopen(request) as response:
-        body = json.load(response)
-    return np.array([d["embedding"] for d in body["data"]], dtype=np.float32)
-
-
-def cosines(a, b):
-    a = a / np.linalg.norm(a, axis=1, keepdims=True)
-    b = b / np.linalg.norm(b, axis=1, keepdims=True)
-    return (a * b).sum(axis=1)
 
 
 def ids_input(shape=None, datatype="INT64", values=IDS):
@@ -128,7 +107,7 @@ def main():
     # Text through the processor: the vectors of /v1/embeddings.
     embeddings = client.infer(MODEL, [text_input(TEXTS)], headers=h()).as_numpy("embeddings")
     check(embeddings.shape == (2, 384), f"embeddings shape {embeddings.shape}")
-    similarity = float(cosines(embeddings, openai_embeddings(TEXTS)).min())
+    similarity = float(cosines(embeddings, openai_embeddings(HTTP_URL, KEY, MODEL, TEXTS)).min())
     check(similarity > 0.99999, f"cosine {similarity} against /v1/embeddings")
     report["text_cosine"] = similarity
 

@@ -573,6 +573,16 @@ impl TestServer {
         server
     }
 
+    /// Also serves KServe v2 over gRPC (`wasp serve --grpc-listen`) on a free loopback
+    /// port, and answers its address.
+    pub async fn serve_grpc(&mut self) -> SocketAddr {
+        let service = wasp_grpc::service(self.server.api());
+        self.server
+            .serve_h2(SocketAddr::from(([127, 0, 0, 1], 0)), service)
+            .await
+            .unwrap()
+    }
+
     /// Starts a server on a fresh data directory with these HTTP limits.
     pub async fn start_with(http: wasp_gateway::HttpLimits) -> Self {
         let dir = tempfile::tempdir().unwrap();

@@ -92,13 +92,12 @@ pub async fn run_with(
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
             .collect(),
     );
-    let done = Arc::new(AtomicBool::new(false));
-    let mut tasks = Vec::new();
     let key = key_of(addr);
-    for _ in 0..connections {
-        let (done, path, body, key) = (done.clone(), path.to_owned(), body.clone(), key.clone());
+    let path = path.to_owned();
+    drive(connections, duration, move |done| {
+        let (path, body, key) = (path.clone(), body.clone(), key.clone());
         let headers = headers.clone();
-        tasks.push(tokio::spawn(async move {
+        async move {
             let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
             stream.set_nodelay(true).unwrap();
             let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
@@ -130,8 +129,22 @@ pub async fn run_with(
                 latencies.push(started.elapsed());
             }
             latencies
-        }));
-    }
+        }
+    })
+    .await
+}
+
+/// Runs `clients` copies of `client` for `duration`: each sends requests one after another
+/// until the flag it is given is set, and answers its latencies.
+pub async fn drive<F, Fut>(clients: usize, duration: Duration, client: F) -> Report
+where
+    F: Fn(Arc<AtomicBool>) -> Fut,
+    Fut: std::future::Future<Output = Vec<Duration>> + Send + 'static,
+{
+    let done = Arc::new(AtomicBool::new(false));
+    let tasks: Vec<_> = (0..clients)
+        .map(|_| tokio::spawn(client(done.clone())))
+        .collect();
     let started = Instant::now();
     tokio::time::sleep(duration).await;
     done.store(true, Ordering::Relaxed);

@@ -527,14 +527,7 @@ async fn kserve_streams_a_generation_backends_tokens_as_events_and_over_grpc() {
 
     let mut t = TestServer::start().await;
     t.client.deploy_ok(CHAT, &chat_spec("smol", 2)).await;
-    let grpc = t
-        .server
-        .serve_h2(
-            "127.0.0.1:0".parse().unwrap(),
-            wasp_grpc::service(t.server.api()),
-        )
-        .await
-        .unwrap();
+    let grpc = t.serve_grpc().await;
     let c = &t.client;
     let prompt = [1i64, 4093, 198, 19556, 2, 198, 1, 520, 9531, 198];
     let request = |stream: bool| {

@@ -44,14 +44,7 @@ async fn the_triton_clients_find_a_conforming_server_over_http_and_grpc() {
     t.client
         .deploy_ok(TEXT_EMBEDDINGS, &minilm_spec("minilm", ""))
         .await;
-    let grpc = t
-        .server
-        .serve_h2(
-            "127.0.0.1:0".parse().unwrap(),
-            wasp_grpc::service(t.server.api()),
-        )
-        .await
-        .unwrap();
+    let grpc = t.serve_grpc().await;
     let address = t.server.local_addr().to_string();
     let key = t.client.key().unwrap().to_owned();
 

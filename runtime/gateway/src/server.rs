@@ -252,16 +252,7 @@ impl Server {
             .mounts
             .lock()
             .unwrap_or_else(|e| e.into_inner()) = mounts;
-        let listener = TcpListener::bind(config.listen)
-            .await
-            .map_err(|source| Error::Bind {
-                addr: config.listen,
-                source,
-            })?;
-        let addr = listener.local_addr().map_err(|source| Error::Bind {
-            addr: config.listen,
-            source,
-        })?;
+        let (listener, addr) = bind(config.listen).await?;
         let tls = match config.tls {
             Some(files) => Some(Arc::new(crate::tls::Reloading::new(files)?)),
             None => None,
@@ -375,16 +366,7 @@ impl Server {
         B::Data: Send,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
-        let listener = TcpListener::bind(listen)
-            .await
-            .map_err(|source| Error::Bind {
-                addr: listen,
-                source,
-            })?;
-        let addr = listener.local_addr().map_err(|source| Error::Bind {
-            addr: listen,
-            source,
-        })?;
+        let (listener, addr) = bind(listen).await?;
         let acceptor = match &self.tls {
             Some(tls) => Some(tokio_rustls::TlsAcceptor::from(
                 tls.server_config(&[b"h2"])?,
@@ -437,6 +419,17 @@ impl Server {
         self.gateway.close();
         tracing::info!("wasp stopped");
     }
+}
+
+/// Binds `listen`, and answers the listener with the address it got.
+async fn bind(listen: SocketAddr) -> Result<(TcpListener, SocketAddr), Error> {
+    let bound = |source| Error::Bind {
+        addr: listen,
+        source,
+    };
+    let listener = TcpListener::bind(listen).await.map_err(bound)?;
+    let addr = listener.local_addr().map_err(bound)?;
+    Ok((listener, addr))
 }
 
 /// The address a request came from (a request extension): per-client limits count by

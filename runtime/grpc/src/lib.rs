@@ -248,6 +248,18 @@ impl Inference {
         Ok(self.api.call(request).await)
     }
 
+    /// A health route's `key` (false when missing), and the answer's metadata.
+    async fn flag<T>(
+        &self,
+        request: &Request<T>,
+        path: &str,
+        key: &str,
+    ) -> Result<(bool, MetadataMap), Status> {
+        let answer = self.get(&Caller::of(request), path).await?;
+        let metadata = answer.metadata();
+        Ok((answer.json()?[key].as_bool().unwrap_or(false), metadata))
+    }
+
     async fn get(&self, caller: &Caller, path: &str) -> Result<Answer, Status> {
         self.send(caller, Method::GET, path, &[], Bytes::new())
             .await
@@ -255,9 +267,7 @@ impl Inference {
 
     /// An inference request as the API's KServe route takes it: its path, headers and body
     /// (with the binary tensor extension).
-    fn infer_request(
-        request: ModelInferRequest,
-    ) -> Result<(String, Headers, Bytes), Status> {
+    fn infer_request(request: ModelInferRequest) -> Result<(String, Headers, Bytes), Status> {
         let path = format!(
             "{}/infer",
             model_path(&request.model_name, &request.model_version)?
@@ -414,9 +424,7 @@ impl GrpcInferenceService for Inference {
         &self,
         request: Request<ServerLiveRequest>,
     ) -> Result<Response<ServerLiveResponse>, Status> {
-        let answer = self.get(&Caller::of(&request), "/v2/health/live").await?;
-        let metadata = answer.metadata();
-        let live = answer.json()?["live"].as_bool().unwrap_or(false);
+        let (live, metadata) = self.flag(&request, "/v2/health/live", "live").await?;
         Ok(with_metadata(ServerLiveResponse { live }, metadata))
     }
 
@@ -424,9 +432,7 @@ impl GrpcInferenceService for Inference {
         &self,
         request: Request<ServerReadyRequest>,
     ) -> Result<Response<ServerReadyResponse>, Status> {
-        let answer = self.get(&Caller::of(&request), "/v2/health/ready").await?;
-        let metadata = answer.metadata();
-        let ready = answer.json()?["ready"].as_bool().unwrap_or(false);
+        let (ready, metadata) = self.flag(&request, "/v2/health/ready", "ready").await?;
         Ok(with_metadata(ServerReadyResponse { ready }, metadata))
     }
 
