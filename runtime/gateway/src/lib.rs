@@ -219,6 +219,11 @@ impl Error {
                 source: wasp_backend::BackendError::Unavailable(_),
                 ..
             } => 503,
+            // The server is full: a capacity limit, not the spec's fault.
+            Self::Warm {
+                source: CallError::Capacity(_),
+                ..
+            } => 503,
             Self::Spec(SpecError::Invalid { .. })
             | Self::Invalid { .. }
             | Self::UnknownComponent(_)
@@ -281,6 +286,10 @@ impl Error {
             Self::StoreUnavailable(_) => "store_unavailable",
             Self::Io { .. } => "storage_error",
             Self::Component { .. } => "invalid_component",
+            Self::Warm {
+                source: CallError::Capacity(_),
+                ..
+            } => "server_full",
             Self::Warm { .. } => "processor_failed",
             Self::Backend { .. } => "backend_failed",
             Self::RolloutFailed { .. } => "rollout_failed",

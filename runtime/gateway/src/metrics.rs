@@ -27,6 +27,13 @@ pub struct VersionLabels {
     pub version: String,
 }
 
+/// Labels naming a kind of slot of the instance pool.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PoolLabels {
+    /// `component_instances`, `core_instances`, `memories`, `tables` or `stacks`.
+    pub kind: String,
+}
+
 /// Labels of a request forwarded to another node.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ForwardLabels {
@@ -114,6 +121,10 @@ pub struct Metrics {
     pub failures: Family<FailureLabels, Counter>,
     /// Processor instances, refreshed at each scrape.
     pub instances: Family<InstanceLabels, Gauge>,
+    /// Slots of the server's instance pool in use, by kind.
+    pub pool_used: Family<PoolLabels, Gauge>,
+    /// Slots of the server's instance pool in all, by kind (`--max-instances`).
+    pub pool_total: Family<PoolLabels, Gauge>,
     /// Requests waiting for a processor instance, refreshed at each scrape.
     pub queued: Family<VersionLabels, Gauge>,
     /// Forward passes run by model backends (refreshed at each scrape).
@@ -201,6 +212,18 @@ impl Metrics {
             "processor_instances",
             "Processor instances",
             instances.clone(),
+        );
+        let pool_used = Family::<PoolLabels, Gauge>::default();
+        registry.register(
+            "instance_pool_slots_used",
+            "Slots of the instance pool in use, by kind",
+            pool_used.clone(),
+        );
+        let pool_total = Family::<PoolLabels, Gauge>::default();
+        registry.register(
+            "instance_pool_slots",
+            "Slots of the instance pool in all, by kind (wasp serve --max-instances)",
+            pool_total.clone(),
         );
         let queued = Family::<VersionLabels, Gauge>::default();
         registry.register(
@@ -382,6 +405,8 @@ impl Metrics {
             latency: latency.clone(),
             failures,
             instances,
+            pool_used,
+            pool_total,
             queued,
             batches,
             batched_requests,

@@ -79,6 +79,20 @@ pub struct Runtime {
     engine_key: String,
     pub(crate) ticker: Arc<Ticker>,
     pub(crate) fair: Arc<crate::fair::FairShare>,
+    /// The pool's slots per component instance (`max_total_instances`); `None` when
+    /// instances are allocated on demand.
+    pool: Option<u32>,
+}
+
+/// One kind of slot of the engine's instance pool, and how many are in use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolSlots {
+    /// `component_instances`, `core_instances`, `memories`, `tables` or `stacks`.
+    pub kind: &'static str,
+    /// Slots in use now.
+    pub used: u64,
+    /// Slots in all (`wasp serve --max-instances` sizes every kind).
+    pub total: u64,
 }
 
 /// Stops the epoch thread when the runtime and every processor made from it are gone
@@ -124,6 +138,7 @@ impl Runtime {
             wasm.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
         }
         let engine = Engine::new(&wasm).map_err(|e| Error::Engine(chain(&e)))?;
+        let pool = config.pooling.then_some(config.max_total_instances);
 
         let mut linker = Linker::<HostState>::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)
@@ -169,12 +184,51 @@ impl Runtime {
             cache_dir: config.cache_dir,
             engine_key,
             ticker: Arc::new(Ticker(ticker_stop)),
+            pool,
             fair: crate::fair::FairShare::new(match config.cpu_turns {
                 // One core stays free of long runs, for the short calls.
                 0 => std::thread::available_parallelism().map_or(1, |n| n.get().saturating_sub(1)),
                 n => n,
             }),
         })
+    }
+
+    /// How full the instance pool is, by kind of slot; empty when instances are allocated
+    /// on demand (`--no-pooling`).
+    pub fn pool_slots(&self) -> Vec<PoolSlots> {
+        let (Some(n), Some(metrics)) = (self.pool, self.engine.pooling_allocator_metrics()) else {
+            return Vec::new();
+        };
+        let n = u64::from(n);
+        let count = |c: usize| u64::try_from(c).unwrap_or(u64::MAX);
+        // The totals are those `new` gives the pooling allocator.
+        vec![
+            PoolSlots {
+                kind: "component_instances",
+                used: metrics.component_instances(),
+                total: n,
+            },
+            PoolSlots {
+                kind: "core_instances",
+                used: metrics.core_instances(),
+                total: n * 4,
+            },
+            PoolSlots {
+                kind: "memories",
+                used: count(metrics.memories()),
+                total: n * 2,
+            },
+            PoolSlots {
+                kind: "tables",
+                used: count(metrics.tables()),
+                total: n * 4,
+            },
+            PoolSlots {
+                kind: "stacks",
+                used: count(metrics.stacks()),
+                total: n,
+            },
+        ]
     }
 
     /// Sets a group's (a tenant's) weight in the sharing of the cores among long-running

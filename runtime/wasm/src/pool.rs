@@ -101,10 +101,16 @@ pub enum CallError {
     /// The processor does not export what this call needs.
     #[error("processor does not export `{0}`")]
     NotExported(&'static str),
-    /// A new instance could not be created (the engine's instance slots are exhausted, or a
-    /// mount could not be opened).
+    /// A new instance could not be created (a mount could not be opened).
     #[error("cannot create a processor instance: {0}")]
     Unavailable(String),
+    /// The server's pool of instance slots is full: a capacity limit of the whole server,
+    /// not a fault of the processor.
+    #[error(
+        "the server is full: {0}; raise `wasp serve --max-instances`, or let idle endpoints \
+         scale to zero (`min_workers = 0`) to free their slots"
+    )]
+    Capacity(String),
 }
 
 impl CallError {
@@ -116,7 +122,7 @@ impl CallError {
             Self::NotExported(_) => 501,
             Self::Timeout { .. } => 504,
             Self::Busy { .. } => 429,
-            Self::QueueTimeout { .. } | Self::Unavailable(_) => 503,
+            Self::QueueTimeout { .. } | Self::Unavailable(_) | Self::Capacity(_) => 503,
         }
     }
 
@@ -133,6 +139,7 @@ impl CallError {
             Self::QueueTimeout { .. } => "queue_timeout",
             Self::NotExported(_) => "not_exported",
             Self::Unavailable(_) => "unavailable",
+            Self::Capacity(_) => "server_full",
         }
     }
 
@@ -691,6 +698,9 @@ impl Processor {
     }
 
     fn classify(&self, store: &Store<HostState>, e: wasmtime::Error) -> CallError {
+        if let Some(full) = e.downcast_ref::<wasmtime::PoolConcurrencyLimitError>() {
+            return CallError::Capacity(format!("{full} (the instance pool's slots)"));
+        }
         let limits = &self.inner.limits;
         match e.downcast_ref::<Trap>() {
             Some(Trap::Interrupt) => CallError::Timeout {

@@ -197,7 +197,10 @@ impl From<CallError> for ApiError {
         Self {
             status: e.status(),
             code: e.code(),
-            retry_after: matches!(e, CallError::Busy { .. } | CallError::QueueTimeout { .. }),
+            retry_after: matches!(
+                e,
+                CallError::Busy { .. } | CallError::QueueTimeout { .. } | CallError::Capacity(_)
+            ),
             message: e.to_string(),
             field,
             headers: None,

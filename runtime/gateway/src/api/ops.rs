@@ -7,7 +7,9 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 
 use super::AppState;
-use crate::metrics::{EndpointLabels, InstanceLabels, JobLabels, VersionLabels, WorkerLabels};
+use crate::metrics::{
+    EndpointLabels, InstanceLabels, JobLabels, PoolLabels, VersionLabels, WorkerLabels,
+};
 
 /// The OpenAPI document, rendered once, by the first router built.
 pub(crate) static DOCUMENT: std::sync::OnceLock<Bytes> = std::sync::OnceLock::new();
@@ -48,6 +50,17 @@ pub(crate) async fn metrics(State(gateway): State<AppState>) -> Response {
     m.desired_workers.clear();
     m.jobs.clear();
     m.job_backlog.clear();
+    for slots in gateway.runtime.pool_slots() {
+        let labels = PoolLabels {
+            kind: slots.kind.into(),
+        };
+        m.pool_used
+            .get_or_create(&labels)
+            .set(i64::try_from(slots.used).unwrap_or(i64::MAX));
+        m.pool_total
+            .get_or_create(&labels)
+            .set(i64::try_from(slots.total).unwrap_or(i64::MAX));
+    }
     for d in gateway.endpoints() {
         let name = &d.spec.name;
         let c = gateway.jobs.counts(name);

@@ -1,0 +1,90 @@
+//! Density: a server whose pool of instance slots (`wasp serve --max-instances`) is full
+//! says so as a capacity error, `503 server_full` naming the flag that raises it (never a
+//! processor fault, never 4xx), keeps serving what it holds, reports its pool's
+//! occupancy, and takes new deploys again once slots are freed.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use wasp_tests::guests::HOSTILE;
+use wasp_tests::{Reply, TestClient, TestServer, spec};
+
+/// The value of the gauge line `metric{kind="kind"}` in the server's metrics.
+async fn gauge(c: &TestClient, metric: &str, kind: &str) -> u64 {
+    let text = c.get("/metrics").await.text();
+    let line = format!("{metric}{{kind=\"{kind}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&line))
+        .unwrap_or_else(|| panic!("no {line} in\n{text}"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+fn assert_full(reply: &Reply) {
+    assert_eq!(reply.status, 503, "{}", reply.text());
+    let error = &reply.json()["error"];
+    assert_eq!(error["code"], "server_full", "{error:#}");
+    let message = error["message"].as_str().unwrap();
+    assert!(message.contains("--max-instances"), "{message}");
+    assert!(message.contains("maximum concurrent limit"), "{message}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_instance_pool_is_a_capacity_error_that_names_its_flag() {
+    let t = TestServer::start_configured(|config| config.runtime.max_total_instances = 3).await;
+    let c = &t.client;
+    assert_eq!(
+        gauge(c, "wasp_instance_pool_slots", "component_instances").await,
+        3
+    );
+    assert_eq!(
+        gauge(c, "wasp_instance_pool_slots_used", "component_instances").await,
+        0
+    );
+
+    // Endpoints with a warm instance each, until the pool is full.
+    let mut deployed = Vec::new();
+    let refused = loop {
+        let name = format!("e{}", deployed.len());
+        let reply = c.deploy(HOSTILE, &spec(&name, "")).await;
+        if reply.status == 503 {
+            break reply;
+        }
+        assert!(
+            reply.status == 201 || reply.status == 200,
+            "{}",
+            reply.text()
+        );
+        deployed.push(name);
+        assert!(deployed.len() <= 3, "the pool of 3 never filled");
+    };
+    assert!(!deployed.is_empty());
+    assert_full(&refused);
+    let used = gauge(c, "wasp_instance_pool_slots_used", "component_instances").await;
+    assert!((1..=3).contains(&used), "{used}");
+
+    // What the server holds still serves.
+    let first = &deployed[0];
+    let answer = c.invoke(first, "/echo", "still here").await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
+
+    // A request that needs one more instance while the pool is full: 503, not a fault.
+    let busy = {
+        let c = c.clone();
+        let first = first.clone();
+        tokio::spawn(async move { c.invoke(&first, "/sleep", "1500").await })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let overflow = c.invoke(first, "/echo", "one more").await;
+    assert_full(&overflow);
+    assert!(overflow.header("retry-after").is_some());
+    assert_eq!(busy.await.unwrap().status, 200);
+
+    // Freeing slots lets the refused deploy through.
+    let removed = c
+        .request("DELETE", &format!("/api/v1/endpoints/{first}"), "")
+        .await;
+    assert!(removed.status < 300, "{}", removed.text());
+    let name = format!("e{}", deployed.len());
+    c.deploy_ok(HOSTILE, &spec(&name, "")).await;
+    t.stop().await;
+}
