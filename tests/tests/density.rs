@@ -61,6 +61,10 @@ async fn a_full_instance_pool_is_a_capacity_error_that_names_its_flag() {
     assert_full(&refused);
     let used = gauge(c, "wasp_instance_pool_slots_used", "component_instances").await;
     assert!((1..=3).contains(&used), "{used}");
+    // The node's status says so too.
+    let nodes = c.get("/api/v1/nodes").await.json();
+    assert_eq!(nodes["nodes"][0]["instance_slots"], 3, "{nodes:#}");
+    assert_eq!(nodes["nodes"][0]["instances"], used, "{nodes:#}");
 
     // What the server holds still serves.
     let first = &deployed[0];

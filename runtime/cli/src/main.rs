@@ -993,22 +993,28 @@ async fn run(cli: Cli) -> Result<()> {
             let all = client.get("/api/v1/nodes").await?;
             if !print.json(&all) {
                 println!(
-                    "{:<20} {:<28} {:>9} {:>7} {:>9} SEEN",
-                    "NODE", "URL", "ENDPOINTS", "WORKERS", "GPUS FREE"
+                    "{:<20} {:<28} {:>9} {:>7} {:>9} {:>15} SEEN",
+                    "NODE", "URL", "ENDPOINTS", "WORKERS", "GPUS FREE", "INSTANCES/SLOTS"
                 );
                 let now = std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
                     .map_or(0, |d| d.as_millis() as u64);
                 for n in all["nodes"].as_array().into_iter().flatten() {
                     let seen = n["seen_at_ms"].as_u64().unwrap_or(0);
+                    let slots = format!(
+                        "{}/{}",
+                        n["instances"].as_u64().unwrap_or(0),
+                        n["instance_slots"].as_u64().unwrap_or(0)
+                    );
                     println!(
-                        "{:<20} {:<28} {:>9} {:>7} {:>4}/{:<4} {:.1}s ago",
+                        "{:<20} {:<28} {:>9} {:>7} {:>4}/{:<4} {:>15} {:.1}s ago",
                         n["name"].as_str().unwrap_or("?"),
                         n["url"].as_str().unwrap_or("?"),
                         n["endpoints"].as_u64().unwrap_or(0),
                         n["workers"].as_u64().unwrap_or(0),
                         n["gpus_free"].as_u64().unwrap_or(0),
                         n["gpus"].as_u64().unwrap_or(0),
+                        slots,
                         now.saturating_sub(seen) as f64 / 1e3
                     );
                 }

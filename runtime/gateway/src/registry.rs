@@ -204,6 +204,13 @@ pub struct NodeInfo {
     /// The endpoints it cannot run (a failed load: no GPUs, say).
     #[serde(default)]
     pub unable: Vec<String>,
+    /// Processor instances alive, out of [`NodeInfo::instance_slots`].
+    #[serde(default)]
+    pub instances: u64,
+    /// Slots of its instance pool (`wasp serve --max-instances`); 0 when instances are
+    /// allocated on demand.
+    #[serde(default)]
+    pub instance_slots: u64,
 }
 
 tokio::task_local! {
@@ -1142,6 +1149,8 @@ impl Gateway {
             .filter(|(_, n)| *n > 0)
             .collect();
         let (versions, unable) = self.version_loads();
+        let pool = self.runtime.pool_slots();
+        let components = pool.iter().find(|s| s.kind == "component_instances");
         NodeInfo {
             name: name.to_owned(),
             url: url.to_owned(),
@@ -1154,6 +1163,8 @@ impl Gateway {
             ready,
             versions,
             unable,
+            instances: components.map_or(0, |s| s.used),
+            instance_slots: components.map_or(0, |s| s.total),
         }
     }
 
