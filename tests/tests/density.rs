@@ -92,3 +92,57 @@ async fn a_full_instance_pool_is_a_capacity_error_that_names_its_flag() {
     c.deploy_ok(HOSTILE, &spec(&name, "")).await;
     t.stop().await;
 }
+
+/// A version at zero from the start (`initial_workers = 0`).
+fn at_zero(name: &str, env: &str) -> String {
+    format!(
+        "name = \"{name}\"\n[[versions]]\nname = \"v1\"\n\
+         [versions.scaling]\nmin_workers = 0\ninitial_workers = 0\n\
+         [versions.processor]\ncomponent = \"{{COMPONENT}}\"\nenv = {{ {env} }}\n"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endpoints_deployed_at_zero_hold_no_instance_until_called() {
+    let t = TestServer::start_configured(|config| config.runtime.max_total_instances = 2).await;
+    let c = &t.client;
+    // Ten endpoints on a pool of two slots: each is proved at deploy (instantiated, its
+    // `init` run), and none keeps an instance.
+    for i in 0..10 {
+        c.deploy_ok(HOSTILE, &at_zero(&format!("z{i}"), "")).await;
+    }
+    assert_eq!(
+        gauge(c, "wasp_instance_pool_slots_used", "component_instances").await,
+        0
+    );
+    let status = c.get("/api/v1/endpoints/z7").await.json();
+    let version = &status["versions"][0];
+    assert_eq!(version["status"], "scaledToZero", "{status:#}");
+    assert_eq!(version["desired_workers"], 0, "{status:#}");
+
+    // A call wakes the one it is for.
+    let answer = c.invoke("z3", "/echo", "awake").await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    assert_eq!(answer.text(), "awake");
+    assert_eq!(
+        gauge(c, "wasp_instance_pool_slots_used", "component_instances").await,
+        1
+    );
+
+    // The proof runs `init`: a processor that cannot start is refused at deploy.
+    let refused = c
+        .deploy(HOSTILE, &at_zero("broken", "FAIL_INIT = \"1\""))
+        .await;
+    assert_eq!(refused.status, 422, "{}", refused.text());
+    assert!(refused.text().contains("FAIL_INIT"), "{}", refused.text());
+
+    // At zero is only allowed where min_workers allows it.
+    let spec = at_zero("bad", "").replace("min_workers = 0", "min_workers = 1");
+    let invalid = c.deploy(HOSTILE, &spec).await;
+    assert_eq!(invalid.status, 422, "{}", invalid.text());
+    assert_eq!(
+        invalid.json()["error"]["field"],
+        "versions[0].scaling.initial_workers"
+    );
+    t.stop().await;
+}

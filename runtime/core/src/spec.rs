@@ -884,6 +884,13 @@ pub struct ScalingSpec {
     pub min_workers: u32,
     /// Most workers.
     pub max_workers: u32,
+    /// Workers started at deploy (Knative's initial scale); by default `min_workers`,
+    /// and at least one, so that a deploy proves the version can start. 0 (with
+    /// `min_workers = 0`) deploys the version scaled to zero: its processor is instantiated
+    /// once to prove it and dropped, so an idle endpoint holds no instance from the start,
+    /// and a model backend is first loaded by the first request.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub initial_workers: Option<u32>,
     /// Target in-flight requests per worker (target tracking).
     pub target_concurrency: u32,
     /// Processor instances made ready for each worker (for backend `none`, a worker is
@@ -931,6 +938,7 @@ impl Default for ScalingSpec {
         Self {
             min_workers: 1,
             max_workers: 1,
+            initial_workers: None,
             target_concurrency: 100,
             instances_per_worker: 1,
             gpus_per_worker: None,
@@ -1386,6 +1394,17 @@ impl ScalingSpec {
                 ),
             ));
         }
+        if let Some(initial) = self.initial_workers
+            && !(self.min_workers..=self.max_workers).contains(&initial)
+        {
+            return Err(SpecError::invalid(
+                field("initial_workers"),
+                format!(
+                    "{initial} is not within min_workers ({}) and max_workers ({})",
+                    self.min_workers, self.max_workers
+                ),
+            ));
+        }
         range(
             "target_concurrency",
             self.target_concurrency.into(),
@@ -1792,6 +1811,14 @@ mod tests {
             ),
             ("gpus_per_worker = 9", "versions[0].scaling.gpus_per_worker"),
             ("max_workers = 0", "versions[0].scaling.max_workers"),
+            (
+                "min_workers = 1\ninitial_workers = 0",
+                "versions[0].scaling.initial_workers",
+            ),
+            (
+                "max_workers = 2\ninitial_workers = 3",
+                "versions[0].scaling.initial_workers",
+            ),
             ("panic_window_s = 90", "versions[0].scaling.panic_window_s"),
             (
                 "panic_threshold_percent = 100",

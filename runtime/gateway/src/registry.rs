@@ -1588,10 +1588,11 @@ impl Gateway {
                     let serving = same_name.filter(|old| old.workers.side().live > 0);
                     match serving {
                         _ if stopped => {}
+                        // Traffic moves over: at least one new worker takes it.
                         Some(old) => rolls.push(Roll {
                             index: i,
                             old: old.clone(),
-                            plan: RolloutPlan::new(&v.rollout, count),
+                            plan: RolloutPlan::new(&v.rollout, count.max(1)),
                         }),
                         None => workers
                             .start_initial(count)

@@ -398,10 +398,14 @@ impl WorkerSet {
         })
     }
 
-    /// Workers to start at deploy: `min_workers`, and at least one, so that a deploy
-    /// proves the version can start (a version with `min_workers = 0` then scales down).
+    /// Workers to start at deploy: `initial_workers`, else `min_workers` and at least one,
+    /// so that a deploy proves the version can start (a version with `min_workers = 0`
+    /// then scales down).
     pub(crate) fn initial(&self) -> u32 {
-        self.lock_scaler().policy().spec().min_workers.max(1)
+        let scaler = self.lock_scaler();
+        let spec = scaler.policy().spec();
+        spec.initial_workers
+            .unwrap_or_else(|| spec.min_workers.max(1))
     }
 
     /// The tensors its model takes and gives, as the last backend it loaded said (none
@@ -470,6 +474,13 @@ impl WorkerSet {
     /// Starts `count` workers at deploy and waits for them; the first failure is the
     /// deploy's error.
     pub(crate) async fn start_initial(self: &Arc<Self>, count: u32) -> Result<(), StartError> {
+        if count == 0
+            && let Some(processor) = self.feed().processor
+        {
+            // Scaled to zero from the start: the processor is proved to instantiate, and
+            // its instance dropped at once.
+            processor.prove().await.map_err(StartError::Warm)?;
+        }
         let workers: Vec<_> = (0..count).map(|_| self.add_worker()).collect();
         let mut failure = None;
         for worker in &workers {

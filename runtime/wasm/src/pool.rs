@@ -414,6 +414,13 @@ impl Processor {
         }
     }
 
+    /// Creates an instance and runs its `init`, then drops it: proves the version can
+    /// serve without keeping an instance or its pool slot (a deploy scaled to zero).
+    pub async fn prove(&self) -> Result<(), CallError> {
+        let deadline = self.deadline();
+        self.instantiate(deadline).await.map(drop)
+    }
+
     /// Instantiates the component once and drops it, without running `init` or any
     /// export: the bare cost of a new instance (for benchmarks and health checks).
     pub async fn instantiate_only(&self) -> Result<(), CallError> {
