@@ -111,6 +111,9 @@ async fn endpoints_deployed_at_zero_hold_no_instance_until_called() {
     for i in 0..10 {
         c.deploy_ok(HOSTILE, &at_zero(&format!("z{i}"), "")).await;
     }
+    // One component's compiled code, shared by all ten.
+    let metrics = c.get("/metrics").await.text();
+    assert!(metrics.contains("wasp_components_loaded 1\n"), "{metrics}");
     assert_eq!(
         gauge(c, "wasp_instance_pool_slots_used", "component_instances").await,
         0

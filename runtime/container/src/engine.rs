@@ -91,6 +91,11 @@ fn registry_auth(login: &Login, registry: &str) -> String {
     base64::engine::general_purpose::URL_SAFE.encode(json.to_string())
 }
 
+/// Tries of a container's removal that the engine refuses.
+const REMOVE_ATTEMPTS: u32 = 20;
+/// The wait between them.
+const REMOVE_RETRY: Duration = Duration::from_millis(250);
+
 /// An engine answer.
 struct Answer {
     status: u16,
@@ -274,6 +279,32 @@ impl EngineDriver {
 
     fn call(&self, method: &str, path: &str, body: Option<&Value>) -> Result<Answer, BackendError> {
         self.call_with(method, path, body, None)
+    }
+
+    /// Removes a container (by id or name), killing it if it runs. An engine that refuses
+    /// for now (the container is still being created or started, say, which takes longer
+    /// on a loaded machine) is asked again, for up to 5 s; one that says it has no such
+    /// container is done. Whether it is gone.
+    fn remove_container(&self, id: &str) -> bool {
+        for attempt in 0..REMOVE_ATTEMPTS {
+            match self.call("DELETE", &format!("/containers/{id}?force=true"), None) {
+                Ok(answer) if answer.status < 300 || answer.status == 404 => return true,
+                Ok(answer) if attempt + 1 == REMOVE_ATTEMPTS => {
+                    tracing::warn!(
+                        id,
+                        status = answer.status,
+                        "the engine would not remove a container: {}",
+                        String::from_utf8_lossy(&answer.body)
+                    );
+                }
+                Err(e) if attempt + 1 == REMOVE_ATTEMPTS => {
+                    tracing::warn!(id, "cannot remove a container: {e}");
+                }
+                _ => {}
+            }
+            std::thread::sleep(REMOVE_RETRY);
+        }
+        false
     }
 
     fn call_with(
@@ -489,7 +520,7 @@ impl Driver for EngineDriver {
         let name = percent(&launch.name);
         // A container of that name left from before (this server's own, by its name):
         // gone first.
-        let _ = self.call("DELETE", &format!("/containers/{name}?force=true"), None);
+        self.remove_container(&name);
         let created = self.call(
             "POST",
             &format!("/containers/create?name={name}"),
@@ -563,8 +594,9 @@ impl Driver for EngineDriver {
         for c in answer.json().as_array().into_iter().flatten() {
             if let Some(id) = c["Id"].as_str() {
                 tracing::warn!(id, "removing a container a previous run left behind");
-                let _ = self.call("DELETE", &format!("/containers/{id}?force=true"), None);
-                found += 1;
+                if self.remove_container(id) {
+                    found += 1;
+                }
             }
         }
         found
@@ -628,11 +660,7 @@ impl Instance for Container {
     }
 
     fn remove(&self) {
-        let _ = self.engine.call(
-            "DELETE",
-            &format!("/containers/{}?force=true", self.id),
-            None,
-        );
+        self.engine.remove_container(&self.id);
     }
 }
 

@@ -137,6 +137,9 @@ pub struct Metrics {
     pub compiles: Counter,
     /// Components loaded from the compiled cache.
     pub cache_hits: Counter,
+    /// Distinct components whose compiled code is in memory (shared by every version that
+    /// uses them).
+    pub components_loaded: Gauge,
     /// Files in the data directory that failed their check and were discarded.
     pub integrity_failures: Family<FileLabels, Counter>,
     /// Workers by state, refreshed at each scrape.
@@ -260,6 +263,12 @@ impl Metrics {
             "component_cache_hits",
             "Components loaded from the compiled cache",
             cache_hits.clone(),
+        );
+        let components_loaded = Gauge::default();
+        registry.register(
+            "components_loaded",
+            "Distinct components in memory, each shared by every version that uses it",
+            components_loaded.clone(),
         );
         let integrity_failures = Family::<FileLabels, Counter>::default();
         registry.register(
@@ -413,6 +422,7 @@ impl Metrics {
             backend_queued,
             compiles,
             cache_hits,
+            components_loaded,
             integrity_failures,
             workers,
             desired_workers,

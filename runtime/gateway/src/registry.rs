@@ -998,6 +998,17 @@ impl Gateway {
         if let Err(e) = self.usage.save(&self.store) {
             tracing::warn!("cannot save the usage counters: {e}");
         }
+        // Components no version uses any more leave memory.
+        let used: std::collections::HashSet<String> = self
+            .endpoints()
+            .iter()
+            .flat_map(|d| d.spec.versions.iter())
+            .filter_map(|v| match &v.processor.as_ref()?.component {
+                ComponentRef::Digest(hex) => Some(hex.clone()),
+                _ => None,
+            })
+            .collect();
+        self.runtime.retain_components(|key| used.contains(key));
         for deployment in self.endpoints() {
             if deployment.stopped {
                 continue;
@@ -1362,25 +1373,31 @@ impl Gateway {
                 message: Error::UnknownComponent(digest).to_string(),
             });
         }
-        let bytes = self
-            .download_component(&digest)
-            .await
-            .map_err(|e| match e {
-                Error::UnknownComponent(_) | Error::CorruptComponent(_) => Error::Invalid {
-                    field: at("processor.component"),
-                    message: e.to_string(),
-                },
-                other => other,
-            })?;
-        // Compiling is CPU-bound for up to seconds: keep it off the async workers.
-        let (this, key) = (self.clone(), digest.clone());
-        let loaded = tokio::task::spawn_blocking(move || this.runtime.load_component(&key, &bytes))
-            .await
-            .map_err(|e| Error::Store(format!("compile task failed: {e}")))?
-            .map_err(|source| Error::Component {
-                version: v.name.clone(),
-                source,
-            })?;
+        // A component another version loaded is shared, not read, checked and loaded again.
+        let loaded = match self.runtime.loaded_component(&digest) {
+            Some(loaded) => loaded,
+            None => {
+                let bytes = self
+                    .download_component(&digest)
+                    .await
+                    .map_err(|e| match e {
+                        Error::UnknownComponent(_) | Error::CorruptComponent(_) => Error::Invalid {
+                            field: at("processor.component"),
+                            message: e.to_string(),
+                        },
+                        other => other,
+                    })?;
+                // Compiling is CPU-bound for up to seconds: keep it off the async workers.
+                let (this, key) = (self.clone(), digest.clone());
+                tokio::task::spawn_blocking(move || this.runtime.load_component(&key, &bytes))
+                    .await
+                    .map_err(|e| Error::Store(format!("compile task failed: {e}")))?
+                    .map_err(|source| Error::Component {
+                        version: v.name.clone(),
+                        source,
+                    })?
+            }
+        };
         if loaded.from_cache {
             self.metrics.cache_hits.inc();
         } else {

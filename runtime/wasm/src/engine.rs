@@ -82,6 +82,9 @@ pub struct Runtime {
     /// The pool's slots per component instance (`max_total_instances`); `None` when
     /// instances are allocated on demand.
     pool: Option<u32>,
+    /// Components loaded, by key (content digest): every version of the same component
+    /// shares one copy of its compiled code.
+    loaded: std::sync::Mutex<std::collections::HashMap<String, Component>>,
 }
 
 /// One kind of slot of the engine's instance pool, and how many are in use.
@@ -185,6 +188,7 @@ impl Runtime {
             engine_key,
             ticker: Arc::new(Ticker(ticker_stop)),
             pool,
+            loaded: std::sync::Mutex::default(),
             fair: crate::fair::FairShare::new(match config.cpu_turns {
                 // One core stays free of long runs, for the short calls.
                 0 => std::thread::available_parallelism().map_or(1, |n| n.get().saturating_sub(1)),
@@ -285,8 +289,14 @@ impl Runtime {
     /// removed, and the component compiled and cached again. Failing to write the cache
     /// is not an error: the component is served, compiled again at the next start.
     pub fn load_component(&self, key: &str, wasm: &[u8]) -> Result<LoadedComponent> {
+        if let Some(loaded) = self.loaded_component(key) {
+            return Ok(loaded);
+        }
         let discarded = match self.load_cached(key) {
-            Ok(Some(loaded)) => return Ok(loaded),
+            Ok(Some(loaded)) => {
+                self.keep_loaded(key, &loaded.component);
+                return Ok(loaded);
+            }
             Ok(None) => None,
             Err(reason) => Some(reason),
         };
@@ -307,11 +317,47 @@ impl Runtime {
                 Err(e) => tracing::warn!("cannot serialise a compiled component: {e:#}"),
             }
         }
+        self.keep_loaded(key, &component);
         Ok(LoadedComponent {
             component,
             from_cache: false,
             discarded_cache: discarded,
         })
+    }
+
+    /// The component loaded earlier under `key`, if it is still in memory: no bytes to
+    /// read, check or compile.
+    pub fn loaded_component(&self, key: &str) -> Option<LoadedComponent> {
+        let loaded = self.loaded.lock().unwrap_or_else(|e| e.into_inner());
+        loaded.get(key).map(|component| LoadedComponent {
+            component: component.clone(),
+            from_cache: true,
+            discarded_cache: None,
+        })
+    }
+
+    fn keep_loaded(&self, key: &str, component: &Component) {
+        if key.is_empty() {
+            return;
+        }
+        self.loaded
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key.to_owned(), component.clone());
+    }
+
+    /// Distinct components in memory.
+    pub fn loaded_components(&self) -> usize {
+        self.loaded.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// Forgets loaded components whose key `keep` refuses (those no version uses any
+    /// more); their code is freed once the last processor made from them is gone.
+    pub fn retain_components(&self, keep: impl Fn(&str) -> bool) {
+        self.loaded
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|key, _| keep(key));
     }
 
     fn cache_path(&self, key: &str) -> Option<PathBuf> {

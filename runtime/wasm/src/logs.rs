@@ -33,7 +33,9 @@ impl LogBuffer {
     /// A buffer keeping at most `capacity` records.
     pub fn new(capacity: usize) -> Self {
         Self {
-            records: Mutex::new(VecDeque::with_capacity(capacity.min(1024))),
+            // Grown as records come: most endpoints log little, and a buffer per endpoint
+            // adds up on a dense server.
+            records: Mutex::new(VecDeque::new()),
             capacity,
         }
     }

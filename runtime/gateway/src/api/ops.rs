@@ -50,6 +50,8 @@ pub(crate) async fn metrics(State(gateway): State<AppState>) -> Response {
     m.desired_workers.clear();
     m.jobs.clear();
     m.job_backlog.clear();
+    m.components_loaded
+        .set(i64::try_from(gateway.runtime.loaded_components()).unwrap_or(i64::MAX));
     for slots in gateway.runtime.pool_slots() {
         let labels = PoolLabels {
             kind: slots.kind.into(),
