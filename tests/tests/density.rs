@@ -1,7 +1,8 @@
 //! Density: a server whose pool of instance slots (`wasp serve --max-instances`) is full
-//! says so as a capacity error, `503 server_full` naming the flag that raises it (never a
-//! processor fault, never 4xx), keeps serving what it holds, reports its pool's
-//! occupancy, and takes new deploys again once slots are freed.
+//! creates further instances on demand outside it (by default), held to the same limits;
+//! with `--pool-full fail` it says so as a capacity error, `503 server_full` naming the
+//! flag that raises it (never a processor fault, never 4xx), keeps serving what it holds,
+//! reports its pool's occupancy, and takes new deploys again once slots are freed.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use wasp_tests::guests::HOSTILE;
@@ -30,7 +31,11 @@ fn assert_full(reply: &Reply) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_instance_pool_is_a_capacity_error_that_names_its_flag() {
-    let t = TestServer::start_configured(|config| config.runtime.max_total_instances = 3).await;
+    let t = TestServer::start_configured(|config| {
+        config.runtime.max_total_instances = 3;
+        config.runtime.overflow = false;
+    })
+    .await;
     let c = &t.client;
     assert_eq!(
         gauge(c, "wasp_instance_pool_slots", "component_instances").await,
@@ -90,6 +95,74 @@ async fn a_full_instance_pool_is_a_capacity_error_that_names_its_flag() {
     assert!(removed.status < 300, "{}", removed.text());
     let name = format!("e{}", deployed.len());
     c.deploy_ok(HOSTILE, &spec(&name, "")).await;
+    t.stop().await;
+}
+
+/// The value of the unlabelled metric `metric`.
+async fn value(c: &TestClient, metric: &str) -> u64 {
+    let text = c.get("/metrics").await.text();
+    let line = format!("{metric} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&line))
+        .unwrap_or_else(|| panic!("no {line} in\n{text}"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_pool_overflows_to_instances_on_demand_under_the_same_limits() {
+    let t = TestServer::start_configured(|config| config.runtime.max_total_instances = 2).await;
+    let c = &t.client;
+    let limits = "[versions.limits]\ntimeout_ms = 300\nmemory_mib = 48";
+    // Five endpoints with a warm instance each on a pool of two slots: all deploy.
+    for i in 0..5 {
+        c.deploy_ok(HOSTILE, &spec(&format!("e{i}"), limits)).await;
+    }
+    assert_eq!(
+        gauge(c, "wasp_instance_pool_slots_used", "component_instances").await,
+        2
+    );
+    assert_eq!(value(c, "wasp_overflow_instances").await, 3);
+    assert_eq!(value(c, "wasp_overflow_instances_created_total").await, 3);
+    let nodes = c.get("/api/v1/nodes").await.json();
+    assert_eq!(nodes["nodes"][0]["instances"], 5, "{nodes:#}");
+    assert_eq!(nodes["nodes"][0]["instance_slots"], 2, "{nodes:#}");
+
+    // Every one serves, those outside the pool too.
+    for i in 0..5 {
+        let name = format!("e{i}");
+        let answer = c.invoke(&name, "/echo", name.clone()).await;
+        assert_eq!(answer.status, 200, "{}", answer.text());
+        assert_eq!(answer.text(), name);
+    }
+    // An instance outside the pool is held to its version's limits: its deadline (the
+    // overflow engine's epochs tick too) and its memory cap.
+    let spin = c.invoke("e4", "/loop", "").await;
+    assert_eq!(spin.status, 504, "{}", spin.text());
+    assert_eq!(spin.json()["error"]["code"], "processor_timeout");
+    let hog = c.invoke("e3", "/alloc", "").await;
+    assert_eq!(hog.status, 500, "{}", hog.text());
+    assert_eq!(hog.json()["error"]["code"], "processor_out_of_memory");
+    // Each replaced by a new one, still outside the full pool.
+    for name in ["e3", "e4"] {
+        assert_eq!(c.invoke(name, "/echo", "again").await.text(), "again");
+    }
+    assert_eq!(value(c, "wasp_overflow_instances").await, 3);
+    assert_eq!(value(c, "wasp_overflow_instances_created_total").await, 5);
+
+    // Dropping endpoints frees their instances, in the pool and outside it.
+    for i in 0..5 {
+        let removed = c
+            .request("DELETE", &format!("/api/v1/endpoints/e{i}"), "")
+            .await;
+        assert!(removed.status < 300, "{}", removed.text());
+    }
+    assert_eq!(value(c, "wasp_overflow_instances").await, 0);
+    assert_eq!(
+        gauge(c, "wasp_instance_pool_slots_used", "component_instances").await,
+        0
+    );
     t.stop().await;
 }
 

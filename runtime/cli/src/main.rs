@@ -69,6 +69,15 @@ enum LogFormat {
     Json,
 }
 
+/// What a new processor instance does when the instance pool is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum PoolFull {
+    /// Created on demand, outside the pool.
+    Overflow,
+    /// Refused: 503 server_full.
+    Fail,
+}
+
 #[derive(Subcommand)]
 enum JobsCommand {
     /// Submits a job: its input is the request body the endpoint gets (JSON).
@@ -187,9 +196,14 @@ enum Command {
         /// Allocate instances on demand instead of from the pooling allocator.
         #[arg(long)]
         no_pooling: bool,
-        /// Most processor instances alive at once, all endpoints together.
+        /// Most processor instances alive at once, all endpoints together, in the pool.
         #[arg(long, default_value_t = 1000)]
         max_instances: u32,
+        /// What a new instance does when the pool's --max-instances slots are taken:
+        /// `overflow` creates it on demand outside the pool (slower to create, as fast to
+        /// call), `fail` answers 503 server_full.
+        #[arg(long, value_enum, default_value_t = PoolFull::Overflow)]
+        pool_full: PoolFull,
         /// Longest any request may take, in seconds, before it is answered 504.
         #[arg(long, default_value_t = 300)]
         request_timeout_s: u64,
@@ -846,6 +860,7 @@ async fn run(cli: Cli) -> Result<()> {
             deploy,
             no_pooling,
             max_instances,
+            pool_full,
             request_timeout_s,
             header_read_timeout_s,
             max_connections,
@@ -943,6 +958,7 @@ async fn run(cli: Cli) -> Result<()> {
                 runtime: wasp_gateway::RuntimeConfig {
                     pooling: !no_pooling,
                     max_total_instances: max_instances,
+                    overflow: pool_full == PoolFull::Overflow,
                     cpu_turns,
                     ..Default::default()
                 },

@@ -249,6 +249,35 @@ fn serve_takes_its_http_limits_from_flags() {
 }
 
 #[test]
+fn serve_overflows_a_full_pool_or_refuses_by_its_flag() {
+    use wasp_tests::guests::HELLO;
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    for (policy, second) in [("overflow", 201), ("fail", 503)] {
+        let data = tempfile::tempdir().unwrap();
+        let server = Serve::try_start(
+            data.path(),
+            &["--max-instances", "1", "--pool-full", policy],
+        )
+        .unwrap();
+        let c = server.client();
+        rt.block_on(async {
+            c.deploy_ok(HELLO, &wasp_tests::spec("one", "")).await;
+            let reply = c.deploy(HELLO, &wasp_tests::spec("two", "")).await;
+            assert_eq!(
+                reply.status,
+                second,
+                "--pool-full {policy}: {}",
+                reply.text()
+            );
+            if second == 503 {
+                assert_eq!(reply.json()["error"]["code"], "server_full");
+            }
+        });
+        assert_eq!(server.terminate().code(), Some(0));
+    }
+}
+
+#[test]
 fn jobs_and_batches_from_the_cli() {
     let data = tempfile::tempdir().unwrap();
     let server = Serve::start(data.path());

@@ -140,6 +140,12 @@ pub struct Metrics {
     /// Distinct components whose compiled code is in memory (shared by every version that
     /// uses them).
     pub components_loaded: Gauge,
+    /// Processor instances alive outside the full pool, created on demand (refreshed at
+    /// each scrape).
+    pub overflow_instances: Gauge,
+    /// Processor instances created outside the full pool since start (refreshed at each
+    /// scrape).
+    pub overflow_created: Counter,
     /// Files in the data directory that failed their check and were discarded.
     pub integrity_failures: Family<FileLabels, Counter>,
     /// Workers by state, refreshed at each scrape.
@@ -269,6 +275,18 @@ impl Metrics {
             "components_loaded",
             "Distinct components in memory, each shared by every version that uses it",
             components_loaded.clone(),
+        );
+        let overflow_instances = Gauge::default();
+        registry.register(
+            "overflow_instances",
+            "Processor instances alive outside the full instance pool, created on demand",
+            overflow_instances.clone(),
+        );
+        let overflow_created = Counter::default();
+        registry.register(
+            "overflow_instances_created",
+            "Processor instances created on demand because the instance pool was full",
+            overflow_created.clone(),
         );
         let integrity_failures = Family::<FileLabels, Counter>::default();
         registry.register(
@@ -423,6 +441,8 @@ impl Metrics {
             compiles,
             cache_hits,
             components_loaded,
+            overflow_instances,
+            overflow_created,
             integrity_failures,
             workers,
             desired_workers,

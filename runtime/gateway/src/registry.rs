@@ -204,7 +204,8 @@ pub struct NodeInfo {
     /// The endpoints it cannot run (a failed load: no GPUs, say).
     #[serde(default)]
     pub unable: Vec<String>,
-    /// Processor instances alive, out of [`NodeInfo::instance_slots`].
+    /// Processor instances alive: in the pool, out of [`NodeInfo::instance_slots`], and
+    /// those created on demand outside it while it was full.
     #[serde(default)]
     pub instances: u64,
     /// Slots of its instance pool (`wasp serve --max-instances`); 0 when instances are
@@ -384,6 +385,9 @@ pub struct Gateway {
     pub(crate) data_dir: std::path::PathBuf,
     /// When this node started, in milliseconds since the Unix epoch.
     started_ms: u64,
+    /// Set while the stored endpoints are loaded at start: a version deployed at zero was
+    /// proved when it was deployed, and is not instantiated again.
+    restoring: std::sync::atomic::AtomicBool,
     /// Tenants and API keys.
     pub(crate) directory: crate::tenants::Directory,
     /// Each tenant's metered usage.
@@ -533,6 +537,7 @@ impl Gateway {
             batches: crate::batches::Batches::default(),
             data_dir: data_dir.to_owned(),
             started_ms: crate::workers::now_ms(),
+            restoring: std::sync::atomic::AtomicBool::new(true),
         });
         let weak = Arc::downgrade(&gateway);
         gateway.jobs.on_ended_elsewhere(Box::new(move |job| {
@@ -583,6 +588,9 @@ impl Gateway {
                 }
             }
         }
+        gateway
+            .restoring
+            .store(false, std::sync::atomic::Ordering::Relaxed);
         gateway.resume_webhooks().await;
         gateway.resume_batches()?;
         Ok(gateway)
@@ -967,7 +975,7 @@ impl Gateway {
             } else {
                 let count = v.workers.initial();
                 v.workers
-                    .start_initial(count)
+                    .start_initial(count, true)
                     .await
                     .map_err(|e| start_error(&v.name, e))?;
             }
@@ -1174,7 +1182,8 @@ impl Gateway {
             ready,
             versions,
             unable,
-            instances: components.map_or(0, |s| s.used),
+            instances: components.map_or(0, |s| s.used)
+                + self.runtime.overflow_stats().map_or(0, |o| o.live),
             instance_slots: components.map_or(0, |s| s.total),
         }
     }
@@ -1277,7 +1286,7 @@ impl Gateway {
                         let new = &deployment.versions[roll.index];
                         let count = new.workers.initial();
                         new.workers
-                            .start_initial(count)
+                            .start_initial(count, true)
                             .await
                             .map_err(|e| start_error(&new.name, e))?;
                     }
@@ -1612,7 +1621,10 @@ impl Gateway {
                             plan: RolloutPlan::new(&v.rollout, count.max(1)),
                         }),
                         None => workers
-                            .start_initial(count)
+                            .start_initial(
+                                count,
+                                !self.restoring.load(std::sync::atomic::Ordering::Relaxed),
+                            )
                             .await
                             .map_err(|e| start_error(&v.name, e))?,
                     }

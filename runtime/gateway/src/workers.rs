@@ -473,8 +473,13 @@ impl WorkerSet {
 
     /// Starts `count` workers at deploy and waits for them; the first failure is the
     /// deploy's error.
-    pub(crate) async fn start_initial(self: &Arc<Self>, count: u32) -> Result<(), StartError> {
+    pub(crate) async fn start_initial(
+        self: &Arc<Self>,
+        count: u32,
+        prove: bool,
+    ) -> Result<(), StartError> {
         if count == 0
+            && prove
             && let Some(processor) = self.feed().processor
         {
             // Scaled to zero from the start: the processor is proved to instantiate, and

@@ -45,6 +45,9 @@ pub struct RuntimeConfig {
     /// processors' groups (tenants); 0 means one fewer than the cores (at least one), so
     /// that short calls always find a core.
     pub cpu_turns: usize,
+    /// When the pool's slots are all taken, create instances on demand, outside the pool
+    /// (slower to create, as fast to call), instead of failing with a capacity error.
+    pub overflow: bool,
 }
 
 impl Default for RuntimeConfig {
@@ -56,6 +59,7 @@ impl Default for RuntimeConfig {
             max_memory_mib: 4096,
             max_wasm_stack: 512 * 1024,
             cpu_turns: 0,
+            overflow: true,
         }
     }
 }
@@ -64,6 +68,8 @@ impl Default for RuntimeConfig {
 #[derive(Clone)]
 pub struct LoadedComponent {
     pub(crate) component: Component,
+    /// The key it was loaded under (its content digest; empty when not cached).
+    pub(crate) key: Arc<str>,
     /// `true` when it was deserialised from the cache rather than compiled.
     pub from_cache: bool,
     /// Why a cached file was discarded (it failed its checksum or wasmtime's checks), when
@@ -85,6 +91,69 @@ pub struct Runtime {
     /// Components loaded, by key (content digest): every version of the same component
     /// shares one copy of its compiled code.
     loaded: std::sync::Mutex<std::collections::HashMap<String, Component>>,
+    /// The engine that instantiates on demand when the pool is full (`overflow`).
+    pub(crate) overflow: Option<Arc<Overflow>>,
+}
+
+/// A second engine, with the on-demand allocator, for the instances the full pool cannot
+/// hold. Its compiled code is the pooled engine's (the same settings but the allocator, so
+/// the same artefacts), copied once per component at the first overflow.
+pub(crate) struct Overflow {
+    pub(crate) engine: Engine,
+    pub(crate) linker: Linker<HostState>,
+    /// The components copied to this engine, by key.
+    components: std::sync::Mutex<std::collections::HashMap<Arc<str>, Component>>,
+    /// Instances alive on this engine.
+    live: Arc<std::sync::atomic::AtomicU64>,
+    /// Instances created on this engine since start.
+    created: std::sync::atomic::AtomicU64,
+}
+
+/// Counts an overflow instance as alive until it is dropped.
+pub(crate) struct OverflowInstance(Arc<std::sync::atomic::AtomicU64>);
+
+impl Drop for OverflowInstance {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Overflow {
+    /// `component` on this engine: a copy of its compiled code, made once per key.
+    pub(crate) fn component(&self, key: &Arc<str>, component: &Component) -> Result<Component> {
+        let mut components = self.components.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(copy) = components.get(key) {
+            return Ok(copy.clone());
+        }
+        let bytes = component
+            .serialize()
+            .map_err(|e| Error::Engine(chain(&e)))?;
+        // SAFETY: the bytes are `Component::serialize` of the pooled engine, whose settings
+        // are this engine's but for the instance allocator, which compiled code does not
+        // depend on; wasmtime checks the compatibility header as well.
+        let copy = unsafe { Component::deserialize(&self.engine, &bytes) }
+            .map_err(|e| Error::Engine(chain(&e)))?;
+        if !key.is_empty() {
+            components.insert(key.clone(), copy.clone());
+        }
+        Ok(copy)
+    }
+
+    /// Counts a new instance; it is alive until the guard is dropped.
+    pub(crate) fn count(&self) -> OverflowInstance {
+        self.live.fetch_add(1, Ordering::Relaxed);
+        self.created.fetch_add(1, Ordering::Relaxed);
+        OverflowInstance(self.live.clone())
+    }
+}
+
+/// Instances created outside the full pool (`RuntimeConfig::overflow`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct OverflowStats {
+    /// Alive now.
+    pub live: u64,
+    /// Created since start.
+    pub created: u64,
 }
 
 /// One kind of slot of the engine's instance pool, and how many are in use.
@@ -116,6 +185,8 @@ impl Runtime {
         wasm.wasm_component_model(true)
             .epoch_interruption(true)
             .max_wasm_stack(config.max_wasm_stack);
+        // The same settings with the on-demand allocator, for overflow.
+        let on_demand = wasm.clone();
         if config.pooling {
             let n = config.max_total_instances;
             let mut pool = PoolingAllocationConfig::default();
@@ -142,15 +213,19 @@ impl Runtime {
         }
         let engine = Engine::new(&wasm).map_err(|e| Error::Engine(chain(&e)))?;
         let pool = config.pooling.then_some(config.max_total_instances);
-
-        let mut linker = Linker::<HostState>::new(&engine);
-        wasmtime_wasi::p2::add_to_linker_async(&mut linker)
-            .map_err(|e| Error::Engine(chain(&e)))?;
-        crate::bindings::Full::add_to_linker::<_, wasmtime::component::HasSelf<_>>(
-            &mut linker,
-            |state| state,
-        )
-        .map_err(|e| Error::Engine(chain(&e)))?;
+        let linker = link(&engine)?;
+        let overflow = if config.pooling && config.overflow {
+            let engine = Engine::new(&on_demand).map_err(|e| Error::Engine(chain(&e)))?;
+            Some(Arc::new(Overflow {
+                linker: link(&engine)?,
+                engine,
+                components: std::sync::Mutex::default(),
+                live: Arc::default(),
+                created: std::sync::atomic::AtomicU64::new(0),
+            }))
+        } else {
+            None
+        };
 
         let mut hasher = DefaultHasher::new();
         engine.precompile_compatibility_hash().hash(&mut hasher);
@@ -170,13 +245,17 @@ impl Runtime {
         }
 
         let ticker_stop = Arc::new(AtomicBool::new(false));
-        let (ticker_engine, stop) = (engine.clone(), ticker_stop.clone());
+        let mut ticked = vec![engine.clone()];
+        ticked.extend(overflow.as_ref().map(|o| o.engine.clone()));
+        let stop = ticker_stop.clone();
         std::thread::Builder::new()
             .name("wasp-epoch".into())
             .spawn(move || {
                 while !stop.load(Ordering::Relaxed) {
                     std::thread::sleep(EPOCH_TICK);
-                    ticker_engine.increment_epoch();
+                    for engine in &ticked {
+                        engine.increment_epoch();
+                    }
                 }
             })
             .map_err(|e| Error::Engine(format!("cannot start the epoch thread: {e}")))?;
@@ -184,6 +263,7 @@ impl Runtime {
         Ok(Self {
             engine,
             linker: Arc::new(linker),
+            overflow,
             cache_dir: config.cache_dir,
             engine_key,
             ticker: Arc::new(Ticker(ticker_stop)),
@@ -235,6 +315,15 @@ impl Runtime {
         ]
     }
 
+    /// Instances created on demand because the pool was full; `None` when the runtime
+    /// does not overflow (`overflow` off, or no pool).
+    pub fn overflow_stats(&self) -> Option<OverflowStats> {
+        self.overflow.as_ref().map(|o| OverflowStats {
+            live: o.live.load(Ordering::Relaxed),
+            created: o.created.load(Ordering::Relaxed),
+        })
+    }
+
     /// Sets a group's (a tenant's) weight in the sharing of the cores among long-running
     /// guests: a group of weight 2 gets twice the turns of one of weight 1 while both have
     /// guests waiting (1 unless set; at most 1000).
@@ -259,6 +348,7 @@ impl Runtime {
                     Ok(component) => {
                         return Ok(Some(LoadedComponent {
                             component,
+                            key: key.into(),
                             from_cache: true,
                             discarded_cache: None,
                         }));
@@ -320,6 +410,7 @@ impl Runtime {
         self.keep_loaded(key, &component);
         Ok(LoadedComponent {
             component,
+            key: key.into(),
             from_cache: false,
             discarded_cache: discarded,
         })
@@ -331,6 +422,7 @@ impl Runtime {
         let loaded = self.loaded.lock().unwrap_or_else(|e| e.into_inner());
         loaded.get(key).map(|component| LoadedComponent {
             component: component.clone(),
+            key: key.into(),
             from_cache: true,
             discarded_cache: None,
         })
@@ -358,6 +450,13 @@ impl Runtime {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .retain(|key, _| keep(key));
+        if let Some(overflow) = &self.overflow {
+            overflow
+                .components
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .retain(|key, _| keep(key));
+        }
     }
 
     fn cache_path(&self, key: &str) -> Option<PathBuf> {
@@ -371,6 +470,18 @@ impl Runtime {
             _ => None,
         }
     }
+}
+
+/// A linker for `engine` with WASI and the wasp host imports.
+fn link(engine: &Engine) -> Result<Linker<HostState>> {
+    let mut linker = Linker::<HostState>::new(engine);
+    wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(|e| Error::Engine(chain(&e)))?;
+    crate::bindings::Full::add_to_linker::<_, wasmtime::component::HasSelf<_>>(
+        &mut linker,
+        |state| state,
+    )
+    .map_err(|e| Error::Engine(chain(&e)))?;
+    Ok(linker)
 }
 
 /// First bytes of a compiled-component file: wasp's own header, version 2 (version 1

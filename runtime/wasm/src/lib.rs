@@ -22,7 +22,7 @@ pub use bindings::{
     Dtype, ErrorCode, GuestError, Level, ModelInput, ModelOutput, Prepared, Request, Response,
     Tensor,
 };
-pub use engine::{LoadedComponent, PoolSlots, Runtime, RuntimeConfig};
+pub use engine::{LoadedComponent, OverflowStats, PoolSlots, Runtime, RuntimeConfig};
 pub use host::{BoxFuture, ModelRouter};
 pub use logs::{LogBuffer, LogRecord};
 pub use pool::{CallError, PoolStats, Processor, ProcessorSettings, Role};

@@ -8,14 +8,14 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use wasmtime::component::{InstancePre, ResourceTable};
+use wasmtime::component::{Component, InstancePre, Linker, ResourceTable};
 use wasmtime::{Store, Trap, UpdateDeadline};
 use wasmtime_wasi::sockets::SocketAddrUse;
 use wasmtime_wasi::{FsPerms, WasiCtxBuilder};
 use wasp_core::{Isolation, Limits, Mount};
 
 use crate::bindings::{handler, lifecycle, transform};
-use crate::engine::LoadedComponent;
+use crate::engine::{LoadedComponent, Overflow, OverflowInstance};
 use crate::host::{HostState, Limiter, VersionContext};
 use crate::{
     Error, GuestError, LogBuffer, ModelOutput, ModelRouter, Prepared, Request, Response, Result,
@@ -180,6 +180,45 @@ struct Slot {
     last_used: Instant,
     /// Calls it has served.
     served: u32,
+    /// Set when it lives outside the pool (created on demand while the pool was full).
+    _overflow: Option<OverflowInstance>,
+}
+
+/// A component linked for one engine, with the indices of its exports (which belong to
+/// that engine's copy of the component).
+struct Linked {
+    pre: InstancePre<HostState>,
+    lifecycle: lifecycle::GuestIndices,
+    handler: Option<handler::GuestIndices>,
+    transform: Option<transform::GuestIndices>,
+}
+
+impl Linked {
+    fn new(linker: &Linker<HostState>, component: &Component) -> Result<Self> {
+        let pre = linker
+            .instantiate_pre(component)
+            .map_err(|e| Error::Contract(chain(&e)))?;
+        let missing = |name: &str, e: wasmtime::Error| {
+            Error::Contract(format!("it does not export `wasp:processor/{name}`: {e:#}"))
+        };
+        let lifecycle = lifecycle::GuestIndices::new(&pre).map_err(|e| missing("lifecycle", e))?;
+        let handler = handler::GuestIndices::new(&pre).ok();
+        let transform = transform::GuestIndices::new(&pre).ok();
+        Ok(Self {
+            pre,
+            lifecycle,
+            handler,
+            transform,
+        })
+    }
+}
+
+/// Where a processor's instances go when the pool is full.
+struct Spill {
+    overflow: Arc<Overflow>,
+    key: Arc<str>,
+    /// Linked on the overflow engine at the first overflow.
+    linked: Mutex<Option<Arc<Linked>>>,
 }
 
 /// The processor of one endpoint version. Cheap to clone.
@@ -191,10 +230,9 @@ pub struct Processor {
 struct Inner {
     engine: wasmtime::Engine,
     _ticker: Arc<crate::engine::Ticker>,
-    pre: InstancePre<HostState>,
-    lifecycle: lifecycle::GuestIndices,
-    handler: Option<handler::GuestIndices>,
-    transform: Option<transform::GuestIndices>,
+    linked: Linked,
+    /// The overflow engine, when the runtime has one.
+    spill: Option<Spill>,
     context: Arc<VersionContext>,
     fair: Arc<crate::fair::FairShare>,
     group: Arc<str>,
@@ -220,23 +258,14 @@ impl Runtime {
         role: Role,
         settings: ProcessorSettings,
     ) -> Result<Processor> {
-        let pre = self
-            .linker
-            .instantiate_pre(&component.component)
-            .map_err(|e| Error::Contract(chain(&e)))?;
-        let missing = |name: &str, e: wasmtime::Error| {
-            Error::Contract(format!("it does not export `wasp:processor/{name}`: {e:#}"))
-        };
-        let lifecycle = lifecycle::GuestIndices::new(&pre).map_err(|e| missing("lifecycle", e))?;
-        let handler = handler::GuestIndices::new(&pre).ok();
-        let transform = transform::GuestIndices::new(&pre).ok();
+        let linked = Linked::new(&self.linker, &component.component)?;
         match role {
-            Role::Service if handler.is_none() => {
+            Role::Service if linked.handler.is_none() => {
                 return Err(Error::Contract(
                     "backend `none` needs a processor that exports `wasp:processor/handler`".into(),
                 ));
             }
-            Role::Transform if transform.is_none() => {
+            Role::Transform if linked.transform.is_none() => {
                 return Err(Error::Contract(
                     "a model backend needs a processor that exports `wasp:processor/transform`"
                         .into(),
@@ -263,10 +292,12 @@ impl Runtime {
             inner: Arc::new(Inner {
                 engine: self.engine.clone(),
                 _ticker: self.ticker.clone(),
-                pre,
-                lifecycle,
-                handler,
-                transform,
+                linked,
+                spill: self.overflow.as_ref().map(|overflow| Spill {
+                    overflow: overflow.clone(),
+                    key: component.key.clone(),
+                    linked: Mutex::new(None),
+                }),
                 context,
                 fair: self.fair.clone(),
                 group: settings.group.into(),
@@ -355,12 +386,12 @@ impl Processor {
 
     /// Whether the processor exports `handler`.
     pub fn is_service(&self) -> bool {
-        self.inner.handler.is_some()
+        self.inner.linked.handler.is_some()
     }
 
     /// Whether the processor exports `transform`.
     pub fn is_transform(&self) -> bool {
-        self.inner.transform.is_some()
+        self.inner.linked.transform.is_some()
     }
 
     /// Creates instances (running `init`) until `count` are idle, within the instance cap.
@@ -424,8 +455,9 @@ impl Processor {
     /// Instantiates the component once and drops it, without running `init` or any
     /// export: the bare cost of a new instance (for benchmarks and health checks).
     pub async fn instantiate_only(&self) -> Result<(), CallError> {
-        let mut store = self.new_store()?;
+        let mut store = self.new_store(&self.inner.engine)?;
         self.inner
+            .linked
             .pre
             .instantiate_async(&mut store)
             .await
@@ -531,7 +563,7 @@ impl Processor {
         })
     }
 
-    fn new_store(&self) -> Result<Store<HostState>, CallError> {
+    fn new_store(&self, engine: &wasmtime::Engine) -> Result<Store<HostState>, CallError> {
         let inner = &self.inner;
         let mut wasi = WasiCtxBuilder::new();
         // The version's own configuration only: never the host's environment.
@@ -581,7 +613,7 @@ impl Processor {
             ticks: 0,
             turn: Arc::default(),
         };
-        let mut store = Store::new(&inner.engine, state);
+        let mut store = Store::new(engine, state);
         store.limiter(|state| &mut state.limiter);
         let (fair, group, endpoint) = (
             inner.fair.clone(),
@@ -616,24 +648,41 @@ impl Processor {
     }
 
     /// Creates an instance, resolves its exports and runs `init`, all under `deadline`.
+    /// When the pool is full and the runtime overflows, the instance is created on demand
+    /// outside it.
     async fn instantiate(&self, deadline: Instant) -> Result<Slot, CallError> {
         let inner = &self.inner;
-        let mut store = self.new_store()?;
+        let mut store = self.new_store(&inner.engine)?;
         store.data_mut().deadline = Some(deadline);
-        let instance = self
-            .timed(inner.pre.instantiate_async(&mut store))
-            .await
-            .map_err(|e| self.classify(&store, e))?;
+        let mut linked = &inner.linked;
+        let spilled;
+        let mut overflow = None;
+        let instance = match self.timed(linked.pre.instantiate_async(&mut store)).await {
+            Ok(instance) => instance,
+            Err(e) => match (self.classify(&store, e), &inner.spill) {
+                (CallError::Capacity(_), Some(spill)) => {
+                    spilled = self.spill_linked(spill)?;
+                    linked = &spilled;
+                    store = self.new_store(&spill.overflow.engine)?;
+                    store.data_mut().deadline = Some(deadline);
+                    overflow = Some(spill.overflow.count());
+                    self.timed(linked.pre.instantiate_async(&mut store))
+                        .await
+                        .map_err(|e| self.classify(&store, e))?
+                }
+                (error, _) => return Err(error),
+            },
+        };
         let load_err = |e: wasmtime::Error| CallError::Trap(chain(&e));
-        let lifecycle = inner
+        let lifecycle = linked
             .lifecycle
             .load(&mut store, &instance)
             .map_err(load_err)?;
-        let handler = match &inner.handler {
+        let handler = match &linked.handler {
             Some(indices) => Some(indices.load(&mut store, &instance).map_err(load_err)?),
             None => None,
         };
-        let transform = match &inner.transform {
+        let transform = match &linked.transform {
             Some(indices) => Some(indices.load(&mut store, &instance).map_err(load_err)?),
             None => None,
         };
@@ -651,7 +700,26 @@ impl Processor {
             transform,
             last_used: Instant::now(),
             served: 0,
+            _overflow: overflow,
         })
+    }
+
+    /// The component linked on the overflow engine, linked at the first overflow.
+    fn spill_linked(&self, spill: &Spill) -> Result<Arc<Linked>, CallError> {
+        let mut linked = spill.linked.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(linked) = &*linked {
+            return Ok(linked.clone());
+        }
+        let unavailable = |e: Error| {
+            CallError::Unavailable(format!("cannot instantiate outside the full pool: {e}"))
+        };
+        let component = spill
+            .overflow
+            .component(&spill.key, self.inner.linked.pre.component())
+            .map_err(unavailable)?;
+        let made = Arc::new(Linked::new(&spill.overflow.linker, &component).map_err(unavailable)?);
+        *linked = Some(made.clone());
+        Ok(made)
     }
 
     fn arm(&self, slot: &mut Slot, deadline: Instant) {

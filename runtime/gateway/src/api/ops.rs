@@ -52,6 +52,12 @@ pub(crate) async fn metrics(State(gateway): State<AppState>) -> Response {
     m.job_backlog.clear();
     m.components_loaded
         .set(i64::try_from(gateway.runtime.loaded_components()).unwrap_or(i64::MAX));
+    if let Some(overflow) = gateway.runtime.overflow_stats() {
+        m.overflow_instances
+            .set(i64::try_from(overflow.live).unwrap_or(i64::MAX));
+        m.overflow_created
+            .inc_by(overflow.created.saturating_sub(m.overflow_created.get()));
+    }
     for slots in gateway.runtime.pool_slots() {
         let labels = PoolLabels {
             kind: slots.kind.into(),
