@@ -5,7 +5,7 @@
 //! reports its pool's occupancy, and takes new deploys again once slots are freed.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use wasp_tests::guests::HOSTILE;
+use wasp_tests::guests::{HELLO, HOSTILE};
 use wasp_tests::{Reply, TestClient, TestServer, spec};
 
 /// The value of the gauge line `metric{kind="kind"}` in the server's metrics.
@@ -221,4 +221,60 @@ async fn endpoints_deployed_at_zero_hold_no_instance_until_called() {
         "versions[0].scaling.initial_workers"
     );
     t.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_restart_compiled_components_load_with_their_first_instance() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = TestServer::start_in(dir.path()).await;
+    for i in 0..20 {
+        first
+            .client
+            .deploy_ok(HOSTILE, &at_zero(&format!("z{i}"), ""))
+            .await;
+    }
+    for i in 0..5 {
+        first
+            .client
+            .deploy_ok(HELLO, &at_zero(&format!("h{i}"), ""))
+            .await;
+    }
+    first.stop().await;
+
+    // Twenty-five endpoints over two components, all at zero: none loads its component
+    // at start.
+    let second = TestServer::start_in(dir.path()).await;
+    let c = &second.client;
+    assert_eq!(value(c, "wasp_components_loaded").await, 0);
+    let status = c.get("/api/v1/endpoints/z0").await.json();
+    assert_eq!(
+        status["versions"][0]["component_loaded"], false,
+        "{status:#}"
+    );
+    assert_eq!(
+        status["versions"][0]["compiled_from_cache"], false,
+        "{status:#}"
+    );
+
+    // The first call loads it, from the compiled cache, once for every endpoint using it.
+    let answer = c.invoke("z3", "/echo", "woken").await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    assert_eq!(answer.text(), "woken");
+    assert_eq!(value(c, "wasp_components_loaded").await, 1);
+    let status = c.get("/api/v1/endpoints/z3").await.json();
+    assert_eq!(
+        status["versions"][0]["component_loaded"], true,
+        "{status:#}"
+    );
+    assert_eq!(
+        status["versions"][0]["compiled_from_cache"], true,
+        "{status:#}"
+    );
+    assert_eq!(c.invoke("z9", "/echo", "too").await.text(), "too");
+    assert_eq!(value(c, "wasp_components_loaded").await, 1);
+    let hello = c.invoke("h2", "", r#"{"name":"lazy"}"#).await;
+    assert_eq!(hello.json()["greeting"], "hello, lazy!", "{}", hello.text());
+    assert_eq!(value(c, "wasp_components_loaded").await, 2);
+    assert_eq!(value(c, "wasp_component_compiles_total").await, 0);
+    second.stop().await;
 }

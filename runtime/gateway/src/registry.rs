@@ -34,8 +34,6 @@ pub struct DeployedVersion {
     pub weight: u32,
     /// Its processor; none when requests pass through to a container as they are.
     pub processor: Option<Processor>,
-    /// Whether its component came from the compiled cache.
-    pub from_cache: bool,
     /// Its limits.
     pub limits: Limits,
     /// Content digest of its component, if it has one.
@@ -222,7 +220,6 @@ tokio::task_local! {
 /// A version's processor as built at deploy.
 struct BuiltProcessor {
     processor: Processor,
-    from_cache: bool,
     digest: String,
 }
 
@@ -1382,39 +1379,6 @@ impl Gateway {
                 message: Error::UnknownComponent(digest).to_string(),
             });
         }
-        // A component another version loaded is shared, not read, checked and loaded again.
-        let loaded = match self.runtime.loaded_component(&digest) {
-            Some(loaded) => loaded,
-            None => {
-                let bytes = self
-                    .download_component(&digest)
-                    .await
-                    .map_err(|e| match e {
-                        Error::UnknownComponent(_) | Error::CorruptComponent(_) => Error::Invalid {
-                            field: at("processor.component"),
-                            message: e.to_string(),
-                        },
-                        other => other,
-                    })?;
-                // Compiling is CPU-bound for up to seconds: keep it off the async workers.
-                let (this, key) = (self.clone(), digest.clone());
-                tokio::task::spawn_blocking(move || this.runtime.load_component(&key, &bytes))
-                    .await
-                    .map_err(|e| Error::Store(format!("compile task failed: {e}")))?
-                    .map_err(|source| Error::Component {
-                        version: v.name.clone(),
-                        source,
-                    })?
-            }
-        };
-        if loaded.from_cache {
-            self.metrics.cache_hits.inc();
-        } else {
-            self.metrics.compiles.inc();
-        }
-        if loaded.discarded_cache.is_some() {
-            self.integrity_failure("compiled_component");
-        }
         for (j, mount) in processor.mounts.iter().enumerate() {
             if !mount.host.is_dir() {
                 return Err(Error::Invalid {
@@ -1444,18 +1408,85 @@ impl Gateway {
         } else {
             Role::Service
         };
+        let component_error = |source| Error::Component {
+            version: v.name.clone(),
+            source,
+        };
+        let restoring = self.restoring.load(std::sync::atomic::Ordering::Relaxed);
+        if restoring && self.runtime.loaded_component(&digest).is_none() {
+            // At start, a stored version's component is loaded by its first instance: a
+            // server with many endpoints serves at once, and idle ones never load theirs.
+            let (gateway, key) = (Arc::downgrade(self), digest.clone());
+            let source: wasp_wasm::ComponentSource = Arc::new(move || {
+                let (gateway, key) = (gateway.clone(), key.clone());
+                Box::pin(async move {
+                    let unavailable = |e: Error| wasp_wasm::Error::Unavailable(e.to_string());
+                    let gateway = gateway.upgrade().ok_or_else(|| {
+                        unavailable(Error::Store("the server is stopping".into()))
+                    })?;
+                    gateway.load_component(&key).await.map_err(|e| match e {
+                        Error::Component { source, .. } => source,
+                        other => unavailable(other),
+                    })
+                })
+            });
+            let built = self
+                .runtime
+                .lazy_processor(&digest, source, role, settings)
+                .map_err(component_error)?;
+            return Ok(BuiltProcessor {
+                processor: built,
+                digest,
+            });
+        }
+        let loaded = self.load_component(&digest).await.map_err(|e| match e {
+            Error::UnknownComponent(_) | Error::CorruptComponent(_) => Error::Invalid {
+                field: at("processor.component"),
+                message: e.to_string(),
+            },
+            Error::Component { source, .. } => component_error(source),
+            other => other,
+        })?;
         let built = self
             .runtime
             .processor(&loaded, role, settings)
-            .map_err(|source| Error::Component {
-                version: v.name.clone(),
-                source,
-            })?;
+            .map_err(component_error)?;
         Ok(BuiltProcessor {
             processor: built,
-            from_cache: loaded.from_cache,
             digest,
         })
+    }
+
+    /// The compiled component stored under `digest`: the one in memory if another version
+    /// loaded it (shared, not read, checked and loaded again), else read from the store and
+    /// loaded from the compiled cache or compiled.
+    async fn load_component(
+        self: &Arc<Self>,
+        digest: &str,
+    ) -> Result<wasp_wasm::LoadedComponent, Error> {
+        if let Some(loaded) = self.runtime.loaded_component(digest) {
+            self.metrics.cache_hits.inc();
+            return Ok(loaded);
+        }
+        let bytes = self.download_component(digest).await?;
+        // Compiling is CPU-bound for up to seconds: keep it off the async workers.
+        let (this, key) = (self.clone(), digest.to_owned());
+        let loaded = tokio::task::spawn_blocking(move || this.runtime.load_component(&key, &bytes))
+            .await
+            .map_err(|e| Error::Store(format!("compile task failed: {e}")))?
+            .map_err(|source| Error::Component {
+                version: String::new(),
+                source,
+            })?;
+        if loaded.from_cache {
+            self.metrics.cache_hits.inc();
+        } else {
+            self.metrics.compiles.inc();
+        }
+        if loaded.discarded_cache.is_some() {
+            self.integrity_failure("compiled_component");
+        }
+        Ok(loaded)
     }
 
     /// The registry logins of `endpoint`'s tenant, looked up as each worker pulls (a login
@@ -1638,7 +1669,6 @@ impl Gateway {
             versions.push(Arc::new(DeployedVersion {
                 name: v.name.clone(),
                 weight: spec.weight(i),
-                from_cache: processor.as_ref().is_some_and(|p| p.from_cache),
                 digest: processor.as_ref().map(|p| p.digest.clone()),
                 processor: processor.map(|p| p.processor),
                 limits: v.limits.clone(),

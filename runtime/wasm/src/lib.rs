@@ -25,7 +25,7 @@ pub use bindings::{
 pub use engine::{LoadedComponent, OverflowStats, PoolSlots, Runtime, RuntimeConfig};
 pub use host::{BoxFuture, ModelRouter};
 pub use logs::{LogBuffer, LogRecord};
-pub use pool::{CallError, PoolStats, Processor, ProcessorSettings, Role};
+pub use pool::{CallError, ComponentSource, PoolStats, Processor, ProcessorSettings, Role};
 
 /// Errors of setting up the runtime or a processor (not of a call: see [`CallError`]).
 #[derive(Debug, thiserror::Error)]
@@ -40,6 +40,9 @@ pub enum Error {
     /// import).
     #[error("component does not fit the wasp:processor contract: {0}")]
     Contract(String),
+    /// A lazy processor's component could not be had from where it is kept.
+    #[error("cannot read the component: {0}")]
+    Unavailable(String),
     /// The compiled-component cache could not be read or written.
     #[error("component cache at {path}: {source}")]
     Cache {

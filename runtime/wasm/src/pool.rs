@@ -16,7 +16,7 @@ use wasp_core::{Isolation, Limits, Mount};
 
 use crate::bindings::{handler, lifecycle, transform};
 use crate::engine::{LoadedComponent, Overflow, OverflowInstance};
-use crate::host::{HostState, Limiter, VersionContext};
+use crate::host::{BoxFuture, HostState, Limiter, VersionContext};
 use crate::{
     Error, GuestError, LogBuffer, ModelOutput, ModelRouter, Prepared, Request, Response, Result,
     Runtime, chain,
@@ -211,7 +211,24 @@ impl Linked {
             transform,
         })
     }
+
+    /// Checks that it exports what `role` needs.
+    fn check(&self, role: Role) -> Result<()> {
+        match role {
+            Role::Service if self.handler.is_none() => Err(Error::Contract(
+                "backend `none` needs a processor that exports `wasp:processor/handler`".into(),
+            )),
+            Role::Transform if self.transform.is_none() => Err(Error::Contract(
+                "a model backend needs a processor that exports `wasp:processor/transform`".into(),
+            )),
+            _ => Ok(()),
+        }
+    }
 }
+
+/// Gives a lazy processor its component, at its first instance.
+pub type ComponentSource =
+    Arc<dyn Fn() -> BoxFuture<'static, Result<LoadedComponent>> + Send + Sync>;
 
 /// Where a processor's instances go when the pool is full.
 struct Spill {
@@ -230,7 +247,14 @@ pub struct Processor {
 struct Inner {
     engine: wasmtime::Engine,
     _ticker: Arc<crate::engine::Ticker>,
-    linked: Linked,
+    /// The component linked on the pooled engine: at build, or by the first instance of a
+    /// lazy processor.
+    linked: tokio::sync::OnceCell<Linked>,
+    linker: Arc<Linker<HostState>>,
+    /// Whether the component came from the compiled cache, once it is loaded.
+    from_cache: std::sync::OnceLock<bool>,
+    /// Where a lazy processor's component comes from, and the exports it must have.
+    source: Option<(ComponentSource, Role)>,
     /// The overflow engine, when the runtime has one.
     spill: Option<Spill>,
     context: Arc<VersionContext>,
@@ -259,20 +283,43 @@ impl Runtime {
         settings: ProcessorSettings,
     ) -> Result<Processor> {
         let linked = Linked::new(&self.linker, &component.component)?;
-        match role {
-            Role::Service if linked.handler.is_none() => {
-                return Err(Error::Contract(
-                    "backend `none` needs a processor that exports `wasp:processor/handler`".into(),
-                ));
-            }
-            Role::Transform if linked.transform.is_none() => {
-                return Err(Error::Contract(
-                    "a model backend needs a processor that exports `wasp:processor/transform`"
-                        .into(),
-                ));
-            }
-            _ => {}
-        }
+        linked.check(role)?;
+        let processor = self.make_processor(
+            tokio::sync::OnceCell::new_with(Some(linked)),
+            None,
+            component.key.clone(),
+            settings,
+        )?;
+        let _ = processor.inner.from_cache.set(component.from_cache);
+        Ok(processor)
+    }
+
+    /// Prepares a version's processor whose component is loaded, linked and checked by
+    /// its first instance (a version restored at start, scaled to zero): `source` gives
+    /// the component, `key` is its digest. A failure there fails that call (and every
+    /// later one tries again).
+    pub fn lazy_processor(
+        &self,
+        key: &str,
+        source: ComponentSource,
+        role: Role,
+        settings: ProcessorSettings,
+    ) -> Result<Processor> {
+        self.make_processor(
+            tokio::sync::OnceCell::new(),
+            Some((source, role)),
+            key.into(),
+            settings,
+        )
+    }
+
+    fn make_processor(
+        &self,
+        linked: tokio::sync::OnceCell<Linked>,
+        source: Option<(ComponentSource, Role)>,
+        key: Arc<str>,
+        settings: ProcessorSettings,
+    ) -> Result<Processor> {
         let mut allow_hosts = Vec::new();
         for entry in &settings.allow_hosts {
             let parsed = wasp_core::spec::parse_allow_host(entry)
@@ -293,9 +340,12 @@ impl Runtime {
                 engine: self.engine.clone(),
                 _ticker: self.ticker.clone(),
                 linked,
+                linker: self.linker.clone(),
+                from_cache: std::sync::OnceLock::new(),
+                source,
                 spill: self.overflow.as_ref().map(|overflow| Spill {
                     overflow: overflow.clone(),
-                    key: component.key.clone(),
+                    key,
                     linked: Mutex::new(None),
                 }),
                 context,
@@ -384,14 +434,35 @@ impl Processor {
         self.finish(lease, result)
     }
 
-    /// Whether the processor exports `handler`.
-    pub fn is_service(&self) -> bool {
-        self.inner.linked.handler.is_some()
+    /// Whether its component is loaded and linked (a lazy processor's is at its first
+    /// instance).
+    pub fn is_loaded(&self) -> bool {
+        self.inner.linked.initialized()
     }
 
-    /// Whether the processor exports `transform`.
-    pub fn is_transform(&self) -> bool {
-        self.inner.linked.transform.is_some()
+    /// Whether its component came from the compiled cache; `None` until it is loaded.
+    pub fn compiled_from_cache(&self) -> Option<bool> {
+        self.inner.from_cache.get().copied()
+    }
+
+    /// The component linked on the pooled engine, loaded first if this processor is lazy.
+    async fn linked(&self) -> Result<&Linked, CallError> {
+        let inner = &self.inner;
+        inner
+            .linked
+            .get_or_try_init(|| async {
+                let unavailable =
+                    |e: Error| CallError::Unavailable(format!("cannot load the component: {e}"));
+                let Some((source, role)) = &inner.source else {
+                    return Err(CallError::Unavailable("the component is not loaded".into()));
+                };
+                let loaded = source().await.map_err(unavailable)?;
+                let linked = Linked::new(&inner.linker, &loaded.component).map_err(unavailable)?;
+                linked.check(*role).map_err(unavailable)?;
+                let _ = inner.from_cache.set(loaded.from_cache);
+                Ok(linked)
+            })
+            .await
     }
 
     /// Creates instances (running `init`) until `count` are idle, within the instance cap.
@@ -455,9 +526,9 @@ impl Processor {
     /// Instantiates the component once and drops it, without running `init` or any
     /// export: the bare cost of a new instance (for benchmarks and health checks).
     pub async fn instantiate_only(&self) -> Result<(), CallError> {
+        let linked = self.linked().await?;
         let mut store = self.new_store(&self.inner.engine)?;
-        self.inner
-            .linked
+        linked
             .pre
             .instantiate_async(&mut store)
             .await
@@ -654,14 +725,14 @@ impl Processor {
         let inner = &self.inner;
         let mut store = self.new_store(&inner.engine)?;
         store.data_mut().deadline = Some(deadline);
-        let mut linked = &inner.linked;
+        let mut linked = self.linked().await?;
         let spilled;
         let mut overflow = None;
         let instance = match self.timed(linked.pre.instantiate_async(&mut store)).await {
             Ok(instance) => instance,
             Err(e) => match (self.classify(&store, e), &inner.spill) {
                 (CallError::Capacity(_), Some(spill)) => {
-                    spilled = self.spill_linked(spill)?;
+                    spilled = self.spill_linked(spill, linked)?;
                     linked = &spilled;
                     store = self.new_store(&spill.overflow.engine)?;
                     store.data_mut().deadline = Some(deadline);
@@ -705,7 +776,7 @@ impl Processor {
     }
 
     /// The component linked on the overflow engine, linked at the first overflow.
-    fn spill_linked(&self, spill: &Spill) -> Result<Arc<Linked>, CallError> {
+    fn spill_linked(&self, spill: &Spill, pooled: &Linked) -> Result<Arc<Linked>, CallError> {
         let mut linked = spill.linked.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(linked) = &*linked {
             return Ok(linked.clone());
@@ -715,7 +786,7 @@ impl Processor {
         };
         let component = spill
             .overflow
-            .component(&spill.key, self.inner.linked.pre.component())
+            .component(&spill.key, pooled.pre.component())
             .map_err(unavailable)?;
         let made = Arc::new(Linked::new(&spill.overflow.linker, &component).map_err(unavailable)?);
         *linked = Some(made.clone());

@@ -143,8 +143,13 @@ pub struct VersionDetail {
     /// Its component, `sha256:<hex>`; absent when requests pass through to a container.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub component: Option<String>,
-    /// Whether the component was loaded from the compiled cache.
+    /// Whether the component was loaded from the compiled cache (false until it is
+    /// loaded).
     pub compiled_from_cache: bool,
+    /// Whether its compiled component is in memory: a version restored at start loads
+    /// its component with its first instance (absent when it has no processor).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub component_loaded: Option<bool>,
     /// Its processor instances.
     pub instances: InstanceCounts,
 }
@@ -311,7 +316,12 @@ fn detail(d: &Deployment) -> EndpointDetail {
                         .collect()
                 }),
                 component: v.digest.as_ref().map(|d| format!("sha256:{d}")),
-                compiled_from_cache: v.from_cache,
+                compiled_from_cache: v
+                    .processor
+                    .as_ref()
+                    .and_then(|p| p.compiled_from_cache())
+                    .unwrap_or(false),
+                component_loaded: v.processor.as_ref().map(|p| p.is_loaded()),
                 instances: InstanceCounts {
                     idle: s.idle,
                     busy: s.busy,
