@@ -142,15 +142,24 @@ fn main() {
             compiled.elapsed().as_secs_f64()
         );
         let before = rss_kib();
-        let first = deploy(&c, &digests, COMPONENTS..COMPONENTS + edge).await;
-        deploy(&c, &digests, COMPONENTS + edge..endpoints - edge).await;
-        let last = deploy(&c, &digests, endpoints - edge..endpoints).await;
+        // Deploys in steps of `edge`: the rate and the memory as the count grows.
+        let mut steps: Vec<(usize, f64, f64)> = Vec::new();
+        let mut at = COMPONENTS;
+        while at < endpoints {
+            let to = (at + edge).min(endpoints);
+            let rate = deploy(&c, &digests, at..to).await;
+            steps.push((to, rate, rss_kib() as f64 / 1024.0));
+            at = to;
+        }
+        let first = steps.first().map_or(0.0, |s| s.1);
+        let last = steps.last().map_or(0.0, |s| s.1);
         let idle = rss_kib();
         let per_idle = (idle.saturating_sub(before)) as f64 / (endpoints - COMPONENTS) as f64;
         println!(
             "  deploys/s: {first:.0} for endpoints {COMPONENTS}..{} and {last:.0} for the last \
-             {edge} (goal >= 500 at {endpoints})",
-            COMPONENTS + edge
+             {} (goal >= 500 at {endpoints})",
+            COMPONENTS + edge,
+            endpoints - steps.iter().rev().nth(1).map_or(COMPONENTS, |s| s.0)
         );
         println!(
             "  resident memory: {:.1} MiB with every endpoint idle, {per_idle:.1} KiB per idle \
@@ -206,5 +215,59 @@ fn main() {
             load::ms(first_call[0])
         );
         t.stop().await;
+        let png =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench/density.png");
+        plot(&png, &steps).unwrap();
+        println!("  plot: {}", png.display());
     });
+}
+
+/// Deploys per second (above) and the server's resident memory (below) as the count of
+/// endpoints grows.
+fn plot(path: &std::path::Path, steps: &[(usize, f64, f64)]) -> anyhow::Result<()> {
+    use plotters::prelude::*;
+    wasp_tests::prepare_plot(path)?;
+    let root = BitMapBackend::new(path, (1000, 700)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let (upper, lower) = root.split_vertically(350);
+    let most = steps.last().map_or(1, |s| s.0) as f64;
+    let panels = [
+        (
+            &upper,
+            "Deploys per second as endpoints are added",
+            "deploys/s",
+            BLUE,
+            1,
+        ),
+        (
+            &lower,
+            "Server resident memory, every endpoint idle (at zero)",
+            "MiB",
+            RED,
+            2,
+        ),
+    ];
+    for (area, caption, unit, colour, which) in panels {
+        let value = |s: &(usize, f64, f64)| if which == 1 { s.1 } else { s.2 };
+        let top = steps.iter().map(value).fold(1.0, f64::max);
+        let mut chart = ChartBuilder::on(area)
+            .caption(caption, ("sans-serif", 22))
+            .margin(12)
+            .x_label_area_size(36)
+            .y_label_area_size(60)
+            .build_cartesian_2d(0.0..most, 0.0..top * 1.15)?;
+        chart
+            .configure_mesh()
+            .x_desc("endpoints deployed")
+            .x_label_formatter(&|x| format!("{x:.0}"))
+            .y_label_formatter(&|y| format!("{y:.0}"))
+            .y_desc(unit)
+            .draw()?;
+        chart.draw_series(LineSeries::new(
+            steps.iter().map(|s| (s.0 as f64, value(s))),
+            colour.stroke_width(2),
+        ))?;
+    }
+    root.present()?;
+    Ok(())
 }
