@@ -223,6 +223,18 @@ async fn endpoints_deployed_at_zero_hold_no_instance_until_called() {
     t.stop().await;
 }
 
+/// Whether `endpoint`'s first version has its component loaded, and from the cache.
+async fn loaded(c: &TestClient, endpoint: &str) -> (bool, bool) {
+    let status = c.get(&format!("/api/v1/endpoints/{endpoint}")).await.json();
+    let version = &status["versions"][0];
+    let flag = |name: &str| {
+        version[name]
+            .as_bool()
+            .unwrap_or_else(|| panic!("no {name} in {status:#}"))
+    };
+    (flag("component_loaded"), flag("compiled_from_cache"))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_restart_compiled_components_load_with_their_first_instance() {
     let dir = tempfile::tempdir().unwrap();
@@ -246,30 +258,14 @@ async fn after_a_restart_compiled_components_load_with_their_first_instance() {
     let second = TestServer::start_in(dir.path()).await;
     let c = &second.client;
     assert_eq!(value(c, "wasp_components_loaded").await, 0);
-    let status = c.get("/api/v1/endpoints/z0").await.json();
-    assert_eq!(
-        status["versions"][0]["component_loaded"], false,
-        "{status:#}"
-    );
-    assert_eq!(
-        status["versions"][0]["compiled_from_cache"], false,
-        "{status:#}"
-    );
+    assert_eq!(loaded(c, "z0").await, (false, false));
 
     // The first call loads it, from the compiled cache, once for every endpoint using it.
     let answer = c.invoke("z3", "/echo", "woken").await;
     assert_eq!(answer.status, 200, "{}", answer.text());
     assert_eq!(answer.text(), "woken");
     assert_eq!(value(c, "wasp_components_loaded").await, 1);
-    let status = c.get("/api/v1/endpoints/z3").await.json();
-    assert_eq!(
-        status["versions"][0]["component_loaded"], true,
-        "{status:#}"
-    );
-    assert_eq!(
-        status["versions"][0]["compiled_from_cache"], true,
-        "{status:#}"
-    );
+    assert_eq!(loaded(c, "z3").await, (true, true));
     assert_eq!(c.invoke("z9", "/echo", "too").await.text(), "too");
     assert_eq!(value(c, "wasp_components_loaded").await, 1);
     let hello = c.invoke("h2", "", r#"{"name":"lazy"}"#).await;
