@@ -10,14 +10,7 @@ use wasp_tests::{Reply, TestClient, TestServer, spec};
 
 /// The value of the gauge line `metric{kind="kind"}` in the server's metrics.
 async fn gauge(c: &TestClient, metric: &str, kind: &str) -> u64 {
-    let text = c.get("/metrics").await.text();
-    let line = format!("{metric}{{kind=\"{kind}\"}} ");
-    text.lines()
-        .find_map(|l| l.strip_prefix(&line))
-        .unwrap_or_else(|| panic!("no {line} in\n{text}"))
-        .trim()
-        .parse()
-        .unwrap()
+    value(c, &format!("{metric}{{kind=\"{kind}\"}}")).await
 }
 
 fn assert_full(reply: &Reply) {
@@ -98,7 +91,7 @@ async fn a_full_instance_pool_is_a_capacity_error_that_names_its_flag() {
     t.stop().await;
 }
 
-/// The value of the unlabelled metric `metric`.
+/// The value of the metric line `metric` (with its labels, if any).
 async fn value(c: &TestClient, metric: &str) -> u64 {
     let text = c.get("/metrics").await.text();
     let line = format!("{metric} ");

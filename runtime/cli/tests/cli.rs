@@ -607,10 +607,7 @@ fn grpc_is_served_with_the_https_certificate_and_the_same_keys() {
         python.display()
     );
     let dir = tempfile::tempdir().unwrap();
-    let made = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
-    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
-    std::fs::write(&cert, made.cert.pem()).unwrap();
-    std::fs::write(&key, made.signing_key.serialize_pem()).unwrap();
+    let (cert, key) = self_signed(dir.path(), "localhost");
     let server = Serve::try_start(
         &dir.path().join("data"),
         &[
@@ -672,13 +669,19 @@ except InferenceServerException as e:
     assert_eq!(lines[2], "plain refused", "{stdout}");
 }
 
+/// A self-signed certificate for `host` and its key, written as PEM files in `dir`.
+fn self_signed(dir: &Path, host: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+    let made = rcgen::generate_simple_self_signed(vec![host.to_owned()]).unwrap();
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&cert, made.cert.pem()).unwrap();
+    std::fs::write(&key, made.signing_key.serialize_pem()).unwrap();
+    (cert, key)
+}
+
 #[test]
 fn the_cli_speaks_https_to_a_server_with_a_certificate() {
     let dir = tempfile::tempdir().unwrap();
-    let made = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).unwrap();
-    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
-    std::fs::write(&cert, made.cert.pem()).unwrap();
-    std::fs::write(&key, made.signing_key.serialize_pem()).unwrap();
+    let (cert, key) = self_signed(dir.path(), "127.0.0.1");
     let server = Serve::try_start(
         &dir.path().join("data"),
         &[
