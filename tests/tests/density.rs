@@ -26,7 +26,7 @@ fn assert_full(reply: &Reply) {
 async fn a_full_instance_pool_is_a_capacity_error_that_names_its_flag() {
     let t = TestServer::start_configured(|config| {
         config.runtime.max_total_instances = 3;
-        config.runtime.overflow = false;
+        config.runtime.pool_full = wasp_gateway::PoolFull::Fail;
     })
     .await;
     let c = &t.client;
@@ -266,4 +266,119 @@ async fn after_a_restart_compiled_components_load_with_their_first_instance() {
     assert_eq!(value(c, "wasp_components_loaded").await, 2);
     assert_eq!(value(c, "wasp_component_compiles_total").await, 0);
     second.stop().await;
+}
+
+/// `--pool-full queue`: a request that finds every slot taken waits for one to be freed, up
+/// to its call timeout, instead of overflowing or failing at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_queue_policy_a_request_waits_for_a_slot_up_to_its_timeout() {
+    let t = TestServer::start_configured(|config| {
+        config.runtime.max_total_instances = 1;
+        config.runtime.pool_full = wasp_gateway::PoolFull::Queue;
+    })
+    .await;
+    let c = &t.client;
+    // `busy` drops its instance after each call; `patient` waits up to 5 s for a slot,
+    // `hasty` 300 ms.
+    let per_request = "[versions.limits]\nisolation = \"per-request\"\ntimeout_ms = 5000";
+    let at_zero_with = |name: &str, limits: &str| format!("{}{limits}\n", at_zero(name, ""));
+    c.deploy_ok(HOSTILE, &at_zero_with("busy", per_request))
+        .await;
+    c.deploy_ok(
+        HOSTILE,
+        &at_zero_with("patient", "[versions.limits]\ntimeout_ms = 5000"),
+    )
+    .await;
+    c.deploy_ok(
+        HOSTILE,
+        &at_zero_with("hasty", "[versions.limits]\ntimeout_ms = 300"),
+    )
+    .await;
+
+    // While `busy` holds the only slot for 1.5 s, `patient` waits and is then served.
+    let sleeper = {
+        let c = c.clone();
+        tokio::spawn(async move { c.invoke("busy", "/sleep", "1500").await })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let asked = std::time::Instant::now();
+    let waited = c.invoke("patient", "/echo", "served").await;
+    let wait = asked.elapsed();
+    assert_eq!(waited.status, 200, "{}", waited.text());
+    assert_eq!(waited.text(), "served");
+    let slept = sleeper.await.unwrap();
+    assert_eq!(slept.status, 200, "{}", slept.text());
+    // `busy` held the slot for at least 1.2 s more.
+    assert!(
+        wait.as_millis() >= 1000,
+        "served after {wait:?}, before the slot was freed"
+    );
+    // Nothing was created outside the pool.
+    assert_eq!(value(c, "wasp_overflow_instances_created_total").await, 0);
+
+    // `patient` keeps its idle instance, and so the slot: `hasty` waits its 300 ms and is
+    // told the server is full, with the flag to raise (its cold start is what failed:
+    // `worker_failed`, with the capacity error).
+    let refused = c.invoke("hasty", "/echo", "late").await;
+    assert_eq!(refused.status, 503, "{}", refused.text());
+    let message = refused.json()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(message.contains("the server is full"), "{message}");
+    assert!(message.contains("--max-instances"), "{message}");
+    assert!(message.contains("no slot was freed"), "{message}");
+    // Deleted, `patient` frees it, and `hasty` is served.
+    let removed = c.request("DELETE", "/api/v1/endpoints/patient", "").await;
+    assert!(removed.status < 300, "{}", removed.text());
+    assert_eq!(c.invoke("hasty", "/echo", "now").await.text(), "now");
+    t.stop().await;
+}
+
+/// A pool too large for 4 GiB memory slots gets smaller ones, so that its slots fit in the
+/// address space; a version whose memory cap is larger than a slot runs its instances
+/// outside the pool, with all of its cap, and one whose cap fits runs in it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slots_are_sized_to_fit_and_larger_memory_caps_run_outside_the_pool() {
+    let t =
+        TestServer::start_configured(|config| config.runtime.max_total_instances = 16_000).await;
+    let c = &t.client;
+    assert_eq!(
+        value(c, "wasp_instance_pool_slot_memory_bytes").await,
+        512 << 20
+    );
+    assert_eq!(
+        gauge(c, "wasp_instance_pool_slots", "memories").await,
+        32_000
+    );
+
+    c.deploy_ok(
+        HOSTILE,
+        &spec("small", "[versions.limits]\nmemory_mib = 200"),
+    )
+    .await;
+    c.deploy_ok(
+        HOSTILE,
+        &spec("large", "[versions.limits]\nmemory_mib = 700"),
+    )
+    .await;
+    assert_eq!(
+        gauge(c, "wasp_instance_pool_slots_used", "component_instances").await,
+        1
+    );
+    assert_eq!(value(c, "wasp_overflow_instances").await, 1);
+
+    // Past a slot's 512 MiB, up to its own 700 MiB, and no further.
+    let held = c.invoke("large", "/hold", "600").await;
+    assert_eq!(held.status, 200, "{}", held.text());
+    assert!(held.text().starts_with("held 600 MiB"), "{}", held.text());
+    let hog = c.invoke("large", "/alloc", "").await;
+    assert_eq!(hog.status, 500, "{}", hog.text());
+    assert_eq!(hog.json()["error"]["code"], "processor_out_of_memory");
+    // The pooled one gets its own cap too.
+    let held = c.invoke("small", "/hold", "150").await;
+    assert_eq!(held.status, 200, "{}", held.text());
+    let hog = c.invoke("small", "/alloc", "").await;
+    assert_eq!(hog.json()["error"]["code"], "processor_out_of_memory");
+    t.stop().await;
 }

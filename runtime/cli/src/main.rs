@@ -74,8 +74,20 @@ enum LogFormat {
 enum PoolFull {
     /// Created on demand, outside the pool.
     Overflow,
+    /// A request waits for a slot, up to its call timeout, then 503 server_full.
+    Queue,
     /// Refused: 503 server_full.
     Fail,
+}
+
+impl From<PoolFull> for wasp_gateway::PoolFull {
+    fn from(policy: PoolFull) -> Self {
+        match policy {
+            PoolFull::Overflow => Self::Overflow,
+            PoolFull::Queue => Self::Queue,
+            PoolFull::Fail => Self::Fail,
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -201,9 +213,16 @@ enum Command {
         max_instances: u32,
         /// What a new instance does when the pool's --max-instances slots are taken:
         /// `overflow` creates it on demand outside the pool (slower to create, as fast to
-        /// call), `fail` answers 503 server_full.
+        /// call), `queue` makes a request wait for a slot (up to its call timeout), `fail`
+        /// answers 503 server_full.
         #[arg(long, value_enum, default_value_t = PoolFull::Overflow)]
         pool_full: PoolFull,
+        /// Memory of one pool slot, in MiB: the largest limits.memory_mib whose instances
+        /// the pool holds (larger ones are created on demand, outside it). Default: 4096
+        /// (no bounds checks in compiled code) while --max-instances slots of it fit in
+        /// 32 TiB of address space, else the largest power of two down to 128 that fits.
+        #[arg(long, value_name = "MIB")]
+        slot_memory_mib: Option<u32>,
         /// Longest any request may take, in seconds, before it is answered 504.
         #[arg(long, default_value_t = 300)]
         request_timeout_s: u64,
@@ -861,6 +880,7 @@ async fn run(cli: Cli) -> Result<()> {
             no_pooling,
             max_instances,
             pool_full,
+            slot_memory_mib,
             request_timeout_s,
             header_read_timeout_s,
             max_connections,
@@ -958,7 +978,8 @@ async fn run(cli: Cli) -> Result<()> {
                 runtime: wasp_gateway::RuntimeConfig {
                     pooling: !no_pooling,
                     max_total_instances: max_instances,
-                    overflow: pool_full == PoolFull::Overflow,
+                    pool_full: pool_full.into(),
+                    slot_memory_mib,
                     cpu_turns,
                     ..Default::default()
                 },

@@ -249,18 +249,29 @@ fn serve_takes_its_http_limits_from_flags() {
 }
 
 #[test]
-fn serve_overflows_a_full_pool_or_refuses_by_its_flag() {
+fn serve_overflows_queues_or_refuses_on_a_full_pool_by_its_flags() {
     use wasp_tests::guests::HELLO;
     let rt = tokio::runtime::Runtime::new().unwrap();
-    for (policy, second) in [("overflow", 201), ("fail", 503)] {
+    // Pre-warming never waits for a slot, so `queue` refuses the second deploy too.
+    for (policy, second) in [("overflow", 201), ("queue", 503), ("fail", 503)] {
         let data = tempfile::tempdir().unwrap();
         let server = Serve::try_start(
             data.path(),
-            &["--max-instances", "1", "--pool-full", policy],
+            &[
+                "--max-instances",
+                "1",
+                "--pool-full",
+                policy,
+                "--slot-memory-mib",
+                "512",
+            ],
         )
         .unwrap();
         let c = server.client();
         rt.block_on(async {
+            let metrics = c.get("/metrics").await.text();
+            let slot = "wasp_instance_pool_slot_memory_bytes 536870912\n";
+            assert!(metrics.contains(slot), "{metrics}");
             c.deploy_ok(HELLO, &wasp_tests::spec("one", "")).await;
             let reply = c.deploy(HELLO, &wasp_tests::spec("two", "")).await;
             assert_eq!(

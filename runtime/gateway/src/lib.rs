@@ -39,7 +39,7 @@ pub use tenants::{AccessChange, DEFAULT as DEFAULT_TENANT};
 pub use tls::TlsFiles;
 pub use wasp_backend::Registry as BackendRegistry;
 pub use wasp_scaling::Inventory;
-pub use wasp_wasm::RuntimeConfig;
+pub use wasp_wasm::{PoolFull, RuntimeConfig};
 pub use webhooks::tls_client_config;
 
 use wasp_core::SpecError;

@@ -125,6 +125,8 @@ pub struct Metrics {
     pub pool_used: Family<PoolLabels, Gauge>,
     /// Slots of the server's instance pool in all, by kind (`--max-instances`).
     pub pool_total: Family<PoolLabels, Gauge>,
+    /// The memory of one slot of the instance pool, in bytes (`--slot-memory-mib`).
+    pub pool_slot_memory: Gauge,
     /// Requests waiting for a processor instance, refreshed at each scrape.
     pub queued: Family<VersionLabels, Gauge>,
     /// Forward passes run by model backends (refreshed at each scrape).
@@ -140,10 +142,10 @@ pub struct Metrics {
     /// Distinct components whose compiled code is in memory (shared by every version that
     /// uses them).
     pub components_loaded: Gauge,
-    /// Processor instances alive outside the full pool, created on demand (refreshed at
-    /// each scrape).
+    /// Processor instances alive outside the pool, created on demand (refreshed at each
+    /// scrape).
     pub overflow_instances: Gauge,
-    /// Processor instances created outside the full pool since start (refreshed at each
+    /// Processor instances created outside the pool since start (refreshed at each
     /// scrape).
     pub overflow_created: Counter,
     /// Files in the data directory that failed their check and were discarded.
@@ -234,6 +236,12 @@ impl Metrics {
             "Slots of the instance pool in all, by kind (wasp serve --max-instances)",
             pool_total.clone(),
         );
+        let pool_slot_memory = Gauge::default();
+        registry.register(
+            "instance_pool_slot_memory_bytes",
+            "Memory of one slot of the instance pool (wasp serve --slot-memory-mib)",
+            pool_slot_memory.clone(),
+        );
         let queued = Family::<VersionLabels, Gauge>::default();
         registry.register(
             "queue_depth",
@@ -279,13 +287,14 @@ impl Metrics {
         let overflow_instances = Gauge::default();
         registry.register(
             "overflow_instances",
-            "Processor instances alive outside the full instance pool, created on demand",
+            "Processor instances alive outside the instance pool (it was full, or their memory \
+             cap is larger than its slots), created on demand",
             overflow_instances.clone(),
         );
         let overflow_created = Counter::default();
         registry.register(
             "overflow_instances_created",
-            "Processor instances created on demand because the instance pool was full",
+            "Processor instances created on demand, outside the instance pool",
             overflow_created.clone(),
         );
         let integrity_failures = Family::<FileLabels, Counter>::default();
@@ -434,6 +443,7 @@ impl Metrics {
             instances,
             pool_used,
             pool_total,
+            pool_slot_memory,
             queued,
             batches,
             batched_requests,

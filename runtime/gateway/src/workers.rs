@@ -326,12 +326,17 @@ impl Feed {
         }
     }
 
-    /// Makes `count` instances warm.
-    async fn warm(&self, count: u32) -> Result<(), StartError> {
-        match &self.processor {
-            Some(processor) => processor.warm(count).await.map_err(StartError::Warm),
-            None => Ok(()),
+    /// Makes `count` instances warm; with `wait`, a full pool that queues makes each
+    /// wait for a slot (a worker that calls wait for), else it fails at once (upkeep).
+    async fn warm(&self, count: u32, wait: bool) -> Result<(), StartError> {
+        let Some(processor) = &self.processor else {
+            return Ok(());
+        };
+        match wait {
+            true => processor.warm_waiting(count).await,
+            false => processor.warm(count).await,
         }
+        .map_err(StartError::Warm)
     }
 }
 
@@ -950,7 +955,7 @@ impl WorkerSet {
             Kind::Model(model) => self.load_model(&worker, model).await,
         };
         let result = match loaded {
-            Ok(()) => self.warm_live().await,
+            Ok(()) => self.warm_live(true).await,
             Err(e) => Err(e),
         };
         if worker.is(WorkerState::Draining) {
@@ -1053,10 +1058,11 @@ impl WorkerSet {
         }
     }
 
-    /// Makes the processor's warm instances what the live workers need.
-    async fn warm_live(&self) -> Result<(), StartError> {
+    /// Makes the processor's warm instances what the live workers need (see
+    /// [`Feed::warm`] for `wait`).
+    async fn warm_live(&self, wait: bool) -> Result<(), StartError> {
         let feed = self.feed();
-        feed.warm(self.live_workers() * feed.instances_per_worker)
+        feed.warm(self.live_workers() * feed.instances_per_worker, wait)
             .await
     }
 
@@ -1107,7 +1113,7 @@ impl WorkerSet {
         let feed = self.feed();
         let keep = self.live_workers() * feed.instances_per_worker;
         feed.trim(keep as usize, Duration::from_secs(60));
-        if let Err(e) = self.warm_live().await {
+        if let Err(e) = self.warm_live(false).await {
             tracing::warn!(endpoint = %self.endpoint, version = %self.version, "cannot re-warm: {e}");
         }
     }
@@ -1139,7 +1145,10 @@ impl WorkerSet {
         let spec = policy.spec().clone();
         let target = self.live_workers() * spec.instances_per_worker;
         if let Some(processor) = &processor {
-            processor.warm(target).await.map_err(StartError::Warm)?;
+            processor
+                .warm_waiting(target)
+                .await
+                .map_err(StartError::Warm)?;
         }
         let old = {
             let mut feed = self.feed.write().unwrap_or_else(|e| e.into_inner());

@@ -25,6 +25,97 @@ const KEEP_RESIDENT: usize = 512 * 1024;
 const TABLE_KEEP_RESIDENT: usize = 16 * 1024;
 /// Decommits batched into one flush.
 const DECOMMIT_BATCH: usize = 16;
+/// Address space the pool's memory slots may reserve, all together: a quarter of the
+/// 128 TiB a 64-bit Linux process addresses, the rest left to everything else.
+const SLOTS_ADDRESS_SPACE: u64 = 32 << 40;
+/// The guard region wasmtime keeps after each memory slot on 64-bit hosts.
+const MEMORY_GUARD: u64 = 32 << 20;
+/// Memories per component instance that the pool keeps slots for.
+const MEMORIES_PER_INSTANCE: u32 = 2;
+/// A slot that holds any 32-bit memory: compiled code then checks no bounds, the guard
+/// pages catch every access out of bounds. Also the largest `limits.memory_mib`.
+pub const FULL_SLOT_MIB: u32 = 4096;
+/// The smallest slot the pool sizes itself to: the default `limits.memory_mib`.
+const SMALLEST_AUTO_SLOT_MIB: u32 = 128;
+
+/// What a new instance does when the pool's slots are all taken.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum PoolFull {
+    /// It is created on demand, outside the pool: slower to create, as fast to call.
+    #[default]
+    Overflow,
+    /// A request waits for a slot to be freed, up to its call timeout; pre-warming an
+    /// idle instance does not wait.
+    Queue,
+    /// It is refused: a capacity error (`503 server_full`).
+    Fail,
+}
+
+/// Memory mappings the pool adds per component instance: the guard page below each stack
+/// splits the stacks' mapping at every stack.
+const MAPPINGS_PER_INSTANCE: u64 = 2;
+/// Memory mappings left to the rest of the process.
+const MAPPINGS_KEPT: u64 = 16 * 1024;
+
+/// Checks that a pool of `instances` fits in the kernel's `vm.max_map_count` (`max`, when
+/// known): past it, creating the pool fails with a bare "cannot allocate memory".
+fn check_map_count(instances: u32, max: Option<u64>) -> Result<()> {
+    let needed = u64::from(instances) * MAPPINGS_PER_INSTANCE + MAPPINGS_KEPT;
+    match max {
+        Some(max) if needed > max => Err(Error::Engine(format!(
+            "{instances} pool slots (--max-instances) need about {needed} memory mappings (a \
+             guard page below each instance's stack), more than the kernel's \
+             vm.max_map_count ({max}): raise it (`sysctl -w vm.max_map_count={}`) or lower \
+             --max-instances",
+            needed.next_power_of_two()
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// The kernel's `vm.max_map_count`, where there is one.
+fn max_map_count() -> Option<u64> {
+    std::fs::read_to_string("/proc/sys/vm/max_map_count")
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// The memory of one pool slot, in MiB, for a pool of `instances` component instances:
+/// `asked` when given, else the largest of 4096, 2048, ... 128 MiB whose slots all fit in
+/// the address space kept for them. Slots of 4096 MiB hold any 32-bit memory without
+/// bounds checks in compiled code; smaller ones let more slots fit, and compiled code
+/// checks bounds itself. A version whose `limits.memory_mib` is larger than a slot runs
+/// its instances outside the pool.
+pub fn slot_memory_mib(instances: u32, asked: Option<u32>) -> Result<u32> {
+    let fits = |mib: u32| {
+        let slot = (u64::from(mib) << 20) + MEMORY_GUARD;
+        u64::from(instances) * u64::from(MEMORIES_PER_INSTANCE) * slot <= SLOTS_ADDRESS_SPACE
+    };
+    match asked {
+        Some(mib) if !(1..=FULL_SLOT_MIB).contains(&mib) => Err(Error::Engine(format!(
+            "a pool slot's memory (--slot-memory-mib) is 1 to {FULL_SLOT_MIB} MiB, not {mib}"
+        ))),
+        Some(mib) if fits(mib) => Ok(mib),
+        Some(mib) => Err(Error::Engine(format!(
+            "{instances} pool slots (--max-instances) of {mib} MiB (--slot-memory-mib) need \
+             more than the {} TiB of address space kept for them: lower either",
+            SLOTS_ADDRESS_SPACE >> 40
+        ))),
+        None => std::iter::successors(Some(FULL_SLOT_MIB), |mib| Some(mib / 2))
+            .take_while(|&mib| mib >= SMALLEST_AUTO_SLOT_MIB)
+            .find(|&mib| fits(mib))
+            .ok_or_else(|| {
+                Error::Engine(format!(
+                    "{instances} pool slots (--max-instances) do not fit in the {} TiB of \
+                     address space kept for them even at {SMALLEST_AUTO_SLOT_MIB} MiB each: \
+                     lower --max-instances, or set a smaller --slot-memory-mib",
+                    SLOTS_ADDRESS_SPACE >> 40
+                ))
+            }),
+    }
+}
 
 /// Engine-wide settings.
 #[derive(Debug, Clone)]
@@ -37,17 +128,17 @@ pub struct RuntimeConfig {
     pub pooling: bool,
     /// Most component instances alive at once across all versions (pool slots).
     pub max_total_instances: u32,
-    /// Largest linear memory any version may ask for, in MiB.
-    pub max_memory_mib: u32,
+    /// The memory of one pool slot, in MiB; `None` sizes slots from
+    /// `max_total_instances` (see [`slot_memory_mib`]).
+    pub slot_memory_mib: Option<u32>,
     /// Wasm stack of one call, in bytes.
     pub max_wasm_stack: usize,
     /// Guests past their first epoch tick (2 ms) that run at once, shared fairly among the
     /// processors' groups (tenants); 0 means one fewer than the cores (at least one), so
     /// that short calls always find a core.
     pub cpu_turns: usize,
-    /// When the pool's slots are all taken, create instances on demand, outside the pool
-    /// (slower to create, as fast to call), instead of failing with a capacity error.
-    pub overflow: bool,
+    /// What a new instance does when the pool's slots are all taken.
+    pub pool_full: PoolFull,
 }
 
 impl Default for RuntimeConfig {
@@ -56,10 +147,10 @@ impl Default for RuntimeConfig {
             cache_dir: None,
             pooling: true,
             max_total_instances: 1000,
-            max_memory_mib: 4096,
+            slot_memory_mib: None,
             max_wasm_stack: 512 * 1024,
             cpu_turns: 0,
-            overflow: true,
+            pool_full: PoolFull::Overflow,
         }
     }
 }
@@ -85,18 +176,31 @@ pub struct Runtime {
     engine_key: String,
     pub(crate) ticker: Arc<Ticker>,
     pub(crate) fair: Arc<crate::fair::FairShare>,
-    /// The pool's slots per component instance (`max_total_instances`); `None` when
-    /// instances are allocated on demand.
-    pool: Option<u32>,
+    /// The instance pool's size; `None` when instances are allocated on demand.
+    pool: Option<PoolSize>,
+    /// What a new instance does when the pool is full.
+    pub(crate) pool_full: PoolFull,
+    /// Notified when a pooled instance is dropped, for calls that wait for a slot.
+    pub(crate) slot_freed: Arc<tokio::sync::Notify>,
     /// Components loaded, by key (content digest): every version of the same component
     /// shares one copy of its compiled code.
     loaded: std::sync::Mutex<std::collections::HashMap<String, Component>>,
-    /// The engine that instantiates on demand when the pool is full (`overflow`).
+    /// The engine that instantiates on demand, outside the pool: when it is full (by
+    /// policy), and for versions whose memory cap is larger than a slot.
     pub(crate) overflow: Option<Arc<Overflow>>,
 }
 
-/// A second engine, with the on-demand allocator, for the instances the full pool cannot
-/// hold. Its compiled code is the pooled engine's (the same settings but the allocator, so
+/// The size of the instance pool.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct PoolSize {
+    /// Slots per component instance (`max_total_instances`).
+    pub(crate) instances: u32,
+    /// The memory of one slot, in MiB.
+    pub(crate) slot_mib: u32,
+}
+
+/// A second engine, with the on-demand allocator, for the instances the pool cannot hold
+/// (it is full, or their memory cap is larger than its slots). Its compiled code is the pooled engine's (the same settings but the allocator, so
 /// the same artefacts), copied once per component at the first overflow.
 pub(crate) struct Overflow {
     pub(crate) engine: Engine,
@@ -147,7 +251,7 @@ impl Overflow {
     }
 }
 
-/// Instances created outside the full pool (`RuntimeConfig::overflow`).
+/// Instances created outside the pool (see [`PoolFull::Overflow`] and [`slot_memory_mib`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct OverflowStats {
     /// Alive now.
@@ -185,10 +289,24 @@ impl Runtime {
         wasm.wasm_component_model(true)
             .epoch_interruption(true)
             .max_wasm_stack(config.max_wasm_stack);
-        // The same settings with the on-demand allocator, for overflow.
+        let size = match config.pooling {
+            true => Some(PoolSize {
+                instances: config.max_total_instances,
+                slot_mib: slot_memory_mib(config.max_total_instances, config.slot_memory_mib)?,
+            }),
+            false => None,
+        };
+        if let Some(size) = size {
+            check_map_count(size.instances, max_map_count())?;
+        }
+        if let Some(size) = size.filter(|s| s.slot_mib < FULL_SLOT_MIB) {
+            // Slots smaller than a 32-bit memory: compiled code checks bounds itself.
+            wasm.memory_reservation(u64::from(size.slot_mib) << 20);
+        }
+        // The same settings with the on-demand allocator, for instances outside the pool.
         let on_demand = wasm.clone();
-        if config.pooling {
-            let n = config.max_total_instances;
+        if let Some(size) = size {
+            let n = size.instances;
             let mut pool = PoolingAllocationConfig::default();
             pool.total_component_instances(n)
                 .total_core_instances(n * 4)
@@ -198,7 +316,7 @@ impl Runtime {
                 .max_memories_per_component(4)
                 .max_tables_per_component(16)
                 .max_core_instances_per_component(32)
-                .max_memory_size(config.max_memory_mib as usize * 1024 * 1024)
+                .max_memory_size((size.slot_mib as usize) << 20)
                 // Returning a slot to the pool resets what the instance dirtied. With the
                 // kernel's PAGEMAP_SCAN, only dirty pages within the keep-resident sizes
                 // are copied back from the image; the rest is decommitted. Instances touch
@@ -212,9 +330,8 @@ impl Runtime {
             wasm.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
         }
         let engine = Engine::new(&wasm).map_err(|e| Error::Engine(chain(&e)))?;
-        let pool = config.pooling.then_some(config.max_total_instances);
         let linker = link(&engine)?;
-        let overflow = if config.pooling && config.overflow {
+        let overflow = if config.pooling {
             let engine = Engine::new(&on_demand).map_err(|e| Error::Engine(chain(&e)))?;
             Some(Arc::new(Overflow {
                 linker: link(&engine)?,
@@ -267,7 +384,9 @@ impl Runtime {
             cache_dir: config.cache_dir,
             engine_key,
             ticker: Arc::new(Ticker(ticker_stop)),
-            pool,
+            pool: size,
+            pool_full: config.pool_full,
+            slot_freed: Arc::default(),
             loaded: std::sync::Mutex::default(),
             fair: crate::fair::FairShare::new(match config.cpu_turns {
                 // One core stays free of long runs, for the short calls.
@@ -280,10 +399,11 @@ impl Runtime {
     /// How full the instance pool is, by kind of slot; empty when instances are allocated
     /// on demand (`--no-pooling`).
     pub fn pool_slots(&self) -> Vec<PoolSlots> {
-        let (Some(n), Some(metrics)) = (self.pool, self.engine.pooling_allocator_metrics()) else {
+        let (Some(size), Some(metrics)) = (self.pool, self.engine.pooling_allocator_metrics())
+        else {
             return Vec::new();
         };
-        let n = u64::from(n);
+        let n = u64::from(size.instances);
         let count = |c: usize| u64::try_from(c).unwrap_or(u64::MAX);
         // The totals are those `new` gives the pooling allocator.
         vec![
@@ -315,8 +435,14 @@ impl Runtime {
         ]
     }
 
-    /// Instances created on demand because the pool was full; `None` when the runtime
-    /// does not overflow (`overflow` off, or no pool).
+    /// The memory of one pool slot, in MiB: the largest `limits.memory_mib` whose
+    /// instances the pool holds; `None` without a pool.
+    pub fn slot_memory_mib(&self) -> Option<u32> {
+        self.pool.map(|size| size.slot_mib)
+    }
+
+    /// Instances created on demand, outside the pool (it was full, or their memory cap
+    /// is larger than its slots); `None` without a pool.
     pub fn overflow_stats(&self) -> Option<OverflowStats> {
         self.overflow.as_ref().map(|o| OverflowStats {
             live: o.live.load(Ordering::Relaxed),
@@ -547,5 +673,35 @@ mod tests {
 
         std::fs::write(&path, &bytes[..CACHE_HEADER - 2]).unwrap();
         assert!(read_cached(&path).unwrap_err().contains("header"));
+    }
+
+    #[test]
+    fn pool_slots_shrink_to_fit_the_address_space_kept_for_them() {
+        let auto = |n| slot_memory_mib(n, None).unwrap();
+        assert_eq!(auto(1000), FULL_SLOT_MIB);
+        assert_eq!(auto(3900), FULL_SLOT_MIB);
+        assert_eq!(auto(5000), 2048);
+        assert_eq!(auto(40_000), 256);
+        assert_eq!(auto(100_000), 128);
+        let too_many = slot_memory_mib(200_000, None).unwrap_err().to_string();
+        assert!(too_many.contains("--max-instances"), "{too_many}");
+        // What the operator asks for, when it fits.
+        assert_eq!(slot_memory_mib(40_000, Some(64)).unwrap(), 64);
+        let too_large = slot_memory_mib(40_000, Some(4096)).unwrap_err().to_string();
+        assert!(too_large.contains("--slot-memory-mib"), "{too_large}");
+        assert!(slot_memory_mib(10, Some(0)).is_err());
+        assert!(slot_memory_mib(10, Some(8192)).is_err());
+    }
+
+    #[test]
+    fn a_pool_past_the_kernels_mapping_limit_is_refused_with_what_to_raise() {
+        assert!(check_map_count(1000, Some(65_530)).is_ok());
+        assert!(check_map_count(16_000, Some(65_530)).is_ok());
+        assert!(check_map_count(1_000_000, None).is_ok());
+        let refused = check_map_count(40_000, Some(65_530))
+            .unwrap_err()
+            .to_string();
+        assert!(refused.contains("vm.max_map_count"), "{refused}");
+        assert!(refused.contains("--max-instances"), "{refused}");
     }
 }

@@ -22,7 +22,10 @@ pub use bindings::{
     Dtype, ErrorCode, GuestError, Level, ModelInput, ModelOutput, Prepared, Request, Response,
     Tensor,
 };
-pub use engine::{LoadedComponent, OverflowStats, PoolSlots, Runtime, RuntimeConfig};
+pub use engine::{
+    FULL_SLOT_MIB, LoadedComponent, OverflowStats, PoolFull, PoolSlots, Runtime, RuntimeConfig,
+    slot_memory_mib,
+};
 pub use host::{BoxFuture, ModelRouter};
 pub use logs::{LogBuffer, LogRecord};
 pub use pool::{CallError, ComponentSource, PoolStats, Processor, ProcessorSettings, Role};

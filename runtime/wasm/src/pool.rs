@@ -15,7 +15,7 @@ use wasmtime_wasi::{FsPerms, WasiCtxBuilder};
 use wasp_core::{Isolation, Limits, Mount};
 
 use crate::bindings::{handler, lifecycle, transform};
-use crate::engine::{LoadedComponent, Overflow, OverflowInstance};
+use crate::engine::{LoadedComponent, Overflow, OverflowInstance, PoolFull};
 use crate::host::{BoxFuture, HostState, Limiter, VersionContext};
 use crate::{
     Error, GuestError, LogBuffer, ModelOutput, ModelRouter, Prepared, Request, Response, Result,
@@ -106,10 +106,7 @@ pub enum CallError {
     Unavailable(String),
     /// The server's pool of instance slots is full: a capacity limit of the whole server,
     /// not a fault of the processor.
-    #[error(
-        "the server is full: {0}; raise `wasp serve --max-instances`, or let idle endpoints \
-         scale to zero (`min_workers = 0`) to free their slots"
-    )]
+    #[error("the server is full: {0}")]
     Capacity(String),
 }
 
@@ -182,6 +179,21 @@ struct Slot {
     served: u32,
     /// Set when it lives outside the pool (created on demand while the pool was full).
     _overflow: Option<OverflowInstance>,
+    /// Set when calls may wait for its pool slot: dropped after the store, it tells them
+    /// the slot is free.
+    _freed: Option<SlotFreed>,
+}
+
+/// How often a call waiting for a pool slot tries again without being told of one.
+const SLOT_RECHECK: Duration = Duration::from_millis(50);
+
+/// Tells the calls waiting for a pool slot, when dropped, that one is free.
+struct SlotFreed(Arc<tokio::sync::Notify>);
+
+impl Drop for SlotFreed {
+    fn drop(&mut self) {
+        self.0.notify_waiters();
+    }
 }
 
 /// A component linked for one engine, with the indices of its exports (which belong to
@@ -257,6 +269,14 @@ struct Inner {
     source: Option<(ComponentSource, Role)>,
     /// The overflow engine, when the runtime has one.
     spill: Option<Spill>,
+    /// Whether the version's memory cap fits a pool slot (always, without a pool).
+    fits_pool: bool,
+    /// The memory of a pool slot, in MiB.
+    slot_mib: u32,
+    /// What a new instance does when the pool is full.
+    pool_full: PoolFull,
+    /// Notified when a pooled instance is dropped.
+    slot_freed: Arc<tokio::sync::Notify>,
     context: Arc<VersionContext>,
     fair: Arc<crate::fair::FairShare>,
     group: Arc<str>,
@@ -348,6 +368,14 @@ impl Runtime {
                     key,
                     linked: Mutex::new(None),
                 }),
+                fits_pool: self
+                    .slot_memory_mib()
+                    .is_none_or(|slot| settings.limits.memory_mib <= slot),
+                slot_mib: self
+                    .slot_memory_mib()
+                    .unwrap_or(crate::engine::FULL_SLOT_MIB),
+                pool_full: self.pool_full,
+                slot_freed: self.slot_freed.clone(),
                 context,
                 fair: self.fair.clone(),
                 group: settings.group.into(),
@@ -466,14 +494,26 @@ impl Processor {
     }
 
     /// Creates instances (running `init`) until `count` are idle, within the instance cap.
+    /// A full pool fails it at once, but for [`warm_waiting`](Self::warm_waiting).
     pub async fn warm(&self, count: u32) -> Result<(), CallError> {
+        self.warm_for(count, false).await
+    }
+
+    /// [`warm`](Self::warm) for a worker that calls are waiting for: when the pool is full
+    /// and the policy queues ([`PoolFull::Queue`]), each instance waits for a slot, up to
+    /// the version's call timeout.
+    pub async fn warm_waiting(&self, count: u32) -> Result<(), CallError> {
+        self.warm_for(count, true).await
+    }
+
+    async fn warm_for(&self, count: u32, wait: bool) -> Result<(), CallError> {
         let target = (count.min(self.inner.limits.max_instances)) as usize;
         while self.idle_len() < target {
             let permit = match self.inner.permits.clone().try_acquire_owned() {
                 Ok(permit) => permit,
                 Err(_) => break,
             };
-            let slot = self.instantiate(self.deadline()).await?;
+            let slot = self.instantiate(self.deadline(), wait).await?;
             self.release(Lease {
                 slot,
                 _permit: permit,
@@ -520,7 +560,7 @@ impl Processor {
     /// serve without keeping an instance or its pool slot (a deploy scaled to zero).
     pub async fn prove(&self) -> Result<(), CallError> {
         let deadline = self.deadline();
-        self.instantiate(deadline).await.map(drop)
+        self.instantiate(deadline, true).await.map(drop)
     }
 
     /// Instantiates the component once and drops it, without running `init` or any
@@ -540,7 +580,7 @@ impl Processor {
     /// the cost of full per-request isolation.
     pub async fn handle_fresh(&self, request: Request) -> Result<Response, CallError> {
         let deadline = self.deadline();
-        let mut slot = self.instantiate(deadline).await?;
+        let mut slot = self.instantiate(deadline, true).await?;
         let guest = slot
             .handler
             .clone()
@@ -626,7 +666,7 @@ impl Processor {
         let idle = self.lock_idle().pop();
         let slot = match idle {
             Some(slot) => slot,
-            None => self.instantiate(deadline).await?,
+            None => self.instantiate(deadline, true).await?,
         };
         Ok(Lease {
             slot,
@@ -719,30 +759,45 @@ impl Processor {
     }
 
     /// Creates an instance, resolves its exports and runs `init`, all under `deadline`.
-    /// When the pool is full and the runtime overflows, the instance is created on demand
-    /// outside it.
-    async fn instantiate(&self, deadline: Instant) -> Result<Slot, CallError> {
+    /// An instance whose memory cap is larger than a pool slot is created on demand,
+    /// outside the pool; when the pool is full, so is any other, or the call waits for a
+    /// slot (when `wait`), or fails, by the runtime's [`PoolFull`] policy.
+    async fn instantiate(&self, deadline: Instant, wait: bool) -> Result<Slot, CallError> {
         let inner = &self.inner;
-        let mut store = self.new_store(&inner.engine)?;
-        store.data_mut().deadline = Some(deadline);
         let mut linked = self.linked().await?;
         let spilled;
         let mut overflow = None;
-        let instance = match self.timed(linked.pre.instantiate_async(&mut store)).await {
-            Ok(instance) => instance,
-            Err(e) => match (self.classify(&store, e), &inner.spill) {
-                (CallError::Capacity(_), Some(spill)) => {
-                    spilled = self.spill_linked(spill, linked)?;
-                    linked = &spilled;
-                    store = self.new_store(&spill.overflow.engine)?;
-                    store.data_mut().deadline = Some(deadline);
-                    overflow = Some(spill.overflow.count());
-                    self.timed(linked.pre.instantiate_async(&mut store))
-                        .await
-                        .map_err(|e| self.classify(&store, e))?
+        let mut freed = None;
+        let pooled = match inner.fits_pool {
+            true => self.pooled(linked, deadline, wait).await,
+            false => Err(CallError::Capacity(format!(
+                "the version's limits.memory_mib ({} MiB) is larger than a pool slot ({} MiB); \
+                 raise `wasp serve --slot-memory-mib`",
+                inner.limits.memory_mib, inner.slot_mib
+            ))),
+        };
+        let (mut store, instance) = match (pooled, &inner.spill) {
+            (Ok(pooled), _) => {
+                if inner.pool_full == PoolFull::Queue {
+                    freed = Some(SlotFreed(inner.slot_freed.clone()));
                 }
-                (error, _) => return Err(error),
-            },
+                pooled
+            }
+            (Err(CallError::Capacity(_)), Some(spill))
+                if !inner.fits_pool || inner.pool_full == PoolFull::Overflow =>
+            {
+                spilled = self.spill_linked(spill, linked)?;
+                linked = &spilled;
+                let mut store = self.new_store(&spill.overflow.engine)?;
+                store.data_mut().deadline = Some(deadline);
+                overflow = Some(spill.overflow.count());
+                let instance = self
+                    .timed(linked.pre.instantiate_async(&mut store))
+                    .await
+                    .map_err(|e| self.classify(&store, e))?;
+                (store, instance)
+            }
+            (Err(error), _) => return Err(error),
         };
         let load_err = |e: wasmtime::Error| CallError::Trap(chain(&e));
         let lifecycle = linked
@@ -772,7 +827,46 @@ impl Processor {
             last_used: Instant::now(),
             served: 0,
             _overflow: overflow,
+            _freed: freed,
         })
+    }
+
+    /// An instance from the pool. When the pool is full and the policy queues, a call
+    /// that may `wait` tries again each time a pooled instance is dropped (and every
+    /// [`SLOT_RECHECK`], for slots freed unannounced), until `deadline`.
+    async fn pooled(
+        &self,
+        linked: &Linked,
+        deadline: Instant,
+        wait: bool,
+    ) -> Result<(Store<HostState>, wasmtime::component::Instance), CallError> {
+        let inner = &self.inner;
+        let started = Instant::now();
+        loop {
+            let freed = inner.slot_freed.notified();
+            let mut freed = std::pin::pin!(freed);
+            freed.as_mut().enable();
+            let mut store = self.new_store(&inner.engine)?;
+            store.data_mut().deadline = Some(deadline);
+            let error = match self.timed(linked.pre.instantiate_async(&mut store)).await {
+                Ok(instance) => return Ok((store, instance)),
+                Err(e) => self.classify(&store, e),
+            };
+            let now = Instant::now();
+            match error {
+                CallError::Capacity(full) if wait && inner.pool_full == PoolFull::Queue => {
+                    if now >= deadline {
+                        return Err(CallError::Capacity(format!(
+                            "{full}; no slot was freed in the {} ms the call waited",
+                            now.duration_since(started).as_millis()
+                        )));
+                    }
+                    let until = deadline.min(now + SLOT_RECHECK);
+                    let _ = tokio::time::timeout_at(until.into(), freed).await;
+                }
+                error => return Err(error),
+            }
+        }
     }
 
     /// The component linked on the overflow engine, linked at the first overflow.
@@ -845,7 +939,10 @@ impl Processor {
 
     fn classify(&self, store: &Store<HostState>, e: wasmtime::Error) -> CallError {
         if let Some(full) = e.downcast_ref::<wasmtime::PoolConcurrencyLimitError>() {
-            return CallError::Capacity(format!("{full} (the instance pool's slots)"));
+            return CallError::Capacity(format!(
+                "{full} (the instance pool's slots); raise `wasp serve --max-instances`, or let \
+                 idle endpoints scale to zero (`min_workers = 0`) to free their slots"
+            ));
         }
         let limits = &self.inner.limits;
         match e.downcast_ref::<Trap>() {

@@ -58,6 +58,9 @@ pub(crate) async fn metrics(State(gateway): State<AppState>) -> Response {
         m.overflow_created
             .inc_by(overflow.created.saturating_sub(m.overflow_created.get()));
     }
+    if let Some(mib) = gateway.runtime.slot_memory_mib() {
+        m.pool_slot_memory.set(i64::from(mib) << 20);
+    }
     for slots in gateway.runtime.pool_slots() {
         let labels = PoolLabels {
             kind: slots.kind.into(),

@@ -79,6 +79,16 @@ impl Processor for Hostile {
                     hoard.push(std::hint::black_box(block));
                 }
             }
+            "/hold" => {
+                // Grows its memory by the body's MiB, touches every page, and keeps it.
+                let mib: usize = request.text()?.trim().parse().map_err(|_| {
+                    Error::bad_request("the body is the MiB to hold").with_field("body")
+                })?;
+                let block = vec![1u8; mib * 1024 * 1024];
+                let sum: usize = block.iter().step_by(4096).map(|&b| usize::from(b)).sum();
+                std::mem::forget(std::hint::black_box(block));
+                Ok(Response::text(format!("held {mib} MiB ({sum} pages)")))
+            }
             "/log" => {
                 wasp_sdk::log::warn(&format!("hostile says {}", request.text()?));
                 Ok(Response::text("logged"))
