@@ -273,7 +273,9 @@ fn serve_overflows_queues_or_refuses_on_a_full_pool_by_its_flags() {
             let slot = "wasp_instance_pool_slot_memory_bytes 536870912\n";
             assert!(metrics.contains(slot), "{metrics}");
             c.deploy_ok(HELLO, &wasp_tests::spec("one", "")).await;
-            let reply = c.deploy(HELLO, &wasp_tests::spec("two", "")).await;
+            // (A call timeout of half a second bounds the queue's wait.)
+            let limits = "[versions.limits]\ntimeout_ms = 500";
+            let reply = c.deploy(HELLO, &wasp_tests::spec("two", limits)).await;
             assert_eq!(
                 reply.status,
                 second,
