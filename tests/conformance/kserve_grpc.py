@@ -149,7 +149,10 @@ def main():
         "empty text": fails(lambda: client.infer(MODEL, [text_input([""])], headers=h()),
                             "INVALID_ARGUMENT", "empty"),
         "no key": fails(lambda: client.get_model_metadata(MODEL), "UNAUTHENTICATED", "API key"),
-        "not served": fails(lambda: client.get_model_config(MODEL, headers=h()), "UNIMPLEMENTED", ""),
+        "not served": fails(lambda: client.get_model_config(MODEL, headers=h()), "UNIMPLEMENTED",
+                            "does not serve `inference.GRPCInferenceService/ModelConfig`"),
+        "statistics": fails(lambda: client.get_inference_statistics(MODEL, headers=h()),
+                            "UNIMPLEMENTED", "ModelStatistics"),
     }
     print(json.dumps(report))
 

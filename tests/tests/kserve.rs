@@ -60,7 +60,9 @@ async fn the_triton_clients_find_a_conforming_server_over_http_and_grpc() {
         report["metadata_inputs"],
         serde_json::json!(["attention_mask", "input_ids", "token_type_ids"])
     );
-    assert_eq!(report["errors"].as_object().unwrap().len(), 8, "{report:#}");
+    assert_eq!(report["errors"].as_object().unwrap().len(), 9, "{report:#}");
+    let unserved = report["errors"]["not served"].as_str().unwrap();
+    assert!(unserved.contains("ModelMetadata"), "{unserved}");
 
     grpc_has_the_http_apis_keys_and_tenancy(&t, grpc).await;
     kserve_requests_are_recorded(&t, grpc).await;

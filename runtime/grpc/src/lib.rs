@@ -53,12 +53,78 @@ pub const STREAM_IN_FLIGHT: usize = 64;
 
 /// The gRPC service over `api`, ready for [`wasp_gateway::Server::serve_h2`]: messages up
 /// to [`MAX_MESSAGE_BYTES`], gzip accepted, and gzip sent to clients that accept it.
-pub fn service(api: Api) -> GrpcInferenceServiceServer<Inference> {
-    GrpcInferenceServiceServer::new(Inference { api })
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES)
-        .accept_compressed(tonic::codec::CompressionEncoding::Gzip)
-        .send_compressed(tonic::codec::CompressionEncoding::Gzip)
+pub fn service(api: Api) -> Served {
+    Served(
+        GrpcInferenceServiceServer::new(Inference { api })
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES)
+            .accept_compressed(tonic::codec::CompressionEncoding::Gzip)
+            .send_compressed(tonic::codec::CompressionEncoding::Gzip),
+    )
+}
+
+/// The methods of `inference.GRPCInferenceService` that wasp serves.
+pub const SERVED: [&str; 7] = [
+    "ServerLive",
+    "ServerReady",
+    "ModelReady",
+    "ServerMetadata",
+    "ModelMetadata",
+    "ModelInfer",
+    "ModelStreamInfer",
+];
+
+/// The path prefix of the protocol's methods.
+const SERVICE_PATH: &str = "/inference.GRPCInferenceService/";
+
+/// The gRPC service: the protocol's methods that wasp serves, and for any other method
+/// (Triton's extensions: model configuration, statistics, the repository, shared memory,
+/// trace and log settings) `UNIMPLEMENTED` with a message that names it and what is
+/// served, where tonic alone would answer with no message at all.
+#[derive(Clone)]
+pub struct Served(GrpcInferenceServiceServer<Inference>);
+
+impl<B> tonic::codegen::Service<tonic::codegen::http::Request<B>> for Served
+where
+    B: tonic::codegen::Body + Send + 'static,
+    B::Error: Into<tonic::codegen::StdError> + Send + 'static,
+{
+    type Response = tonic::codegen::http::Response<tonic::body::Body>;
+    type Error = std::convert::Infallible;
+    type Future = tonic::codegen::BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        tonic::codegen::Service::<tonic::codegen::http::Request<B>>::poll_ready(&mut self.0, cx)
+    }
+
+    fn call(&mut self, request: tonic::codegen::http::Request<B>) -> Self::Future {
+        let path = request.uri().path();
+        let method = path.strip_prefix(SERVICE_PATH).unwrap_or(path);
+        if SERVED.contains(&method) && path.starts_with(SERVICE_PATH) {
+            return self.0.call(request);
+        }
+        let status = Status::unimplemented(unserved(path));
+        Box::pin(async move { Ok(status.into_http()) })
+    }
+}
+
+/// Why a call to `path` is not served.
+fn unserved(path: &str) -> String {
+    let served = SERVED.join(", ");
+    match path.strip_prefix(SERVICE_PATH) {
+        Some(method) => format!(
+            "wasp does not serve `inference.GRPCInferenceService/{method}` (a Triton \
+             extension); it serves {served} (a model's inputs and outputs are in \
+             ModelMetadata)"
+        ),
+        None => format!(
+            "no gRPC service at `{path}`: wasp serves `inference.GRPCInferenceService` \
+             ({served})"
+        ),
+    }
 }
 
 /// `inference.GRPCInferenceService` over wasp's API.
