@@ -302,8 +302,16 @@ async fn with_the_queue_policy_a_request_waits_for_a_slot_up_to_its_timeout() {
     };
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     let asked = std::time::Instant::now();
-    let waited = c.invoke("patient", "/echo", "served").await;
+    let waiter = {
+        let c = c.clone();
+        tokio::spawn(async move { c.invoke("patient", "/echo", "served").await })
+    };
+    // It is seen waiting.
+    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+    assert_eq!(value(c, "wasp_instance_pool_waiting").await, 1);
+    let waited = waiter.await.unwrap();
     let wait = asked.elapsed();
+    assert_eq!(value(c, "wasp_instance_pool_waiting").await, 0);
     assert_eq!(waited.status, 200, "{}", waited.text());
     assert_eq!(waited.text(), "served");
     let slept = sleeper.await.unwrap();

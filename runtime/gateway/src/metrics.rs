@@ -127,6 +127,8 @@ pub struct Metrics {
     pub pool_total: Family<PoolLabels, Gauge>,
     /// The memory of one slot of the instance pool, in bytes (`--slot-memory-mib`).
     pub pool_slot_memory: Gauge,
+    /// Calls waiting for a slot of the full instance pool (`--pool-full queue`).
+    pub pool_waiting: Gauge,
     /// Requests waiting for a processor instance, refreshed at each scrape.
     pub queued: Family<VersionLabels, Gauge>,
     /// Forward passes run by model backends (refreshed at each scrape).
@@ -241,6 +243,12 @@ impl Metrics {
             "instance_pool_slot_memory_bytes",
             "Memory of one slot of the instance pool (wasp serve --slot-memory-mib)",
             pool_slot_memory.clone(),
+        );
+        let pool_waiting = Gauge::default();
+        registry.register(
+            "instance_pool_waiting",
+            "Calls waiting for a slot of the full instance pool (wasp serve --pool-full queue)",
+            pool_waiting.clone(),
         );
         let queued = Family::<VersionLabels, Gauge>::default();
         registry.register(
@@ -444,6 +452,7 @@ impl Metrics {
             pool_used,
             pool_total,
             pool_slot_memory,
+            pool_waiting,
             queued,
             batches,
             batched_requests,

@@ -182,6 +182,8 @@ pub struct Runtime {
     pub(crate) pool_full: PoolFull,
     /// Notified when a pooled instance is dropped, for calls that wait for a slot.
     pub(crate) slot_freed: Arc<tokio::sync::Notify>,
+    /// Calls waiting for a pool slot now.
+    pub(crate) slot_waiters: Arc<std::sync::atomic::AtomicU64>,
     /// Components loaded, by key (content digest): every version of the same component
     /// shares one copy of its compiled code.
     loaded: std::sync::Mutex<std::collections::HashMap<String, Component>>,
@@ -387,6 +389,7 @@ impl Runtime {
             pool: size,
             pool_full: config.pool_full,
             slot_freed: Arc::default(),
+            slot_waiters: Arc::default(),
             loaded: std::sync::Mutex::default(),
             fair: crate::fair::FairShare::new(match config.cpu_turns {
                 // One core stays free of long runs, for the short calls.
@@ -439,6 +442,11 @@ impl Runtime {
     /// instances the pool holds; `None` without a pool.
     pub fn slot_memory_mib(&self) -> Option<u32> {
         self.pool.map(|size| size.slot_mib)
+    }
+
+    /// Calls waiting for a slot of the full pool now ([`PoolFull::Queue`]).
+    pub fn slot_waiters(&self) -> u64 {
+        self.slot_waiters.load(Ordering::Relaxed)
     }
 
     /// Instances created on demand, outside the pool (it was full, or their memory cap

@@ -187,6 +187,22 @@ struct Slot {
 /// How often a call waiting for a pool slot tries again without being told of one.
 const SLOT_RECHECK: Duration = Duration::from_millis(50);
 
+/// Counts a call as waiting for a pool slot until it is dropped.
+struct Waiting(Arc<AtomicU64>);
+
+impl Waiting {
+    fn new(count: &Arc<AtomicU64>) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        Self(count.clone())
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// Tells the calls waiting for a pool slot, when dropped, that one is free.
 struct SlotFreed(Arc<tokio::sync::Notify>);
 
@@ -277,6 +293,8 @@ struct Inner {
     pool_full: PoolFull,
     /// Notified when a pooled instance is dropped.
     slot_freed: Arc<tokio::sync::Notify>,
+    /// Calls waiting for a pool slot, all processors together.
+    slot_waiters: Arc<AtomicU64>,
     context: Arc<VersionContext>,
     fair: Arc<crate::fair::FairShare>,
     group: Arc<str>,
@@ -376,6 +394,7 @@ impl Runtime {
                     .unwrap_or(crate::engine::FULL_SLOT_MIB),
                 pool_full: self.pool_full,
                 slot_freed: self.slot_freed.clone(),
+                slot_waiters: self.slot_waiters.clone(),
                 context,
                 fair: self.fair.clone(),
                 group: settings.group.into(),
@@ -760,8 +779,9 @@ impl Processor {
 
     /// Creates an instance, resolves its exports and runs `init`, all under `deadline`.
     /// An instance whose memory cap is larger than a pool slot is created on demand,
-    /// outside the pool; when the pool is full, so is any other, or the call waits for a
-    /// slot (when `wait`), or fails, by the runtime's [`PoolFull`] policy.
+    /// outside the pool. When the pool is full, the runtime's [`PoolFull`] policy decides:
+    /// the instance is created on demand too, or the call waits for a slot (when `wait`),
+    /// or it fails with a capacity error.
     async fn instantiate(&self, deadline: Instant, wait: bool) -> Result<Slot, CallError> {
         let inner = &self.inner;
         let mut linked = self.linked().await?;
@@ -842,6 +862,7 @@ impl Processor {
     ) -> Result<(Store<HostState>, wasmtime::component::Instance), CallError> {
         let inner = &self.inner;
         let started = Instant::now();
+        let mut waiting = None;
         loop {
             let freed = inner.slot_freed.notified();
             let mut freed = std::pin::pin!(freed);
@@ -861,6 +882,7 @@ impl Processor {
                             now.duration_since(started).as_millis()
                         )));
                     }
+                    waiting.get_or_insert_with(|| Waiting::new(&inner.slot_waiters));
                     let until = deadline.min(now + SLOT_RECHECK);
                     let _ = tokio::time::timeout_at(until.into(), freed).await;
                 }

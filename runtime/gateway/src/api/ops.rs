@@ -58,6 +58,8 @@ pub(crate) async fn metrics(State(gateway): State<AppState>) -> Response {
         m.overflow_created
             .inc_by(overflow.created.saturating_sub(m.overflow_created.get()));
     }
+    m.pool_waiting
+        .set(i64::try_from(gateway.runtime.slot_waiters()).unwrap_or(i64::MAX));
     if let Some(mib) = gateway.runtime.slot_memory_mib() {
         m.pool_slot_memory.set(i64::from(mib) << 20);
     }
