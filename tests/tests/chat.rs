@@ -647,3 +647,176 @@ async fn kserve_streams_a_generation_backends_tokens_as_events_and_over_grpc() {
     assert_eq!(finals.last(), Some(&true));
     t.stop().await;
 }
+
+/// A KServe client sends a generation endpoint text (a `BYTES` input `text_input`, as
+/// Triton's LLM backends take it) and gets text (`text_output`): whole, as server-sent
+/// events one per token, or on a `ModelStreamInfer` stream one response per token; the
+/// same text as `/v1/completions` with the same settings.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kserve_text_to_a_generation_endpoint_streams_text_per_token() {
+    use wasp_grpc::proto::ModelInferRequest;
+    use wasp_grpc::proto::grpc_inference_service_client::GrpcInferenceServiceClient;
+    use wasp_grpc::proto::infer_parameter::ParameterChoice;
+    use wasp_grpc::proto::model_infer_request::InferInputTensor;
+    use wasp_grpc::proto::{InferParameter, InferTensorContents};
+
+    let mut t = TestServer::start().await;
+    t.client.deploy_ok(CHAT, &chat_spec("smol", 2)).await;
+    let grpc = t.serve_grpc().await;
+    let c = &t.client;
+    let prompt = "The capital of France is";
+    let completion = c
+        .post_json(
+            "/v1/completions",
+            &json!({"model": "smol", "prompt": prompt, "max_tokens": 8, "temperature": 0}),
+        )
+        .await;
+    assert_eq!(completion.status, 200, "{}", completion.text());
+    let expected = completion.json()["choices"][0]["text"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(!expected.is_empty());
+    let request = |parameters: Value| {
+        json!({
+            "id": "t1",
+            "inputs": [{"name": "text_input", "shape": [1], "datatype": "BYTES",
+                        "data": [prompt]}],
+            "parameters": parameters,
+        })
+        .to_string()
+    };
+    let settings = json!({"max_tokens": 8, "temperature": 0});
+    let json_type = [("content-type", "application/json")];
+
+    // Whole.
+    let whole = c
+        .request_with(
+            "POST",
+            "/v2/models/smol/infer",
+            &json_type,
+            request(settings.clone()),
+        )
+        .await;
+    assert_eq!(whole.status, 200, "{}", whole.text());
+    let body = whole.json();
+    assert_eq!(body["id"], "t1");
+    assert_eq!(body["outputs"][0]["name"], "text_output", "{body:#}");
+    assert_eq!(body["outputs"][0]["datatype"], "BYTES");
+    assert_eq!(body["outputs"][0]["data"][0], expected.as_str(), "{body:#}");
+    assert_eq!(body["parameters"]["finish_reason"], "length", "{body:#}");
+    assert_eq!(body["parameters"]["completion_tokens"], 8, "{body:#}");
+
+    // As events, one per token.
+    let headers = [
+        ("content-type", "application/json"),
+        ("accept", "text/event-stream"),
+    ];
+    let reply = c
+        .request_with("POST", "/v2/models/smol/infer", &headers, request(settings))
+        .await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(reply.header("content-type"), Some("text/event-stream"));
+    let chunks: Vec<Value> = events(&reply.text())
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    assert!(chunks.len() >= 4, "{chunks:#?}");
+    let mut text = String::new();
+    for (i, chunk) in chunks.iter().enumerate() {
+        assert_eq!(chunk["id"], "t1");
+        assert_eq!(chunk["outputs"][0]["name"], "text_output", "{chunk:#}");
+        let last = i == chunks.len() - 1;
+        assert_eq!(
+            chunk["parameters"]["triton_final_response"], last,
+            "{chunk:#}"
+        );
+        text.push_str(chunk["outputs"][0]["data"][0].as_str().unwrap());
+    }
+    assert_eq!(text, expected);
+    assert_eq!(
+        chunks.last().unwrap()["parameters"]["finish_reason"],
+        "length"
+    );
+
+    // Over gRPC, a response per token.
+    let parameter = |choice| InferParameter {
+        parameter_choice: Some(choice),
+    };
+    let message = ModelInferRequest {
+        model_name: "smol".into(),
+        id: "g1".into(),
+        inputs: vec![InferInputTensor {
+            name: "text_input".into(),
+            datatype: "BYTES".into(),
+            shape: vec![1],
+            contents: Some(InferTensorContents {
+                bytes_contents: vec![prompt.as_bytes().to_vec().into()],
+                ..Default::default()
+            }),
+            ..Default::default()
+        }],
+        parameters: [
+            ("max_tokens", parameter(ParameterChoice::Int64Param(8))),
+            ("temperature", parameter(ParameterChoice::Int64Param(0))),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect(),
+        ..Default::default()
+    };
+    let mut client = GrpcInferenceServiceClient::connect(format!("http://{grpc}"))
+        .await
+        .unwrap();
+    let mut call = tonic::Request::new(tokio_stream::iter(vec![message]));
+    let key = c.key().unwrap().to_owned();
+    call.metadata_mut()
+        .insert("authorization", format!("Bearer {key}").parse().unwrap());
+    let mut answers = client.model_stream_infer(call).await.unwrap().into_inner();
+    let mut streamed = String::new();
+    let mut responses = 0;
+    while let Some(answer) = answers.message().await.unwrap() {
+        assert!(answer.error_message.is_empty(), "{answer:?}");
+        let response = answer.infer_response.unwrap();
+        assert_eq!(response.id, "g1");
+        assert_eq!(response.outputs[0].name, "text_output");
+        // A BYTES element: its length (4 bytes, little-endian), then its bytes.
+        let raw = &response.raw_output_contents[0];
+        let length = u32::from_le_bytes(raw[..4].try_into().unwrap()) as usize;
+        streamed.push_str(std::str::from_utf8(&raw[4..4 + length]).unwrap());
+        responses += 1;
+    }
+    assert_eq!(streamed, expected);
+    assert!(responses >= 4, "{responses} responses");
+
+    // Bad requests name what is at fault.
+    let unknown = c
+        .request_with(
+            "POST",
+            "/v2/models/smol/infer",
+            &json_type,
+            request(json!({"max_tokens": 8, "bogus": 1})),
+        )
+        .await;
+    assert_eq!(unknown.status, 400, "{}", unknown.text());
+    assert!(unknown.json()["error"].as_str().unwrap().contains("bogus"));
+    let two = json!({
+        "inputs": [
+            {"name": "a", "shape": [1], "datatype": "BYTES", "data": ["x"]},
+            {"name": "b", "shape": [1], "datatype": "BYTES", "data": ["y"]},
+        ],
+    });
+    let ambiguous = c
+        .request_with("POST", "/v2/models/smol/infer", &json_type, two.to_string())
+        .await;
+    assert_eq!(ambiguous.status, 400, "{}", ambiguous.text());
+    assert!(
+        ambiguous.json()["error"]
+            .as_str()
+            .unwrap()
+            .contains("text_input"),
+        "{}",
+        ambiguous.text()
+    );
+    t.stop().await;
+}

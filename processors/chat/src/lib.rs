@@ -81,11 +81,14 @@ fn settings() -> Result<&'static Settings, Error> {
         .map_err(Clone::clone)
 }
 
-/// Which OpenAI route the request came by.
+/// Which route the request came by.
 #[derive(Serialize, Deserialize, Clone, Copy, PartialEq, Eq, Debug)]
 enum Kind {
     Chat,
     Text,
+    /// KServe v2 inference with the prompt as a `BYTES` input (as Triton's LLM backends
+    /// take it); answered as KServe outputs, one `text_output` per chunk.
+    Kserve,
 }
 
 /// What post-processing needs to know about a request.
@@ -182,6 +185,65 @@ const COMMON_FIELDS: &[&str] = &[
 const CHAT_FIELDS: &[&str] = &["messages", "max_completion_tokens", "response_format"];
 /// Fields of text completion requests only.
 const TEXT_FIELDS: &[&str] = &["prompt", "echo", "suffix"];
+
+/// A KServe v2 request as the completion request it asks for: the text of its `BYTES`
+/// input `text_input` (or its only `BYTES` input) is the prompt, taken as it is (as
+/// Triton's LLM backends take it), and its `parameters` are the completion's fields
+/// (`max_tokens`, `temperature`, `stop`, `stream`, ...).
+fn kserve_body(body: &Value) -> Result<Value, Error> {
+    let inputs = body["inputs"]
+        .as_array()
+        .ok_or_else(|| bad("inputs", "`inputs` must be a list of tensors"))?;
+    let texts: Vec<(usize, &Value)> = inputs
+        .iter()
+        .enumerate()
+        .filter(|(_, i)| i["datatype"] == "BYTES")
+        .collect();
+    let named = texts.iter().find(|(_, i)| i["name"] == "text_input");
+    let (index, input) = match (named, texts.as_slice()) {
+        (Some(found), _) => *found,
+        (None, [only]) => *only,
+        _ => {
+            return Err(bad(
+                "inputs",
+                "send the prompt as a BYTES input named `text_input`",
+            ));
+        }
+    };
+    let mut prompts = Vec::new();
+    let mut stack = vec![&input["data"]];
+    while let Some(value) = stack.pop() {
+        match value {
+            Value::Array(items) => stack.extend(items.iter().rev()),
+            Value::String(text) => prompts.push(text.as_str()),
+            _ => {
+                return Err(bad(
+                    &format!("inputs[{index}].data"),
+                    "BYTES elements must be text",
+                ));
+            }
+        }
+    }
+    let [prompt] = prompts.as_slice() else {
+        return Err(bad(
+            &format!("inputs[{index}].data"),
+            format!("one prompt per request, not {}", prompts.len()),
+        ));
+    };
+    let mut fields = match body.get("parameters") {
+        None | Some(Value::Null) => serde_json::Map::new(),
+        Some(Value::Object(parameters)) => parameters.clone(),
+        Some(_) => return Err(bad("parameters", "`parameters` must be an object")),
+    };
+    if let Some(key) = fields.keys().find(|k| k.as_str() == "prompt") {
+        return Err(bad(
+            key,
+            "the prompt is the `text_input` tensor, not a parameter",
+        ));
+    }
+    fields.insert("prompt".into(), Value::String((*prompt).to_owned()));
+    Ok(Value::Object(fields))
+}
 
 /// The prompt text of a chat request: its messages through the chat template.
 fn chat_prompt(settings: &Settings, messages: &Value) -> Result<String, Error> {
@@ -284,13 +346,19 @@ fn prepare(request: &Request) -> Result<Prepared, Error> {
     let kind = match path {
         "/v1/chat/completions" | "/chat/completions" => Kind::Chat,
         "/v1/completions" | "/completions" => Kind::Text,
+        p if p.starts_with("/v2/models/") && p.ends_with("/infer") => Kind::Kserve,
         other => {
             return Err(Error::not_found(format!(
-                "no route `{other}`: POST /v1/chat/completions or /v1/completions"
+                "no route `{other}`: POST /v1/chat/completions, /v1/completions or \
+                 /v2/models/{{name}}/infer"
             )));
         }
     };
     let body: Value = request.json()?;
+    let body = match kind {
+        Kind::Kserve => kserve_body(&body)?,
+        _ => body,
+    };
     let Some(fields) = body.as_object() else {
         return Err(Error::bad_request("the body must be a JSON object"));
     };
@@ -308,7 +376,7 @@ fn prepare(request: &Request) -> Result<Prepared, Error> {
     }
     let (prompt, prompt_field) = match kind {
         Kind::Chat => (chat_prompt(settings, &body["messages"])?, "messages"),
-        Kind::Text => match &body["prompt"] {
+        Kind::Text | Kind::Kserve => match &body["prompt"] {
             Value::String(p) if !p.is_empty() => (p.clone(), "prompt"),
             Value::Array(list) if list.len() == 1 && list[0].is_string() => {
                 (list[0].as_str().unwrap_or_default().to_owned(), "prompt")
@@ -358,10 +426,10 @@ fn prepare(request: &Request) -> Result<Prepared, Error> {
     {
         return Err(bad("logprobs", "`logprobs` is not supported"));
     }
-    if kind == Kind::Text && body.get("echo").is_some_and(|v| v == &json!(true)) {
+    if kind != Kind::Chat && body.get("echo").is_some_and(|v| v == &json!(true)) {
         return Err(bad("echo", "`echo` is not supported"));
     }
-    if kind == Kind::Text && body.get("suffix").is_some_and(|v| !v.is_null()) {
+    if kind != Kind::Chat && body.get("suffix").is_some_and(|v| !v.is_null()) {
         return Err(bad("suffix", "`suffix` is not supported"));
     }
     if let Some(format) = body.get("response_format").filter(|v| !v.is_null())
@@ -535,6 +603,21 @@ fn usage(meta: &ChunkMeta) -> Value {
 
 fn finish(context: &Context, output: &ModelOutput, text: String, meta: &ChunkMeta) -> Response {
     let reason = meta.finish_reason.clone();
+    if context.kind == Kind::Kserve {
+        // KServe outputs: this chunk's text (the whole answer when not streamed).
+        let mut parameters = json!({
+            "prompt_tokens": meta.prompt_tokens,
+            "completion_tokens": meta.completion_tokens,
+        });
+        if output.last {
+            parameters["finish_reason"] = json!(reason.as_deref().unwrap_or("stop"));
+        }
+        return Response::json(&json!({
+            "outputs": [{"name": "text_output", "datatype": "BYTES", "shape": [1],
+                         "data": [text]}],
+            "parameters": parameters,
+        }));
+    }
     if !context.stream {
         let choice = match context.kind {
             Kind::Chat => json!({
@@ -543,7 +626,7 @@ fn finish(context: &Context, output: &ModelOutput, text: String, meta: &ChunkMet
                 "logprobs": null,
                 "finish_reason": reason,
             }),
-            Kind::Text => json!({
+            Kind::Text | Kind::Kserve => json!({
                 "index": 0, "text": text, "logprobs": null, "finish_reason": reason,
             }),
         };
@@ -558,7 +641,7 @@ fn finish(context: &Context, output: &ModelOutput, text: String, meta: &ChunkMet
     }
     let object = match context.kind {
         Kind::Chat => "chat.completion.chunk",
-        Kind::Text => "text_completion",
+        Kind::Text | Kind::Kserve => "text_completion",
     };
     let usage_field = if context.include_usage {
         Some(Value::Null)
@@ -589,7 +672,7 @@ fn finish(context: &Context, output: &ModelOutput, text: String, meta: &ChunkMet
             }
             json!([{"index": 0, "delta": delta, "logprobs": null, "finish_reason": reason}])
         }
-        Kind::Text => json!([{
+        Kind::Text | Kind::Kserve => json!([{
             "index": 0, "text": text.unwrap_or(""), "logprobs": null, "finish_reason": reason,
         }]),
     };

@@ -338,9 +338,10 @@ pub(crate) async fn version_metadata(
 /// `Inference-Header-Content-Length` bytes. Numeric inputs go to the model backend; text
 /// (`BYTES`) goes through the endpoint's processor. Requested `outputs` are honoured, each
 /// in JSON or binary as asked (`binary_data`, `binary_data_output`); `id` is echoed and
-/// `parameters` passed on. With `Accept: text/event-stream`, numeric inputs are answered
-/// as server-sent events, one per output chunk of the model (a generation backend's tokens
-/// when its `parameters` ask it to stream).
+/// `parameters` passed on. With `Accept: text/event-stream`, the answer is server-sent
+/// events: numeric inputs one per output chunk of the model (a generation backend's tokens
+/// when its `parameters` ask it to stream), text one per chunk the processor answers (it
+/// is asked to stream: a generation endpoint's text, token by token).
 #[utoipa::path(post, path = "/v2/models/{name}/infer", tag = "kserve",
     params(("name" = String, Path, description = "Endpoint name")),
     request_body(content(
@@ -348,7 +349,7 @@ pub(crate) async fn version_metadata(
         (Vec<u8> = "application/octet-stream"),
     )),
     responses(
-        (status = 200, description = "The outputs (JSON, or a JSON header and binary data with `Inference-Header-Content-Length`); with `Accept: text/event-stream`, tensors to a model backend are answered as server-sent events, one KServe JSON response per output chunk (`parameters.triton_final_response` true on the last)", body = InferResponse),
+        (status = 200, description = "The outputs (JSON, or a JSON header and binary data with `Inference-Header-Content-Length`); with `Accept: text/event-stream`, server-sent events, one KServe JSON response per output chunk of the model (tensors) or of the processor (text, with `parameters.stream` set for it), `parameters.triton_final_response` true on the last", body = InferResponse),
         (status = 400, description = "Not a valid request (the message names the field)", body = ProtocolError),
         (status = 404, description = "No such model or version", body = ProtocolError),
         (status = 413, description = "Over the version's `limits.max_body_bytes`", body = ProtocolError),
@@ -404,11 +405,10 @@ pub(crate) async fn infer(
     let mut parsed = crate::kserve::parse(&body, header_length).map_err(bad)?;
     let local = crate::tenants::local_name(&name).to_owned();
     let text = parsed.has_text();
-    let as_events = !text
-        && headers
-            .get(axum::http::header::ACCEPT)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|a| a.contains("text/event-stream"));
+    let as_events = headers
+        .get(axum::http::header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.contains("text/event-stream"));
     // Tensors are recorded here as they came; text is recorded by the processor's run, as
     // the processor saw it.
     let kept = match (&recording, text) {
@@ -427,6 +427,23 @@ pub(crate) async fn infer(
         }
         _ => None,
     };
+    if as_events && text {
+        let served = Served {
+            gateway: &gateway,
+            name: &name,
+            started,
+            recording,
+        };
+        let mut response = match text_events(&version, &local, &parsed, served).await {
+            Ok(response) => response,
+            Err(e) => e.into_response(),
+        };
+        if let Ok(v) = HeaderValue::from_str(&version.name) {
+            response.headers_mut().insert("x-wasp-version", v);
+        }
+        admitted.stamp(response.headers_mut());
+        return Ok(response);
+    }
     if as_events {
         let mut response = match events(&version, &name, &local, parsed).await {
             Ok(response) => response,
@@ -745,6 +762,86 @@ struct Served<'a> {
     recording: Recording,
 }
 
+/// Text through the processor, answered as server-sent events: one KServe response per
+/// output chunk the processor's post-process answers (a generation backend's tokens: the
+/// request's `parameters.stream` is set for it), the last with
+/// `parameters.triton_final_response` true. The run is counted and recorded as
+/// [`through_processor`]'s.
+async fn text_events(
+    version: &Arc<DeployedVersion>,
+    local: &str,
+    parsed: &crate::kserve::Request,
+    served: Served<'_>,
+) -> Result<Response, ApiError> {
+    let response = run_processor(version, local, parsed, served, true).await?;
+    let mut frames = response.into_body().into_data_stream();
+    let first = match futures_util::StreamExt::next(&mut frames).await {
+        Some(Ok(frame)) => frame,
+        Some(Err(e)) => {
+            return Err(ApiError::new(
+                502,
+                "invalid_processor_response",
+                e.to_string(),
+            ));
+        }
+        None => {
+            return Err(ApiError::new(
+                502,
+                "invalid_processor_response",
+                "the processor answered nothing",
+            ));
+        }
+    };
+    let choice = parsed.outputs.as_json();
+    let (local, version_name, id) = (local.to_owned(), version.name.clone(), parsed.id.clone());
+    let event = move |frame: &[u8], last: bool| -> String {
+        let (outputs, parameters) = match crate::kserve::processor_outputs(frame) {
+            Ok(answer) => answer,
+            Err(e) => {
+                return error_event(&format!("the processor did not answer KServe outputs: {e}"));
+            }
+        };
+        let mut parameters = parameters.unwrap_or_else(|| serde_json::json!({}));
+        parameters["triton_final_response"] = serde_json::Value::Bool(last);
+        match crate::kserve::encode(
+            &local,
+            &version_name,
+            id.as_deref(),
+            Some(parameters),
+            outputs,
+            &choice,
+        ) {
+            Ok(encoded) => format!("data: {}\n\n", String::from_utf8_lossy(&encoded.body)),
+            Err(e) => error_event(&e.message),
+        }
+    };
+    // Each frame is one chunk's answer; the next one is read before a frame is sent, so
+    // that the last is known as such.
+    let events = futures_util::stream::unfold(
+        (frames, Some(first), event),
+        |(mut frames, current, event)| async move {
+            let current = current?;
+            let (text, next) = match futures_util::StreamExt::next(&mut frames).await {
+                None => (event(&current, true), None),
+                Some(Ok(next)) => (event(&current, false), Some(next)),
+                Some(Err(e)) => (error_event(&e.to_string()), None),
+            };
+            Some((
+                Ok::<_, std::convert::Infallible>(bytes::Bytes::from(text)),
+                (frames, next, event),
+            ))
+        },
+    );
+    let mut response = (StatusCode::OK, Body::from_stream(events)).into_response();
+    let h = response.headers_mut();
+    h.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    h.insert(
+        axum::http::header::CACHE_CONTROL,
+        HeaderValue::from_static("no-cache"),
+    );
+    Ok(response)
+}
+
 /// Text through the processor: KServe JSON in, KServe JSON out. The run is counted and
 /// recorded (when sampled) as any data route's, failures included.
 async fn through_processor(
@@ -753,6 +850,28 @@ async fn through_processor(
     parsed: &crate::kserve::Request,
     served: Served<'_>,
 ) -> Result<Outputs, ApiError> {
+    let response = run_processor(version, local, parsed, served, false).await?;
+    let body = axum::body::to_bytes(response.into_body(), usize::MAX)
+        .await
+        .map_err(|e| ApiError::new(502, "invalid_processor_response", e.to_string()))?;
+    crate::kserve::processor_outputs(&body).map_err(|e| {
+        ApiError::new(
+            502,
+            "invalid_processor_response",
+            format!("the processor did not answer KServe outputs: {e}"),
+        )
+    })
+}
+
+/// Runs the processor on the request as KServe JSON (with `parameters.stream` set when
+/// `stream`): its answer when it succeeded, else its error as the protocol's.
+async fn run_processor(
+    version: &Arc<DeployedVersion>,
+    local: &str,
+    parsed: &crate::kserve::Request,
+    served: Served<'_>,
+    stream: bool,
+) -> Result<Response, ApiError> {
     if version.processor.is_none() {
         return Err(ApiError::new(
             422,
@@ -763,9 +882,19 @@ async fn through_processor(
             ),
         ));
     }
-    let body = parsed
+    let mut body = parsed
         .to_json(local)
         .map_err(|e| ApiError::new(400, "invalid_request", e.message).with_field(e.field))?;
+    if stream {
+        let mut json: serde_json::Value = serde_json::from_slice(&body)
+            .map_err(|e| ApiError::new(500, "internal", e.to_string()))?;
+        if !json["parameters"].is_object() {
+            json["parameters"] = serde_json::json!({});
+        }
+        json["parameters"]["stream"] = serde_json::Value::Bool(true);
+        body =
+            serde_json::to_vec(&json).map_err(|e| ApiError::new(500, "internal", e.to_string()))?;
+    }
     let request = wasp_wasm::Request {
         method: "POST".into(),
         path: format!("/v2/models/{local}/infer"),
@@ -782,31 +911,25 @@ async fn through_processor(
     )
     .await;
     let status = response.status().as_u16();
+    if status < 400 {
+        return Ok(response);
+    }
     let body = axum::body::to_bytes(response.into_body(), usize::MAX)
         .await
         .map_err(|e| ApiError::new(502, "invalid_processor_response", e.to_string()))?;
-    if status >= 400 {
-        let text = String::from_utf8_lossy(&body);
-        let message = serde_json::from_str::<serde_json::Value>(&text)
-            .ok()
-            .and_then(|v| {
-                let e = &v["error"];
-                let message = e["message"].as_str().or(e.as_str())?.to_owned();
-                Some(match e["field"].as_str() {
-                    Some(f) => format!("{message} (field `{f}`)"),
-                    None => message,
-                })
+    let text = String::from_utf8_lossy(&body);
+    let message = serde_json::from_str::<serde_json::Value>(&text)
+        .ok()
+        .and_then(|v| {
+            let e = &v["error"];
+            let message = e["message"].as_str().or(e.as_str())?.to_owned();
+            Some(match e["field"].as_str() {
+                Some(f) => format!("{message} (field `{f}`)"),
+                None => message,
             })
-            .unwrap_or_else(|| text.into_owned());
-        return Err(ApiError::new(status, "processor_error", message));
-    }
-    crate::kserve::processor_outputs(&body).map_err(|e| {
-        ApiError::new(
-            502,
-            "invalid_processor_response",
-            format!("the processor did not answer KServe outputs: {e}"),
-        )
-    })
+        })
+        .unwrap_or_else(|| text.into_owned());
+    Err(ApiError::new(status, "processor_error", message))
 }
 
 fn encoded_response(encoded: crate::kserve::Encoded) -> Response {
