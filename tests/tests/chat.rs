@@ -517,10 +517,49 @@ print(json.dumps({"streamed": "".join(parts), "usage": usage, "finish": finish,
 /// text/event-stream`), one per chunk with the final one marked, as responses of one
 /// `ModelStreamInfer` request over gRPC, and in one answer when not streamed, all with the
 /// same greedy tokens.
+/// The events of a KServe inference of `smol` with `body`, asked as server-sent events.
+async fn kserve_events(c: &wasp_tests::TestClient, body: String) -> Vec<Value> {
+    let headers = [
+        ("content-type", "application/json"),
+        ("accept", "text/event-stream"),
+    ];
+    let reply = c
+        .request_with("POST", "/v2/models/smol/infer", &headers, body)
+        .await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(reply.header("content-type"), Some("text/event-stream"));
+    events(&reply.text())
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect()
+}
+
+/// The responses of one `ModelStreamInfer` call that sends `message`, each checked to
+/// carry no error.
+async fn stream_infer(
+    grpc: std::net::SocketAddr,
+    key: &str,
+    message: wasp_grpc::proto::ModelInferRequest,
+) -> Vec<wasp_grpc::proto::ModelInferResponse> {
+    use wasp_grpc::proto::grpc_inference_service_client::GrpcInferenceServiceClient;
+    let mut client = GrpcInferenceServiceClient::connect(format!("http://{grpc}"))
+        .await
+        .unwrap();
+    let mut call = tonic::Request::new(tokio_stream::iter(vec![message]));
+    call.metadata_mut()
+        .insert("authorization", format!("Bearer {key}").parse().unwrap());
+    let mut answers = client.model_stream_infer(call).await.unwrap().into_inner();
+    let mut responses = Vec::new();
+    while let Some(answer) = answers.message().await.unwrap() {
+        assert!(answer.error_message.is_empty(), "{answer:?}");
+        responses.push(answer.infer_response.unwrap());
+    }
+    responses
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kserve_streams_a_generation_backends_tokens_as_events_and_over_grpc() {
     use wasp_grpc::proto::ModelInferRequest;
-    use wasp_grpc::proto::grpc_inference_service_client::GrpcInferenceServiceClient;
     use wasp_grpc::proto::infer_parameter::ParameterChoice;
     use wasp_grpc::proto::model_infer_request::InferInputTensor;
     use wasp_grpc::proto::{InferParameter, InferTensorContents};
@@ -540,19 +579,7 @@ async fn kserve_streams_a_generation_backends_tokens_as_events_and_over_grpc() {
         })
         .to_string()
     };
-    let headers = [
-        ("content-type", "application/json"),
-        ("accept", "text/event-stream"),
-    ];
-    let reply = c
-        .request_with("POST", "/v2/models/smol/infer", &headers, request(true))
-        .await;
-    assert_eq!(reply.status, 200, "{}", reply.text());
-    assert_eq!(reply.header("content-type"), Some("text/event-stream"));
-    let chunks: Vec<Value> = events(&reply.text())
-        .iter()
-        .map(|e| serde_json::from_str(e).unwrap())
-        .collect();
+    let chunks = kserve_events(c, request(true)).await;
     assert!(chunks.len() >= 2, "{chunks:#?}");
     let mut tokens = Vec::new();
     for (i, chunk) in chunks.iter().enumerate() {
@@ -619,19 +646,9 @@ async fn kserve_streams_a_generation_backends_tokens_as_events_and_over_grpc() {
         .collect(),
         ..Default::default()
     };
-    let mut client = GrpcInferenceServiceClient::connect(format!("http://{grpc}"))
-        .await
-        .unwrap();
-    let mut call = tonic::Request::new(tokio_stream::iter(vec![message]));
-    let key = c.key().unwrap().to_owned();
-    call.metadata_mut()
-        .insert("authorization", format!("Bearer {key}").parse().unwrap());
-    let mut answers = client.model_stream_infer(call).await.unwrap().into_inner();
     let mut streamed = Vec::new();
     let mut finals = Vec::new();
-    while let Some(answer) = answers.message().await.unwrap() {
-        assert!(answer.error_message.is_empty(), "{answer:?}");
-        let response = answer.infer_response.unwrap();
+    for response in stream_infer(grpc, c.key().unwrap(), message).await {
         assert_eq!(response.id, "g1");
         for bytes in response.raw_output_contents[0].chunks(8) {
             streamed.push(i64::from_le_bytes(bytes.try_into().unwrap()));
@@ -655,7 +672,6 @@ async fn kserve_streams_a_generation_backends_tokens_as_events_and_over_grpc() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kserve_text_to_a_generation_endpoint_streams_text_per_token() {
     use wasp_grpc::proto::ModelInferRequest;
-    use wasp_grpc::proto::grpc_inference_service_client::GrpcInferenceServiceClient;
     use wasp_grpc::proto::infer_parameter::ParameterChoice;
     use wasp_grpc::proto::model_infer_request::InferInputTensor;
     use wasp_grpc::proto::{InferParameter, InferTensorContents};
@@ -708,19 +724,7 @@ async fn kserve_text_to_a_generation_endpoint_streams_text_per_token() {
     assert_eq!(body["parameters"]["completion_tokens"], 8, "{body:#}");
 
     // As events, one per token.
-    let headers = [
-        ("content-type", "application/json"),
-        ("accept", "text/event-stream"),
-    ];
-    let reply = c
-        .request_with("POST", "/v2/models/smol/infer", &headers, request(settings))
-        .await;
-    assert_eq!(reply.status, 200, "{}", reply.text());
-    assert_eq!(reply.header("content-type"), Some("text/event-stream"));
-    let chunks: Vec<Value> = events(&reply.text())
-        .iter()
-        .map(|e| serde_json::from_str(e).unwrap())
-        .collect();
+    let chunks = kserve_events(c, request(settings)).await;
     assert!(chunks.len() >= 4, "{chunks:#?}");
     let mut text = String::new();
     for (i, chunk) in chunks.iter().enumerate() {
@@ -765,19 +769,9 @@ async fn kserve_text_to_a_generation_endpoint_streams_text_per_token() {
         .collect(),
         ..Default::default()
     };
-    let mut client = GrpcInferenceServiceClient::connect(format!("http://{grpc}"))
-        .await
-        .unwrap();
-    let mut call = tonic::Request::new(tokio_stream::iter(vec![message]));
-    let key = c.key().unwrap().to_owned();
-    call.metadata_mut()
-        .insert("authorization", format!("Bearer {key}").parse().unwrap());
-    let mut answers = client.model_stream_infer(call).await.unwrap().into_inner();
     let mut streamed = String::new();
     let mut responses = 0;
-    while let Some(answer) = answers.message().await.unwrap() {
-        assert!(answer.error_message.is_empty(), "{answer:?}");
-        let response = answer.infer_response.unwrap();
+    for response in stream_infer(grpc, c.key().unwrap(), message).await {
         assert_eq!(response.id, "g1");
         assert_eq!(response.outputs[0].name, "text_output");
         // A BYTES element: its length (4 bytes, little-endian), then its bytes.

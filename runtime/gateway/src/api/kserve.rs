@@ -706,14 +706,22 @@ async fn events(
         }),
         rest,
     );
-    let mut response = (StatusCode::OK, Body::from_stream(body)).into_response();
+    Ok(event_stream(body))
+}
+
+/// A `200` of server-sent events.
+fn event_stream<S>(events: S) -> Response
+where
+    S: futures_util::Stream<Item = Result<bytes::Bytes, std::convert::Infallible>> + Send + 'static,
+{
+    let mut response = (StatusCode::OK, Body::from_stream(events)).into_response();
     let h = response.headers_mut();
     h.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
     h.insert(
         axum::http::header::CACHE_CONTROL,
         HeaderValue::from_static("no-cache"),
     );
-    Ok(response)
+    response
 }
 
 /// A server-sent event that says the stream failed.
@@ -832,14 +840,7 @@ async fn text_events(
             ))
         },
     );
-    let mut response = (StatusCode::OK, Body::from_stream(events)).into_response();
-    let h = response.headers_mut();
-    h.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
-    h.insert(
-        axum::http::header::CACHE_CONTROL,
-        HeaderValue::from_static("no-cache"),
-    );
-    Ok(response)
+    Ok(event_stream(events))
 }
 
 /// Text through the processor: KServe JSON in, KServe JSON out. The run is counted and
