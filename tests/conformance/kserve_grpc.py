@@ -3,13 +3,16 @@
 Run by tests/tests/kserve.rs against a live wasp serving the MiniLM endpoint `minilm`
 (candle backend, text-embeddings processor) over HTTP and, with --grpc-listen, gRPC:
 
-    python kserve_grpc.py HTTP_HOST:PORT GRPC_HOST:PORT API_KEY
+    python kserve_grpc.py HTTP_HOST:PORT GRPC_HOST:PORT API_KEY [GENERATION_MODEL]
 
 It checks health, metadata, inference with raw tensors (the client's only form)
 giving the same tensors as the HTTP client, the version forms, text (BYTES) through the
 processor giving the vectors of /v1/embeddings, requested outputs, gzip, ModelStreamInfer
 (answers matched to requests by id, an error answering its own request while the stream
-goes on), and that errors reach the client as gRPC statuses with clear messages. It prints
+goes on), text generation as Triton's LLM backends take it (a `text_input` prompt, a
+`text_output` answer, whole and on a decoupled stream token by token) when a generation
+endpoint is named, and that errors reach the client as gRPC statuses with clear messages.
+It prints
 what it measured as JSON and exits non-zero, saying why, on the first failure.
 """
 
@@ -25,6 +28,7 @@ from tritonclient.utils import InferenceServerException
 from common import check, cosines, openai_embeddings
 
 HTTP_URL, GRPC_URL, KEY = sys.argv[1], sys.argv[2], sys.argv[3]
+GENERATION = sys.argv[4] if len(sys.argv) > 4 else None
 # gRPC metadata keys are lower case.
 HEADERS = {"authorization": f"Bearer {KEY}"}
 MODEL = "minilm"
@@ -56,6 +60,36 @@ def ids_input(shape=None, datatype="INT64", values=IDS):
     if shape is not None:
         tensor.set_shape(shape)
     return tensor
+
+
+def generation(client, model):
+    """The prompt as a `text_input` BYTES tensor, the answer as `text_output`: whole, then
+    the same text streamed, one response per token, the last marked final."""
+    def prompt():
+        tensor = grpc.InferInput("text_input", [1], "BYTES")
+        tensor.set_data_from_numpy(np.array([b"The capital of France is"], dtype=np.object_))
+        return tensor
+
+    settings = {"max_tokens": 8, "temperature": 0}
+    whole = client.infer(model, [prompt()], parameters=settings, headers=h())
+    text = whole.as_numpy("text_output")[0].decode()
+    check(text != "", "no text generated")
+    answers = queue.Queue()
+    client.start_stream(callback=lambda result, error: answers.put((result, error)), headers=h())
+    client.async_stream_infer(model, [prompt()], request_id="g1", parameters=settings)
+    pieces = []
+    while True:
+        result, error = answers.get(timeout=60)
+        check(error is None, f"stream error: {error}")
+        response = result.get_response()
+        check(response.id == "g1", f"answer for {response.id!r}")
+        pieces.append(result.as_numpy("text_output")[0].decode())
+        final = response.parameters.get("triton_final_response")
+        if final is not None and final.bool_param:
+            break
+    client.stop_stream()
+    check("".join(pieces) == text, f"streamed {pieces!r}, whole {text!r}")
+    report["generation"] = {"text": text, "responses": len(pieces)}
 
 
 def text_input(texts):
@@ -131,6 +165,9 @@ def main():
     check(np.array_equal(got["s1"].as_numpy("last_hidden_state"), hidden), "stream tensor differs")
     check(got["s2"].as_numpy("embeddings").shape == (2, 384), "stream embeddings")
     report["stream_error"] = failed[0]
+
+    if GENERATION is not None:
+        generation(client, GENERATION)
 
     # Errors: each a gRPC status with the code a client expects and a clear message.
     report["errors"] = {

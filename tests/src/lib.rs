@@ -361,6 +361,27 @@ mounts = [{{ host = {host:?}, guest = "/model" }}]
     )
 }
 
+/// A text-generation endpoint over SmolLM2-135M-Instruct (found by name in the models
+/// directory) with the `chat` processor, whose component is `{COMPONENT}`: at most
+/// `sequences` decoded together, the processor's context cut to 512 tokens (so that a
+/// prompt too long is quick to reach), 64 tokens by default.
+pub fn smollm2_spec(name: &str, sequences: u32) -> String {
+    format!(
+        r#"name = "{name}"
+[[versions]]
+name = "v1"
+backend = {{ kind = "candle", model = "SmolLM2-135M-Instruct", task = "generate", device = "cpu", max_sequences = {sequences}, kv_cache_mib = 256 }}
+[versions.processor]
+component = "{{COMPONENT}}"
+mounts = [{{ host = {host:?}, guest = "/model" }}]
+env = {{ CONTEXT_LENGTH = "512", DEFAULT_MAX_TOKENS = "64" }}
+[versions.limits]
+timeout_ms = 10000
+"#,
+        host = smollm2_dir().display().to_string()
+    )
+}
+
 /// An embeddings endpoint whose model runs in a container: the KServe v2 model server
 /// `model_server` (tests/src/bin/model-server.rs, run by the process driver) over
 /// all-MiniLM-L6-v2, with `server_args` on its command line, `backend` extra keys of the

@@ -8,26 +8,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use wasp_tests::guests::{CHAT, TEXT_EMBEDDINGS};
-use wasp_tests::{TestServer, minilm_spec, smollm2_dir};
-
-/// A chat endpoint over SmolLM2 with at most `sequences` decoded together, and the
-/// processor's context cut to 512 tokens (so that "too long" is quick to reach).
-fn chat_spec(name: &str, sequences: u32) -> String {
-    format!(
-        r#"name = "{name}"
-[[versions]]
-name = "v1"
-backend = {{ kind = "candle", model = "SmolLM2-135M-Instruct", task = "generate", device = "cpu", max_sequences = {sequences}, kv_cache_mib = 256 }}
-[versions.processor]
-component = "{{COMPONENT}}"
-mounts = [{{ host = {host:?}, guest = "/model" }}]
-env = {{ CONTEXT_LENGTH = "512", DEFAULT_MAX_TOKENS = "64" }}
-[versions.limits]
-timeout_ms = 10000
-"#,
-        host = smollm2_dir().display().to_string()
-    )
-}
+use wasp_tests::{TestServer, minilm_spec, smollm2_spec};
 
 fn ask(content: &str, extra: Value) -> Value {
     let mut body = json!({
@@ -80,7 +61,7 @@ fn streamed_content(text: &str) -> (String, Option<String>, Option<Value>) {
 async fn chat_streams_and_answers_whole_with_the_real_model() {
     let t = TestServer::start().await;
     let c = &t.client;
-    c.deploy_ok(CHAT, &chat_spec("smol", 8)).await;
+    c.deploy_ok(CHAT, &smollm2_spec("smol", 8)).await;
 
     // Whole: one chat.completion with usage.
     let reply = c
@@ -273,7 +254,7 @@ async fn chat_streams_and_answers_whole_with_the_real_model() {
 async fn bad_requests_name_their_field_in_openai_shape() {
     let t = TestServer::start().await;
     let c = &t.client;
-    c.deploy_ok(CHAT, &chat_spec("smol", 4)).await;
+    c.deploy_ok(CHAT, &smollm2_spec("smol", 4)).await;
     let long = "word ".repeat(700);
     let cases = [
         (ask(&long, json!({})), "messages"),
@@ -372,7 +353,7 @@ fn gauge(metrics: &str, name: &str) -> f64 {
 async fn a_client_that_goes_away_frees_its_sequence() {
     let t = TestServer::start().await;
     let c = &t.client;
-    c.deploy_ok(CHAT, &chat_spec("smol", 4)).await;
+    c.deploy_ok(CHAT, &smollm2_spec("smol", 4)).await;
     let long = ask(
         "Write a very long essay about the history of bread.",
         json!({"max_tokens": 400, "stream": true, "temperature": 0.8, "seed": 1}),
@@ -400,7 +381,7 @@ async fn a_client_that_goes_away_frees_its_sequence() {
 async fn eight_concurrent_streams_are_each_correct() {
     let t = TestServer::start().await;
     let c = &t.client;
-    c.deploy_ok(CHAT, &chat_spec("smol", 8)).await;
+    c.deploy_ok(CHAT, &smollm2_spec("smol", 8)).await;
     let questions = [
         "What is the capital of France?",
         "List three colours.",
@@ -453,7 +434,7 @@ async fn openai_python_client_streams_chat_and_embeds() {
     );
     let t = TestServer::start().await;
     let c = &t.client;
-    c.deploy_ok(CHAT, &chat_spec("smol", 4)).await;
+    c.deploy_ok(CHAT, &smollm2_spec("smol", 4)).await;
     c.deploy_ok(TEXT_EMBEDDINGS, &minilm_spec("minilm", ""))
         .await;
     let script = r#"
@@ -565,7 +546,7 @@ async fn kserve_streams_a_generation_backends_tokens_as_events_and_over_grpc() {
     use wasp_grpc::proto::{InferParameter, InferTensorContents};
 
     let mut t = TestServer::start().await;
-    t.client.deploy_ok(CHAT, &chat_spec("smol", 2)).await;
+    t.client.deploy_ok(CHAT, &smollm2_spec("smol", 2)).await;
     let grpc = t.serve_grpc().await;
     let c = &t.client;
     let prompt = [1i64, 4093, 198, 19556, 2, 198, 1, 520, 9531, 198];
@@ -677,7 +658,7 @@ async fn kserve_text_to_a_generation_endpoint_streams_text_per_token() {
     use wasp_grpc::proto::{InferParameter, InferTensorContents};
 
     let mut t = TestServer::start().await;
-    t.client.deploy_ok(CHAT, &chat_spec("smol", 2)).await;
+    t.client.deploy_ok(CHAT, &smollm2_spec("smol", 2)).await;
     let grpc = t.serve_grpc().await;
     let c = &t.client;
     let prompt = "The capital of France is";

@@ -1,12 +1,13 @@
 //! KServe v2 (Open Inference Protocol) conformance with the official Triton clients
 //! (PyPI `tritonclient[http,grpc]`, installed by `scripts/toolchain triton`) as real
-//! clients, against a live server with the MiniLM endpoint, over HTTP and gRPC: the checks
-//! are in `tests/conformance/kserve.py` and `tests/conformance/kserve_grpc.py`.
+//! clients, against a live server with the MiniLM endpoint (and, over gRPC, a SmolLM2
+//! generation endpoint), over HTTP and gRPC: the checks are in
+//! `tests/conformance/kserve.py` and `tests/conformance/kserve_grpc.py`.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use serde_json::Value;
-use wasp_tests::guests::TEXT_EMBEDDINGS;
-use wasp_tests::{TestServer, minilm_spec};
+use wasp_tests::guests::{CHAT, TEXT_EMBEDDINGS};
+use wasp_tests::{TestServer, minilm_spec, smollm2_spec};
 
 /// Runs a conformance script with `args`, and reads the JSON report it prints.
 async fn conformance(script: &str, args: Vec<String>) -> Value {
@@ -44,6 +45,7 @@ async fn the_triton_clients_find_a_conforming_server_over_http_and_grpc() {
     t.client
         .deploy_ok(TEXT_EMBEDDINGS, &minilm_spec("minilm", ""))
         .await;
+    t.client.deploy_ok(CHAT, &smollm2_spec("smol", 2)).await;
     let grpc = t.serve_grpc().await;
     let address = t.server.local_addr().to_string();
     let key = t.client.key().unwrap().to_owned();
@@ -55,7 +57,11 @@ async fn the_triton_clients_find_a_conforming_server_over_http_and_grpc() {
     );
     assert_eq!(report["errors"].as_object().unwrap().len(), 8, "{report:#}");
 
-    let report = conformance("kserve_grpc.py", vec![address, grpc.to_string(), key]).await;
+    let report = conformance(
+        "kserve_grpc.py",
+        vec![address, grpc.to_string(), key, "smol".into()],
+    )
+    .await;
     assert_eq!(
         report["metadata_inputs"],
         serde_json::json!(["attention_mask", "input_ids", "token_type_ids"])
@@ -63,6 +69,13 @@ async fn the_triton_clients_find_a_conforming_server_over_http_and_grpc() {
     assert_eq!(report["errors"].as_object().unwrap().len(), 9, "{report:#}");
     let unserved = report["errors"]["not served"].as_str().unwrap();
     assert!(unserved.contains("ModelMetadata"), "{unserved}");
+    // Text generation streamed on a decoupled stream, token by token.
+    let generation = &report["generation"];
+    assert!(generation["responses"].as_u64().unwrap() >= 4, "{report:#}");
+    assert!(
+        !generation["text"].as_str().unwrap().is_empty(),
+        "{report:#}"
+    );
 
     grpc_has_the_http_apis_keys_and_tenancy(&t, grpc).await;
     kserve_requests_are_recorded(&t, grpc).await;
