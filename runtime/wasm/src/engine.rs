@@ -202,8 +202,9 @@ pub(crate) struct PoolSize {
 }
 
 /// A second engine, with the on-demand allocator, for the instances the pool cannot hold
-/// (it is full, or their memory cap is larger than its slots). Its compiled code is the pooled engine's (the same settings but the allocator, so
-/// the same artefacts), copied once per component at the first overflow.
+/// (it is full, or their memory cap is larger than its slots). Its compiled code is the
+/// pooled engine's (the same settings but the allocator, so the same artefacts), copied
+/// once per component at its first instance there.
 pub(crate) struct Overflow {
     pub(crate) engine: Engine,
     pub(crate) linker: Linker<HostState>,
