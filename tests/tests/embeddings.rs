@@ -65,7 +65,7 @@ async fn embeddings_match_sentence_transformers() {
             sentences[i]
         );
     }
-    eprintln!("worst cosine against sentence-transformers: {worst:.6}");
+    eprintln!("worst cosine against sentence-transformers: {worst:.8}");
     let usage = &body["usage"];
     assert!(usage["prompt_tokens"].as_u64().unwrap() > 15);
     assert_eq!(usage["prompt_tokens"], usage["total_tokens"]);

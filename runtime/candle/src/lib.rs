@@ -3,7 +3,9 @@
 //!
 //! Task `embeddings` loads a BERT-family encoder (all-MiniLM-L6-v2, say) from a directory
 //! holding `config.json` and `model.safetensors` (or `pytorch_model.bin`) and returns the
-//! last hidden state of every token; the version's processor tokenizes and pools.
+//! last hidden state of every token; the version's processor tokenizes and pools. On the CPU
+//! the forward pass is [`bert::CpuBert`] (sequences packed without padding, fused
+//! element-wise steps); on a GPU it is candle-transformers' `BertModel`.
 //!
 //! Task `generate` loads a llama-family decoder from a GGUF file (SmolLM2, say) and
 //! streams generated tokens, many sequences batched together step by step
@@ -11,6 +13,7 @@
 //! or HTTP.
 #![deny(missing_docs)]
 
+pub mod bert;
 pub mod generate;
 pub mod llama;
 mod qmatmul;
@@ -113,9 +116,24 @@ pub fn resolve_model(model: &str, models_dir: &Path) -> Result<PathBuf> {
     )))
 }
 
+/// How a [`BertEmbedder`] runs its forward pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BertEngine {
+    /// [`bert::CpuBert`]: packed sequences, fused element-wise steps (CPU only; the default
+    /// there).
+    Packed,
+    /// candle-transformers' `BertModel` on the spec's device (the default on a GPU).
+    Candle,
+}
+
+enum Encoder {
+    Packed(bert::CpuBert),
+    Candle(BertModel),
+}
+
 /// A BERT-family sentence encoder: token ids in, last hidden states out.
 pub struct BertEmbedder {
-    model: BertModel,
+    model: Encoder,
     device: Device,
     name: String,
     hidden: usize,
@@ -131,8 +149,24 @@ fn infer_err(e: candle_core::Error) -> BackendError {
 }
 
 impl BertEmbedder {
-    /// Loads `config.json` and the weights from `dir` onto `device` (blocking).
+    /// Loads `config.json` and the weights from `dir` onto `device` (blocking), with the
+    /// packed engine on the CPU and candle's model elsewhere.
     pub fn load(dir: &Path, device: Device) -> Result<Self> {
+        let engine = if device.is_cpu() {
+            BertEngine::Packed
+        } else {
+            BertEngine::Candle
+        };
+        Self::load_engine(dir, device, engine)
+    }
+
+    /// Loads the model with the given engine (`Packed` needs the CPU).
+    pub fn load_engine(dir: &Path, device: Device, engine: BertEngine) -> Result<Self> {
+        if engine == BertEngine::Packed && !device.is_cpu() {
+            return Err(BackendError::Load(
+                "the packed BERT engine runs on the CPU only".into(),
+            ));
+        }
         let config_path = dir.join("config.json");
         let text = std::fs::read_to_string(&config_path).map_err(|e| {
             BackendError::Load(format!("cannot read {}: {e}", config_path.display()))
@@ -161,12 +195,20 @@ impl BertEmbedder {
                 dir.display()
             )));
         };
-        let model = BertModel::load(vb, &config).map_err(load_err("BERT weights"))?;
+        let model = match engine {
+            BertEngine::Packed => Encoder::Packed(
+                bert::CpuBert::load(vb, &config)
+                    .map_err(|e| BackendError::Load(format!("BERT weights: {e}")))?,
+            ),
+            BertEngine::Candle => {
+                Encoder::Candle(BertModel::load(vb, &config).map_err(load_err("BERT weights"))?)
+            }
+        };
         let name = dir.file_name().map_or_else(
             || dir.display().to_string(),
             |n| n.to_string_lossy().into_owned(),
         );
-        tracing::info!(model = %name, device = ?device, "loaded BERT encoder");
+        tracing::info!(model = %name, device = ?device, ?engine, "loaded BERT encoder");
         Ok(Self {
             model,
             device,
@@ -273,11 +315,76 @@ impl Backend for BertEmbedder {
                 "input_ids",
             ));
         }
-        // Right-pad every sequence to the longest one in the batch (mask 0 on padding).
+        match &self.model {
+            Encoder::Packed(model) => packed(model, &parsed, self.hidden),
+            Encoder::Candle(model) => self.candle(model, &parsed, width, total),
+        }
+    }
+}
+
+/// The packed engine: every row of every input, unpadded; each input's rows come back as
+/// one contiguous run of the output.
+fn packed(model: &bert::CpuBert, parsed: &[Sequences], h: usize) -> Result<Vec<ModelOutput>> {
+    let mut rows = Vec::new();
+    let mut owner = Vec::new();
+    for (i, s) in parsed.iter().enumerate() {
+        for row in 0..s.rows {
+            let span = row * s.len..(row + 1) * s.len;
+            rows.push(bert::Sequence {
+                ids: &s.ids[span.clone()],
+                types: &s.types[span.clone()],
+                mask: &s.mask[span],
+            });
+            owner.push(i);
+        }
+    }
+    let values = model.forward(&rows).map_err(|e| match e {
+        bert::BertError::Input {
+            message,
+            field,
+            row,
+        } => {
+            let index = owner.get(row).copied().unwrap_or(0);
+            BackendError::bad_input(message, format!("inputs[{index}].{field}"))
+        }
+        other => BackendError::Inference(other.to_string()),
+    })?;
+    let mut outputs = Vec::with_capacity(parsed.len());
+    let mut at = 0;
+    for s in parsed {
+        let n = s.rows * s.len * h;
+        outputs.push(hidden_output(
+            vec![s.rows as u64, s.len as u64, h as u64],
+            &values[at..at + n],
+        ));
+        at += n;
+    }
+    Ok(outputs)
+}
+
+fn hidden_output(shape: Vec<u64>, data: &[f32]) -> ModelOutput {
+    ModelOutput {
+        tensors: vec![Tensor::from_f32("last_hidden_state", shape, data)],
+        metadata: None,
+        index: 0,
+        last: true,
+    }
+}
+
+impl BertEmbedder {
+    /// candle's model: every row right-padded to the longest in the batch (mask 0 on
+    /// padding).
+    fn candle(
+        &self,
+        model: &BertModel,
+        parsed: &[Sequences],
+        width: usize,
+        total: usize,
+    ) -> Result<Vec<ModelOutput>> {
         let mut ids = Vec::with_capacity(total * width);
         let mut mask = Vec::with_capacity(total * width);
         let mut types = Vec::with_capacity(total * width);
-        for s in &parsed {
+        for s in parsed {
             for row in 0..s.rows {
                 let span = row * s.len..(row + 1) * s.len;
                 let pad = width - s.len;
@@ -296,8 +403,7 @@ impl Backend for BertEmbedder {
             }
         }
         let tensor = |data: Vec<u32>| CandleTensor::from_vec(data, (total, width), &self.device);
-        let hidden = self
-            .model
+        let hidden = model
             .forward(
                 &tensor(ids).map_err(infer_err)?,
                 &tensor(types).map_err(infer_err)?,
@@ -314,39 +420,24 @@ impl Backend for BertEmbedder {
         let h = self.hidden;
         let mut outputs = Vec::with_capacity(parsed.len());
         let mut row0 = 0;
-        for s in &parsed {
+        for s in parsed {
             let mut data = Vec::with_capacity(s.rows * s.len * h);
             for row in row0..row0 + s.rows {
                 let start = row * width * h;
                 data.extend_from_slice(&values[start..start + s.len * h]);
             }
             row0 += s.rows;
-            outputs.push(ModelOutput {
-                tensors: vec![Tensor::from_f32(
-                    "last_hidden_state",
-                    vec![s.rows as u64, s.len as u64, h as u64],
-                    &data,
-                )],
-                metadata: None,
-                index: 0,
-                last: true,
-            });
+            outputs.push(hidden_output(
+                vec![s.rows as u64, s.len as u64, h as u64],
+                &data,
+            ));
         }
         Ok(outputs)
     }
 }
 
 fn empty_output(hidden: usize) -> ModelOutput {
-    ModelOutput {
-        tensors: vec![Tensor::from_f32(
-            "last_hidden_state",
-            vec![0, 0, hidden as u64],
-            &[],
-        )],
-        metadata: None,
-        index: 0,
-        last: true,
-    }
+    hidden_output(vec![0, 0, hidden as u64], &[])
 }
 
 #[cfg(test)]
