@@ -9,7 +9,15 @@
 //!    TCP_NODELAY, torch on every core. Its in-process `model.encode` at batch 1 and 32 is
 //!    printed as the ceiling of any server around the model;
 //! 3. the tokenizer processor's pre-processing (wasm) against the same tokenizer crate
-//!    called natively.
+//!    called natively;
+//! 4. the encoder's efficiency against the machine's limit: the forward pass alone, in
+//!    process, at batch 1, 32 and a mixed-length batch of 32, for the packed engine (the
+//!    CPU default) and candle-transformers' model, as achieved GFLOP/s (real tokens, and
+//!    real plus padded tokens) next to the measured FP32 peak of a gemm microbenchmark
+//!    (plot: `target/bench/encoder.png`). `--encoder-only` runs just this part, and
+//!    `--engine packed|candle` just one engine.
+//!
+//! `--load-only C` runs only the batched endpoint at concurrency C, for profiling.
 //!
 //! Run with `./x bench` (or `cargo bench -p wasp-tests --bench embeddings`).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -237,6 +245,10 @@ fn main() {
             "wasp embeddings benchmark: all-MiniLM-L6-v2 on CPU ({} cores), one sentence per request",
             std::thread::available_parallelism().map_or(0, |n| n.get())
         );
+        if std::env::args().any(|a| a == "--encoder-only") {
+            encoder_efficiency(quick);
+            return;
+        }
         if std::env::args().any(|a| a == "--tokenizer-only") {
             tokenizer_comparison(2000).await;
             return;
@@ -247,6 +259,20 @@ fn main() {
         let addr = t.server.local_addr();
         for model in ["batched", "unbatched"] {
             load::run(addr, "/v1/embeddings", body(model), 4, Duration::from_millis(500)).await;
+        }
+        // `--load-only C`: the batched endpoint alone at concurrency C (to profile wasp's
+        // path under `perf record`).
+        let args: Vec<String> = std::env::args().collect();
+        if let Some(c) = args
+            .iter()
+            .position(|a| a == "--load-only")
+            .and_then(|i| args.get(i + 1))
+            .and_then(|c| c.parse::<usize>().ok())
+        {
+            let on = load::run(addr, "/v1/embeddings", body("batched"), c, seconds).await;
+            line(&format!("batching on  c={c}"), &on);
+            t.stop().await;
+            return;
         }
         for c in [1, 8, 32] {
             let off = load::run(addr, "/v1/embeddings", body("unbatched"), c, seconds).await;
@@ -262,5 +288,250 @@ fn main() {
         python_baseline(addr, seconds).await;
         tokenizer_comparison(if quick { 200 } else { 2000 }).await;
         t.stop().await;
+        encoder_efficiency(quick);
     });
+}
+
+/// The best GFLOP/s of an `n × n × n` f32 gemm on `threads` threads (1 or all).
+fn gemm_peak(n: usize, threads: usize, rounds: usize) -> f64 {
+    let a = vec![1.0f32; n * n];
+    let b = vec![0.5f32; n * n];
+    let mut c = vec![0.0f32; n * n];
+    let parallelism = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    let mut best = 0.0f64;
+    for _ in 0..rounds {
+        let started = Instant::now();
+        // SAFETY: a, b and c are n × n row-major matrices, as the strides say.
+        unsafe {
+            gemm::gemm(
+                n,
+                n,
+                n,
+                c.as_mut_ptr(),
+                1,
+                n as isize,
+                false,
+                a.as_ptr(),
+                1,
+                n as isize,
+                b.as_ptr(),
+                1,
+                n as isize,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                parallelism,
+            );
+        }
+        let seconds = started.elapsed().as_secs_f64();
+        best = best.max(2.0 * (n * n * n) as f64 / seconds / 1e9);
+    }
+    std::hint::black_box(&c);
+    best
+}
+
+/// One batch for the encoder: every row one input, as the batcher hands them over.
+fn encoder_inputs(rows: &[Vec<i64>]) -> Vec<wasp_core::ModelInput> {
+    rows.iter()
+        .map(|ids| {
+            let shape = vec![1, ids.len() as u64];
+            wasp_core::ModelInput {
+                tensors: vec![
+                    wasp_core::Tensor::from_i64("input_ids", shape.clone(), ids),
+                    wasp_core::Tensor::from_i64("attention_mask", shape, &vec![1; ids.len()]),
+                ],
+                parameters: None,
+            }
+        })
+        .collect()
+}
+
+struct EncoderFigure {
+    engine: &'static str,
+    batch: &'static str,
+    real_gflops: f64,
+    executed_gflops: f64,
+    sequences_per_second: f64,
+}
+
+fn encoder_efficiency(quick: bool) {
+    use wasp_backend::Backend;
+    use wasp_candle::{BertEmbedder, BertEngine, Device};
+
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let rounds = if quick { 5 } else { 20 };
+    let peak_one = gemm_peak(1024, 1, rounds);
+    let peak = gemm_peak(1024, threads, rounds);
+    println!(
+        "FP32 peak (gemm 1024^3, measured): {peak:.1} GFLOP/s on {threads} threads, {peak_one:.1} on one"
+    );
+
+    let mut tokenizer =
+        tokenizers::Tokenizer::from_file(minilm_dir().join("tokenizer.json")).unwrap();
+    tokenizer.with_truncation(None).unwrap();
+    tokenizer.with_padding(None);
+    let ids = |text: &str| -> Vec<i64> {
+        let e = tokenizer.encode(text, true).unwrap();
+        e.get_ids().iter().map(|&x| i64::from(x)).collect()
+    };
+    let sentence = ids(SENTENCE);
+    let reference: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/fixtures/minilm-reference.json"
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    let mixed: Vec<Vec<i64>> = reference["sentences"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .cycle()
+        .take(32)
+        .map(|s| ids(s.as_str().unwrap()))
+        .collect();
+    let batches: [(&str, Vec<Vec<i64>>); 3] = [
+        ("batch 1", vec![sentence.clone()]),
+        ("batch 32", vec![sentence.clone(); 32]),
+        ("mixed 32", mixed),
+    ];
+    let budget = Duration::from_millis(if quick { 600 } else { 3000 });
+    let mut figures = Vec::new();
+    // `--engine packed|candle` measures one engine alone (to profile it).
+    let args: Vec<String> = std::env::args().collect();
+    let only = args
+        .iter()
+        .position(|a| a == "--engine")
+        .and_then(|i| args.get(i + 1));
+    for (engine, kind) in [
+        ("packed", BertEngine::Packed),
+        ("candle", BertEngine::Candle),
+    ] {
+        if only.is_some_and(|o| o != engine) {
+            continue;
+        }
+        let model = BertEmbedder::load_engine(&minilm_dir(), Device::Cpu, kind).unwrap();
+        let macs = |len: usize| {
+            // Per sequence: the linear layers per token, and attention over the sequence.
+            (6 * (4 * 384 * 384 + 2 * 384 * 1536) * len + 6 * 2 * len * len * 384) as f64
+        };
+        for (label, rows) in &batches {
+            let inputs = encoder_inputs(rows);
+            let real: f64 = rows.iter().map(|r| 2.0 * macs(r.len())).sum();
+            let width = rows.iter().map(Vec::len).max().unwrap_or(0);
+            let executed = if engine == "candle" {
+                rows.len() as f64 * 2.0 * macs(width)
+            } else {
+                real
+            };
+            model.infer_batch(&inputs).unwrap();
+            let mut times = Vec::new();
+            let started = Instant::now();
+            while started.elapsed() < budget || times.len() < 5 {
+                let t = Instant::now();
+                std::hint::black_box(model.infer_batch(&inputs).unwrap());
+                times.push(t.elapsed());
+            }
+            let median = quantile(&mut times, 0.5).as_secs_f64();
+            let figure = EncoderFigure {
+                engine,
+                batch: label,
+                real_gflops: real / median / 1e9,
+                executed_gflops: executed / median / 1e9,
+                sequences_per_second: rows.len() as f64 / median,
+            };
+            println!(
+                "encoder {engine:<6} {label:<8} {:>7.1} sequences/s  {:>6.1} GFLOP/s real ({:>4.1}% of peak), {:>6.1} GFLOP/s with padding  (median {:.2} ms)",
+                figure.sequences_per_second,
+                figure.real_gflops,
+                100.0 * figure.real_gflops / peak,
+                figure.executed_gflops,
+                median * 1e3
+            );
+            figures.push(figure);
+        }
+    }
+    let path = std::path::Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../target/bench/encoder.png"
+    ));
+    match encoder_plot(path, &figures, peak) {
+        Ok(()) => println!("plot: {}", path.display()),
+        Err(e) => println!("plot not written: {e}"),
+    }
+}
+
+fn encoder_plot(
+    path: &std::path::Path,
+    figures: &[EncoderFigure],
+    peak: f64,
+) -> anyhow::Result<()> {
+    use plotters::prelude::*;
+    wasp_tests::prepare_plot(path)?;
+    let root = BitMapBackend::new(path, (900, 520)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let labels: Vec<String> = figures
+        .iter()
+        .map(|f| format!("{} {}", f.engine, f.batch))
+        .collect();
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            "MiniLM encoder on the CPU: GFLOP/s on real tokens (pale: with padding) vs FP32 peak",
+            ("sans-serif", 20),
+        )
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0.0..figures.len() as f64, 0.0..peak * 1.1)?;
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .x_labels(figures.len() * 2 + 1)
+        .x_label_formatter(&|x| {
+            let i = x.floor() as usize;
+            if (x - x.floor() - 0.5).abs() < 0.01 {
+                labels.get(i).cloned().unwrap_or_default()
+            } else {
+                String::new()
+            }
+        })
+        .y_desc("GFLOP/s")
+        .y_label_formatter(&|y| format!("{y:.0}"))
+        .draw()?;
+    // Pale: everything executed, padding included; solid: real tokens only.
+    chart.draw_series(figures.iter().enumerate().map(|(i, f)| {
+        let colour = if f.engine == "packed" { BLUE } else { RED };
+        Rectangle::new(
+            [(i as f64 + 0.15, 0.0), (i as f64 + 0.85, f.executed_gflops)],
+            colour.mix(0.25).filled(),
+        )
+    }))?;
+    chart.draw_series(figures.iter().enumerate().map(|(i, f)| {
+        let colour = if f.engine == "packed" { BLUE } else { RED };
+        Rectangle::new(
+            [(i as f64 + 0.15, 0.0), (i as f64 + 0.85, f.real_gflops)],
+            colour.filled(),
+        )
+    }))?;
+    chart
+        .draw_series(LineSeries::new(
+            [(0.0, peak), (figures.len() as f64, peak)],
+            BLACK.stroke_width(2),
+        ))?
+        .label(format!("measured FP32 peak {peak:.0} GFLOP/s"))
+        .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], BLACK));
+    chart
+        .configure_series_labels()
+        .background_style(WHITE)
+        .border_style(BLACK)
+        .draw()?;
+    root.present()?;
+    Ok(())
 }
