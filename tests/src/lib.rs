@@ -678,6 +678,8 @@ impl TestServer {
             data_dir: data_dir.to_path_buf(),
             runtime: RuntimeConfig {
                 max_total_instances: 200,
+                // For profiling benchmarks: guest functions named for `perf`.
+                perf_map: std::env::var_os("WASP_GUEST_PERF_MAP").is_some(),
                 ..RuntimeConfig::default()
             },
             backends: backends(data_dir),

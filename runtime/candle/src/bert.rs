@@ -4,9 +4,9 @@
 //! each step as a separate tensor operation (a fresh buffer each time), and computes GELU
 //! with a scalar `f64` erf. Here the tokens of every sequence are packed into one matrix
 //! with no padding between sequences, each linear layer is one `gemm` call over all of
-//! them (bias folded into the product), attention runs per sequence over that sequence's
-//! own tokens, and the element-wise steps are fused: residual add with layer norm, and a
-//! vectorised GELU. Weights are loaded through candle's `VarBuilder`, so the same files
+//! them, attention runs per sequence over that sequence's own tokens, and the element-wise
+//! steps are fused and vectorised: bias, residual add and layer norm in one pass, bias and
+//! GELU in another. Weights are loaded through candle's `VarBuilder`, so the same files
 //! (safetensors or `pytorch_model.bin`) load either way; on a GPU the backend keeps
 //! candle's model.
 //!
@@ -299,14 +299,20 @@ impl CpuBert {
         let mut up = vec![0f32; tokens * self.intermediate];
         let mut projected = vec![0f32; tokens * h];
         for layer in &self.layers {
-            layer.qkv.apply(&x, &mut qkv, tokens);
+            // Each product's bias is added in the element-wise step that follows it.
+            layer.qkv.product(&x, &mut qkv, tokens);
+            add_bias(&mut qkv, &layer.qkv.bias);
             self.attention(&spans, &qkv, &mut context);
-            layer.attention_out.apply(&context, &mut projected, tokens);
-            layer_norm_rows(&mut x, Some(&projected), &layer.attention_norm, h);
-            layer.up.apply(&x, &mut up, tokens);
-            gelu(&mut up);
-            layer.down.apply(&up, &mut projected, tokens);
-            layer_norm_rows(&mut x, Some(&projected), &layer.output_norm, h);
+            layer
+                .attention_out
+                .product(&context, &mut projected, tokens);
+            let residual = Some((&projected[..], &layer.attention_out.bias[..]));
+            layer_norm_rows(&mut x, residual, &layer.attention_norm, h);
+            layer.up.product(&x, &mut up, tokens);
+            gelu(&mut up, &layer.up.bias);
+            layer.down.product(&up, &mut projected, tokens);
+            let residual = Some((&projected[..], &layer.down.bias[..]));
+            layer_norm_rows(&mut x, residual, &layer.output_norm, h);
         }
         Ok(x)
     }
@@ -364,13 +370,10 @@ fn spans<'a>(sequences: &[Sequence<'a>]) -> Vec<Span<'a>> {
 }
 
 impl Dense {
-    /// `out = x · W + b` for `rows` rows.
-    fn apply(&self, x: &[f32], out: &mut [f32], rows: usize) {
+    /// `out = x · W` for `rows` rows (the bias is the caller's to add).
+    fn product(&self, x: &[f32], out: &mut [f32], rows: usize) {
         debug_assert_eq!(x.len(), rows * self.inputs);
         debug_assert_eq!(out.len(), rows * self.outputs);
-        for row in out.chunks_exact_mut(self.outputs) {
-            row.copy_from_slice(&self.bias);
-        }
         let parallelism = if rows * self.inputs * self.outputs >= PARALLEL_MACS {
             Parallelism::Rayon(rayon::current_num_threads())
         } else {
@@ -389,14 +392,14 @@ impl Dense {
                 out.as_mut_ptr(),
                 1,
                 self.outputs as isize,
-                true,
+                false,
                 x.as_ptr(),
                 1,
                 self.inputs as isize,
                 self.weight.as_ptr(),
                 1,
                 self.outputs as isize,
-                1.0,
+                0.0,
                 1.0,
                 false,
                 false,
@@ -489,23 +492,45 @@ fn erf(x: f32) -> f32 {
     (1.0 - poly * exp(-a * a)).copysign(x)
 }
 
-vectorised!(gelu_serial, gelu_avx2, fn(values: &mut [f32]) {
-    for v in values.iter_mut() {
-        let x = *v;
-        *v = 0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2));
+/// Rows per task of the element-wise steps.
+const ROWS_PER_TASK: usize = 32;
+
+vectorised!(add_bias_serial, add_bias_avx2, fn(values: &mut [f32], bias: &[f32]) {
+    for row in values.chunks_exact_mut(bias.len()) {
+        for (v, b) in row.iter_mut().zip(bias) {
+            *v += b;
+        }
     }
 });
 
-/// GELU (erf form) in place, on every thread.
-fn gelu(values: &mut [f32]) {
-    values.par_chunks_mut(16 * 1024).for_each(gelu_serial);
+/// Adds `bias` to every row, on every thread.
+fn add_bias(values: &mut [f32], bias: &[f32]) {
+    values
+        .par_chunks_mut(ROWS_PER_TASK * bias.len())
+        .for_each(|chunk| add_bias_serial(chunk, bias));
 }
 
-vectorised!(norm_rows, norm_rows_avx2, fn(x: &mut [f32], residual: Option<&[f32]>, norm: &Norm, h: usize) {
+vectorised!(gelu_serial, gelu_avx2, fn(values: &mut [f32], bias: &[f32]) {
+    for row in values.chunks_exact_mut(bias.len()) {
+        for (v, b) in row.iter_mut().zip(bias) {
+            let x = *v + b;
+            *v = 0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2));
+        }
+    }
+});
+
+/// GELU (erf form) of every row plus `bias`, in place, on every thread.
+fn gelu(values: &mut [f32], bias: &[f32]) {
+    values
+        .par_chunks_mut(ROWS_PER_TASK * bias.len())
+        .for_each(|chunk| gelu_serial(chunk, bias));
+}
+
+vectorised!(norm_rows, norm_rows_avx2, fn(x: &mut [f32], residual: Option<(&[f32], &[f32])>, norm: &Norm, h: usize) {
     for (r, row) in x.chunks_exact_mut(h).enumerate() {
-        if let Some(residual) = residual {
-            for (v, add) in row.iter_mut().zip(&residual[r * h..(r + 1) * h]) {
-                *v += add;
+        if let Some((residual, bias)) = residual {
+            for ((v, add), b) in row.iter_mut().zip(&residual[r * h..(r + 1) * h]).zip(bias) {
+                *v += add + b;
             }
         }
         let mean = sum(row) / h as f32;
@@ -520,15 +545,13 @@ vectorised!(norm_rows, norm_rows_avx2, fn(x: &mut [f32], residual: Option<&[f32]
     }
 });
 
-/// `x = LayerNorm(x + residual)` row by row, on every thread.
-fn layer_norm_rows(x: &mut [f32], residual: Option<&[f32]>, norm: &Norm, h: usize) {
-    const ROWS: usize = 32;
-    x.par_chunks_mut(ROWS * h)
-        .enumerate()
-        .for_each(|(c, chunk)| {
-            let residual = residual.map(|r| &r[c * ROWS * h..c * ROWS * h + chunk.len()]);
-            norm_rows(chunk, residual, norm, h);
-        });
+/// `x = LayerNorm(x + residual + bias)` row by row, on every thread.
+fn layer_norm_rows(x: &mut [f32], residual: Option<(&[f32], &[f32])>, norm: &Norm, h: usize) {
+    let rows = ROWS_PER_TASK * h;
+    x.par_chunks_mut(rows).enumerate().for_each(|(c, chunk)| {
+        let residual = residual.map(|(r, b)| (&r[c * rows..c * rows + chunk.len()], b));
+        norm_rows(chunk, residual, norm, h);
+    });
 }
 
 vectorised!(attend_serial, attend_avx2, fn(qkv: &[f32], span: &Span<'_>, first: usize, out: &mut [f32], h: usize, heads: usize) {
@@ -734,7 +757,7 @@ mod tests {
     fn gelu_matches_its_definition_on_both_paths() {
         let values: Vec<f32> = (-4000..4000).map(|i| i as f32 / 500.0).collect();
         let mut fast = values.clone();
-        gelu(&mut fast);
+        gelu(&mut fast, &[0.0; 16]);
         let mut portable = values.clone();
         for v in portable.iter_mut() {
             let x = *v;

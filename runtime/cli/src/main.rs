@@ -272,6 +272,10 @@ enum Command {
         /// (0: one fewer than the cores, at least one).
         #[arg(long, default_value_t = 0)]
         cpu_turns: usize,
+        /// Name compiled guest functions in `/tmp/perf-PID.map`, so that `perf report`
+        /// shows time spent in processors by function.
+        #[arg(long)]
+        guest_perf_map: bool,
         /// A PEM file of CA certificates that webhook receivers' certificates may chain to,
         /// besides the system's trusted roots (repeatable).
         #[arg(long = "webhook-ca", value_name = "FILE")]
@@ -895,6 +899,7 @@ async fn run(cli: Cli) -> Result<()> {
             mount_roots,
             allow_hosts,
             cpu_turns,
+            guest_perf_map,
             webhook_ca,
             insecure_registries,
             volume_roots,
@@ -981,6 +986,7 @@ async fn run(cli: Cli) -> Result<()> {
                     pool_full: pool_full.into(),
                     slot_memory_mib,
                     cpu_turns,
+                    perf_map: guest_perf_map,
                     ..Default::default()
                 },
                 backends: registry,

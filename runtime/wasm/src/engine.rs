@@ -139,6 +139,9 @@ pub struct RuntimeConfig {
     pub cpu_turns: usize,
     /// What a new instance does when the pool's slots are all taken.
     pub pool_full: PoolFull,
+    /// Name compiled guest functions in `/tmp/perf-PID.map`, so that `perf` attributes
+    /// samples in guest code to the guest's own functions.
+    pub perf_map: bool,
 }
 
 impl Default for RuntimeConfig {
@@ -151,6 +154,7 @@ impl Default for RuntimeConfig {
             max_wasm_stack: 512 * 1024,
             cpu_turns: 0,
             pool_full: PoolFull::Overflow,
+            perf_map: false,
         }
     }
 }
@@ -292,6 +296,9 @@ impl Runtime {
         wasm.wasm_component_model(true)
             .epoch_interruption(true)
             .max_wasm_stack(config.max_wasm_stack);
+        if config.perf_map {
+            wasm.profiler(wasmtime::ProfilingStrategy::PerfMap);
+        }
         let size = match config.pooling {
             true => Some(PoolSize {
                 instances: config.max_total_instances,
