@@ -249,6 +249,42 @@ fn serve_takes_its_http_limits_from_flags() {
 }
 
 #[test]
+fn serve_names_guest_functions_for_perf_when_asked() {
+    use wasp_tests::guests::PII_REDACT;
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    for flag in [true, false] {
+        let data = tempfile::tempdir().unwrap();
+        let extra: &[&str] = if flag { &["--guest-perf-map"] } else { &[] };
+        let server = Serve::try_start(data.path(), extra).unwrap();
+        let map = std::path::PathBuf::from(format!("/tmp/perf-{}.map", server.pid()));
+        rt.block_on(async {
+            let c = server.client();
+            c.deploy_ok(PII_REDACT, &wasp_tests::spec("redact", ""))
+                .await;
+            let reply = c
+                .invoke("redact", "", r#"{"text":"ann@example.org"}"#)
+                .await;
+            assert_eq!(reply.status, 200, "{}", reply.text());
+        });
+        let text = std::fs::read_to_string(&map).unwrap_or_default();
+        let _ = std::fs::remove_file(&map);
+        assert_eq!(server.terminate().code(), Some(0));
+        if flag {
+            // perf's map format: start, size, name; the guest's own Rust functions named.
+            assert!(
+                text.lines()
+                    .any(|l| l.split(' ').count() >= 3 && l.contains("pii_redact")),
+                "no guest function in {}: {} lines",
+                map.display(),
+                text.lines().count()
+            );
+        } else {
+            assert!(text.is_empty(), "a perf map was written without the flag");
+        }
+    }
+}
+
+#[test]
 fn serve_overflows_queues_or_refuses_on_a_full_pool_by_its_flags() {
     use wasp_tests::guests::HELLO;
     let rt = tokio::runtime::Runtime::new().unwrap();
