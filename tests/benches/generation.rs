@@ -11,6 +11,9 @@
 //! as its users run it: `python -m llama_cpp.server --n_threads 2` with the model's own
 //! chat template. It comes from `scripts/toolchain llama` (llama.cpp built from source);
 //! without it, wasp runs alone. A plot lands in `target/bench/generation.png`.
+//!
+//! First, the bare model in process: prefill and decode at batch 1 and 8 (`--model-only`
+//! runs just that).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -289,12 +292,88 @@ fn plot(path: &Path, series: &[(String, Vec<(usize, f64)>)]) -> anyhow::Result<(
     Ok(())
 }
 
+/// The bare model in process, no server: a 48-token prefill, and decode steps of 1 and 8
+/// sequences (each with 48 tokens cached). `--model-only` runs just this, and
+/// `--prefill-only` just the prefill (to profile it).
+fn bare_model() {
+    use wasp_candle::llama::{Llama, Step};
+    let model = Llama::open(
+        &wasp_tests::smollm2_dir().join("model.gguf"),
+        &wasp_candle::Device::Cpu,
+    )
+    .unwrap();
+    let prompt: Vec<u32> = (0..48u32).map(|i| 100 + i * 37).collect();
+    let budget = Duration::from_secs(3);
+    // Prefill: one sequence's 48 prompt tokens in one pass.
+    let mut times = Vec::new();
+    let started = Instant::now();
+    while started.elapsed() < budget || times.len() < 3 {
+        let mut cache = model.new_cache();
+        let t = Instant::now();
+        let mut steps = [Step {
+            tokens: &prompt,
+            cache: &mut cache,
+            logits: true,
+        }];
+        std::hint::black_box(model.forward(&mut steps).unwrap());
+        times.push(t.elapsed());
+    }
+    times.sort();
+    let prefill = times[times.len() / 2].as_secs_f64();
+    println!(
+        "bare model: prefill of 48 tokens {:.1} ms ({:.0} tokens/s)",
+        prefill * 1e3,
+        48.0 / prefill
+    );
+    if std::env::args().any(|a| a == "--prefill-only") {
+        return;
+    }
+    let mut rates = Vec::new();
+    for batch in [1usize, 8] {
+        let mut caches: Vec<_> = (0..batch).map(|_| model.new_cache()).collect();
+        for cache in &mut caches {
+            let mut steps = [Step {
+                tokens: &prompt,
+                cache,
+                logits: false,
+            }];
+            model.forward(&mut steps).unwrap();
+        }
+        let token = [200u32];
+        let mut count = 0usize;
+        let started = Instant::now();
+        while started.elapsed() < budget || count < 8 {
+            let mut steps: Vec<Step<'_>> = caches
+                .iter_mut()
+                .map(|cache| Step {
+                    tokens: &token,
+                    cache,
+                    logits: true,
+                })
+                .collect();
+            std::hint::black_box(model.forward(&mut steps).unwrap());
+            count += 1;
+        }
+        let rate = (count * batch) as f64 / started.elapsed().as_secs_f64();
+        println!("bare model: decode at batch {batch}: {rate:.1} tokens/s");
+        rates.push(rate);
+    }
+    println!(
+        "bare model: batch 8 / batch 1 decode: {:.2}x",
+        rates[1] / rates[0]
+    );
+}
+
 fn main() {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .unwrap();
+    bare_model();
+    if std::env::args().any(|a| a == "--model-only" || a == "--prefill-only") {
+        return;
+    }
     let dir = tempfile::tempdir().unwrap();
     let (_wasp, wasp_addr, key) = wasp_serve(dir.path());
     let peer = llama_serve();

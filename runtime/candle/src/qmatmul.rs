@@ -21,6 +21,8 @@ use rayon::prelude::*;
 const BLOCK: usize = 32;
 /// Rows whose products are computed together against one unpacked weight block.
 const TILE: usize = 8;
+/// Rows from which quantizing and reordering are split across threads.
+const PARALLEL_ROWS: usize = 16;
 /// Columns per parallel task.
 const COLUMNS_PER_TASK: usize = 16;
 
@@ -485,7 +487,15 @@ impl CustomOp1 for QuantMatmul {
         else {
             candle_core::bail!("{}: activations must be contiguous", self.name());
         };
-        let rows: Vec<Quantized> = x.chunks_exact(k).map(quantize).collect();
+        // A prompt's rows are quantized and put back in row order on every thread: serial,
+        // these two steps left the other cores waiting through much of a prefill. A
+        // decoding step's few rows are faster on one.
+        let parallel = x.len() >= PARALLEL_ROWS * k;
+        let rows: Vec<Quantized> = if parallel {
+            x.par_chunks_exact(k).map(quantize).collect()
+        } else {
+            x.chunks_exact(k).map(quantize).collect()
+        };
         let count = rows.len();
         let n = self.n;
         let mut by_column = vec![0f32; n * count];
@@ -499,13 +509,21 @@ impl CustomOp1 for QuantMatmul {
             });
         let result = if count == 1 {
             by_column
-        } else {
+        } else if !parallel {
             let mut result = vec![0f32; count * n];
             for c in 0..n {
                 for r in 0..count {
                     result[r * n + c] = by_column[c * count + r];
                 }
             }
+            result
+        } else {
+            let mut result = vec![0f32; count * n];
+            result.par_chunks_mut(n).enumerate().for_each(|(r, row)| {
+                for (c, v) in row.iter_mut().enumerate() {
+                    *v = by_column[c * count + r];
+                }
+            });
             result
         };
         let mut shape = outer.to_vec();
