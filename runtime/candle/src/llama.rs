@@ -13,7 +13,6 @@ use std::io::{Read, Seek};
 use candle_core::quantized::{QMatMul, gguf_file};
 use candle_core::{D, DType, Device, Module, Result, Tensor};
 use candle_nn::Embedding;
-use candle_transformers::quantized_nn::RmsNorm;
 use rayon::prelude::*;
 
 use crate::qmatmul::QuantMatmul;
@@ -57,11 +56,11 @@ struct Layer {
     /// Query, key and value projections.
     qkv: Fused,
     wo: Linear,
-    attn_norm: RmsNorm,
+    attn_norm: Norm,
     /// Gate and up projections.
     gate_up: Fused,
     w2: Linear,
-    ffn_norm: RmsNorm,
+    ffn_norm: Norm,
 }
 
 /// The weights of a llama-family model, shared by every sequence.
@@ -69,12 +68,15 @@ pub struct Llama {
     config: LlamaConfig,
     embed: Embedding,
     layers: Vec<Layer>,
-    norm: RmsNorm,
+    norm: Norm,
     output: Linear,
     /// Rotary tables, `[position, head_dim / 2]`.
     cos: Vec<f32>,
     sin: Vec<f32>,
     device: Device,
+    /// Whether the element-wise steps run on plain rows ([`Llama::layers_cpu`]): on the
+    /// CPU; other devices keep tensor operations.
+    rows_path: bool,
 }
 
 /// One sequence's KV cache: keys and values of every position it has seen, per layer.
@@ -175,7 +177,7 @@ impl Llama {
             // Tied embeddings.
             Err(_) => embed_q,
         };
-        let norm = RmsNorm::from_qtensor(
+        let norm = Norm::from_qtensor(
             ct.tensor(reader, "output_norm.weight", device)?,
             config.rms_eps,
         )?;
@@ -187,10 +189,10 @@ impl Llama {
             layers.push(Layer {
                 qkv,
                 wo: Linear::new(q("attn_output")?)?,
-                attn_norm: RmsNorm::from_qtensor(q("attn_norm")?, config.rms_eps)?,
+                attn_norm: Norm::from_qtensor(q("attn_norm")?, config.rms_eps)?,
                 gate_up,
                 w2: Linear::new(q("ffn_down")?)?,
-                ffn_norm: RmsNorm::from_qtensor(q("ffn_norm")?, config.rms_eps)?,
+                ffn_norm: Norm::from_qtensor(q("ffn_norm")?, config.rms_eps)?,
             });
         }
         // Rotary tables for every position the model knows.
@@ -211,6 +213,7 @@ impl Llama {
             output: Linear::new(output)?,
             cos: angles.cos()?.flatten_all()?.to_vec1()?,
             sin: angles.sin()?.flatten_all()?.to_vec1()?,
+            rows_path: device.is_cpu(),
             device: device.clone(),
         })
     }
@@ -261,7 +264,15 @@ impl Llama {
         let ids = Tensor::from_vec(tokens, rows, &self.device)?;
         let mut x = self.embed.forward(&ids)?;
         let (h, hd) = (self.config.heads, self.config.head_dim);
-        for (index, layer) in self.layers.iter().enumerate() {
+        if self.rows_path {
+            x = self.layers_cpu(x, steps)?;
+        }
+        let layers = if self.rows_path {
+            &[][..]
+        } else {
+            &self.layers[..]
+        };
+        for (index, layer) in layers.iter().enumerate() {
             let residual = x.clone();
             let normed = layer.attn_norm.forward(&x)?;
             // [rows, (heads + 2 kv heads) * head_dim]: queries, keys, values side by side.
@@ -301,6 +312,32 @@ impl Llama {
 }
 
 impl Llama {
+    /// Every layer on the CPU, the element-wise steps between products done in place on
+    /// plain rows: tensor operations of this size cost more in dispatch and thread
+    /// hand-offs than in arithmetic. The arithmetic is candle's own, in the same order, so
+    /// the results are the same bits as the tensor path's.
+    fn layers_cpu(&self, x: Tensor, steps: &mut [Step<'_>]) -> Result<Tensor> {
+        let (h, hd) = (self.config.heads, self.config.head_dim);
+        let (rows, dim) = x.dims2()?;
+        let mut x: Vec<f32> = x.flatten_all()?.to_vec1()?;
+        let tensor = |v: Vec<f32>, width: usize| Tensor::from_vec(v, (rows, width), &self.device);
+        let values = |t: Tensor| -> Result<Vec<f32>> { t.flatten_all()?.to_vec1() };
+        for (index, layer) in self.layers.iter().enumerate() {
+            let normed = layer.attn_norm.rows(&x, dim);
+            let qkv = values(layer.qkv.forward_joined(&tensor(normed, dim)?)?)?;
+            let mut attended = vec![0f32; rows * h * hd];
+            self.attend(index, steps, &qkv, &mut attended);
+            let projected = values(layer.wo.forward(&tensor(attended, h * hd)?)?)?;
+            add(&mut x, &projected);
+            let normed = layer.ffn_norm.rows(&x, dim);
+            let joined = values(layer.gate_up.forward_joined(&tensor(normed, dim)?)?)?;
+            let ffn = joined.len() / rows.max(1) / 2;
+            let product = values(layer.w2.forward(&tensor(silu_mul(&joined, ffn), ffn)?)?)?;
+            add(&mut x, &product);
+        }
+        tensor(x, dim)
+    }
+
     /// Attention of every step's new tokens at layer `index`: rotary embeddings on their
     /// queries and keys, keys and values appended to the sequence's cache, and each query
     /// against every cached position up to its own. `qkv` holds the projections of all
@@ -440,6 +477,86 @@ enum Linear {
     Candle(QMatMul),
 }
 
+/// RMS norm weights, as a tensor (for other devices) and as plain values (for the CPU).
+struct Norm {
+    weight: Tensor,
+    values: Vec<f32>,
+    eps: f32,
+}
+
+impl Norm {
+    fn from_qtensor(weight: candle_core::quantized::QTensor, eps: f64) -> Result<Self> {
+        let weight = weight.dequantize(&weight.device())?;
+        Ok(Self {
+            values: weight.to_device(&Device::Cpu)?.to_vec1()?,
+            weight,
+            eps: eps as f32,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        candle_nn::ops::rms_norm(x, &self.weight, self.eps)
+    }
+
+    /// Every `dim`-wide row of `x` normalised, with `candle_nn::ops::rms_norm`'s
+    /// arithmetic in its order.
+    fn rows(&self, x: &[f32], dim: usize) -> Vec<f32> {
+        let mut out = vec![0f32; x.len()];
+        let row = |(src, dst): (&[f32], &mut [f32])| {
+            let sum2 = src.iter().map(|&v| v * v).sum::<f32>();
+            let m = (sum2 / dim as f32 + self.eps).sqrt();
+            for ((d, s), alpha) in dst.iter_mut().zip(src).zip(&self.values) {
+                *d = *s / m * *alpha;
+            }
+        };
+        if x.len() >= PARALLEL_ROWS * dim {
+            x.par_chunks_exact(dim)
+                .zip(out.par_chunks_exact_mut(dim))
+                .for_each(row);
+        } else {
+            x.chunks_exact(dim)
+                .zip(out.chunks_exact_mut(dim))
+                .for_each(row);
+        }
+        out
+    }
+}
+
+/// Rows from which the element-wise steps are split across threads.
+const PARALLEL_ROWS: usize = 16;
+
+/// `x += y`.
+fn add(x: &mut [f32], y: &[f32]) {
+    for (a, b) in x.iter_mut().zip(y) {
+        *a += b;
+    }
+}
+
+/// `silu(gate) * up` for rows laid out `[gate (ffn) | up (ffn)]`, as candle computes
+/// `silu` (`v / (1 + e^-v)`).
+fn silu_mul(joined: &[f32], ffn: usize) -> Vec<f32> {
+    let rows = joined.len() / (2 * ffn).max(1);
+    let mut out = vec![0f32; rows * ffn];
+    let row = |(src, dst): (&[f32], &mut [f32])| {
+        let (gate, up) = src.split_at(ffn);
+        for ((d, &g), &u) in dst.iter_mut().zip(gate).zip(up) {
+            *d = g / (1.0 + (-g).exp()) * u;
+        }
+    };
+    if rows >= PARALLEL_ROWS {
+        joined
+            .par_chunks_exact(2 * ffn)
+            .zip(out.par_chunks_exact_mut(ffn))
+            .for_each(row);
+    } else {
+        joined
+            .chunks_exact(2 * ffn)
+            .zip(out.chunks_exact_mut(ffn))
+            .for_each(row);
+    }
+    out
+}
+
 impl Linear {
     fn new(tensor: candle_core::quantized::QTensor) -> Result<Self> {
         match QuantMatmul::new(&tensor)? {
@@ -521,4 +638,72 @@ impl Fused {
 /// The index of the largest value of each row of a `[n, vocab]` tensor.
 pub fn argmax_rows(logits: &Tensor) -> Result<Vec<u32>> {
     logits.argmax(D::Minus1)?.to_vec1()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+    use super::*;
+
+    #[test]
+    fn the_cpu_rows_path_gives_the_tensor_paths_bits() {
+        let path = std::env::var_os("WASP_MODELS_DIR")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| {
+                std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/models")
+            })
+            .join("SmolLM2-135M-Instruct/model.gguf");
+        assert!(
+            path.exists(),
+            "{} is missing: run scripts/fetch-model target/models",
+            path.display()
+        );
+        let mut rows_path = Llama::open(&path, &Device::Cpu).unwrap();
+        // Two sequences: a 20-token prompt (rows split across threads) beside a 3-token one,
+        // then three decoding steps of both together.
+        let run = |model: &Llama| -> Vec<f32> {
+            let long: Vec<u32> = (0..20).map(|i| 300 + i * 91).collect();
+            let short = [1u32, 2, 3];
+            let (mut a, mut b) = (model.new_cache(), model.new_cache());
+            let mut out = Vec::new();
+            let mut logits = |steps: &mut [Step<'_>]| {
+                let l = model.forward(steps).unwrap().unwrap();
+                out.extend(l.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+            };
+            logits(&mut [
+                Step {
+                    tokens: &long,
+                    cache: &mut a,
+                    logits: true,
+                },
+                Step {
+                    tokens: &short,
+                    cache: &mut b,
+                    logits: true,
+                },
+            ]);
+            for t in 0..3u32 {
+                let (x, y) = ([500 + t], [700 + t]);
+                logits(&mut [
+                    Step {
+                        tokens: &x,
+                        cache: &mut a,
+                        logits: true,
+                    },
+                    Step {
+                        tokens: &y,
+                        cache: &mut b,
+                        logits: true,
+                    },
+                ]);
+            }
+            out
+        };
+        let fast = run(&rows_path);
+        rows_path.rows_path = false;
+        let tensors = run(&rows_path);
+        assert_eq!(fast.len(), 4 * 2 * rows_path.config().vocab);
+        assert!(fast == tensors, "the rows path changed the logits");
+    }
 }
