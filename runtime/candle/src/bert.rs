@@ -372,41 +372,68 @@ fn spans<'a>(sequences: &[Sequence<'a>]) -> Vec<Span<'a>> {
 impl Dense {
     /// `out = x · W` for `rows` rows (the bias is the caller's to add).
     fn product(&self, x: &[f32], out: &mut [f32], rows: usize) {
-        debug_assert_eq!(x.len(), rows * self.inputs);
-        debug_assert_eq!(out.len(), rows * self.outputs);
-        let parallelism = if rows * self.inputs * self.outputs >= PARALLEL_MACS {
-            Parallelism::Rayon(rayon::current_num_threads())
+        let threads = if rows * self.inputs * self.outputs >= PARALLEL_MACS {
+            rayon::current_num_threads()
         } else {
-            Parallelism::None
+            1
         };
-        // SAFETY: the three slices hold exactly `rows × outputs`, `rows × inputs` and
-        // `inputs × outputs` elements (checked by construction: the callers size them from
-        // the same `rows`), and the strides below describe them as contiguous row-major
-        // matrices, so gemm reads and writes only inside them; `out` does not alias `x` or
-        // the weight.
-        unsafe {
-            gemm::gemm(
-                rows,
-                self.outputs,
-                self.inputs,
-                out.as_mut_ptr(),
-                1,
-                self.outputs as isize,
-                false,
-                x.as_ptr(),
-                1,
-                self.inputs as isize,
-                self.weight.as_ptr(),
-                1,
-                self.outputs as isize,
-                0.0,
-                1.0,
-                false,
-                false,
-                false,
-                parallelism,
-            );
-        }
+        matmul(
+            rows,
+            self.inputs,
+            self.outputs,
+            x,
+            &self.weight,
+            out,
+            threads,
+        );
+    }
+}
+
+/// `out = a · b` for row-major `a` (`[m, k]`), `b` (`[k, n]`) and `out` (`[m, n]`), with
+/// the gemm crate candle uses, on `threads` threads (1: this one). The product of every
+/// linear layer here, and the benchmark's measure of the machine's peak.
+///
+/// # Panics
+/// When a slice's length is not what `m`, `k` and `n` make it.
+pub fn matmul(m: usize, k: usize, n: usize, a: &[f32], b: &[f32], out: &mut [f32], threads: usize) {
+    assert!(
+        a.len() == m * k && b.len() == k * n && out.len() == m * n,
+        "matmul of [{m}, {k}] by [{k}, {n}] given {}, {} and {} elements",
+        a.len(),
+        b.len(),
+        out.len()
+    );
+    let parallelism = if threads > 1 {
+        Parallelism::Rayon(threads)
+    } else {
+        Parallelism::None
+    };
+    // SAFETY: the three slices hold exactly `m × k`, `k × n` and `m × n` elements (checked
+    // above), and the strides below describe them as contiguous row-major matrices, so
+    // gemm reads and writes only inside them; `out` is borrowed mutably, so it aliases
+    // neither input.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            out.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            a.as_ptr(),
+            1,
+            k as isize,
+            b.as_ptr(),
+            1,
+            n as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        );
     }
 }
 
