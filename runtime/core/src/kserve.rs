@@ -111,7 +111,7 @@ pub fn tensor_object(tensor: &Tensor) -> Option<Value> {
 /// not fill their shape are not decoded: `None`).
 pub fn tensor_to_json(tensor: &Tensor) -> Option<Vec<Value>> {
     let n = tensor.dtype.size();
-    if tensor.data.len() != tensor.elements() * n {
+    if tensor.byte_len() != Some(tensor.data.len()) {
         return None;
     }
     let chunks = tensor.data.chunks_exact(n);

@@ -141,14 +141,25 @@ impl Tensor {
     typed!(from_i64, to_i64, i64, DType::I64, 8);
     typed!(from_i32, to_i32, i32, DType::I32, 4);
 
-    /// Number of elements the shape describes.
+    /// Number of elements the shape describes (`usize::MAX` when that overflows, which no
+    /// tensor's bytes can match).
     pub fn elements(&self) -> usize {
-        self.shape.iter().map(|&d| d as usize).product()
+        self.shape
+            .iter()
+            .try_fold(1usize, |n, &d| n.checked_mul(usize::try_from(d).ok()?))
+            .unwrap_or(usize::MAX)
+    }
+
+    /// Bytes the shape and element type describe, if that fits a `usize`.
+    pub fn byte_len(&self) -> Option<usize> {
+        self.shape.iter().try_fold(self.dtype.size(), |n, &d| {
+            n.checked_mul(usize::try_from(d).ok()?)
+        })
     }
 
     /// Checks that the bytes match the shape.
     pub fn validate(&self) -> Result<(), TensorError> {
-        if self.data.len() != self.elements() * self.dtype.size() {
+        if self.byte_len() != Some(self.data.len()) {
             return Err(TensorError::Length {
                 name: self.name.clone(),
                 bytes: self.data.len(),
@@ -214,6 +225,14 @@ mod tests {
             ..Tensor::from_f32("x", vec![1], &[1.0])
         };
         assert!(matches!(short.validate(), Err(TensorError::Length { .. })));
+        // A shape whose element count overflows matches no bytes (it wrapped to 0 before).
+        let huge = Tensor {
+            shape: vec![1 << 32, 1 << 32],
+            ..Tensor::from_i64("ids", vec![0], &[])
+        };
+        assert!(matches!(huge.validate(), Err(TensorError::Length { .. })));
+        assert!(matches!(huge.to_i64(), Err(TensorError::Length { .. })));
+        assert_eq!(huge.elements(), usize::MAX);
         assert_eq!(DType::from_kserve_name("INT64"), Some(DType::I64));
         assert_eq!(DType::from_kserve_name("FLOAT"), None);
     }
