@@ -216,17 +216,6 @@ impl CpuBert {
         })
     }
 
-    /// Multiply-adds of the linear layers per token (attention's own products excluded).
-    pub fn linear_macs_per_token(&self) -> usize {
-        let h = self.hidden;
-        self.layers.len() * (4 * h * h + 2 * h * self.intermediate)
-    }
-
-    /// Multiply-adds of attention (scores and weighted values) for one sequence of `len`.
-    pub fn attention_macs(&self, len: usize) -> usize {
-        self.layers.len() * 2 * len * len * self.hidden
-    }
-
     /// The last hidden state of every token of every sequence, sequences one after another
     /// (`[Σ len, hidden]`, row-major).
     pub fn forward(&self, sequences: &[Sequence<'_>]) -> Result<Vec<f32>, BertError> {
