@@ -145,20 +145,11 @@ impl CpuBert {
     /// Loads the encoder from `vb` (the model's root: `embeddings.*`, `encoder.*`, or the
     /// same under `{model_type}.`).
     pub fn load(vb: VarBuilder, config: &Config) -> Result<Self, BertError> {
-        if !matches!(config.hidden_act, HiddenAct::Gelu) {
+        if !Self::runs(config) {
             return Err(BertError::Config(format!(
-                "the CPU encoder runs `gelu` (erf) activations, not {:?}",
-                config.hidden_act
-            )));
-        }
-        if config.num_attention_heads == 0
-            || !config
-                .hidden_size
-                .is_multiple_of(config.num_attention_heads)
-        {
-            return Err(BertError::Config(format!(
-                "{} heads do not divide a hidden size of {}",
-                config.num_attention_heads, config.hidden_size
+                "the CPU encoder runs `gelu` (erf) activations and heads that divide the \
+                 hidden size, not {:?} with {} heads of a hidden size of {}",
+                config.hidden_act, config.num_attention_heads, config.hidden_size
             )));
         }
         match Self::load_at(vb.clone(), config) {
@@ -168,6 +159,17 @@ impl CpuBert {
                 None => Err(first),
             },
         }
+    }
+
+    /// Whether this encoder runs `config`: `gelu` (erf) activations, and attention heads
+    /// that divide the hidden size. Others (`gelu_approximate`, `relu`) stay with candle's
+    /// model.
+    pub fn runs(config: &Config) -> bool {
+        matches!(config.hidden_act, HiddenAct::Gelu)
+            && config.num_attention_heads > 0
+            && config
+                .hidden_size
+                .is_multiple_of(config.num_attention_heads)
     }
 
     fn load_at(vb: VarBuilder, config: &Config) -> Result<Self, BertError> {
@@ -730,6 +732,37 @@ mod tests {
             .map(|(a, b)| (a - b).abs())
             .fold(0f32, f32::max);
         assert!(worst < 1e-4, "multi-row input differs by {worst}");
+    }
+
+    #[test]
+    fn configs_the_packed_engine_does_not_run_stay_with_candles_model() {
+        let dir = minilm();
+        let relu = tempfile::tempdir().unwrap();
+        let text = std::fs::read_to_string(dir.join("config.json")).unwrap();
+        let config = text.replace("\"hidden_act\": \"gelu\"", "\"hidden_act\": \"relu\"");
+        assert_ne!(config, text, "the fixture's config names its activation");
+        std::fs::write(relu.path().join("config.json"), config).unwrap();
+        std::os::unix::fs::symlink(
+            dir.join("model.safetensors"),
+            relu.path().join("model.safetensors"),
+        )
+        .unwrap();
+        let model = BertEmbedder::load(relu.path(), Device::Cpu).unwrap();
+        assert_eq!(model.engine(), BertEngine::Candle);
+        let one = input(&[(vec![101, 2000, 102], vec![1, 1, 1])]);
+        assert_eq!(
+            model.infer_batch(&[one]).unwrap()[0].tensors[0].shape,
+            [1, 3, 384]
+        );
+        let err = BertEmbedder::load_engine(relu.path(), Device::Cpu, BertEngine::Packed)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("gelu"), "{err}");
+        assert_eq!(
+            BertEmbedder::load(&dir, Device::Cpu).unwrap().engine(),
+            BertEngine::Packed
+        );
     }
 
     #[test]

@@ -150,14 +150,10 @@ fn infer_err(e: candle_core::Error) -> BackendError {
 
 impl BertEmbedder {
     /// Loads `config.json` and the weights from `dir` onto `device` (blocking), with the
-    /// packed engine on the CPU and candle's model elsewhere.
+    /// packed engine on the CPU when it runs the config (see [`bert::CpuBert::runs`]) and
+    /// candle's model otherwise.
     pub fn load(dir: &Path, device: Device) -> Result<Self> {
-        let engine = if device.is_cpu() {
-            BertEngine::Packed
-        } else {
-            BertEngine::Candle
-        };
-        Self::load_engine(dir, device, engine)
+        Self::open(dir, device, None)
     }
 
     /// Loads the model with the given engine (`Packed` needs the CPU).
@@ -167,6 +163,18 @@ impl BertEmbedder {
                 "the packed BERT engine runs on the CPU only".into(),
             ));
         }
+        Self::open(dir, device, Some(engine))
+    }
+
+    /// The engine this model runs on.
+    pub fn engine(&self) -> BertEngine {
+        match self.model {
+            Encoder::Packed(_) => BertEngine::Packed,
+            Encoder::Candle(_) => BertEngine::Candle,
+        }
+    }
+
+    fn open(dir: &Path, device: Device, engine: Option<BertEngine>) -> Result<Self> {
         let config_path = dir.join("config.json");
         let text = std::fs::read_to_string(&config_path).map_err(|e| {
             BackendError::Load(format!("cannot read {}: {e}", config_path.display()))
@@ -195,6 +203,11 @@ impl BertEmbedder {
                 dir.display()
             )));
         };
+        let engine = engine.unwrap_or(if device.is_cpu() && bert::CpuBert::runs(&config) {
+            BertEngine::Packed
+        } else {
+            BertEngine::Candle
+        });
         let model = match engine {
             BertEngine::Packed => Encoder::Packed(
                 bert::CpuBert::load(vb, &config)
